@@ -1,0 +1,5 @@
+import sys
+
+from negprompt.interfaces.cli import main
+
+sys.exit(main())

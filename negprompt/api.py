@@ -1,0 +1,291 @@
+"""The Python API: everything the CLI does, as functions returning images and data.
+
+>>> from negprompt import generate
+>>> result = generate("a red circle", negative="a hat", seeds=[0, 1])
+>>> result.images[0].save("circle.png")
+
+``generate`` takes the common case as keywords; :class:`GenerationSettings` holds every setting of
+a run (it is what each PNG carries), and :func:`run` executes one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from negprompt import __version__
+from negprompt.errors import NegpromptError
+from negprompt.guidance.plan import Guidance, Term
+from negprompt.guidance.windows import Window
+from negprompt.models.components import Components
+from negprompt.models.loading import BUNDLED_NAME, load_components, resolve_model_path
+from negprompt.sampling.loop import SampleOutput, StepCallback, StepInfo, UNetCallHook, sample
+from negprompt.sampling.schedulers import make_scheduler
+
+DEFAULTS_FILE = "negprompt.json"  # optional file in a model directory: default steps, scale, scheduler
+FALLBACK_DEFAULTS = {"steps": 50, "scale": 7.5, "scheduler": "default"}
+
+
+class SettingsError(NegpromptError):
+    """Settings that cannot describe a run."""
+
+
+@lru_cache(maxsize=4)
+def _load_cached(path: str) -> Components:
+    return load_components(path)
+
+
+def load_model(model: str | Path | Components | None = None) -> Components:
+    """Components for ``model``: already loaded ones, a path, a cached model id, or None (the bundled model)."""
+    if isinstance(model, Components):
+        return model
+    components = _load_cached(str(resolve_model_path(model)))
+    components.source = str(model or BUNDLED_NAME)
+    return components
+
+
+def model_defaults(components: Components) -> dict[str, Any]:
+    """Default steps, scale and scheduler of a model (its ``negprompt.json``, else diffusers' defaults)."""
+    defaults = dict(FALLBACK_DEFAULTS)
+    try:
+        path = resolve_model_path(components.source) / DEFAULTS_FILE
+    except ValueError:
+        return defaults
+    if path.exists():
+        defaults.update(json.loads(path.read_text()))
+    return defaults
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Every setting of a generation run; a PNG's metadata holds these plus the image's index."""
+
+    guidance: Guidance
+    model: str = BUNDLED_NAME
+    scheduler: str = "default"
+    steps: int = 50
+    seeds: tuple[int, ...] = (0,)
+    height: int = 512
+    width: int = 512
+    eta: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "negprompt_version": __version__,
+            "model": self.model,
+            "scheduler": self.scheduler,
+            "steps": self.steps,
+            "seeds": list(self.seeds),
+            "height": self.height,
+            "width": self.width,
+            "eta": self.eta,
+            "guidance": self.guidance.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "GenerationSettings":
+        try:
+            return cls(
+                guidance=Guidance.from_json(data["guidance"]),
+                model=data["model"],
+                scheduler=data["scheduler"],
+                steps=int(data["steps"]),
+                seeds=tuple(int(s) for s in data["seeds"]),
+                height=int(data["height"]),
+                width=int(data["width"]),
+                eta=float(data.get("eta", 0.0)),
+            )
+        except (KeyError, TypeError) as error:
+            raise SettingsError(f"settings lack or mistype the field {error}") from None
+
+    def infotext(self, index: int) -> str:
+        """AUTOMATIC1111-style ``parameters`` text for image ``index`` of the batch."""
+        g = self.guidance
+        lines = [_as_text(g.positive.prompt, index)]
+        for term in g.negatives:
+            lines.append(f"Negative prompt: {_as_text(term.prompt, index)}")
+        fields = [
+            f"Steps: {self.steps}",
+            f"Sampler: {self.scheduler}",
+            f"CFG scale: {g.scale}",
+            f"Seed: {self.seeds[index]}",
+            f"Size: {self.width}x{self.height}",
+            f"Model: {self.model}",
+            f"Rule: {g.rule}",
+        ]
+        for i, term in enumerate(g.negatives, start=1):
+            if term.scale is not None:
+                fields.append(f"Negative {i} scale: {term.scale}")
+            if not term.window.is_full:
+                fields.append(f"Negative {i} window: {term.window.describe()}")
+        if not g.positive.window.is_full:
+            fields.append(f"Positive window: {g.positive.window.describe()}")
+        lines.append(", ".join(fields))
+        return "\n".join(lines)
+
+
+def _as_text(prompt: str | tuple[str, ...], index: int) -> str:
+    return prompt if isinstance(prompt, str) else prompt[index]
+
+
+@dataclass
+class Generation:
+    """Images of one run with the settings that made them; ``trace`` holds each step if asked."""
+
+    settings: GenerationSettings
+    pixels: np.ndarray  # (B, H, W, 3) float32 in [0, 1]
+    trace: list[StepInfo] | None = None
+    unet_batch_rows: int = 0
+    num_steps: int = 0
+    images: list[Image.Image] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.images = [Image.fromarray(to_uint8(p)) for p in self.pixels]
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """[0, 1] floats → uint8, rounding as diffusers' ``numpy_to_pil`` does."""
+    return (pixels * 255).round().astype(np.uint8)
+
+
+def negative_terms(
+    negatives: str | Sequence[str | Term] | None,
+    scales: Sequence[float | None] | None = None,
+    windows: Sequence[Window | str | None] | None = None,
+) -> tuple[Term, ...]:
+    """Terms from negative prompt texts with optional per-negative scales and windows."""
+    if negatives is None:
+        return ()
+    items = [negatives] if isinstance(negatives, str) else list(negatives)
+    count = len(items)
+
+    def per_negative(values, what):
+        if values is None:
+            return [None] * count
+        values = list(values)
+        if len(values) != count:
+            raise SettingsError(f"{len(values)} {what} given for {count} negative prompt(s); give one per negative")
+        return values
+
+    terms = []
+    for item, scale, window in zip(
+        items, per_negative(scales, "negative scales"), per_negative(windows, "negative windows")
+    ):
+        if isinstance(item, Term):
+            terms.append(item)
+            continue
+        if isinstance(window, str):
+            window = Window.parse(window)
+        terms.append(Term(item, scale, window or Window()))
+    return tuple(terms)
+
+
+def make_settings(
+    prompt: str | Sequence[str] = "",
+    negative: str | Sequence[str | Term] | None = None,
+    *,
+    negative_scales: Sequence[float | None] | None = None,
+    negative_windows: Sequence[Window | str | None] | None = None,
+    rule: str = "sd",
+    scale: float | None = None,
+    steps: int | None = None,
+    scheduler: str | None = None,
+    seeds: Sequence[int] = (0,),
+    size: int | tuple[int, int] | None = None,
+    model: str | Path | Components | None = None,
+    positive_window: Window | str | None = None,
+    extra_positives: Sequence[Term] = (),
+    eta: float = 0.0,
+) -> tuple[GenerationSettings, Components]:
+    """Settings for a run, with the model's defaults filled in, and the loaded model."""
+    components = load_model(model)
+    defaults = model_defaults(components)
+    if isinstance(positive_window, str):
+        positive_window = Window.parse(positive_window)
+    prompt_value = prompt if isinstance(prompt, str) else tuple(prompt)
+    guidance = Guidance(
+        rule=rule,
+        positive=Term(prompt_value, None, positive_window or Window()),
+        negatives=negative_terms(negative, negative_scales, negative_windows),
+        scale=defaults["scale"] if scale is None else scale,
+        extra_positives=tuple(extra_positives),
+    )
+    if size is None:
+        height = width = components.default_size
+    elif isinstance(size, int):
+        height = width = size
+    else:
+        height, width = size
+    if isinstance(eta, bool) or not math.isfinite(eta):
+        raise SettingsError(f"eta must be a finite number, got {eta!r}")
+    settings = GenerationSettings(
+        guidance=guidance,
+        model=components.source,
+        scheduler=scheduler or defaults["scheduler"],
+        steps=defaults["steps"] if steps is None else steps,
+        seeds=tuple(int(s) for s in seeds),
+        height=height,
+        width=width,
+        eta=eta,
+    )
+    return settings, components
+
+
+def run(
+    settings: GenerationSettings,
+    components: Components | None = None,
+    *,
+    trace: bool = False,
+    callback: StepCallback | None = None,
+    unet_hooks: Sequence[UNetCallHook] = (),
+    progress: bool = False,
+) -> Generation:
+    """Executes ``settings`` and returns the images (and the per-step trace if ``trace``)."""
+    components = components or load_model(settings.model)
+    output: SampleOutput = sample(
+        components,
+        settings.guidance,
+        make_scheduler(settings.scheduler, components.scheduler),
+        seeds=settings.seeds,
+        num_steps=settings.steps,
+        height=settings.height,
+        width=settings.width,
+        callback=callback,
+        keep_trace=trace,
+        unet_hooks=unet_hooks,
+        progress=progress,
+        eta=settings.eta,
+    )
+    return Generation(
+        settings=settings,
+        pixels=output.images,
+        trace=output.trace,
+        unet_batch_rows=output.unet_batch_rows,
+        num_steps=output.num_steps,
+    )
+
+
+def generate(
+    prompt: str | Sequence[str] = "",
+    negative: str | Sequence[str | Term] | None = None,
+    *,
+    trace: bool = False,
+    callback: StepCallback | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> Generation:
+    """Generates one image per seed. Options are those of :func:`make_settings`."""
+    settings, components = make_settings(prompt, negative, **options)
+    return run(settings, components, trace=trace, callback=callback, progress=progress)
+
+
+def with_seeds(settings: GenerationSettings, seeds: Sequence[int]) -> GenerationSettings:
+    return replace(settings, seeds=tuple(seeds))

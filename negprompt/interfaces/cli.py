@@ -1,0 +1,193 @@
+"""The ``negprompt`` command.
+
+Every error a user can cause ends in one line on stderr, ``negprompt: error: …``, exit code 2,
+and no output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from negprompt.errors import NegpromptError
+
+EXIT_USAGE = 2
+
+
+class CommandError(NegpromptError):
+    """A user error found by a command itself."""
+
+
+# ---------------------------------------------------------------- shared options
+
+
+def positive_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def seed_list(text: str) -> list[int]:
+    """``3`` or ``0,1,2`` or ``0-7``."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part.strip()[1:]:
+                low, high = part.split("-", 1)
+                seeds.extend(range(int(low), int(high) + 1))
+            else:
+                seeds.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds {text!r}: give integers like 3, 0,1,2 or 0-7") from None
+    return seeds
+
+
+def add_prompt_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that generates: prompt, negatives, rule, sampler, model."""
+    from negprompt.guidance.plan import RULES
+    from negprompt.sampling.schedulers import SCHEDULER_NAMES
+
+    parser.add_argument("prompt", nargs="?", default=None, help="the positive prompt (may be empty: unconditional)")
+    parser.add_argument("-n", "--negative", action="append", metavar="TEXT", help="a negative prompt (repeatable)")
+    parser.add_argument(
+        "--negative-scale",
+        action="append",
+        type=number,
+        metavar="S",
+        help="s⁻ of each negative, in order (rules dual, weighted; default s − 1)",
+    )
+    parser.add_argument(
+        "--negative-window",
+        action="append",
+        metavar="START:END",
+        help="steps in which each negative is active, in order: 5: or 0.2:0.8 or :10 (default all)",
+    )
+    parser.add_argument("--rule", default="sd", help=f"guidance rule: {', '.join(RULES)} (default sd)")
+    parser.add_argument("--scale", type=number, default=None, help="guidance scale s (s⁺); default: the model's")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="inference steps, 1–1000; default: the model's"
+    )
+    parser.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULER_NAMES)}; default: the model's")
+    parser.add_argument("--seed", type=seed_list, default=None, help="seed(s): 3, 0,1,2 or 0-7 (default 0)")
+    parser.add_argument("--size", type=positive_int, default=None, help="image side in pixels (default: the model's)")
+    parser.add_argument("--model", default=None, help="diffusers directory, cached model id, or 'shapes' (default)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def settings_from_args(args: argparse.Namespace):
+    from negprompt.api import make_settings
+
+    return make_settings(
+        args.prompt or "",
+        args.negative,
+        negative_scales=args.negative_scale,
+        negative_windows=args.negative_window,
+        rule=args.rule,
+        scale=args.scale,
+        steps=args.steps,
+        scheduler=args.scheduler,
+        seeds=args.seed or [0],
+        size=args.size,
+        model=args.model,
+    )
+
+
+# ---------------------------------------------------------------- generate
+
+
+def command_generate(args: argparse.Namespace) -> int:
+    from negprompt.api import run
+    from negprompt.interfaces.png import output_paths, read_png_settings, save_generation
+
+    if args.from_png:
+        if args.prompt is not None or args.negative:
+            raise CommandError("--from-png takes its prompts from the PNG; give no prompt or --negative with it")
+        settings, index = read_png_settings(args.from_png)
+        indices = [index]
+        components = None
+    else:
+        settings, components = settings_from_args(args)
+        indices = None
+    out = Path(args.out)
+    output_paths(out, settings.seeds if indices is None else [settings.seeds[i] for i in indices])
+    generation = run(settings, components, progress=not args.quiet)
+    written = save_generation(generation, out, indices)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- train
+
+
+def command_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from negprompt.training.trainer import META_FILE, TrainConfig, Trainer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TrainConfig(seed=args.seed, samples=args.samples, batch_size=args.batch_size, learning_rate=args.lr)
+    out = Path(args.out)
+    trainer = Trainer(config, out)
+    if (out / META_FILE).exists():
+        trainer.load_checkpoint()
+        print(f"resuming {out} at step {trainer.step} of {config.total_steps}")
+    trainer.run(progress=not args.quiet, max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    model_dir = trainer.export(out / "model")
+    print(f"step {trainer.step} of {config.total_steps}; wrote the EMA model to {model_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="negprompt", description="Controllable, explainable negative prompts.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="generate images with negative prompts")
+    add_prompt_options(generate)
+    generate.add_argument("-o", "--out", default="negprompt.png", help="output PNG (several seeds: NAME-s<seed>.png)")
+    generate.add_argument("--from-png", metavar="FILE", help="regenerate the image a negprompt PNG was made with")
+    generate.set_defaults(handler=command_generate)
+
+    train = commands.add_parser("train", help="train the shapes-world model (resumes from --out)")
+    train.add_argument("--out", required=True, help="training folder (checkpoints, log, exported model)")
+    train.add_argument("--samples", type=positive_int, default=240_000, help="training examples in all")
+    train.add_argument("--batch-size", type=positive_int, default=32)
+    train.add_argument("--lr", type=number, default=8e-4, help="peak learning rate")
+    train.add_argument("--seed", type=positive_int, default=0)
+    train.add_argument("--max-minutes", type=number, default=None, help="stop (resumably) after this long")
+    train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    train.add_argument("-q", "--quiet", action="store_true")
+    train.set_defaults(handler=command_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except NegpromptError as error:
+        message = str(error).splitlines()[0] if str(error) else error.__class__.__name__
+        print(f"negprompt: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("negprompt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Loading a model offline: a diffusers directory, a model id in the local HF cache, or the bundled model.
+
+Only safetensors weights are read. A folder that holds only pickled weights (``.bin``, ``.ckpt``,
+``.pt``, ``.pth``) is refused: unpickling runs arbitrary code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+
+from negprompt.errors import NegpromptError
+from negprompt.models.components import Components
+
+BUNDLED_NAME = "shapes"
+BUNDLED_PATH = Path(__file__).resolve().parent.parent / "assets" / "shapes-model"
+REQUIRED_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+WEIGHT_PARTS = ("unet", "text_encoder", "vae")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+class ModelLoadError(NegpromptError):
+    """A model that cannot be loaded offline, with the reason."""
+
+
+def resolve_model_path(source: str | Path | None) -> Path:
+    """The local directory for ``source``: None/"shapes" → the bundled model; a path; or a cached id."""
+    if source is None or str(source) == BUNDLED_NAME:
+        if not (BUNDLED_PATH / "model_index.json").exists():
+            raise ModelLoadError(f"the bundled model is missing from {BUNDLED_PATH}; reinstall negprompt")
+        return BUNDLED_PATH
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_file():
+            raise ModelLoadError(
+                f"{path} is a single file; negprompt loads diffusers directories "
+                "(model_index.json with unet/, text_encoder/, tokenizer/, scheduler/ folders)"
+            )
+        return path
+    text = str(source)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(text, local_files_only=True))
+        except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+            raise ModelLoadError(
+                f"model id {text!r} is not in the local Hugging Face cache and negprompt never downloads; "
+                "download it where a network is available, or give a local directory"
+            ) from None
+    raise ModelLoadError(
+        f"no model at {text!r}: give a diffusers directory, a model id in the local Hugging Face cache, "
+        f"or {BUNDLED_NAME!r} for the bundled model"
+    )
+
+
+def _check_safetensors(folder: Path, part: str) -> None:
+    files = [p for p in folder.iterdir() if p.is_file()]
+    if any(p.suffix == ".safetensors" for p in files):
+        return
+    pickled = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+    if pickled:
+        raise ModelLoadError(
+            f"{part} holds only pickled weights ({', '.join(sorted(pickled))}); negprompt reads safetensors "
+            "only, because loading a pickle can run arbitrary code: convert the weights to safetensors first"
+        )
+    raise ModelLoadError(f"{part} folder {folder} has no .safetensors weights")
+
+
+def _class_from(library: str, name: str, base: type) -> type:
+    module = {"diffusers": diffusers, "transformers": transformers}.get(library)
+    cls = getattr(module, name, None) if module is not None else None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ModelLoadError(f"model_index.json names an unsupported class {library}.{name}")
+    return cls
+
+
+def load_components(
+    source: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Components:
+    """Loads UNet, text encoder, tokenizer, scheduler and (if present) VAE, without any network access."""
+    root = resolve_model_path(source)
+    index_file = root / "model_index.json"
+    if not index_file.exists():
+        raise ModelLoadError(f"{root} is not a diffusers model directory: model_index.json is missing")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{index_file} is not valid JSON ({error.msg}, line {error.lineno})") from None
+    missing = [part for part in REQUIRED_PARTS if not (root / part).is_dir() or index.get(part, [None])[0] is None]
+    if missing:
+        raise ModelLoadError(
+            f"{root} lacks the part(s) {', '.join(missing)}; expected folders {', '.join(REQUIRED_PARTS)}"
+        )
+    has_vae = index.get("vae", [None])[0] is not None
+    if has_vae and not (root / "vae").is_dir():
+        raise ModelLoadError(f"{root}: model_index.json lists a vae but the vae/ folder is missing")
+    for part in WEIGHT_PARTS:
+        if part != "vae" or has_vae:
+            _check_safetensors(root / part, part)
+
+    def load(part: str, base: type, **kwargs):
+        library, name = index[part]
+        cls = _class_from(library, name, base)
+        try:
+            return cls.from_pretrained(str(root / part), **kwargs)
+        except (OSError, ValueError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ModelLoadError(f"cannot load {part} from {root / part}: {first_line}") from None
+
+    weights = dict(use_safetensors=True, local_files_only=True, torch_dtype=dtype)
+    unet = load("unet", diffusers.ModelMixin, **weights)
+    text_encoder = load("text_encoder", transformers.PreTrainedModel, **weights)
+    tokenizer = load("tokenizer", transformers.PreTrainedTokenizerBase, local_files_only=True)
+    scheduler = load("scheduler", diffusers.SchedulerMixin)
+    vae = load("vae", diffusers.ModelMixin, **weights) if has_vae else None
+    components = Components(
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        vae=vae,
+        source=str(source or BUNDLED_NAME),
+    )
+    return components.eval().to(device)

@@ -1,0 +1,41 @@
+"""Writes a model as a diffusers-style directory: ``model_index.json`` plus one folder per part.
+
+Weights are written as safetensors only. The layout is the one Stable Diffusion checkpoints use,
+so :func:`negprompt.models.loading.load_components` reads the bundled model and an SD checkpoint
+with the same code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import diffusers
+
+from negprompt.models.components import Components
+
+PIPELINE_CLASS = "NegpromptPipeline"
+
+
+def _library_of(obj: object) -> str:
+    return obj.__class__.__module__.split(".")[0]
+
+
+def save_components(components: Components, folder: str | Path) -> Path:
+    """Saves every part of ``components`` under ``folder`` and writes the model index."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index: dict[str, object] = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__}
+    for name in ("unet", "text_encoder", "vae"):
+        part = getattr(components, name)
+        if part is None:
+            index[name] = [None, None]
+            continue
+        part.save_pretrained(folder / name, safe_serialization=True)
+        index[name] = [_library_of(part), part.__class__.__name__]
+    components.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    index["tokenizer"] = [_library_of(components.tokenizer), components.tokenizer.__class__.__name__]
+    components.scheduler.save_pretrained(folder / "scheduler")
+    index["scheduler"] = ["diffusers", components.scheduler.__class__.__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder

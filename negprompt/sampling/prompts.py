@@ -1,0 +1,71 @@
+"""Turning prompt text into the text encoder's hidden states, with clear errors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from negprompt.errors import NegpromptError
+
+
+class PromptError(NegpromptError):
+    """A prompt the tokenizer cannot take whole."""
+
+
+def _word_level_vocabulary(tokenizer: Any) -> list[str] | None:
+    """The words of a word-level tokenizer (the bundled model's), or None for BPE tokenizers."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "WordLevel":
+        return None
+    special = set(tokenizer.all_special_tokens)
+    return sorted((w for w in tokenizer.get_vocab() if w not in special), key=tokenizer.get_vocab().get)
+
+
+def check_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` (with start/end tokens), or a :class:`PromptError` saying what is wrong.
+
+    Errors: a word unknown to a word-level tokenizer (the message lists the vocabulary); a prompt
+    longer than the tokenizer's ``model_max_length`` (the message names the words that would be cut).
+    """
+    ids = tokenizer(prompt, truncation=False, add_special_tokens=True, verbose=False).input_ids
+    vocabulary = _word_level_vocabulary(tokenizer)
+    if vocabulary is not None and tokenizer.unk_token_id in ids:
+        unknown = [w for w in prompt.lower().split() if w not in tokenizer.get_vocab()]
+        raise PromptError(
+            f"unknown word(s) {', '.join(repr(w) for w in unknown)} in prompt {prompt!r}; "
+            f"known words: {' '.join(vocabulary)}"
+        )
+    limit = tokenizer.model_max_length
+    if len(ids) > limit:
+        cut = tokenizer.decode(ids[limit - 1 : -1]).strip()
+        raise PromptError(
+            f"prompt is {len(ids)} tokens, over the tokenizer's limit of {limit}: "
+            f"these words would be cut: {cut!r}; shorten the prompt"
+        )
+    return ids
+
+
+def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """Hidden states of the text encoder's last layer: (len(prompts), model_max_length, D).
+
+    As diffusers does it: pad to ``model_max_length``, no attention mask unless the text encoder's
+    config asks for one, and take ``last_hidden_state``.
+    """
+    for prompt in prompts:
+        check_prompt(tokenizer, prompt)
+    tokens = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    device = text_encoder.device
+    mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        mask = tokens.attention_mask.to(device)
+    with torch.no_grad():
+        hidden = text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+    return hidden.to(dtype=text_encoder.dtype)

@@ -1,0 +1,65 @@
+"""Scheduler names users type, mapped to diffusers scheduler classes.
+
+``default`` keeps the model's own scheduler (the class in its ``scheduler`` folder). Any other name
+builds that class from the model's scheduler config, so the noise schedule (betas, prediction type,
+timestep spacing) stays the model's.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+
+from negprompt.errors import NegpromptError
+
+SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}),
+    "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+}
+SCHEDULER_NAMES = ("default", *SCHEDULERS)
+
+
+class SchedulerError(NegpromptError):
+    """An unknown scheduler name."""
+
+
+def scheduler_name_of(scheduler: Any) -> str:
+    """The name under which ``scheduler``'s class is known here (or its class name)."""
+    for name, (cls, _) in SCHEDULERS.items():
+        if type(scheduler) is cls:
+            return name
+    return type(scheduler).__name__
+
+
+def make_scheduler(name: str, base: Any) -> Any:
+    """A fresh scheduler called ``name`` with the noise schedule of ``base`` (the model's scheduler)."""
+    if name == "default":
+        return type(base).from_config(base.config)
+    if name not in SCHEDULERS:
+        raise SchedulerError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
+    cls, overrides = SCHEDULERS[name]
+    overrides = dict(overrides)
+    if "clip_sample" in inspect.signature(cls.__init__).parameters and "clip_sample" not in base.config:
+        # A config that never mentions clipping comes from a latent model (SD's PNDM config):
+        # clipping latents to [-1, 1] would be wrong, and diffusers' pipelines switch it off too.
+        overrides["clip_sample"] = False
+    return cls.from_config(base.config, **overrides)

@@ -1,0 +1,28 @@
+"""Shared fixtures: a tiny Stable Diffusion built from configs (random weights, no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd():
+    from negprompt.models.tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory, tiny_sd):
+    """The tiny SD saved as a diffusers directory (safetensors), as a user's checkpoint would be."""
+    from negprompt.models.saving import save_components
+
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    save_components(tiny_sd, folder)
+    return folder

@@ -1,0 +1,121 @@
+"""``negprompt generate``: PNG metadata, bit-exact --from-png, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from negprompt.interfaces.cli import main
+from negprompt.interfaces.png import read_pixels, read_png_settings
+
+
+def generate(tiny_sd_dir, out, *extra):
+    args = ["generate", "a photo of a cat", "--model", str(tiny_sd_dir), "--steps", "4", "--size", "32", "-q", "--out", str(out)]
+    return main([*args, *extra])
+
+
+def test_generate_writes_png_with_settings(tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    code = generate(tiny_sd_dir, out, "--negative", "glasses", "--scheduler", "euler-a", "--seed", "7")
+    assert code == 0 and out.exists()
+    assert f"wrote {out}" in capsys.readouterr().out
+    with Image.open(out) as image:
+        infotext = image.text["parameters"]
+        record = json.loads(image.text["negprompt"])
+    assert infotext.splitlines()[0] == "a photo of a cat"
+    assert "Negative prompt: glasses" in infotext and "Seed: 7" in infotext and "Sampler: euler-a" in infotext
+    assert record["settings"]["guidance"]["negatives"][0]["prompt"] == "glasses"
+    settings, index = read_png_settings(out)
+    assert settings.seeds == (7,) and index == 0 and settings.steps == 4
+
+
+def test_from_png_reproduces_every_image_of_a_batch_bit_exactly(tiny_sd_dir, tmp_path):
+    out = tmp_path / "batch.png"
+    code = generate(
+        tiny_sd_dir, out, "--negative", "glasses", "--negative", "dog",
+        "--rule", "dual", "--negative-scale", "3", "--negative-scale", "1.5",
+        "--negative-window", "2:", "--negative-window", "0.25:0.75", "--seed", "1,2", "--scheduler", "euler-a",
+    )
+    assert code == 0
+    for seed in (1, 2):
+        original = tmp_path / f"batch-s{seed}.png"
+        again = tmp_path / f"again-{seed}.png"
+        assert main(["generate", "--from-png", str(original), "-q", "--out", str(again)]) == 0
+        assert np.array_equal(read_pixels(original), read_pixels(again))
+        assert read_png_settings(again) == read_png_settings(original)
+
+
+def run_bad(capsys, tmp_path, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+BAD = [
+    (["--scheduler", "karras"], "unknown scheduler 'karras'"),
+    (["--rule", "magic"], "unknown rule 'magic'"),
+    (["--steps", "0"], "steps must be an integer in 1–1000"),
+    (["--steps", "1001"], "1–1000"),
+    (["--scale", "nan"], "guidance scale must be a finite number"),
+    (["--scale", "inf"], "finite"),
+    (["--negative", "dog", "--rule", "dual", "--negative-scale", "inf"], "finite"),
+    (["--negative", "dog", "--negative-window", "9:"], "outside the schedule"),
+    (["--negative", "dog", "--negative-window", "3:2"], "start must be below end"),
+    (["--negative", "dog", "--negative-window", "0.8:0.5"], "empty"),
+    (["--size", "30"], "multiple of 4"),
+    (["--negative", "dog", "--negative-scale", "2"], "rule 'sd' has one scale"),
+    (["--negative", "dog", "--negative", "cat"], "rule 'sd' takes one negative"),
+    (["--negative", "dog", "--negative-window", "2:", "--negative-window", "3:"], "one per negative"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD, ids=[b[1][:30] for b in BAD])
+def test_bad_input_one_line_exit_2_no_file(tiny_sd_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "never.png"
+    code = generate(tiny_sd_dir, out, *extra)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("negprompt: error: ")
+    assert message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prompt_too_long_names_cut_words(tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "long.png"
+    prompt = " ".join(["cat"] * 75 + ["dog"])
+    code = main(["generate", prompt, "--model", str(tiny_sd_dir), "--steps", "2", "-q", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "would be cut: 'dog'" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("content, message", [(b"not an image", "cannot read"), (None, "carries no negprompt settings")])
+def test_from_png_rejects_foreign_files(tmp_path, capsys, content, message):
+    source = tmp_path / "foreign.png"
+    if content is None:
+        Image.new("RGB", (8, 8)).save(source)
+    else:
+        source.write_bytes(content)
+    out = tmp_path / "out.png"
+    code = main(["generate", "--from-png", str(source), "-q", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_from_png_missing_file(tmp_path, capsys):
+    code = main(["generate", "--from-png", str(tmp_path / "none.png"), "-q", "--out", str(tmp_path / "o.png")])
+    assert code == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_console_script_exit_code(tmp_path):
+    """The installed entry point returns 2 on bad input (argparse and our own errors alike)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "negprompt", "generate", "x", "--steps", "abc", "--out", str(tmp_path / "a.png")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "not an integer" in proc.stderr
