@@ -15,7 +15,19 @@ from negprompt.interfaces.png import read_pixels, read_png_settings
 
 
 def generate(tiny_sd_dir, out, *extra):
-    args = ["generate", "a photo of a cat", "--model", str(tiny_sd_dir), "--steps", "4", "--size", "32", "-q", "--out", str(out)]
+    args = [
+        "generate",
+        "a photo of a cat",
+        "--model",
+        str(tiny_sd_dir),
+        "--steps",
+        "4",
+        "--size",
+        "32",
+        "-q",
+        "--out",
+        str(out),
+    ]
     return main([*args, *extra])
 
 
@@ -37,9 +49,26 @@ def test_generate_writes_png_with_settings(tiny_sd_dir, tmp_path, capsys):
 def test_from_png_reproduces_every_image_of_a_batch_bit_exactly(tiny_sd_dir, tmp_path):
     out = tmp_path / "batch.png"
     code = generate(
-        tiny_sd_dir, out, "--negative", "glasses", "--negative", "dog",
-        "--rule", "dual", "--negative-scale", "3", "--negative-scale", "1.5",
-        "--negative-window", "2:", "--negative-window", "0.25:0.75", "--seed", "1,2", "--scheduler", "euler-a",
+        tiny_sd_dir,
+        out,
+        "--negative",
+        "glasses",
+        "--negative",
+        "dog",
+        "--rule",
+        "dual",
+        "--negative-scale",
+        "3",
+        "--negative-scale",
+        "1.5",
+        "--negative-window",
+        "2:",
+        "--negative-window",
+        "0.25:0.75",
+        "--seed",
+        "1,2",
+        "--scheduler",
+        "euler-a",
     )
     assert code == 0
     for seed in (1, 2):
@@ -93,7 +122,9 @@ def test_prompt_too_long_names_cut_words(tiny_sd_dir, tmp_path, capsys):
     assert code == 2 and "would be cut: 'dog'" in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
 
-@pytest.mark.parametrize("content, message", [(b"not an image", "cannot read"), (None, "carries no negprompt settings")])
+@pytest.mark.parametrize(
+    "content, message", [(b"not an image", "cannot read"), (None, "carries no negprompt settings")]
+)
 def test_from_png_rejects_foreign_files(tmp_path, capsys, content, message):
     source = tmp_path / "foreign.png"
     if content is None:

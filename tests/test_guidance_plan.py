@@ -40,7 +40,13 @@ def test_window_resolves_indices_and_fractions(window, expected):
 
 @pytest.mark.parametrize(
     "text, window",
-    [("5:", Window(5)), (":0.5", Window(0, 0.5)), ("0.2:0.8", Window(0.2, 0.8)), ("3:7", Window(3, 7)), (":", Window())],
+    [
+        ("5:", Window(5)),
+        (":0.5", Window(0, 0.5)),
+        ("0.2:0.8", Window(0.2, 0.8)),
+        ("3:7", Window(3, 7)),
+        (":", Window()),
+    ],
 )
 def test_window_parse(text, window):
     assert Window.parse(text) == window
@@ -52,7 +58,16 @@ def test_window_outside_schedule_or_empty_is_an_error(window):
         window.resolve(N)
 
 
-@pytest.mark.parametrize("bad", [lambda: Window(-1), lambda: Window(0, 1.5), lambda: Window(math.nan), lambda: Window.parse("x:3"), lambda: Window.parse("5")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: Window(-1),
+        lambda: Window(0, 1.5),
+        lambda: Window(math.nan),
+        lambda: Window.parse("x:3"),
+        lambda: Window.parse("5"),
+    ],
+)
 def test_window_bad_values(bad):
     with pytest.raises(NegpromptError):
         bad()

@@ -97,7 +97,9 @@ def test_weighted_sum_with_several_negatives_subtracts_each():
     uncond, cond, neg = branches(9)
     neg2 = neg.flip(-1)
     expected = uncond + 5 * (cond - uncond) - 2 * (neg - uncond) - 1 * (neg2 - uncond)
-    torch.testing.assert_close(rules.weighted_sum(uncond, [cond, neg, neg2], [5, -2, -1]), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        rules.weighted_sum(uncond, [cond, neg, neg2], [5, -2, -1]), expected, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_weighted_sum_needs_one_weight_per_prediction():

@@ -26,7 +26,10 @@ def test_saved_directory_loads_and_samples_the_same(tiny_sd, tiny_sd_dir):
     assert type(loaded.scheduler).__name__ == "PNDMScheduler"
     assert loaded.vae is not None
     assert np.array_equal(run(loaded), run(tiny_sd))
-    assert sorted(p.name for p in (tiny_sd_dir / "unet").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in (tiny_sd_dir / "unet").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
 
 
 def copy_of(tiny_sd_dir, tmp_path):

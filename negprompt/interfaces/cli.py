@@ -149,6 +149,40 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- demo and evaluate
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    from negprompt.interfaces.demo import run_demo
+
+    png, js, record = run_demo(args.out, model=args.model, steps=args.steps, progress=not args.quiet)
+    print(f"wrote {png} (no negative / negative / delayed negative, for {len(record['pairs'])} prompts) and {js}")
+    print(f"took {record['seconds']:.1f} s")
+    return 0
+
+
+def command_evaluate(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from negprompt.api import load_model
+    from negprompt.world.evaluation import ROWS, evaluate, to_markdown, write_table
+
+    components = load_model(args.model)
+    with tqdm(total=args.images * len(ROWS), disable=args.quiet, unit="img") as bar:
+        table = evaluate(
+            components,
+            images=args.images,
+            steps=args.steps,
+            scheduler=args.scheduler,
+            scale=args.scale,
+            on_batch=bar.update,
+        )
+    md, js = write_table(table, args.out)
+    print(to_markdown(table))
+    print(f"wrote {md} and {js}")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -161,6 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("-o", "--out", default="negprompt.png", help="output PNG (several seeds: NAME-s<seed>.png)")
     generate.add_argument("--from-png", metavar="FILE", help="regenerate the image a negprompt PNG was made with")
     generate.set_defaults(handler=command_generate)
+
+    demo = commands.add_parser("demo", help="the bundled model with no / a / a delayed negative, in one figure")
+    demo.add_argument("--out", default="demo", help="output folder (demo.png, demo.json)")
+    demo.add_argument("--model", default=None, help="model (default: the bundled one)")
+    demo.add_argument("--steps", type=positive_int, default=None)
+    demo.add_argument("-q", "--quiet", action="store_true")
+    demo.set_defaults(handler=command_demo)
+
+    evaluate = commands.add_parser("evaluate", help="score a shapes-world model against ground truth")
+    evaluate.add_argument("--out", default="evaluation", help="output folder (evaluation.md, evaluation.json)")
+    evaluate.add_argument("--model", default=None)
+    evaluate.add_argument("--images", type=positive_int, default=200, help="images per row")
+    evaluate.add_argument("--steps", type=positive_int, default=None)
+    evaluate.add_argument("--scheduler", default=None)
+    evaluate.add_argument("--scale", type=number, default=None)
+    evaluate.add_argument("-q", "--quiet", action="store_true")
+    evaluate.set_defaults(handler=command_evaluate)
 
     train = commands.add_parser("train", help="train the shapes-world model (resumes from --out)")
     train.add_argument("--out", required=True, help="training folder (checkpoints, log, exported model)")

@@ -116,6 +116,7 @@ def decode(components: Components, latents: torch.Tensor) -> np.ndarray:
     return pixels.cpu().permute(0, 2, 3, 1).float().numpy()
 
 
+@torch.inference_mode()
 def sample(
     components: Components,
     guidance: Guidance,
@@ -184,8 +185,7 @@ def sample(
         context = torch.cat([embeddings[name] for name in branches])
         for hook in unet_hooks:
             hook.before_unet_call(step, float(t), branches, batch)
-        with torch.no_grad():
-            output = components.unet(unet_input, t, encoder_hidden_states=context, return_dict=False)[0]
+        output = components.unet(unet_input, t, encoder_hidden_states=context, return_dict=False)[0]
         rows += output.shape[0]
         predictions = dict(zip(branches, output.chunk(len(branches))))
         guided = guidance.combine(predictions, step, calls)

@@ -203,7 +203,6 @@ class Trainer:
         # Tiny gradients become subnormal floats, which make CPU backward passes several times
         # slower (measured here: 6.7 s instead of 1.6 s per batch); flush them to zero.
         torch.set_flush_denormal(True)
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
         log: list[dict] = []
         self.unet.train()
         self.text_encoder.train()
@@ -215,6 +214,9 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             pixels, captions = batch_of_examples(cfg.seed, self.step * cfg.batch_size, cfg.batch_size)
+            # Noise, timesteps and caption dropout of step k come from a generator seeded by (seed, k):
+            # a resumed run draws exactly what an uninterrupted one would.
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
             loss = self.loss_on(pixels, captions, generator)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -238,13 +240,11 @@ class Trainer:
                 with open(self.out_dir / LOG_FILE, "a") as handle:
                     handle.write(json.dumps(entry) + "\n")
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
-                # The generator restarts from (seed, step) on resume, so reseed it here as well:
-                # an interrupted and an uninterrupted run draw the same noise.
                 self.save_checkpoint()
-                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
                 if on_checkpoint is not None:
                     on_checkpoint(self)
             if max_seconds is not None and time.monotonic() - started > max_seconds:
+                self.save_checkpoint()  # stop resumably
                 break
         bar.close()
         return log

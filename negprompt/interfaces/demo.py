@@ -1,0 +1,88 @@
+"""``negprompt demo``: no negative, a negative, and a delayed negative, side by side, in one figure."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from negprompt.api import Generation, load_model, make_settings, run, to_uint8
+from negprompt.guidance.plan import Term
+from negprompt.guidance.windows import Window
+from negprompt.interfaces.png import write_atomically
+
+DEMO_PAIRS = (
+    ("a red circle", "a hat"),
+    ("a blue square", "a sun"),
+    ("a green triangle", "blurry"),
+    ("a purple circle", "striped"),
+)
+DELAY = 0.25  # the delayed negative starts after this fraction of the steps
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    rule: str
+    window: Window | None  # None: no negative at all
+
+
+VARIANTS = (
+    Variant("no negative", "cfg", None),
+    Variant("negative, all steps", "sd", Window()),
+    Variant(f"negative from {DELAY:.0%} of the steps", "sd", Window(DELAY)),
+)
+
+
+def run_demo(out_dir: str | Path, model=None, seeds=(0, 1, 2), steps: int | None = None, progress: bool = False):
+    """Generates every variant for every (prompt, negative) pair; writes ``demo.png`` and ``demo.json``."""
+    started = time.monotonic()
+    components = load_model(model)
+    prompts = tuple(p for p, _ in DEMO_PAIRS for _ in seeds)
+    negatives = tuple(n for _, n in DEMO_PAIRS for _ in seeds)
+    all_seeds = [s for _ in DEMO_PAIRS for s in seeds]
+    generations: list[Generation] = []
+    for variant in VARIANTS:
+        negative = None if variant.window is None else [Term(negatives, None, variant.window)]
+        settings, _ = make_settings(
+            prompts, negative, rule=variant.rule, seeds=all_seeds, steps=steps, model=components
+        )
+        generations.append(run(settings, components, progress=progress))
+    figure = _figure(generations, len(seeds))
+    out_dir = Path(out_dir)
+    record = {
+        "pairs": [{"prompt": p, "negative": n} for p, n in DEMO_PAIRS],
+        "variants": [g.settings.to_json() for g in generations],
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    png, js = out_dir / "demo.png", out_dir / "demo.json"
+    write_atomically([png], lambda final, tmp: figure.save(tmp, format="PNG"))
+    write_atomically([js], lambda final, tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    return png, js, record
+
+
+def _figure(generations: list[Generation], per_pair: int, zoom: int = 3, gap: int = 6) -> Image.Image:
+    """Rows: (prompt, negative) pairs; column blocks: variants; ``per_pair`` seeds in each block."""
+    h, w = generations[0].pixels.shape[1:3]
+    cell_w, cell_h = w * zoom, h * zoom
+    label_w, header_h = 170, 28
+    block_w = per_pair * cell_w + gap
+    width = label_w + len(generations) * block_w
+    height = header_h + len(DEMO_PAIRS) * (cell_h + gap)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for v, variant in enumerate(VARIANTS):
+        draw.text((label_w + v * block_w + 2, 8), variant.label, fill="black")
+    for r, (prompt, negative) in enumerate(DEMO_PAIRS):
+        top = header_h + r * (cell_h + gap)
+        draw.text((4, top + cell_h // 2 - 12), prompt, fill="black")
+        draw.text((4, top + cell_h // 2 + 2), f"negative: {negative}", fill="gray")
+        for v, generation in enumerate(generations):
+            for k in range(per_pair):
+                image = Image.fromarray(to_uint8(generation.pixels[r * per_pair + k]))
+                image = image.resize((cell_w, cell_h), Image.NEAREST)
+                canvas.paste(image, (label_w + v * block_w + k * cell_w, top))
+    return canvas

@@ -1,0 +1,95 @@
+"""The shapes-world model: tokenizer, training steps, resume, save/load round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from negprompt.errors import NegpromptError
+from negprompt.guidance.plan import Guidance, Term
+from negprompt.models.loading import load_components
+from negprompt.models.shapes_model import ShapesModelConfig, build_tokenizer
+from negprompt.sampling.loop import sample
+from negprompt.sampling.prompts import check_prompt
+from negprompt.sampling.schedulers import make_scheduler
+from negprompt.training.trainer import TrainConfig, Trainer, batch_of_examples
+from negprompt.world.scene import VOCABULARY
+
+TINY = ShapesModelConfig(unet_widths=(16, 32), head_dim=8, text_width=32, text_layers=1, text_heads=2)
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    values = dict(samples=8 * 8, batch_size=8, learning_rate=2e-3, warmup_steps=2, checkpoint_every=3, log_every=1, model=TINY)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_tokenizer_is_word_level_with_start_end_and_padding():
+    tokenizer = build_tokenizer()
+    ids = tokenizer("A red circle with a hat", padding="max_length", max_length=tokenizer.model_max_length).input_ids
+    words = tokenizer.convert_ids_to_tokens(ids)
+    assert words[:8] == ["<bos>", "a", "red", "circle", "with", "a", "hat", "<eos>"]
+    assert len(ids) == tokenizer.model_max_length and words[-1] == "<pad>"
+
+
+def test_unknown_word_lists_the_vocabulary():
+    tokenizer = build_tokenizer()
+    with pytest.raises(NegpromptError) as error:
+        check_prompt(tokenizer, "a red dragon")
+    message = str(error.value)
+    assert "'dragon'" in message and all(word in message for word in VOCABULARY)
+
+
+def test_training_steps_reduce_the_loss(tmp_path):
+    torch.manual_seed(0)
+    trainer = Trainer(tiny_config(samples=8 * 30, learning_rate=3e-3), tmp_path)
+    pixels, captions = batch_of_examples(99, 0, 16)
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return float(trainer.loss_on(pixels, captions, torch.Generator().manual_seed(1)))
+
+    before = held_out_loss()
+    trainer.run(progress=False)
+    after = held_out_loss()
+    assert after < 0.7 * before
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
+    straight = Trainer(tiny_config(), tmp_path / "straight")
+    straight.run(progress=False)
+
+    first = Trainer(tiny_config(), tmp_path / "resumed")
+    first.run(progress=False, max_seconds=0.0)  # stops (with a checkpoint) after one step
+    assert first.step == 1
+    resumed = Trainer(tiny_config(), tmp_path / "resumed")
+    resumed.load_checkpoint()
+    resumed.run(progress=False)
+
+    assert resumed.step == straight.step == 8
+    for key, value in straight.unet.state_dict().items():
+        assert torch.equal(value, resumed.unet.state_dict()[key]), key
+    for key, value in straight.ema.items():
+        assert torch.equal(value, resumed.ema[key]), key
+    log = (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()
+    assert [int(line.split('"step": ')[1].split(",")[0]) for line in log] == list(range(1, 9))
+
+
+def test_resume_refuses_another_model(tmp_path):
+    Trainer(tiny_config(), tmp_path).save_checkpoint()
+    other = Trainer(tiny_config(model=ShapesModelConfig(unet_widths=(16, 16), head_dim=8, text_width=32)), tmp_path)
+    with pytest.raises(ValueError, match="another model"):
+        other.load_checkpoint()
+
+
+def test_export_loads_with_the_stable_diffusion_loader(tmp_path):
+    trainer = Trainer(tiny_config(samples=16), tmp_path / "train")
+    trainer.run(progress=False)
+    folder = trainer.export(tmp_path / "model")
+    loaded = load_components(folder)
+    assert loaded.vae is None and loaded.latent_factor == 1 and loaded.default_size == 32
+    guidance = Guidance(positive=Term("a red circle"), negatives=(Term("a hat"),))
+    images = sample(loaded, guidance, make_scheduler("ddim", loaded.scheduler), [0], 3, 32, 32).images
+    again = sample(trainer.ema_components(), guidance, make_scheduler("ddim", loaded.scheduler), [0], 3, 32, 32).images
+    assert images.shape == (1, 32, 32, 3) and np.array_equal(images, again)
