@@ -149,6 +149,66 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- attend
+
+
+def word_list(text: str) -> list[str]:
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def step_list(text: str) -> list[int]:
+    return seed_list(text)
+
+
+def command_attend(args: argparse.Namespace) -> int:
+    import json
+
+    from negprompt.attention.capture import CaptureRequest
+    from negprompt.attention.figures import timeline
+    from negprompt.attention.result import capture, plan_for
+    from negprompt.attention.tokens import tokenize_words
+    from negprompt.interfaces.png import save_generation, write_atomically
+
+    settings, components = settings_from_args(args)
+    terms = settings.guidance.terms
+    words = {}
+    for branch, given in (("positive", args.words), ("negative", args.negative_words)):
+        if branch not in terms:
+            if given:
+                raise CommandError(
+                    f"--{'negative-' if branch == 'negative' else ''}words given but the run has no {branch} prompt"
+                )
+            continue
+        first_prompt = terms[branch].prompts_for(1)[0]
+        all_words = tokenize_words(components.tokenizer, first_prompt).words
+        words[branch] = given if given is not None else list(dict.fromkeys(all_words))
+    request = CaptureRequest(
+        words=words,
+        layers=args.layers,
+        steps=args.capture_steps,
+        average_layers=not args.per_layer,
+        size=args.map_size,
+        memory_limit_mb=args.memory_limit,
+    )
+    if not 0 <= args.image < len(settings.seeds):
+        raise CommandError(f"--image {args.image} is outside the batch of {len(settings.seeds)} image(s)")
+    plan = plan_for(settings, request, components)
+    print(f"capture will store {plan.memory_bytes() / 2**20:.2f} MiB (limit {args.memory_limit:g} MiB)")
+    result = capture(settings, request, components, trace=True, progress=not args.quiet)
+    out = Path(args.out)
+    figure = timeline(result, components, image=args.image, columns=args.columns)
+    written = save_generation(result.generation, out / "image.png")
+    written += write_atomically([out / "timeline.png"], lambda final, tmp: figure.save(tmp, format="PNG"))
+    written += list(result.save(out))
+    summary = result.summary()
+    written += write_atomically(
+        [out / "summary.json"], lambda final, tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    )
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 # ---------------------------------------------------------------- demo and evaluate
 
 
@@ -196,6 +256,28 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--from-png", metavar="FILE", help="regenerate the image a negprompt PNG was made with")
     generate.set_defaults(handler=command_generate)
 
+    attend = commands.add_parser("attend", help="capture cross-attention maps and draw the heat-map timeline")
+    add_prompt_options(attend)
+    attend.add_argument("--out", default="attend", help="output folder")
+    attend.add_argument(
+        "--words", type=word_list, default=None, help="positive words to map, comma-separated (default: all)"
+    )
+    attend.add_argument("--negative-words", type=word_list, default=None, help="negative words to map (default: all)")
+    attend.add_argument(
+        "--layers", type=word_list, default=None, help="layers: map sides (16) or module paths/prefixes"
+    )
+    attend.add_argument(
+        "--capture-steps", type=step_list, default=None, help="steps to keep: 0-9 or 0,5,10 (default all)"
+    )
+    attend.add_argument("--per-layer", action="store_true", help="keep each layer's maps (default: mean over layers)")
+    attend.add_argument(
+        "--map-size", type=positive_int, default=None, help="side of stored maps (default: largest layer's)"
+    )
+    attend.add_argument("--memory-limit", type=number, default=1024.0, help="MiB the capture may store")
+    attend.add_argument("--image", type=int, default=0, help="which image of the batch the timeline shows")
+    attend.add_argument("--columns", type=positive_int, default=10, help="steps shown in the timeline")
+    attend.set_defaults(handler=command_attend)
+
     demo = commands.add_parser("demo", help="the bundled model with no / a / a delayed negative, in one figure")
     demo.add_argument("--out", default="demo", help="output folder (demo.png, demo.json)")
     demo.add_argument("--model", default=None, help="model (default: the bundled one)")
@@ -226,9 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Keeps diffusers' and transformers' loading chatter (progress bars, hints) off the terminal."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_libraries()
     try:
         return args.handler(args)
     except NegpromptError as error:

@@ -1,0 +1,368 @@
+"""Cross-attention capture through diffusers attention processors.
+
+:func:`capture_attention` installs a :class:`CaptureProcessor` on every selected cross-attention
+layer of the UNet (keyed by the module path diffusers gives it, e.g.
+``down_blocks.1.attentions.0.transformer_blocks.0.attn2``) and restores the original processors on
+exit, also after an error. Each capture processor lets the original processor compute the layer's
+output — so images are bit-identical with and without capture — and computes the attention
+probabilities beside it: softmax(q·kᵀ/√d) over the text tokens, per head, shaped (B·heads, Q, L).
+
+The sampling loop tells the recorder which step it is and which branch each batch block holds
+(:meth:`AttentionRecorder.before_unet_call`); nothing counts calls or keeps global state.
+
+Kept per branch (all on CPU):
+
+- ``maps``: (steps, layers or 1, B, words, S, S) float16 — head-averaged maps of each chosen word
+  (the sum over the word's tokens), upsampled bicubically to S×S and clamped ≥ 0, per layer or
+  averaged over the chosen layers;
+- ``frobenius``: (steps, layers, B, words) float32 — ‖map‖_F of the upsampled map in each layer,
+  the F of the article's eq. (10);
+- ``mass``: (steps, layers, B, words) float32 — Σ of the native-resolution map (attention mass);
+- ``energy``: (steps, layers, B) float32 — Σ_heads mean over all L token maps and pixels of A², the
+  quantity of Ban et al.'s released r_t code;
+- ``present``: (steps,) bool — whether the branch was evaluated at that step (a delayed negative is not).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+from negprompt.attention.tokens import TokenizedPrompt, tokenize_words
+from negprompt.errors import NegpromptError
+
+MAP_DTYPE = torch.float16
+STAT_DTYPE = torch.float32
+
+
+class CaptureError(NegpromptError):
+    """A capture request that cannot be met (unknown layer, step, word; over the memory limit)."""
+
+
+# ---------------------------------------------------------------- layers
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    path: str  # module path, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    factor: int  # the layer's maps are (latent side / factor)²
+
+
+def cross_attention_layers(unet: Any) -> list[LayerInfo]:
+    """Every cross-attention layer of a UNet2DConditionModel with its downsampling factor."""
+    levels = len(unet.config.block_out_channels)
+    layers = []
+    for path, module in unet.named_modules():
+        if not (isinstance(module, Attention) and module.is_cross_attention):
+            continue
+        match = re.match(r"(down_blocks|up_blocks)\.(\d+)\.", path)
+        if match:
+            index = int(match.group(2))
+            factor = 2**index if match.group(1) == "down_blocks" else 2 ** (levels - 1 - index)
+        elif path.startswith("mid_block."):
+            factor = 2 ** (levels - 1)
+        else:
+            continue
+        layers.append(LayerInfo(path, factor))
+    return layers
+
+
+def select_layers(available: Sequence[LayerInfo], wanted: Sequence[str] | None, latent_side: int) -> list[LayerInfo]:
+    """Layers by exact path, by path prefix (``up_blocks.1``), or by map side (``16`` = 16×16 maps)."""
+    if not wanted:
+        return list(available)
+    chosen: list[LayerInfo] = []
+    for item in wanted:
+        item = item.strip()
+        if item.isdigit():
+            matches = [layer for layer in available if latent_side // layer.factor == int(item)]
+        else:
+            matches = [
+                layer for layer in available if layer.path == item or layer.path.startswith(item.rstrip(".") + ".")
+            ]
+        if not matches:
+            sides = sorted({latent_side // layer.factor for layer in available})
+            raise CaptureError(
+                f"no cross-attention layer matches {item!r}; give a map side ({', '.join(map(str, sides))}) "
+                f"or a path such as {available[0].path!r} (all: {', '.join(layer.path for layer in available)})"
+            )
+        chosen.extend(layer for layer in matches if layer not in chosen)
+    return chosen
+
+
+# ---------------------------------------------------------------- request
+
+
+@dataclass(frozen=True)
+class CaptureRequest:
+    """What to keep. ``words``: per branch, the words whose maps to keep (may be empty: statistics only)."""
+
+    words: Mapping[str, Sequence[str]]
+    layers: Sequence[str] | None = None  # None: every cross-attention layer
+    steps: Sequence[int] | None = None  # None: every step
+    average_layers: bool = True  # keep one map per word and step (mean over layers) instead of one per layer
+    size: int | None = None  # side of the stored maps; None: the largest layer's side
+    memory_limit_mb: float = 1024.0
+
+
+@dataclass
+class CapturePlan:
+    """A request resolved against a model and a run: what exactly will be stored, and its size."""
+
+    branches: list[str]
+    words: dict[str, list[str]]
+    prompts: dict[str, list[TokenizedPrompt]]  # per branch, per image
+    layers: list[LayerInfo]
+    steps: list[int]
+    num_steps: int
+    batch_size: int
+    size: int
+    latent_hw: tuple[int, int]
+    average_layers: bool
+    selection: dict[str, torch.Tensor] = field(default_factory=dict)  # branch → (B, words, L) 0/1
+
+    @property
+    def stored_layers(self) -> int:
+        return 1 if self.average_layers else len(self.layers)
+
+    def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        shapes = {}
+        for branch in self.branches:
+            n_words = len(self.words[branch])
+            steps, layers, batch = len(self.steps), len(self.layers), self.batch_size
+            shapes[f"maps.{branch}"] = ((steps, self.stored_layers, batch, n_words, self.size, self.size), MAP_DTYPE)
+            shapes[f"frobenius.{branch}"] = ((steps, layers, batch, n_words), STAT_DTYPE)
+            shapes[f"mass.{branch}"] = ((steps, layers, batch, n_words), STAT_DTYPE)
+            shapes[f"energy.{branch}"] = ((steps, layers, batch), STAT_DTYPE)
+            shapes[f"present.{branch}"] = ((steps,), torch.bool)
+        return shapes
+
+    def memory_bytes(self) -> int:
+        """Bytes the stored tensors take, computed before anything is allocated."""
+        return sum(
+            math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            for shape, dtype in self.tensor_shapes().values()
+        )
+
+
+def plan_capture(
+    unet: Any,
+    tokenizer: Any,
+    branch_prompts: Mapping[str, Sequence[str]],
+    request: CaptureRequest,
+    num_steps: int,
+    latent_hw: tuple[int, int],
+) -> CapturePlan:
+    """Resolves and checks a request; raises :class:`CaptureError` before any sampling."""
+    unknown = [b for b in request.words if b not in branch_prompts]
+    if unknown:
+        raise CaptureError(f"branch(es) {', '.join(unknown)} not in this run; branches: {', '.join(branch_prompts)}")
+    latent_side = min(latent_hw)
+    layers = select_layers(cross_attention_layers(unet), request.layers, latent_side)
+    steps = list(range(num_steps)) if request.steps is None else sorted(set(int(s) for s in request.steps))
+    bad_steps = [s for s in steps if not 0 <= s < num_steps]
+    if bad_steps:
+        raise CaptureError(f"step(s) {bad_steps} outside the schedule; steps are 0–{num_steps - 1}")
+    if not steps:
+        raise CaptureError("no steps chosen; give step indices in 0–{num_steps - 1}")
+    size = request.size or max(latent_side // layer.factor for layer in layers)
+    if size < 1:
+        raise CaptureError(f"map size must be a positive number of pixels, got {size}")
+    batch = len(next(iter(branch_prompts.values())))
+    prompts = {b: [tokenize_words(tokenizer, p) for p in branch_prompts[b]] for b in request.words}
+    words = {b: list(request.words[b]) for b in request.words}
+    plan = CapturePlan(
+        branches=list(request.words),
+        words=words,
+        prompts=prompts,
+        layers=layers,
+        steps=steps,
+        num_steps=num_steps,
+        batch_size=batch,
+        size=size,
+        latent_hw=latent_hw,
+        average_layers=request.average_layers,
+    )
+    length = tokenizer.model_max_length
+    for branch in plan.branches:
+        selection = torch.zeros(batch, len(words[branch]), length)
+        for i, tokenized in enumerate(prompts[branch]):
+            for w, word in enumerate(words[branch]):
+                selection[i, w, list(tokenized.positions_of(word))] = 1.0
+        plan.selection[branch] = selection
+    needed = plan.memory_bytes()
+    limit = int(request.memory_limit_mb * 2**20)
+    if needed > limit:
+        raise CaptureError(
+            f"the capture needs {needed / 2**20:.1f} MiB, over the limit of {request.memory_limit_mb:g} MiB; "
+            "raise the limit or keep fewer steps, layers, words or a smaller map size"
+        )
+    return plan
+
+
+# ---------------------------------------------------------------- recording
+
+
+class AttentionRecorder:
+    """Holds the captured tensors; told each step's layout by the sampling loop."""
+
+    def __init__(self, plan: CapturePlan) -> None:
+        self.plan = plan
+        self.tensors = {name: torch.zeros(shape, dtype=dtype) for name, (shape, dtype) in plan.tensor_shapes().items()}
+        for name in self.tensors:
+            if name.startswith(("frobenius.", "mass.", "energy.")):
+                self.tensors[name].fill_(float("nan"))
+        self._step_slot: dict[int, int] = {step: i for i, step in enumerate(plan.steps)}
+        self._layer_slot = {layer.path: i for i, layer in enumerate(plan.layers)}
+        self._layout: dict[str, int] = {}  # branch → batch block index, for the current call
+        self._slot: int | None = None  # index into plan.steps for the current call
+        self._sums: dict[str, torch.Tensor] = {}  # averaged maps being summed over layers, float32
+        self._layers_seen: set[str] = set()
+        self.timesteps: dict[int, float] = {}
+
+    # The loop calls this before every UNet call (the UNetCallHook protocol).
+    def before_unet_call(self, step: int, timestep: float, branches: Sequence[str], batch_size: int) -> None:
+        self._flush()
+        if batch_size != self.plan.batch_size:
+            raise CaptureError(f"capture planned for {self.plan.batch_size} images, the run has {batch_size}")
+        self._slot = self._step_slot.get(step)
+        self._layout = {b: i for i, b in enumerate(branches) if b in self.plan.branches}
+        self.timesteps[step] = timestep
+        if self._slot is not None:
+            for branch in self._layout:
+                self.tensors[f"present.{branch}"][self._slot] = True
+
+    def finish(self) -> None:
+        self._flush()
+        self._slot = None
+
+    def _flush(self) -> None:
+        """Stores the layer-averaged maps of the step that just ended."""
+        if self._slot is not None and self.plan.average_layers and self._sums:
+            count = max(1, len(self._layers_seen))
+            for branch, summed in self._sums.items():
+                self.tensors[f"maps.{branch}"][self._slot, 0] = (summed / count).to(MAP_DTYPE)
+        self._sums = {}
+        self._layers_seen = set()
+
+    @property
+    def active(self) -> bool:
+        return self._slot is not None and bool(self._layout)
+
+    def record(self, path: str, probabilities: torch.Tensor, heads: int) -> None:
+        """Takes one layer's probabilities (B_total·heads, Q, L) for the current step."""
+        plan, slot = self.plan, self._slot
+        assert slot is not None
+        layer = self._layer_slot[path]
+        factor = plan.layers[layer].factor
+        h, w = plan.latent_hw[0] // factor, plan.latent_hw[1] // factor
+        total, queries, length = probabilities.shape
+        if queries != h * w:
+            raise CaptureError(f"layer {path}: {queries} queries, expected {h}×{w}")
+        probs = probabilities.detach().float().reshape(total // heads, heads, queries, length)
+        batch = plan.batch_size
+        self._layers_seen.add(path)
+        for branch, block in self._layout.items():
+            part = probs[block * batch : (block + 1) * batch]  # (B, heads, Q, L)
+            self.tensors[f"energy.{branch}"][slot, layer] = part.pow(2).mean(dim=(2, 3)).sum(dim=1).cpu()
+            n_words = len(plan.words[branch])
+            if n_words == 0:
+                continue
+            mean_heads = part.mean(dim=1)  # (B, Q, L)
+            selection = plan.selection[branch].to(mean_heads.device)
+            word_maps = torch.einsum("bql,bwl->bwq", mean_heads, selection)  # (B, words, Q)
+            self.tensors[f"mass.{branch}"][slot, layer] = word_maps.sum(dim=-1).cpu()
+            up = F.interpolate(
+                word_maps.reshape(batch * n_words, 1, h, w),
+                size=(plan.size, plan.size),
+                mode="bicubic",
+                align_corners=False,
+            ).clamp_min(0.0)
+            up = up.reshape(batch, n_words, plan.size, plan.size)
+            self.tensors[f"frobenius.{branch}"][slot, layer] = up.flatten(2).norm(dim=-1).cpu()
+            if plan.average_layers:
+                up = up.cpu()
+                self._sums[branch] = self._sums[branch] + up if branch in self._sums else up
+            else:
+                self.tensors[f"maps.{branch}"][slot, layer] = up.to(MAP_DTYPE).cpu()
+
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class CaptureProcessor:
+    """Wraps a layer's original processor: same output, plus the probabilities for the recorder."""
+
+    def __init__(self, original: Any, recorder: AttentionRecorder, path: str) -> None:
+        self.original = original
+        self.recorder = recorder
+        self.path = path
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        output = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        if self.recorder.active and encoder_hidden_states is not None:
+            self.recorder.record(
+                self.path,
+                attention_probabilities(attn, hidden_states, encoder_hidden_states, attention_mask, temb),
+                attn.heads,
+            )
+        return output
+
+
+def attention_probabilities(
+    attn: Attention,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    temb: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(q·kᵀ·scale) over the keys, (B·heads, Q, L), with the layer's own pre-processing."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim == 4:
+        b, c, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    batch, length = encoder_hidden_states.shape[0], encoder_hidden_states.shape[1]
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    if attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+    key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+    return attn.get_attention_scores(query, key, attention_mask)
+
+
+@contextmanager
+def capture_attention(unet: Any, plan: CapturePlan) -> Iterator[AttentionRecorder]:
+    """Installs capture processors on the planned layers; restores the originals on exit (also on error)."""
+    recorder = AttentionRecorder(plan)
+    originals = dict(unet.attn_processors)
+    wanted = {layer.path for layer in plan.layers}
+    replacement = {}
+    for key, processor in originals.items():
+        path = key.removesuffix(".processor")
+        replacement[key] = CaptureProcessor(processor, recorder, path) if path in wanted else processor
+    unet.set_attn_processor(replacement)
+    try:
+        yield recorder
+    finally:
+        recorder.finish()
+        unet.set_attn_processor(originals)

@@ -1,0 +1,190 @@
+"""Running a capture and what it returns: maps as tensors with a JSON index, saved as safetensors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from negprompt.api import Generation, GenerationSettings, load_model, run
+from negprompt.attention.capture import CaptureError, CapturePlan, CaptureRequest, capture_attention, plan_capture
+from negprompt.guidance.plan import UNCONDITIONAL
+from negprompt.models.components import Components
+from negprompt.sampling.schedulers import make_scheduler
+
+MAPS_FILE = "maps.safetensors"
+INDEX_FILE = "maps.json"
+
+
+@dataclass
+class AttentionCapture:
+    """Captured tensors (see :mod:`negprompt.attention.capture` for their shapes) and their index."""
+
+    tensors: dict[str, torch.Tensor]
+    index: dict
+    generation: Generation | None = None
+
+    # ------------------------------------------------------------ access
+
+    def word_index(self, branch: str, word: str) -> int:
+        words = self.index["words"].get(branch)
+        if words is None:
+            raise CaptureError(f"branch {branch!r} was not captured; captured: {', '.join(self.index['words'])}")
+        if word not in words:
+            raise CaptureError(f"word {word!r} was not captured on branch {branch!r}; captured: {', '.join(words)}")
+        return words.index(word)
+
+    def maps(self, branch: str, word: str, layer: int | None = None) -> torch.Tensor:
+        """(steps, B, S, S) float32: the word's map per kept step (mean over layers unless ``layer``)."""
+        w = self.word_index(branch, word)
+        stored = self.tensors[f"maps.{branch}"][:, :, :, w].float()  # (steps, layers or 1, B, S, S)
+        if layer is None:
+            return stored.mean(dim=1)
+        if self.index["average_layers"]:
+            raise CaptureError("maps were averaged over layers during capture; capture with average_layers=False")
+        return stored[:, layer]
+
+    def frobenius(self, branch: str, word: str) -> torch.Tensor:
+        """(steps, layers, B): ‖F_k‖_F per kept step and layer k."""
+        return self.tensors[f"frobenius.{branch}"][..., self.word_index(branch, word)]
+
+    def mass(self, branch: str, word: str) -> torch.Tensor:
+        """(steps, layers, B): attention mass of the word per layer."""
+        return self.tensors[f"mass.{branch}"][..., self.word_index(branch, word)]
+
+    def energy(self, branch: str) -> torch.Tensor:
+        """(steps, layers, B): Σ_heads mean_{tokens,pixels} A² (Ban et al.'s released code)."""
+        return self.tensors[f"energy.{branch}"]
+
+    def present(self, branch: str) -> torch.Tensor:
+        """(steps,) bool: whether the branch was evaluated at each kept step."""
+        return self.tensors[f"present.{branch}"]
+
+    # ------------------------------------------------------------ summaries
+
+    def summary(self) -> list[dict]:
+        """Per branch, word, kept step and image: mass, Σ_k‖F_k‖_F, per-layer norms, centroid, spread."""
+        rows = []
+        size = self.index["size"]
+        coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size  # map coordinates in [0, 1]
+        for branch, words in self.index["words"].items():
+            present = self.present(branch)
+            for word in words:
+                maps = self.maps(branch, word)  # (steps, B, S, S)
+                frob = self.frobenius(branch, word)
+                mass = self.mass(branch, word)
+                for s, step in enumerate(self.index["steps"]):
+                    if not bool(present[s]):
+                        continue
+                    for b in range(maps.shape[1]):
+                        m = maps[s, b]
+                        total = float(m.sum())
+                        if total > 0:
+                            cy = float((m.sum(dim=1) * coords).sum() / total)
+                            cx = float((m.sum(dim=0) * coords).sum() / total)
+                            yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+                            spread = float((((yy - cy) ** 2 + (xx - cx) ** 2) * m).sum() / total) ** 0.5
+                        else:
+                            cx = cy = spread = float("nan")
+                        rows.append(
+                            {
+                                "branch": branch,
+                                "word": word,
+                                "step": step,
+                                "image": b,
+                                "mass": float(mass[s, :, b].sum()),
+                                "frobenius_sum": float(frob[s, :, b].sum()),
+                                "frobenius_per_layer": [round(float(x), 6) for x in frob[s, :, b]],
+                                "centroid_x": cx,
+                                "centroid_y": cy,
+                                "spread": spread,
+                            }
+                        )
+        return rows
+
+    # ------------------------------------------------------------ files
+
+    def save(self, folder: str | Path) -> tuple[Path, Path]:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        maps_path, index_path = folder / MAPS_FILE, folder / INDEX_FILE
+        tmp_maps, tmp_index = folder / (MAPS_FILE + ".tmp"), folder / (INDEX_FILE + ".tmp")
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp_maps))
+        tmp_index.write_text(json.dumps(self.index, indent=2) + "\n")
+        tmp_maps.replace(maps_path)
+        tmp_index.replace(index_path)
+        return maps_path, index_path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> AttentionCapture:
+        folder = Path(folder)
+        return cls(tensors=load_file(str(folder / MAPS_FILE)), index=json.loads((folder / INDEX_FILE).read_text()))
+
+
+def branch_prompts(settings: GenerationSettings) -> dict[str, list[str]]:
+    """Every branch a run can evaluate, with its prompt per image."""
+    batch = len(settings.seeds)
+    prompts = {name: term.prompts_for(batch) for name, term in settings.guidance.terms.items()}
+    prompts[UNCONDITIONAL] = [""] * batch
+    return prompts
+
+
+def plan_for(settings: GenerationSettings, request: CaptureRequest, components: Components) -> CapturePlan:
+    """The capture plan of a run (raises before sampling if the request cannot be met)."""
+    scheduler = make_scheduler(settings.scheduler, components.scheduler)
+    scheduler.set_timesteps(settings.steps)
+    factor = components.latent_factor
+    latent_hw = (settings.height // factor, settings.width // factor)
+    return plan_capture(
+        components.unet, components.tokenizer, branch_prompts(settings), request, len(scheduler.timesteps), latent_hw
+    )
+
+
+def capture(
+    settings: GenerationSettings,
+    request: CaptureRequest,
+    components: Components | None = None,
+    trace: bool = True,
+    progress: bool = False,
+) -> AttentionCapture:
+    """Generates ``settings`` while capturing the cross-attention maps ``request`` asks for."""
+    components = components or load_model(settings.model)
+    plan = plan_for(settings, request, components)
+    with capture_attention(components.unet, plan) as recorder:
+        generation = run(settings, components, trace=trace, unet_hooks=[recorder], progress=progress)
+    index = {
+        "settings": settings.to_json(),
+        "branches": plan.branches,
+        "words": plan.words,
+        "prompts": {b: [t.prompt for t in plan.prompts[b]] for b in plan.branches},
+        "tokens": {
+            b: [{w: list(t.positions_of(w)) for w in plan.words[b]} for t in plan.prompts[b]] for b in plan.branches
+        },
+        "layers": [{"path": layer.path, "side": plan.latent_hw[0] // layer.factor} for layer in plan.layers],
+        "average_layers": plan.average_layers,
+        "steps": plan.steps,
+        "timesteps": [recorder.timesteps.get(s) for s in plan.steps],
+        "num_steps": plan.num_steps,
+        "size": plan.size,
+        "memory_estimate_bytes": plan.memory_bytes(),
+        "memory_stored_bytes": recorder.stored_bytes(),
+    }
+    return AttentionCapture(tensors=recorder.tensors, index=index, generation=generation)
+
+
+def words_by_branch(
+    positive: Sequence[str] | None, negative: Sequence[str] | None, extra: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, list[str]]:
+    """The common request: words of the positive and of the (first) negative prompt."""
+    words: dict[str, list[str]] = {}
+    if positive:
+        words["positive"] = list(positive)
+    if negative:
+        words["negative"] = list(negative)
+    for branch, items in (extra or {}).items():
+        words[branch] = list(items)
+    return words
