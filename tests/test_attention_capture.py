@@ -62,7 +62,9 @@ def test_capture_processor_output_equals_the_original_exactly(tiny_sd):
 def test_images_are_bit_identical_with_and_without_capture(tiny_sd):
     settings, components = settings_for(tiny_sd, negative_windows=["2:"])
     plain = run(settings, components).pixels
-    captured = capture(settings, CaptureRequest(words={"positive": ["woman", "streets"], "negative": ["glasses"]}), components)
+    captured = capture(
+        settings, CaptureRequest(words={"positive": ["woman", "streets"], "negative": ["glasses"]}), components
+    )
     assert np.array_equal(plain, captured.generation.pixels)
 
 
@@ -118,7 +120,9 @@ def test_per_layer_maps_agree_with_their_statistics(tiny_sd):
     result = capture(settings, request, components, trace=False)
     maps = result.tensors["maps.positive"][..., 0, :, :].float()  # (steps, layers, B, S, S)
     torch.testing.assert_close(maps.sum(dim=(-1, -2)), result.mass("positive", "woman"), rtol=2e-3, atol=1e-2)
-    torch.testing.assert_close(maps.flatten(-2).norm(dim=-1), result.frobenius("positive", "woman"), rtol=2e-3, atol=1e-3)
+    torch.testing.assert_close(
+        maps.flatten(-2).norm(dim=-1), result.frobenius("positive", "woman"), rtol=2e-3, atol=1e-3
+    )
 
 
 def test_delayed_negative_is_absent_before_its_window(tiny_sd):
@@ -144,12 +148,20 @@ def test_save_and_load_round_trip(tiny_sd, tmp_path):
 def test_capture_on_the_shapes_model_architecture(tmp_path):
     """The bundled model's architecture (word-level tokenizer, pixel space, no VAE)."""
     from negprompt.models.components import Components
-    from negprompt.models.shapes_model import ShapesModelConfig, build_scheduler, build_text_encoder, build_tokenizer, build_unet
+    from negprompt.models.shapes_model import (
+        ShapesModelConfig,
+        build_scheduler,
+        build_text_encoder,
+        build_tokenizer,
+        build_unet,
+    )
 
     torch.manual_seed(0)
     config = ShapesModelConfig()
     tokenizer = build_tokenizer()
-    components = Components(build_unet(config), build_text_encoder(config, tokenizer), tokenizer, build_scheduler()).eval()
+    components = Components(
+        build_unet(config), build_text_encoder(config, tokenizer), tokenizer, build_scheduler()
+    ).eval()
     settings, _ = make_settings("a red circle", negative="a hat", steps=4, scheduler="ddim", model=components)
     result = capture(settings, CaptureRequest(words={"positive": ["red", "circle"], "negative": ["hat"]}), components)
     sides = sorted({layer["side"] for layer in result.index["layers"]})
@@ -168,7 +180,19 @@ ATTEND_BAD = [
 @pytest.mark.parametrize("extra, message", ATTEND_BAD, ids=[m for _, m in ATTEND_BAD])
 def test_attend_bad_input(tiny_sd_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "attend"
-    argv = ["attend", PROMPT, "--negative", NEGATIVE, "--model", str(tiny_sd_dir), "--steps", "4", "-q", "--out", str(out)]
+    argv = [
+        "attend",
+        PROMPT,
+        "--negative",
+        NEGATIVE,
+        "--model",
+        str(tiny_sd_dir),
+        "--steps",
+        "4",
+        "-q",
+        "--out",
+        str(out),
+    ]
     code = main(argv + extra)
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1
@@ -179,6 +203,12 @@ def test_attend_writes_image_timeline_maps_and_summary(tiny_sd_dir, tmp_path):
     out = tmp_path / "attend"
     argv = ["attend", PROMPT, "--negative", NEGATIVE, "--negative-window", "2:", "--model", str(tiny_sd_dir)]
     assert main(argv + ["--steps", "4", "--words", "woman,streets", "-q", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["image.png", "maps.json", "maps.safetensors", "summary.json", "timeline.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "image.png",
+        "maps.json",
+        "maps.safetensors",
+        "summary.json",
+        "timeline.png",
+    ]
     index = json.loads((out / "maps.json").read_text())
     assert index["words"] == {"positive": ["woman", "streets"], "negative": ["red", "glasses"]}

@@ -20,7 +20,9 @@ TINY = ShapesModelConfig(unet_widths=(16, 32), head_dim=8, text_width=32, text_l
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    values = dict(samples=8 * 8, batch_size=8, learning_rate=2e-3, warmup_steps=2, checkpoint_every=3, log_every=1, model=TINY)
+    values = dict(
+        samples=8 * 8, batch_size=8, learning_rate=2e-3, warmup_steps=2, checkpoint_every=3, log_every=1, model=TINY
+    )
     values.update(overrides)
     return TrainConfig(**values)
 

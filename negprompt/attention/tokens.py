@@ -31,7 +31,9 @@ class TokenizedPrompt:
     def positions_of(self, word: str) -> tuple[int, ...]:
         """Token positions of ``word`` (case-insensitive; every occurrence); the error lists the words."""
         wanted = word.strip().lower()
-        found = tuple(p for candidate, positions in zip(self.words, self.positions) if candidate == wanted for p in positions)
+        found = tuple(
+            p for candidate, positions in zip(self.words, self.positions) if candidate == wanted for p in positions
+        )
         if found:
             return found
         if wanted in ("<start>", "<end>"):

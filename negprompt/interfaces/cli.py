@@ -209,6 +209,30 @@ def command_attend(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- study and report
+
+
+def command_study(args: argparse.Namespace) -> int:
+    from negprompt.analysis.spec import load_spec
+    from negprompt.analysis.study import RESULTS_FILE, run_study
+
+    spec = load_spec(args.spec)
+    done = run_study(spec, args.out, progress=not args.quiet)
+    rate = done.unet_rows / done.seconds if done.seconds > 0 else float("nan")
+    print(f"study {spec.name!r}: {done.pairs_total} pairs × {len(spec.seeds)} seeds in {args.out}/{RESULTS_FILE}")
+    print(f"this run: {done.seconds:.1f} s, {done.unet_rows} UNet evaluations ({rate:.1f} per second)")
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from negprompt.analysis.report import make_report
+
+    report, figures = make_report(args.folder)
+    for path in [report, *figures]:
+        print(f"wrote {path}")
+    return 0
+
+
 # ---------------------------------------------------------------- demo and evaluate
 
 
@@ -277,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     attend.add_argument("--image", type=int, default=0, help="which image of the batch the timeline shows")
     attend.add_argument("--columns", type=positive_int, default=10, help="steps shown in the timeline")
     attend.set_defaults(handler=command_attend)
+
+    study = commands.add_parser("study", help="run a strength study (r_t curves); resumes where it stopped")
+    study.add_argument("spec", help="a YAML spec, or a built-in one: shapes, ban2024-sd2")
+    study.add_argument("--out", required=True, help="results folder")
+    study.add_argument("-q", "--quiet", action="store_true")
+    study.set_defaults(handler=command_study)
+
+    report = commands.add_parser("report", help="curves and a Markdown summary of a study folder")
+    report.add_argument("folder")
+    report.set_defaults(handler=command_report)
 
     demo = commands.add_parser("demo", help="the bundled model with no / a / a delayed negative, in one figure")
     demo.add_argument("--out", default="demo", help="output folder (demo.png, demo.json)")

@@ -1,0 +1,212 @@
+"""Study specifications (YAML): prompt pairs in groups, seeds, sampler settings, model.
+
+    name: shapes-world
+    model: shapes            # a diffusers directory, a cached model id, or "shapes"
+    scheduler: default
+    steps: 30
+    scale: 7.5
+    seeds: [0, 1, 2]
+    pairs:
+      - {group: noun, prompt: a red circle, negative: a hat}
+      - {group: adjective, prompt: a blue square, negative: striped, word: striped, related: square}
+
+``word`` is the negative word whose strength is measured (default: the negative prompt's last
+content word); ``related`` overrides the automatic r(i). Errors name the line of the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from negprompt.errors import NegpromptError
+
+TOP_KEYS = {"name", "model", "scheduler", "steps", "scale", "seeds", "size", "map_size", "pairs"}
+REQUIRED_TOP = {"name", "steps", "seeds", "pairs"}
+PAIR_KEYS = {"group", "prompt", "negative", "word", "related"}
+REQUIRED_PAIR = {"group", "prompt", "negative"}
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "studies"
+
+
+class SpecError(NegpromptError):
+    """A study spec that cannot run."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    group: str
+    prompt: str
+    negative: str
+    word: str
+    related: str | None = None
+    line: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.prompt} | {self.negative} | {self.word}"
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    steps: int
+    seeds: tuple[int, ...]
+    pairs: tuple[Pair, ...]
+    model: str = "shapes"
+    scheduler: str = "default"
+    scale: float = 7.5
+    size: int | None = None
+    map_size: int | None = None
+    source: str = field(default="", compare=False)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.pop("source")
+        for pair in data["pairs"]:
+            pair.pop("line")
+        data["seeds"] = list(self.seeds)
+        return data
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _where(source: str, node: yaml.Node) -> str:
+    return f"{source}:{node.start_mark.line + 1}"
+
+
+def _mapping(node: yaml.Node, source: str, what: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    if not isinstance(node, yaml.MappingNode):
+        raise SpecError(f"{_where(source, node)}: {what} must be a mapping of keys to values")
+    return {key.value: (key, value) for key, value in node.value}
+
+
+def _scalar(node: yaml.Node, source: str, name: str, kind: type) -> Any:
+    value = yaml.safe_load(yaml.serialize(node)) if isinstance(node, yaml.ScalarNode) else None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not value.strip()):
+        raise SpecError(
+            f"{_where(source, node)}: field '{name}' must be a {'non-empty string' if kind is str else kind.__name__}"
+        )
+    return value
+
+
+def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
+    """Parses and validates a spec; every error names the line and field."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise SpecError(f"{source}{line}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if root is None:
+        raise SpecError(f"{source}: the spec is empty; required fields: {', '.join(sorted(REQUIRED_TOP))}")
+    top = _mapping(root, source, "the spec")
+    for key, (key_node, _) in top.items():
+        if key not in TOP_KEYS:
+            raise SpecError(
+                f"{_where(source, key_node)}: unknown field '{key}'; known fields: {', '.join(sorted(TOP_KEYS))}"
+            )
+    missing = REQUIRED_TOP - top.keys()
+    if missing:
+        raise SpecError(f"{source}: missing field(s) {', '.join(sorted(missing))}")
+
+    values: dict[str, Any] = {}
+    for key, kind in (
+        ("name", str),
+        ("model", str),
+        ("scheduler", str),
+        ("steps", int),
+        ("scale", float),
+        ("size", int),
+        ("map_size", int),
+    ):
+        if key in top:
+            values[key] = _scalar(top[key][1], source, key, kind)
+    if not 1 <= values["steps"] <= 1000:
+        raise SpecError(f"{_where(source, top['steps'][1])}: field 'steps' must be in 1–1000")
+    seeds_node = top["seeds"][1]
+    if not isinstance(seeds_node, yaml.SequenceNode) or not seeds_node.value:
+        raise SpecError(f"{_where(source, seeds_node)}: field 'seeds' must be a non-empty list of integers")
+    seeds = tuple(_scalar(n, source, "seeds", int) for n in seeds_node.value)
+    if len(set(seeds)) != len(seeds):
+        raise SpecError(f"{_where(source, seeds_node)}: field 'seeds' repeats a seed")
+
+    pairs_node = top["pairs"][1]
+    if not isinstance(pairs_node, yaml.SequenceNode) or not pairs_node.value:
+        raise SpecError(f"{_where(source, pairs_node)}: field 'pairs' must be a non-empty list")
+    pairs = []
+    for item in pairs_node.value:
+        fields = _mapping(item, source, "a pair")
+        for key, (key_node, _) in fields.items():
+            if key not in PAIR_KEYS:
+                raise SpecError(
+                    f"{_where(source, key_node)}: unknown pair field '{key}'; known: {', '.join(sorted(PAIR_KEYS))}"
+                )
+        absent = REQUIRED_PAIR - fields.keys()
+        if absent:
+            raise SpecError(f"{_where(source, item)}: pair lacks field(s) {', '.join(sorted(absent))}")
+        pair = {k: _scalar(v, source, k, str) for k, (_, v) in fields.items()}
+        words = pair["negative"].lower().split()
+        content = [w for w in words if w not in {"a", "an", "the", "and", "with", "of"}] or words
+        word = pair.get("word", content[-1]).lower()
+        if word not in words:
+            raise SpecError(
+                f"{_where(source, item)}: word {word!r} is not a word of the negative prompt {pair['negative']!r}"
+            )
+        related = pair.get("related")
+        if related is not None and related.lower() not in pair["prompt"].lower().split():
+            raise SpecError(
+                f"{_where(source, item)}: related word {related!r} is not a word of the prompt {pair['prompt']!r}"
+            )
+        pairs.append(
+            Pair(
+                pair["group"],
+                pair["prompt"],
+                pair["negative"],
+                word,
+                related and related.lower(),
+                item.start_mark.line + 1,
+            )
+        )
+    keys = [p.key for p in pairs]
+    for pair in pairs:
+        if keys.count(pair.key) > 1:
+            raise SpecError(f"{source}:{pair.line}: pair {pair.key!r} appears twice")
+    return StudySpec(seeds=seeds, pairs=tuple(pairs), source=source, **values)
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """A spec file, or the name of a built-in spec (``shapes``, ``ban2024-sd2``)."""
+    path = Path(path)
+    if not path.exists() and (BUILTIN_DIR / f"{path.name}.yaml").exists():
+        path = BUILTIN_DIR / f"{path.name}.yaml"
+    try:
+        text = path.read_text()
+    except OSError as error:
+        builtin = ", ".join(sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml")))
+        raise SpecError(f"cannot read spec {str(path)!r} ({error.strerror}); built-in specs: {builtin}") from None
+    return parse_spec(text, str(path))
+
+
+def check_vocabulary(spec: StudySpec, tokenizer: Any) -> None:
+    """For word-level tokenizers: every word of every prompt must be known (error names the line)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "WordLevel":
+        return
+    vocabulary = tokenizer.get_vocab()
+    for pair in spec.pairs:
+        for field_name, text in (("prompt", pair.prompt), ("negative", pair.negative)):
+            unknown = [w for w in text.lower().split() if w not in vocabulary]
+            if unknown:
+                known = " ".join(w for w in sorted(vocabulary, key=vocabulary.get) if not w.startswith("<"))
+                raise SpecError(
+                    f"{spec.source}:{pair.line}: {field_name} {text!r} has word(s) {', '.join(map(repr, unknown))} "
+                    f"unknown to the model's tokenizer; known words: {known}"
+                )

@@ -1,0 +1,175 @@
+"""The study runner: every pair × seed, r_t per step under both definitions, resumable.
+
+Results go to ``DIR/results.csv``, one row per (pair, seed, step, definition). A pair's rows are
+appended in one write followed by fsync once all its seeds are done, so after Ctrl-C, kill -9 or a
+power loss the file holds whole pairs plus at most one torn tail, which the next run drops before
+going on with the first missing pair. ``DIR/spec.json`` records the spec; a directory made for
+another spec is refused and left untouched.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from negprompt.analysis.spec import Pair, SpecError, StudySpec, check_vocabulary
+from negprompt.analysis.strength import strength_curves
+from negprompt.api import load_model, make_settings
+from negprompt.attention.capture import CaptureRequest
+from negprompt.attention.result import capture
+from negprompt.attention.tokens import tokenize_words
+from negprompt.models.components import Components
+
+RESULTS_FILE = "results.csv"
+SPEC_FILE = "spec.json"
+COLUMNS = ("pair", "group", "prompt", "negative", "word", "related", "seed", "step", "timestep", "definition", "r_t")
+DEFINITIONS = ("article", "released")
+
+
+@dataclass
+class StudyProgress:
+    pairs_done: int
+    pairs_total: int
+    seconds: float
+    unet_rows: int  # UNet evaluations (branch × image × step) done in this run
+
+
+def prepare_directory(spec: StudySpec, out_dir: Path) -> None:
+    """Creates ``out_dir`` for ``spec`` or checks that it already belongs to it."""
+    spec_path = out_dir / SPEC_FILE
+    if spec_path.exists():
+        recorded = json.loads(spec_path.read_text())
+        if recorded.get("fingerprint") != spec.fingerprint():
+            raise SpecError(
+                f"{out_dir} holds results of another spec ({recorded.get('spec', {}).get('name')!r}, "
+                f"fingerprint {recorded.get('fingerprint')}); use a new --out folder"
+            )
+        return
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise SpecError(f"{out_dir} is not empty and holds no study; use a new or empty --out folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / (SPEC_FILE + ".tmp")
+    tmp.write_text(json.dumps({"fingerprint": spec.fingerprint(), "spec": spec.to_json()}, indent=2) + "\n")
+    os.replace(tmp, spec_path)
+
+
+def completed_pairs(spec: StudySpec, out_dir: Path, steps_per_run: int) -> set[int]:
+    """Indices of pairs whose rows are all in the results; drops a torn tail and partial pairs."""
+    path = out_dir / RESULTS_FILE
+    if not path.exists():
+        return set()
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]  # a write cut short
+    if not lines or lines[0].rstrip("\n") != ",".join(COLUMNS):
+        raise SpecError(f"{path} is not a results table of negprompt (header differs)")
+    expected = len(spec.seeds) * steps_per_run * len(DEFINITIONS)
+    counts: dict[int, int] = {}
+    for row in csv.reader(lines[1:]):
+        if len(row) == len(COLUMNS):
+            counts[int(row[0])] = counts.get(int(row[0]), 0) + 1
+    done = {pair for pair, count in counts.items() if count == expected}
+    kept = [lines[0]] + [
+        line for line in lines[1:] if line.split(",", 1)[0].isdigit() and int(line.split(",", 1)[0]) in done
+    ]
+    if len(kept) != len(text.splitlines(keepends=True)):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return done
+
+
+def _append(path: Path, rows: list[tuple]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if not path.exists():
+        writer.writerow(COLUMNS)
+    writer.writerows(rows)
+    with open(path, "a") as handle:
+        handle.write(buffer.getvalue())
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def run_pair(spec: StudySpec, index: int, pair: Pair, components: Components) -> tuple[list[tuple], int]:
+    """Captures one pair over all seeds (one batched run) and returns its result rows."""
+    settings, _ = make_settings(
+        pair.prompt,
+        pair.negative,
+        rule="sd",
+        scale=spec.scale,
+        steps=spec.steps,
+        scheduler=spec.scheduler,
+        seeds=spec.seeds,
+        size=spec.size,
+        model=components,
+    )
+    positive_words = list(dict.fromkeys(tokenize_words(components.tokenizer, pair.prompt).words))
+    request = CaptureRequest(words={"positive": positive_words, "negative": [pair.word]}, size=spec.map_size)
+    result = capture(settings, request, components, trace=False)
+    curves = strength_curves(result, pair.word, pair.related)
+    timesteps = result.index["timesteps"]
+    rows = []
+    for b, seed in enumerate(spec.seeds):
+        for s, step in enumerate(result.index["steps"]):
+            for definition in DEFINITIONS:
+                value = float(curves[definition][s, b])
+                rows.append(
+                    (
+                        index,
+                        pair.group,
+                        pair.prompt,
+                        pair.negative,
+                        pair.word,
+                        curves["related"][b],
+                        seed,
+                        step,
+                        timesteps[s],
+                        definition,
+                        f"{value:.6g}",
+                    )
+                )
+    return rows, result.generation.unet_batch_rows
+
+
+def run_study(
+    spec: StudySpec,
+    out_dir: str | Path,
+    progress: bool = True,
+    on_pair_done: Callable[[int], None] | None = None,
+) -> StudyProgress:
+    """Runs the pairs not yet in ``out_dir``'s results; returns what this run did."""
+    out_dir = Path(out_dir)
+    components = load_model(spec.model)
+    check_vocabulary(spec, components.tokenizer)
+    prepare_directory(spec, out_dir)
+    settings, _ = make_settings("", steps=spec.steps, scheduler=spec.scheduler, model=components)
+    from negprompt.sampling.schedulers import make_scheduler
+
+    probe = make_scheduler(settings.scheduler, components.scheduler)
+    probe.set_timesteps(spec.steps)
+    done = completed_pairs(spec, out_dir, len(probe.timesteps))
+    todo = [(i, p) for i, p in enumerate(spec.pairs) if i not in done]
+    started = time.monotonic()
+    rows_evaluated = 0
+    bar = tqdm(
+        total=len(spec.pairs) * len(spec.seeds), initial=len(done) * len(spec.seeds), unit="img", disable=not progress
+    )
+    for index, pair in todo:
+        rows, unet_rows = run_pair(spec, index, pair, components)
+        _append(out_dir / RESULTS_FILE, rows)
+        rows_evaluated += unet_rows
+        bar.update(len(spec.seeds))
+        if on_pair_done is not None:
+            on_pair_done(index)
+    bar.close()
+    return StudyProgress(len(spec.pairs), len(spec.pairs), time.monotonic() - started, rows_evaluated)

@@ -1,0 +1,209 @@
+"""r_t definitions, r(i), study specs, the resumable runner and the report."""
+
+from __future__ import annotations
+
+import csv
+import textwrap
+
+import pytest
+import torch
+
+from negprompt.analysis import study as study_module
+from negprompt.analysis.report import make_report
+from negprompt.analysis.spec import SpecError, check_vocabulary, parse_spec
+from negprompt.analysis.strength import article_ratio, related_word, released_ratio, strength_curves
+from negprompt.analysis.study import RESULTS_FILE, run_study
+from negprompt.attention.result import AttentionCapture
+from negprompt.interfaces.cli import main
+
+# ---------------------------------------------------------------- r_t on hand-made maps
+
+
+def hand_made_capture() -> AttentionCapture:
+    """Two steps, two layers, one image; maps with known norms.
+
+    Negative word "hat": at step 0 a 2×2 map of ones in layer 0 (‖·‖_F = 2) and of twos in layer 1
+    (‖·‖_F = 4); positive "circle" maps have norm 3 and 3. Step 1 doubles the negative's maps.
+    """
+    size = 4
+    maps_neg = torch.zeros(2, 1, 1, 1, size, size)
+    maps_neg[:, 0, 0, 0, :2, :2] = 1.0  # the hat sits top-left
+    maps_pos = torch.zeros(2, 1, 1, 2, size, size)
+    maps_pos[:, 0, 0, 0, :2, :2] = 1.0  # "circle" overlaps the hat
+    maps_pos[:, 0, 0, 1, 2:, 2:] = 1.0  # "red" elsewhere
+    frob_neg = torch.tensor([[2.0, 4.0], [4.0, 8.0]]).reshape(2, 2, 1, 1)
+    frob_pos = torch.tensor([[[3.0, 1.0], [3.0, 1.0]], [[3.0, 1.0], [3.0, 1.0]]]).reshape(2, 2, 1, 2)
+    energy_neg = torch.tensor([[0.1, 0.3], [0.2, 0.2]]).reshape(2, 2, 1)
+    energy_pos = torch.tensor([[0.2, 0.2], [0.1, 0.1]]).reshape(2, 2, 1)
+    tensors = {
+        "maps.negative": maps_neg.half(),
+        "maps.positive": maps_pos.half(),
+        "frobenius.negative": frob_neg,
+        "frobenius.positive": frob_pos,
+        "mass.negative": frob_neg.clone(),
+        "mass.positive": frob_pos.clone(),
+        "energy.negative": energy_neg,
+        "energy.positive": energy_pos,
+        "present.negative": torch.tensor([True, True]),
+        "present.positive": torch.tensor([True, True]),
+    }
+    index = {
+        "words": {"negative": ["hat"], "positive": ["circle", "red"]},
+        "steps": [0, 1],
+        "size": size,
+        "average_layers": True,
+    }
+    return AttentionCapture(tensors, index)
+
+
+def test_article_ratio_on_known_norms():
+    capture = hand_made_capture()
+    curves = strength_curves(capture, "hat", related="circle")
+    torch.testing.assert_close(curves["article"], torch.tensor([[(2 + 4) / (3 + 3)], [(4 + 8) / (3 + 3)]]))
+
+
+def test_released_ratio_on_known_energies():
+    capture = hand_made_capture()
+    curves = strength_curves(capture, "hat", related="circle")
+    torch.testing.assert_close(curves["released"], torch.tensor([[0.4 / 0.4], [0.4 / 0.2]]))
+    # The two definitions are different quantities: equal at step 0 here, not at step 1.
+    assert float(curves["article"][1, 0]) == pytest.approx(2.0) and float(curves["released"][1, 0]) == pytest.approx(
+        2.0
+    )
+    assert float(curves["article"][0, 0]) == pytest.approx(1.0) and float(curves["released"][0, 0]) == pytest.approx(
+        1.0
+    )
+
+
+def test_ratio_functions_sum_over_layers():
+    neg, pos = torch.rand(3, 4, 2), torch.rand(3, 4, 2) + 0.1
+    torch.testing.assert_close(article_ratio(neg, pos), neg.sum(1) / pos.sum(1))
+    torch.testing.assert_close(released_ratio(neg, pos), neg.sum(1) / pos.sum(1))
+
+
+def test_related_word_is_the_positive_word_whose_map_overlaps():
+    assert related_word(hand_made_capture(), "hat") == ["circle"]
+
+
+# ---------------------------------------------------------------- specs
+
+GOOD = """\
+name: t
+model: MODEL
+scheduler: ddim
+steps: 3
+scale: 5
+size: 32
+seeds: [1, 2]
+pairs:
+  - {group: noun, prompt: a photo of a cat, negative: red hat}
+  - {group: adjective, prompt: a woman in the street, negative: glasses, related: woman}
+"""
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (("steps: 3", "steps: 3\ncolour: red"), "<spec>:5: unknown field 'colour'"),
+        (("name: t\n", ""), "missing field(s) name"),
+        (("seeds: [1, 2]", "seeds: []"), "<spec>:7: field 'seeds' must be a non-empty list"),
+        (("seeds: [1, 2]", "seeds: [1, 1]"), "repeats a seed"),
+        (("steps: 3", "steps: three"), "<spec>:4: field 'steps' must be a int"),
+        (("negative: red hat}", "negative: red hat, mood: sad}"), "<spec>:9: unknown pair field 'mood'"),
+        (
+            ("{group: noun, prompt: a photo of a cat, negative: red hat}", "{group: noun, negative: red hat}"),
+            "<spec>:9: pair lacks field(s) prompt",
+        ),
+        (("related: woman}", "related: dog}"), "<spec>:10: related word 'dog' is not a word of the prompt"),
+        (
+            ("negative: glasses,", "negative: glasses, word: hat,"),
+            "<spec>:10: word 'hat' is not a word of the negative",
+        ),
+        (("pairs:", "pairs: [\n"), "not valid YAML"),
+    ],
+)
+def test_spec_validation_names_the_line_and_field(edit, message):
+    with pytest.raises(SpecError) as error:
+        parse_spec(GOOD.replace(*edit))
+    assert message in str(error.value)
+
+
+def test_negative_word_outside_the_vocabulary():
+    from negprompt.models.shapes_model import build_tokenizer
+
+    text = GOOD.replace("a photo of a cat, negative: red hat", "a red circle, negative: a dragon")
+    spec = parse_spec(
+        text.replace("a woman in the street, negative: glasses, related: woman", "a red circle, negative: a hat")
+    )
+    with pytest.raises(
+        SpecError, match=r"<spec>:9: negative 'a dragon' has word\(s\) 'dragon' unknown.*known words: .*hat"
+    ):
+        check_vocabulary(spec, build_tokenizer())
+
+
+# ---------------------------------------------------------------- runner
+
+
+def write_spec(tmp_path, tiny_sd_dir, text=GOOD):
+    path = tmp_path / "spec.yaml"
+    path.write_text(text.replace("MODEL", str(tiny_sd_dir)))
+    return path
+
+
+def read_rows(folder):
+    with open(folder / RESULTS_FILE, newline="") as handle:
+        return sorted(tuple(r.values()) for r in csv.DictReader(handle))
+
+
+def test_resume_after_a_crash_gives_the_same_table(tiny_sd_dir, tmp_path, monkeypatch):
+    from negprompt.analysis.spec import load_spec
+
+    spec = load_spec(write_spec(tmp_path, tiny_sd_dir))
+    run_study(spec, tmp_path / "straight", progress=False)
+    straight = read_rows(tmp_path / "straight")
+    assert len(straight) == 2 * 2 * 3 * 2  # pairs × seeds × steps × definitions
+
+    def crash(index):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(spec, tmp_path / "crashed", progress=False, on_pair_done=crash)
+    with open(tmp_path / "crashed" / RESULTS_FILE, "a") as handle:
+        handle.write("1,adjective,a woman in the str")  # a write torn by kill -9
+    calls = []
+    original = study_module.run_pair
+    monkeypatch.setattr(study_module, "run_pair", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
+    run_study(spec, tmp_path / "crashed", progress=False)
+    assert calls == [1]  # only the missing pair was computed
+    assert read_rows(tmp_path / "crashed") == straight
+
+
+def test_results_of_another_spec_are_refused_and_untouched(tiny_sd_dir, tmp_path):
+    from negprompt.analysis.spec import load_spec
+
+    first = load_spec(write_spec(tmp_path, tiny_sd_dir))
+    run_study(first, tmp_path / "out", progress=False)
+    before = (tmp_path / "out" / RESULTS_FILE).read_bytes()
+    other = load_spec(write_spec(tmp_path, tiny_sd_dir, GOOD.replace("scale: 5", "scale: 6")))
+    with pytest.raises(SpecError, match="another spec"):
+        run_study(other, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / RESULTS_FILE).read_bytes() == before
+
+
+def test_study_and_report_commands(tiny_sd_dir, tmp_path, capsys):
+    spec = write_spec(tmp_path, tiny_sd_dir)
+    assert main(["study", str(spec), "--out", str(tmp_path / "s"), "-q"]) == 0
+    assert "UNet evaluations" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "s")]) == 0
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "| noun |" in report and "| adjective |" in report and "peak" in report
+    assert (tmp_path / "s" / "curves_article.png").exists() and (tmp_path / "s" / "pairs_released.png").exists()
+    report, _ = make_report(tmp_path / "s")
+
+
+def test_study_bad_spec_exit_code(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(textwrap.dedent(GOOD).replace("steps: 3", "stepz: 3"))
+    assert main(["study", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown field 'stepz'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
