@@ -27,7 +27,7 @@ from negprompt.guidance.plan import Guidance, Term
 from negprompt.guidance.windows import Window
 from negprompt.models.components import Components
 from negprompt.models.loading import BUNDLED_NAME, load_components, resolve_model_path
-from negprompt.sampling.loop import SampleOutput, StepCallback, StepInfo, UNetCallHook, sample
+from negprompt.sampling.loop import Group, SampleOutput, StepCallback, StepInfo, UNetCallHook, sample, sample_groups
 from negprompt.sampling.schedulers import make_scheduler
 
 DEFAULTS_FILE = "negprompt.json"  # optional file in a model directory: default steps, scale, scheduler
@@ -271,6 +271,55 @@ def run(
         unet_batch_rows=output.unet_batch_rows,
         num_steps=output.num_steps,
     )
+
+
+def run_together(
+    settings_list: Sequence[GenerationSettings],
+    components: Components | None = None,
+    *,
+    trace: bool = False,
+    unet_hooks: Sequence[UNetCallHook] = (),
+    progress: bool = False,
+) -> list[Generation]:
+    """Runs several settings that differ only in guidance and seeds in ONE batched loop.
+
+    Steps the runs have in common (same seeds, prompts and state, e.g. a delayed negative before its
+    window opens) are computed once. Returns one Generation per settings, in order.
+    """
+    first = settings_list[0]
+    shared = ("model", "scheduler", "steps", "height", "width", "eta")
+    for other in settings_list[1:]:
+        differing = [name for name in shared if getattr(other, name) != getattr(first, name)]
+        if differing:
+            raise SettingsError(f"runs batched together must share {', '.join(differing)}")
+    components = components or load_model(first.model)
+    output = sample_groups(
+        components,
+        [Group(s.guidance, s.seeds) for s in settings_list],
+        make_scheduler(first.scheduler, components.scheduler),
+        num_steps=first.steps,
+        height=first.height,
+        width=first.width,
+        keep_trace=trace,
+        unet_hooks=unet_hooks,
+        progress=progress,
+        eta=first.eta,
+    )
+    generations, start = [], 0
+    for g, settings in enumerate(settings_list):
+        count = len(settings.seeds)
+        steps = None if output.trace is None else [info for info in output.trace if info.group == g]
+        generations.append(
+            Generation(
+                settings=settings,
+                pixels=output.images[start : start + count],
+                trace=steps,
+                unet_batch_rows=output.unet_batch_rows,
+                num_steps=output.num_steps,
+            )
+        )
+        start += count
+    return generations
 
 
 def generate(

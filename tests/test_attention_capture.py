@@ -20,6 +20,7 @@ from negprompt.attention.result import AttentionCapture, capture, plan_for
 from negprompt.attention.tokens import tokenize_words
 from negprompt.errors import NegpromptError
 from negprompt.interfaces.cli import main
+from negprompt.sampling.loop import RowBlock
 
 PROMPT, NEGATIVE = "a photo of a woman in the streets", "red glasses"
 
@@ -54,7 +55,7 @@ def test_capture_processor_output_equals_the_original_exactly(tiny_sd):
     plan = plan_for(settings, CaptureRequest(words={"positive": ["woman"]}), components)
     with capture_attention(tiny_sd.unet, plan) as recorder:
         original = dict(tiny_sd.unet.attn_processors)[layer.path + ".processor"].original
-        recorder.before_unet_call(0, 999.0, ["positive"], 2)
+        recorder.before_unet_call(0, 999.0, [RowBlock(0, "positive", 0, 2)])
         wrapped = CaptureProcessor(original, recorder, layer.path)
         assert torch.equal(wrapped(attn, hidden, context), original(attn, hidden, context))
 

@@ -65,8 +65,8 @@ class CountingHook:
     def __init__(self):
         self.calls = []
 
-    def before_unet_call(self, step, timestep, branches, batch_size):
-        self.calls.append((step, tuple(branches), batch_size))
+    def before_unet_call(self, step, timestep, blocks):
+        self.calls.append((step, tuple(b.branch for b in blocks), blocks[0].stop - blocks[0].start))
 
 
 def unet_forward_counter(unet):
@@ -196,3 +196,34 @@ def test_too_long_prompt_names_the_cut_words(tiny_sd):
 def test_unknown_scheduler(tiny_sd):
     with pytest.raises(NegpromptError, match="unknown scheduler 'karras'.*ddim"):
         make_scheduler("karras", tiny_sd.scheduler)
+
+
+def test_groups_share_the_steps_they_have_in_common(tiny_sd):
+    """No negative, negative at all steps, negative from step 3: the delayed group reuses the plain
+    group's UNet rows before step 3, and a group identical to another costs nothing."""
+    from negprompt.sampling.loop import Group, sample_groups
+
+    plain = Group(Guidance(rule="cfg", positive=Term(PROMPT)), (3, 11))
+    full = Group(Guidance(positive=Term(PROMPT), negatives=(Term(NEGATIVE),)), (3, 11))
+    delayed = Group(Guidance(positive=Term(PROMPT), negatives=(Term(NEGATIVE, window=Window(3)),)), (3, 11))
+    steps, batch = 6, 2
+    out = sample_groups(tiny_sd, [plain, full, delayed, full], make_scheduler("ddim", tiny_sd.scheduler), steps, 32, 32)
+    # Step 0: every group starts from the same noise, so the positive is computed once (3 blocks).
+    # Steps 1–2: the delayed group is in the plain group's state: plain 2 + full 2 blocks.
+    # Step 3: the delayed group still holds the plain group's latents, so only its negative is new.
+    # Steps 4–5: plain 2 + full 2 + delayed 2. The fourth group repeats the second: nothing extra.
+    assert out.unet_batch_rows == batch * (3 + 4 + 4 + 5 + 6 + 6)
+    images = out.images.reshape(4, batch, 32, 32, 3)
+    assert np.array_equal(images[1], images[3])
+    assert not np.array_equal(images[0], images[2]) and not np.array_equal(images[1], images[2])
+    alone = ours(tiny_sd, delayed.guidance, "ddim", steps=steps).images
+    assert np.abs(alone - images[2]).max() < 1e-5
+
+
+def test_groups_with_a_window_covering_all_steps_equal_the_full_negative_bit_exactly(tiny_sd):
+    from negprompt.sampling.loop import Group, sample_groups
+
+    full = Group(Guidance(positive=Term(PROMPT), negatives=(Term(NEGATIVE),)), (5,))
+    covering = Group(Guidance(positive=Term(PROMPT), negatives=(Term(NEGATIVE, window=Window(0, 1.0)),)), (5,))
+    out = sample_groups(tiny_sd, [full, covering], make_scheduler("euler-a", tiny_sd.scheduler), 5, 32, 32)
+    assert np.array_equal(out.images[0], out.images[1])

@@ -38,6 +38,7 @@ from diffusers.models.attention_processor import Attention
 
 from negprompt.attention.tokens import TokenizedPrompt, tokenize_words
 from negprompt.errors import NegpromptError
+from negprompt.sampling.loop import RowBlock
 
 MAP_DTYPE = torch.float16
 STAT_DTYPE = torch.float32
@@ -214,27 +215,33 @@ def plan_capture(
 class AttentionRecorder:
     """Holds the captured tensors; told each step's layout by the sampling loop."""
 
-    def __init__(self, plan: CapturePlan) -> None:
+    def __init__(self, plan: CapturePlan, group: int = 0) -> None:
         self.plan = plan
+        self.group = group  # which group of the run to record (see negprompt.sampling.loop.Group)
         self.tensors = {name: torch.zeros(shape, dtype=dtype) for name, (shape, dtype) in plan.tensor_shapes().items()}
         for name in self.tensors:
             if name.startswith(("frobenius.", "mass.", "energy.")):
                 self.tensors[name].fill_(float("nan"))
         self._step_slot: dict[int, int] = {step: i for i, step in enumerate(plan.steps)}
         self._layer_slot = {layer.path: i for i, layer in enumerate(plan.layers)}
-        self._layout: dict[str, int] = {}  # branch → batch block index, for the current call
+        self._layout: dict[str, int] = {}  # branch → first row in the UNet batch, for the current call
         self._slot: int | None = None  # index into plan.steps for the current call
         self._sums: dict[str, torch.Tensor] = {}  # averaged maps being summed over layers, float32
         self._layers_seen: set[str] = set()
         self.timesteps: dict[int, float] = {}
 
     # The loop calls this before every UNet call (the UNetCallHook protocol).
-    def before_unet_call(self, step: int, timestep: float, branches: Sequence[str], batch_size: int) -> None:
+    def before_unet_call(self, step: int, timestep: float, blocks: Sequence[RowBlock]) -> None:
         self._flush()
-        if batch_size != self.plan.batch_size:
-            raise CaptureError(f"capture planned for {self.plan.batch_size} images, the run has {batch_size}")
         self._slot = self._step_slot.get(step)
-        self._layout = {b: i for i, b in enumerate(branches) if b in self.plan.branches}
+        self._layout = {}
+        for block in blocks:
+            if block.group == self.group and block.branch in self.plan.branches:
+                if block.stop - block.start != self.plan.batch_size:
+                    raise CaptureError(
+                        f"capture planned for {self.plan.batch_size} images, the run has {block.stop - block.start}"
+                    )
+                self._layout[block.branch] = block.start
         self.timesteps[step] = timestep
         if self._slot is not None:
             for branch in self._layout:
@@ -270,8 +277,8 @@ class AttentionRecorder:
         probs = probabilities.detach().float().reshape(total // heads, heads, queries, length)
         batch = plan.batch_size
         self._layers_seen.add(path)
-        for branch, block in self._layout.items():
-            part = probs[block * batch : (block + 1) * batch]  # (B, heads, Q, L)
+        for branch, first_row in self._layout.items():
+            part = probs[first_row : first_row + batch]  # (B, heads, Q, L)
             self.tensors[f"energy.{branch}"][slot, layer] = part.pow(2).mean(dim=(2, 3)).sum(dim=1).cpu()
             n_words = len(plan.words[branch])
             if n_words == 0:

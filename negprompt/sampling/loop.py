@@ -48,15 +48,16 @@ class StepInfo:
     predictions: dict[str, torch.Tensor]
     guided: torch.Tensor
     denoised: torch.Tensor
+    group: int = 0  # which group of the run (see Group) the images belong to
 
 
 StepCallback = Callable[[StepInfo], None]
 
 
 class UNetCallHook(Protocol):
-    """Told before each UNet call which step it is and which branch each batch block holds."""
+    """Told before each UNet call which step it is and which rows hold which group's branch."""
 
-    def before_unet_call(self, step: int, timestep: float, branches: Sequence[str], batch_size: int) -> None: ...
+    def before_unet_call(self, step: int, timestep: float, blocks: Sequence[RowBlock]) -> None: ...
 
 
 @dataclass
@@ -116,12 +117,50 @@ def decode(components: Components, latents: torch.Tensor) -> np.ndarray:
     return pixels.cpu().permute(0, 2, 3, 1).float().numpy()
 
 
+@dataclass(frozen=True)
+class Group:
+    """Images that share one guidance: one image per seed. A run may hold several groups."""
+
+    guidance: Guidance
+    seeds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows [start, stop) of a UNet call hold the prediction of ``branch`` for the images of ``group``.
+
+    Two groups whose images are in the same state (same seeds, same latents, same prompts) share
+    rows: their predictions are computed once.
+    """
+
+    group: int
+    branch: str
+    start: int
+    stop: int
+
+
+def _validate(components: Components, groups: Sequence[Group], num_steps: int, height: int, width: int) -> None:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= MAX_STEPS:
+        raise SamplingError(f"steps must be an integer in 1–{MAX_STEPS}, got {num_steps!r}")
+    if not groups or any(not group.seeds for group in groups):
+        raise SamplingError("give at least one seed")
+    multiple = components.size_multiple
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % multiple:
+            raise SamplingError(f"{name} {value} is not a positive multiple of {multiple} (the model's size factor)")
+
+
+def _branch_prompts(group: Group, branch: str) -> tuple[str, ...]:
+    if branch == UNCONDITIONAL:
+        return ("",) * len(group.seeds)
+    return tuple(group.guidance.terms[branch].prompts_for(len(group.seeds)))
+
+
 @torch.inference_mode()
-def sample(
+def sample_groups(
     components: Components,
-    guidance: Guidance,
+    groups: Sequence[Group],
     scheduler: Any,
-    seeds: Sequence[int],
     num_steps: int,
     height: int,
     width: int,
@@ -131,38 +170,38 @@ def sample(
     progress: bool = False,
     eta: float = 0.0,
 ) -> SampleOutput:
-    """Runs the denoising loop for one image per seed and returns the decoded images.
+    """The denoising loop for several groups of images at once, one batched UNet call per step.
 
-    ``scheduler`` is consumed (its state advances); pass a fresh one per call. ``num_steps`` is the
-    number of inference steps given to ``scheduler.set_timesteps``; the loop runs one UNet call per
-    entry of ``scheduler.timesteps`` and windows count those calls.
+    All groups share the schedule. Images come out in group order. ``scheduler`` is consumed (its
+    state advances); pass a fresh one per call. ``num_steps`` is given to ``scheduler.set_timesteps``;
+    the loop runs one UNet call per entry of ``scheduler.timesteps`` and windows count those calls.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= MAX_STEPS:
-        raise SamplingError(f"steps must be an integer in 1–{MAX_STEPS}, got {num_steps!r}")
-    if not seeds:
-        raise SamplingError("give at least one seed")
-    multiple = components.size_multiple
-    for name, value in (("height", height), ("width", width)):
-        if value <= 0 or value % multiple:
-            raise SamplingError(f"{name} {value} is not a positive multiple of {multiple} (the model's size factor)")
-
+    _validate(components, groups, num_steps, height, width)
     device, dtype = components.device, components.dtype
-    batch = len(seeds)
     scheduler.set_timesteps(num_steps, device=device)
     timesteps = scheduler.timesteps
     calls = len(timesteps)
-    guidance.validate(calls)
+    for group in groups:
+        group.guidance.validate(calls)
+    plans = [[group.guidance.branches_at(step, calls) for step in range(calls)] for group in groups]
 
-    # Encode each branch's prompts once; the empty prompt only if some step needs it.
-    needed = {name for step in range(calls) for name in guidance.branches_at(step, calls)}
-    prompts = {name: term.prompts_for(batch) for name, term in guidance.terms.items() if name in needed}
-    if UNCONDITIONAL in needed:
-        prompts[UNCONDITIONAL] = [""] * batch
+    # Each distinct prompt is encoded once, alone: an image's conditioning never depends on its batch.
+    texts = {
+        t
+        for g, group in enumerate(groups)
+        for branches in plans[g]
+        for b in branches
+        for t in _branch_prompts(group, b)
+    }
     embeddings = {
-        name: encode_prompts(components.tokenizer, components.text_encoder, texts).to(device)
-        for name, texts in prompts.items()
+        text: encode_prompts(components.tokenizer, components.text_encoder, [text]).to(device) for text in sorted(texts)
     }
 
+    slices, start = [], 0
+    for group in groups:
+        slices.append(slice(start, start + len(group.seeds)))
+        start += len(group.seeds)
+    seeds = [seed for group in groups for seed in group.seeds]
     factor = components.latent_factor
     channels = components.unet.config.in_channels
     generators = make_generators(seeds)
@@ -179,31 +218,55 @@ def sample(
     trace: list[StepInfo] | None = [] if keep_trace else None
     rows = 0
     for step, t in enumerate(tqdm(timesteps, disable=not progress, unit="step", leave=False)):
-        branches = guidance.branches_at(step, calls)
         model_input = scheduler.scale_model_input(latents, t)
-        unet_input = torch.cat([model_input] * len(branches))
-        context = torch.cat([embeddings[name] for name in branches])
+        blocks: list[RowBlock] = []
+        inputs, contexts = [], []
+        computed: dict[tuple, list[tuple[int, int]]] = {}  # (prompts, seeds) → [(group, start row)]
+        for g, group in enumerate(groups):
+            for branch in plans[g][step]:
+                prompts = _branch_prompts(group, branch)
+                key = (prompts, group.seeds)
+                shared = next(
+                    (
+                        row
+                        for other, row in computed.get(key, [])
+                        if torch.equal(latents[slices[other]], latents[slices[g]])
+                    ),
+                    None,
+                )
+                if shared is None:
+                    shared = sum(x.shape[0] for x in inputs)
+                    inputs.append(model_input[slices[g]])
+                    contexts.append(torch.cat([embeddings[text] for text in prompts]))
+                    computed.setdefault(key, []).append((g, shared))
+                blocks.append(RowBlock(g, branch, shared, shared + len(group.seeds)))
         for hook in unet_hooks:
-            hook.before_unet_call(step, float(t), branches, batch)
-        output = components.unet(unet_input, t, encoder_hidden_states=context, return_dict=False)[0]
+            hook.before_unet_call(step, float(t), blocks)
+        output = components.unet(torch.cat(inputs), t, encoder_hidden_states=torch.cat(contexts), return_dict=False)[0]
         rows += output.shape[0]
-        predictions = dict(zip(branches, output.chunk(len(branches))))
-        guided = guidance.combine(predictions, step, calls)
-        if callback is not None or trace is not None:
-            info = StepInfo(
-                step=step,
-                num_steps=calls,
-                timestep=float(t),
-                latents=latents.detach().clone(),
-                predictions={k: v.detach().clone() for k, v in predictions.items()},
-                guided=guided.detach().clone(),
-                denoised=predicted_clean(scheduler, model_input, guided, t).detach(),
-            )
-            if callback is not None:
-                callback(info)
-            if trace is not None:
-                trace.append(_to_cpu(info))
-        latents = scheduler.step(guided, t, latents, **step_kwargs, return_dict=False)[0]
+
+        guided_parts = []
+        for g, group in enumerate(groups):
+            predictions = {b.branch: output[b.start : b.stop] for b in blocks if b.group == g}
+            guided = group.guidance.combine(predictions, step, calls)
+            guided_parts.append(guided)
+            if callback is not None or trace is not None:
+                info = StepInfo(
+                    step=step,
+                    num_steps=calls,
+                    timestep=float(t),
+                    latents=latents[slices[g]].detach().clone(),
+                    predictions={k: v.detach().clone() for k, v in predictions.items()},
+                    guided=guided.detach().clone(),
+                    denoised=predicted_clean(scheduler, model_input[slices[g]], guided, t).detach(),
+                    group=g,
+                )
+                if callback is not None:
+                    callback(info)
+                if trace is not None:
+                    trace.append(_to_cpu(info))
+        guided_all = guided_parts[0] if len(guided_parts) == 1 else torch.cat(guided_parts)
+        latents = scheduler.step(guided_all, t, latents, **step_kwargs, return_dict=False)[0]
 
     return SampleOutput(
         images=decode(components, latents),
@@ -211,6 +274,36 @@ def sample(
         trace=trace,
         unet_batch_rows=rows,
         num_steps=calls,
+    )
+
+
+def sample(
+    components: Components,
+    guidance: Guidance,
+    scheduler: Any,
+    seeds: Sequence[int],
+    num_steps: int,
+    height: int,
+    width: int,
+    callback: StepCallback | None = None,
+    keep_trace: bool = False,
+    unet_hooks: Sequence[UNetCallHook] = (),
+    progress: bool = False,
+    eta: float = 0.0,
+) -> SampleOutput:
+    """One group: one image per seed under one guidance (see :func:`sample_groups`)."""
+    return sample_groups(
+        components,
+        [Group(guidance, tuple(int(s) for s in seeds))],
+        scheduler,
+        num_steps,
+        height,
+        width,
+        callback=callback,
+        keep_trace=keep_trace,
+        unet_hooks=unet_hooks,
+        progress=progress,
+        eta=eta,
     )
 
 
@@ -223,4 +316,5 @@ def _to_cpu(info: StepInfo) -> StepInfo:
         predictions={k: v.cpu() for k, v in info.predictions.items()},
         guided=info.guided.cpu(),
         denoised=info.denoised.cpu(),
+        group=info.group,
     )
