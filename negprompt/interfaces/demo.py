@@ -44,13 +44,15 @@ def run_demo(out_dir: str | Path, model=None, seeds=(0, 1, 2), steps: int | None
     prompts = tuple(p for p, _ in DEMO_PAIRS for _ in seeds)
     negatives = tuple(n for _, n in DEMO_PAIRS for _ in seeds)
     all_seeds = [s for _ in DEMO_PAIRS for s in seeds]
-    generations: list[Generation] = []
+    settings_list = []
     for variant in VARIANTS:
         negative = None if variant.window is None else [Term(negatives, None, variant.window)]
         settings, _ = make_settings(
             prompts, negative, rule=variant.rule, seeds=all_seeds, steps=steps, model=components
         )
-        generations.append(run(settings, components, progress=progress))
+        settings_list.append(settings)
+    # One batched loop; the delayed variant shares the no-negative variant's first steps.
+    generations = run_together(settings_list, components, progress=progress)
     figure = _figure(generations, len(seeds))
     out_dir = Path(out_dir)
     record = {
