@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from negprompt.api import Generation, load_model, make_settings, to_uint8
+from negprompt.api import Generation, load_model, make_settings, run_together, to_uint8
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
 from negprompt.interfaces.png import write_atomically
