@@ -358,9 +358,13 @@ def attention_probabilities(
 
 
 @contextmanager
-def capture_attention(unet: Any, plan: CapturePlan) -> Iterator[AttentionRecorder]:
-    """Installs capture processors on the planned layers; restores the originals on exit (also on error)."""
-    recorder = AttentionRecorder(plan)
+def capture_attention(unet: Any, plan: CapturePlan, group: int = 0) -> Iterator[AttentionRecorder]:
+    """Installs capture processors on the planned layers; restores the originals on exit (also on error).
+
+    ``group`` picks which group of a batched run (see ``negprompt.sampling.loop.Group``) is recorded;
+    captures of several groups nest.
+    """
+    recorder = AttentionRecorder(plan, group)
     originals = dict(unet.attn_processors)
     wanted = {layer.path for layer in plan.layers}
     replacement = {}

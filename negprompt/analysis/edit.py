@@ -1,0 +1,269 @@
+"""Delayed negative prompts as local edits (MISSION.md: a negative switched on after the first steps
+removes a thing and keeps the rest).
+
+:func:`run_edit` generates, in one batched run, the image without the negative, with the negative
+over all steps, and with the negative in a window [start, end); the first steps of the windowed
+image are the plain image's own, computed once. Each edit is scored:
+
+- **region** of the thing: on the bundled model, the ground-truth detectors' region of the thing in
+  the plain image (dilated by one pixel; an adjective's region is the object for ``striped`` and the
+  whole image for ``blurry``); otherwise the negative word's attention map in the full-negative run,
+  averaged over the window's steps, divided by its maximum and thresholded (``threshold``);
+- **locality**: PSNR and SSIM against the plain image outside the region, and the share of changed
+  pixels (:mod:`negprompt.analysis.locality`);
+- **removal**: on the bundled model, whether the detectors still find the thing; otherwise an
+  attention score, 1 − (negative word's attention inside the region at the last step ÷ its peak over
+  the window), which grows as the thing fades (the article: once removed, its map weakens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from negprompt.analysis.locality import dilate, locality
+from negprompt.api import Generation, load_model, make_settings, run_together, to_uint8
+from negprompt.attention.capture import CaptureRequest, capture_attention
+from negprompt.attention.result import plan_for
+from negprompt.errors import NegpromptError
+from negprompt.guidance.plan import Term
+from negprompt.guidance.windows import Window
+from negprompt.models.components import Components
+from negprompt.world.scene import ADJECTIVES, IMAGE_SIZE, NOUNS
+
+WORLD_THINGS = NOUNS + ADJECTIVES
+REGION_SOURCES = ("auto", "attention", "detector")
+
+
+class EditError(NegpromptError):
+    """Edit settings that cannot run."""
+
+
+@dataclass
+class EditImage:
+    """One seed's three images (H, W, 3 in [0, 1]), the region and the measures."""
+
+    seed: int
+    original: np.ndarray
+    full: np.ndarray
+    edited: np.ndarray
+    region: np.ndarray
+    measures: dict = field(default_factory=dict)
+
+
+@dataclass
+class EditOutcome:
+    images: list[EditImage]
+    generations: list[Generation]  # plain, full, windowed
+    region_source: str
+    word: str
+    window: tuple[int, int]
+    unet_batch_rows: int
+    num_steps: int
+
+
+def negative_word(negative: str, word: str | None) -> str:
+    words = negative.lower().split()
+    if word is None:
+        content = [w for w in words if w not in {"a", "an", "the", "and", "with", "of"}] or words
+        return content[-1]
+    if word.lower() not in words:
+        raise EditError(
+            f"word {word!r} is not a word of the negative prompt {negative!r}; its words: {', '.join(words)}"
+        )
+    return word.lower()
+
+
+def _check_threshold(threshold: float) -> None:
+    if not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
+        raise EditError(f"mask threshold must be in (0, 1), got {threshold!r}")
+
+
+def region_source_for(components: Components, word: str, requested: str, size: int) -> str:
+    if requested not in REGION_SOURCES:
+        raise EditError(f"unknown region source {requested!r}; choose one of {', '.join(REGION_SOURCES)}")
+    world = word in WORLD_THINGS and size == IMAGE_SIZE and components.vae is None
+    if requested == "detector" and not world:
+        raise EditError(f"detector regions exist only for the bundled world's things ({', '.join(WORLD_THINGS)})")
+    if requested == "auto":
+        return "detector" if world else "attention"
+    return requested
+
+
+def detector_region(image: np.ndarray, word: str) -> tuple[np.ndarray, bool]:
+    """The thing's region in ``image`` (H, W, 3 in [0, 1]) and whether the detectors find it."""
+    from negprompt.world.detectors import detect
+
+    found = detect(to_uint8(image))
+    present = bool(getattr(found, word))
+    if word in NOUNS:
+        region = found.regions.get(word, np.zeros(image.shape[:2], bool))
+    elif word == "striped":
+        region = found.regions.get("object", np.zeros(image.shape[:2], bool))
+    else:  # blurry: the whole image
+        region = np.ones(image.shape[:2], bool)
+    return dilate(region, 1) if word != "blurry" else region, present
+
+
+def attention_region(
+    maps: torch.Tensor, present: torch.Tensor, window: tuple[int, int], threshold: float, size: tuple[int, int]
+) -> np.ndarray:
+    """Mean map over the window's evaluated steps, ÷ its max, > threshold, at image size: (B, H, W) bool."""
+    start, end = window
+    steps = [s for s in range(start, end) if bool(present[s])]
+    mean = maps[steps].mean(dim=0)  # (B, S, S)
+    peak = mean.flatten(1).max(dim=1).values.clamp_min(1e-12)
+    normalised = mean / peak[:, None, None]
+    up = torch.nn.functional.interpolate(normalised[:, None], size=size, mode="nearest")[:, 0]
+    return (up > threshold).numpy()
+
+
+def attention_removal(
+    maps: torch.Tensor, present: torch.Tensor, region: np.ndarray, window: tuple[int, int]
+) -> np.ndarray:
+    """1 − (mass inside the region at the window's last step ÷ its peak over the window), per image."""
+    start, end = window
+    steps = [s for s in range(start, end) if bool(present[s])]
+    size = maps.shape[-1]
+    small = torch.nn.functional.interpolate(
+        torch.from_numpy(region[:, None].astype(np.float32)), size=(size, size), mode="nearest"
+    )[:, 0]
+    inside = (maps[steps] * small[None]).flatten(2).sum(-1)  # (steps, B)
+    peak = inside.max(dim=0).values.clamp_min(1e-12)
+    return (1 - inside[-1] / peak).numpy()
+
+
+def run_edit(
+    prompt: str,
+    negative: str,
+    window: Window,
+    seeds: Sequence[int],
+    *,
+    word: str | None = None,
+    threshold: float = 0.5,
+    region: str = "auto",
+    model: str | Components | None = None,
+    steps: int | None = None,
+    scheduler: str | None = None,
+    scale: float | None = None,
+    size: int | None = None,
+    progress: bool = False,
+) -> EditOutcome:
+    """Plain, full-negative and windowed-negative images in one batched run, with their measures."""
+    _check_threshold(threshold)
+    word = negative_word(negative, word)
+    components = load_model(model)
+    common = dict(seeds=seeds, steps=steps, scheduler=scheduler, scale=scale, size=size, model=components)
+    plain, _ = make_settings(prompt, rule="cfg", **common)
+    full, _ = make_settings(prompt, [Term(negative)], **common)
+    windowed, _ = make_settings(prompt, [Term(negative, None, window)], **common)
+    source = region_source_for(components, word, region, plain.height)
+    request = CaptureRequest(words={"negative": [word]})
+    plan_full = plan_for(full, request, components)  # also checks the word and the window early
+    bounds = window.resolve(plan_full.num_steps)
+    plan_windowed = plan_for(windowed, request, components)
+    with capture_attention(components.unet, plan_full, group=1) as record_full:
+        with capture_attention(components.unet, plan_windowed, group=2) as record_windowed:
+            generations = run_together(
+                [plain, full, windowed], components, unet_hooks=[record_full, record_windowed], progress=progress
+            )
+    maps_full = record_full.tensors["maps.negative"][:, 0, :, 0].float()  # (steps, B, S, S)
+    maps_windowed = record_windowed.tensors["maps.negative"][:, 0, :, 0].float()
+    present_full = record_full.tensors["present.negative"]
+    present_windowed = record_windowed.tensors["present.negative"]
+    hw = generations[0].pixels.shape[1:3]
+
+    if source == "attention":
+        regions = attention_region(maps_full, present_full, bounds, threshold, hw)
+        removal_full = attention_removal(maps_full, present_full, regions, (0, plan_full.num_steps))
+        removal_windowed = attention_removal(maps_windowed, present_windowed, regions, bounds)
+    images = []
+    for i, seed in enumerate(plain.seeds):
+        original, with_full, edited = (g.pixels[i] for g in generations)
+        measures: dict = {}
+        if source == "detector":
+            mask, in_original = detector_region(original, word)
+            _, in_full = detector_region(with_full, word)
+            _, in_edited = detector_region(edited, word)
+            measures.update(present_original=in_original, present_full=in_full, present_edited=in_edited)
+        else:
+            mask = regions[i]
+            measures.update(removal_score_full=float(removal_full[i]), removal_score_edited=float(removal_windowed[i]))
+        measures["edited"] = locality(original, edited, mask)
+        measures["full"] = locality(original, with_full, mask)
+        images.append(EditImage(seed, original, with_full, edited, mask, measures))
+    return EditOutcome(
+        images, generations, source, word, bounds, generations[0].unet_batch_rows, generations[0].num_steps
+    )
+
+
+def comparison_figure(outcome: EditOutcome, zoom: int | None = None):
+    """Rows: seeds; columns: plain, full negative, windowed negative, |full − plain|, |windowed − plain|, region."""
+    from PIL import Image, ImageDraw
+
+    h, w = outcome.images[0].original.shape[:2]
+    zoom = zoom or max(1, 128 // max(h, w))
+    cell_h, cell_w, header = h * zoom, w * zoom, 20
+    titles = [
+        "no negative",
+        "negative, all steps",
+        f"negative in [{outcome.window[0]}, {outcome.window[1]})",
+        "|all - none|",
+        "|window - none|",
+        "region",
+    ]
+    canvas = Image.new("RGB", (len(titles) * (cell_w + 4), header + len(outcome.images) * (cell_h + 4)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, title in enumerate(titles):
+        draw.text((c * (cell_w + 4) + 2, 4), title, fill="black")
+    for r, item in enumerate(outcome.images):
+        diff_full = np.abs(item.full - item.original).max(axis=-1)
+        diff_edit = np.abs(item.edited - item.original).max(axis=-1)
+        cells = [
+            item.original,
+            item.full,
+            item.edited,
+            np.repeat(diff_full[..., None], 3, -1),
+            np.repeat(diff_edit[..., None], 3, -1),
+            np.repeat(item.region[..., None].astype(float), 3, -1),
+        ]
+        for c, cell in enumerate(cells):
+            tile = Image.fromarray(to_uint8(np.clip(cell, 0, 1))).resize((cell_w, cell_h), Image.NEAREST)
+            canvas.paste(tile, (c * (cell_w + 4), header + r * (cell_h + 4)))
+    return canvas
+
+
+def summarize(outcome: EditOutcome) -> dict:
+    """Means over seeds of the measures, plus the cost."""
+
+    def mean(path: list[str]) -> float:
+        values = []
+        for item in outcome.images:
+            value = item.measures
+            for key in path:
+                value = value[key]
+            values.append(float(value))
+        finite = [v for v in values if np.isfinite(v)]
+        return float(np.mean(finite)) if finite else float("nan")
+
+    summary = {
+        "word": outcome.word,
+        "window": list(outcome.window),
+        "region_source": outcome.region_source,
+        "seeds": [item.seed for item in outcome.images],
+        "unet_batch_rows": outcome.unet_batch_rows,
+        "unet_batch_rows_if_separate": 3 * 2 * outcome.num_steps * len(outcome.images),
+    }
+    for variant in ("edited", "full"):
+        for key in ("psnr_outside", "ssim_outside", "changed_fraction", "changed_outside_fraction"):
+            summary[f"{variant}_{key}"] = mean([variant, key])
+    if outcome.region_source == "detector":
+        for variant in ("original", "full", "edited"):
+            summary[f"present_{variant}"] = mean([f"present_{variant}"])
+    else:
+        summary["removal_score_full"] = mean(["removal_score_full"])
+        summary["removal_score_edited"] = mean(["removal_score_edited"])
+    return summary

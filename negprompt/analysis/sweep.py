@@ -1,0 +1,291 @@
+"""When to switch a negative on: the start sweep, the reverse-activation probe, an automatic start.
+
+For each (prompt, negative) and each seed, one batched run makes the plain image (no negative), the
+images with the negative from step s to the end for every s in ``starts``, and the images with the
+negative only in the early windows [0, k) of the probe. The steps a variant shares with the plain
+image are computed once (see :func:`negprompt.sampling.loop.sample_groups`).
+
+Scored with the bundled world's detectors, over the images whose plain version holds the thing:
+
+- removal rate: share of those where the windowed image no longer holds it;
+- locality: SSIM and PSNR against the plain image outside the thing's region (dilated by 1 px),
+  and the share of changed pixels outside it.
+
+The best fixed start maximises removal rate × SSIM outside. The **automatic start** picks, per
+image, the first step at which the positive words' attention maps have stopped moving: the mean over
+the prompt's content words of 1 − cos(M_t, M_{t−1}) falls below ``tau``.
+The reverse-activation probe reports how often the thing appears with an early-only negative
+compared with no negative at all (Ban et al.'s "reverse activation").
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from negprompt.analysis.edit import detector_region, negative_word
+from negprompt.analysis.locality import changed_pixels, psnr, ssim
+from negprompt.analysis.strength import FUNCTION_WORDS, map_similarity
+from negprompt.api import load_model, make_settings, run_together
+from negprompt.attention.capture import CaptureRequest, capture_attention
+from negprompt.attention.result import plan_for
+from negprompt.attention.tokens import tokenize_words
+from negprompt.errors import NegpromptError
+from negprompt.guidance.plan import Term
+from negprompt.guidance.windows import Window
+
+DEFAULT_TAU = 0.02
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    pairs: tuple[tuple[str, str], ...]
+    seeds: tuple[int, ...]
+    starts: tuple[int, ...]
+    early_ends: tuple[int, ...] = (3, 5)
+    steps: int | None = None
+    scheduler: str | None = None
+    scale: float | None = None
+    tau: float = DEFAULT_TAU
+    batch: int = 25
+
+
+def motion(maps: torch.Tensor) -> torch.Tensor:
+    """(steps, B, S, S) maps → (steps, B): 1 − cos(M_t, M_{t−1}); step 0 gets 1 (it just appeared)."""
+    change = torch.ones(maps.shape[:2])
+    change[1:] = 1 - map_similarity(maps[1:], maps[:-1])
+    return change
+
+
+def automatic_start(word_maps: Sequence[torch.Tensor], tau: float) -> list[int]:
+    """Per image, the first step t ≥ 1 where the mean motion of the words' maps is below ``tau``."""
+    mean_motion = torch.stack([motion(m) for m in word_maps]).mean(dim=0)  # (steps, B)
+    starts = []
+    for b in range(mean_motion.shape[1]):
+        below = [t for t in range(1, mean_motion.shape[0]) if float(mean_motion[t, b]) < tau]
+        starts.append(below[0] if below else mean_motion.shape[0] - 1)
+    return starts
+
+
+def _score(plain: np.ndarray, other: np.ndarray, word: str) -> dict:
+    region, _ = detector_region(plain, word)
+    _, present = detector_region(other, word)
+    outside = ~region
+    return {
+        "present": present,
+        "ssim_outside": ssim(plain, other, outside),
+        "psnr_outside": psnr(plain, other, outside),
+        "changed_outside": float(changed_pixels(plain, other)[outside].mean()) if outside.any() else float("nan"),
+    }
+
+
+def run_sweep(settings: SweepSettings, model=None, progress: bool = True) -> list[dict]:
+    """One row per (pair, seed, variant) with the detectors' verdict and the locality measures."""
+    components = load_model(model)
+    rows: list[dict] = []
+    chunks = [settings.seeds[i : i + settings.batch] for i in range(0, len(settings.seeds), settings.batch)]
+    bar = tqdm(total=len(settings.pairs) * len(settings.seeds), unit="img", disable=not progress)
+    for prompt, negative in settings.pairs:
+        word = negative_word(negative, None)
+        content = [
+            w for w in dict.fromkeys(tokenize_words(components.tokenizer, prompt).words) if w not in FUNCTION_WORDS
+        ]
+        common = dict(steps=settings.steps, scheduler=settings.scheduler, scale=settings.scale, model=components)
+        for seeds in chunks:
+            plain, _ = make_settings(prompt, rule="cfg", seeds=seeds, **common)
+            variants = [
+                ("start", s, make_settings(prompt, [Term(negative, None, Window(s))], seeds=seeds, **common)[0])
+                for s in settings.starts
+            ]
+            variants += [
+                ("early", k, make_settings(prompt, [Term(negative, None, Window(0, k))], seeds=seeds, **common)[0])
+                for k in settings.early_ends
+            ]
+            request = CaptureRequest(words={"positive": content})
+            with capture_attention(components.unet, plan_for(plain, request, components), group=0) as recorder:
+                generations = run_together([plain] + [v[2] for v in variants], components, unet_hooks=[recorder])
+            maps = [recorder.tensors["maps.positive"][:, 0, :, w].float() for w in range(len(content))]
+            auto = automatic_start(maps, settings.tau)
+            # Second pass: one group per distinct automatic start, all in one batched run.
+            distinct = sorted(set(auto))
+            members = {start: [i for i, s in enumerate(auto) if s == start] for start in distinct}
+            auto_settings = [
+                make_settings(
+                    prompt, [Term(negative, None, Window(start))], seeds=[seeds[i] for i in members[start]], **common
+                )[0]
+                for start in distinct
+            ]
+            auto_runs = {
+                start: (members[start], g) for start, g in zip(distinct, run_together(auto_settings, components))
+            }
+            for i, seed in enumerate(seeds):
+                base = generations[0].pixels[i]
+                _, plain_present = detector_region(base, word)
+                row_common = {
+                    "prompt": prompt,
+                    "negative": negative,
+                    "word": word,
+                    "seed": seed,
+                    "plain_present": plain_present,
+                }
+                rows.append({**row_common, "variant": "none", "start": -1, **_score(base, base, word)})
+                for (kind, value, _), generation in zip(variants, generations[1:]):
+                    rows.append(
+                        {**row_common, "variant": kind, "start": value, **_score(base, generation.pixels[i], word)}
+                    )
+                members, generation = auto_runs[auto[i]]
+                rows.append(
+                    {
+                        **row_common,
+                        "variant": "auto",
+                        "start": auto[i],
+                        **_score(base, generation.pixels[members.index(i)], word),
+                    }
+                )
+            bar.update(len(seeds))
+    bar.close()
+    return rows
+
+
+def summarize_sweep(rows: list[dict]) -> dict:
+    """Per variant: removal rate (among images whose plain version holds the thing) and locality."""
+
+    def select(kind: str, start: int | None = None) -> list[dict]:
+        return [
+            r for r in rows if r["variant"] == kind and (start is None or r["start"] == start) and r["plain_present"]
+        ]
+
+    def stats(chosen: list[dict]) -> dict:
+        if not chosen:
+            return {"n": 0}
+        return {
+            "n": len(chosen),
+            "removal_rate": float(np.mean([not r["present"] for r in chosen])),
+            "ssim_outside": float(np.nanmean([r["ssim_outside"] for r in chosen])),
+            "psnr_outside": float(np.nanmean([min(r["psnr_outside"], 60.0) for r in chosen])),
+            "changed_outside": float(np.nanmean([r["changed_outside"] for r in chosen])),
+            "mean_start": float(np.mean([r["start"] for r in chosen])),
+        }
+
+    starts = sorted({r["start"] for r in rows if r["variant"] == "start"})
+    fixed = {s: stats(select("start", s)) for s in starts}
+    scored = {s: v["removal_rate"] * v["ssim_outside"] for s, v in fixed.items() if v["n"]}
+    best = max(scored, key=scored.get) if scored else None
+    seeds_total = len({(r["prompt"], r["negative"], r["seed"]) for r in rows})
+    absent = [r for r in rows if r["variant"] == "none" and not r["plain_present"]]
+    appear = {}
+    for k in sorted({r["start"] for r in rows if r["variant"] == "early"}):
+        early = [r for r in rows if r["variant"] == "early" and r["start"] == k]
+        appear[k] = float(np.mean([r["present"] for r in early])) if early else float("nan")
+    plain_rate = float(np.mean([r["plain_present"] for r in rows if r["variant"] == "none"]))
+    return {
+        "images": seeds_total,
+        "plain_present_rate": plain_rate,
+        "fixed_starts": fixed,
+        "best_fixed_start": best,
+        "best_score": scored.get(best) if best is not None else None,
+        "auto": stats(select("auto")),
+        "early_only_present_rate": appear,
+        "images_without_thing": len(absent),
+    }
+
+
+def write_sweep(rows: list[dict], summary: dict, out_dir: str | Path) -> list[Path]:
+    """CSV of all rows, JSON and Markdown summaries, and the trade-off plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "sweep.csv", out / "sweep.json", out / "sweep.md", out / "sweep.png"]
+    with open(paths[0], "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    paths[1].write_text(json.dumps(summary, indent=1, default=float) + "\n")
+
+    fixed = summary["fixed_starts"]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    xs = [fixed[s]["ssim_outside"] for s in fixed if fixed[s]["n"]]
+    ys = [fixed[s]["removal_rate"] for s in fixed if fixed[s]["n"]]
+    ax.plot(xs, ys, "o-", label="fixed start s (negative on from step s)")
+    for s in fixed:
+        if fixed[s]["n"]:
+            ax.annotate(
+                str(s),
+                (fixed[s]["ssim_outside"], fixed[s]["removal_rate"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    best = summary["best_fixed_start"]
+    if best is not None:
+        ax.plot(
+            [fixed[best]["ssim_outside"]],
+            [fixed[best]["removal_rate"]],
+            "*",
+            ms=16,
+            color="C3",
+            label=f"best fixed start ({best})",
+        )
+    if summary["auto"]["n"]:
+        ax.plot(
+            [summary["auto"]["ssim_outside"]],
+            [summary["auto"]["removal_rate"]],
+            "D",
+            ms=9,
+            color="C2",
+            label=f"automatic start (mean {summary['auto']['mean_start']:.1f})",
+        )
+    ax.set_xlabel("locality: SSIM to the plain image outside the thing's region")
+    ax.set_ylabel("removal rate (thing gone, among images that had it)")
+    ax.set_title("delayed negative: removal vs locality")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths[3], dpi=120)
+    plt.close(fig)
+
+    lines = [
+        f"# Delayed negatives: start sweep on {summary['images']} images",
+        "",
+        f"The thing was present in {summary['plain_present_rate']:.0%} of the plain images; rates below are among those.",
+        "",
+        "![removal vs locality](sweep.png)",
+        "",
+        "| variant | images | removal rate | SSIM outside | PSNR outside (dB, capped 60) | changed pixels outside |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for s, v in fixed.items():
+        if v["n"]:
+            mark = " **(best)**" if s == best else ""
+            lines.append(
+                f"| start {s}{mark} | {v['n']} | {v['removal_rate']:.0%} | {v['ssim_outside']:.3f} | {v['psnr_outside']:.1f} | {v['changed_outside']:.1%} |"
+            )
+    auto = summary["auto"]
+    if auto["n"]:
+        lines.append(
+            f"| automatic (mean start {auto['mean_start']:.1f}) | {auto['n']} | {auto['removal_rate']:.0%} | {auto['ssim_outside']:.3f} | {auto['psnr_outside']:.1f} | {auto['changed_outside']:.1%} |"
+        )
+    lines += ["", "## Reverse activation: the negative only in the first steps", ""]
+    lines.append(f"Thing present with no negative: {summary['plain_present_rate']:.1%} of images.")
+    for k, rate in summary["early_only_present_rate"].items():
+        lines.append(f"- negative only in steps [0, {k}): present in {rate:.1%} of images")
+    paths[2].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def check_sweep_settings(settings: SweepSettings, num_steps: int) -> None:
+    bad = [s for s in settings.starts if not 0 <= s < num_steps] + [
+        k for k in settings.early_ends if not 1 <= k <= num_steps
+    ]
+    if bad:
+        raise NegpromptError(f"start/early window step(s) {bad} outside the schedule of {num_steps} steps")

@@ -1,0 +1,212 @@
+"""Delayed negatives as edits: window semantics, locality measures, detector-based removal, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from negprompt.analysis.edit import detector_region, run_edit, summarize
+from negprompt.analysis.locality import changed_pixels, locality, psnr, ssim
+from negprompt.analysis.sweep import automatic_start, motion, summarize_sweep
+from negprompt.guidance.windows import Window
+from negprompt.interfaces.cli import main
+from negprompt.world.scene import render, sample_scene
+
+PROMPT, NEGATIVE = "a photo of a woman", "red glasses"
+
+
+def edit(tiny_sd, window, **kwargs):
+    return run_edit(PROMPT, NEGATIVE, window, [1, 2], model=tiny_sd, steps=6, scheduler="ddim", size=32, **kwargs)
+
+
+def test_window_over_all_steps_gives_the_full_negative_image_bit_exactly(tiny_sd):
+    outcome = edit(tiny_sd, Window(0))
+    for item in outcome.images:
+        assert np.array_equal(item.edited, item.full)
+        assert not np.array_equal(item.edited, item.original)
+
+
+def test_before_its_window_the_edit_follows_the_plain_image_bit_exactly(tiny_sd):
+    from negprompt.api import make_settings, run_together
+    from negprompt.guidance.plan import Term
+
+    common = dict(seeds=[1, 2], steps=6, scheduler="euler-a", size=32, model=tiny_sd)
+    plain, _ = make_settings(PROMPT, rule="cfg", **common)
+    late, _ = make_settings(PROMPT, [Term(NEGATIVE, None, Window(4))], **common)
+    first, second = run_together([plain, late], tiny_sd, trace=True)
+    for a, b in zip(first.trace, second.trace):
+        assert np.array_equal(a.latents.numpy(), b.latents.numpy()) == (a.step <= 4)
+
+
+def test_the_shared_steps_are_computed_once(tiny_sd):
+    outcome = edit(tiny_sd, Window(3))
+    summary = summarize(outcome)
+    assert summary["unet_batch_rows"] < summary["unet_batch_rows_if_separate"]
+
+
+def test_locality_on_synthetic_images_with_known_changes():
+    rng = np.random.default_rng(0)
+    original = rng.random((32, 32, 3))
+    edited = original.copy()
+    edited[4:8, 10:14] = 1 - edited[4:8, 10:14]  # a 4×4 patch changes
+    region = np.zeros((32, 32), bool)
+    region[4:8, 10:14] = True
+    measures = locality(original, edited, region)
+    assert measures["changed_fraction"] == pytest.approx(16 / 1024, abs=1 / 1024)
+    assert measures["psnr_outside"] == float("inf") and measures["changed_outside_fraction"] == 0.0
+    assert measures["ssim_outside"] < 1.0  # SSIM windows near the patch see it
+    assert ssim(original, original) == pytest.approx(1.0)
+    noisy = np.clip(original + rng.normal(0, 0.05, original.shape), 0, 1)
+    assert 20 < psnr(original, noisy) < 30  # σ = 0.05 → about 26 dB
+    assert changed_pixels(original, original).sum() == 0
+
+
+def test_detector_removal_on_generated_images():
+    rng = np.random.default_rng(3)
+    for hat in (True, False):
+        rendering = render(sample_scene(rng, hat=hat, sun=False, blurry=False))
+        image = rendering.image / 255.0
+        region, present = detector_region(image, "hat")
+        assert present == hat
+        if hat:
+            truth = rendering.regions["hat"] > 0.5
+            assert (region & truth).sum() / truth.sum() > 0.9  # the dilated region covers the hat
+
+
+def test_automatic_start_is_where_the_maps_stop_moving():
+    import torch
+
+    steps, size = 8, 4
+    maps = torch.zeros(steps, 1, size, size)
+    for t in range(steps):
+        maps[t, 0, min(t, 3), :] = 1.0  # the map moves down until step 3, then stays
+    assert motion(maps)[:, 0].tolist()[4] == pytest.approx(0.0)
+    assert automatic_start([maps], tau=0.02) == [4]
+
+
+def test_sweep_summary_counts_only_images_that_had_the_thing():
+    rows = []
+    for seed, had in enumerate([True, True, False]):
+        base = {"prompt": "p", "negative": "a hat", "word": "hat", "seed": seed, "plain_present": had}
+        rows.append(
+            {
+                **base,
+                "variant": "none",
+                "start": -1,
+                "present": had,
+                "ssim_outside": 1.0,
+                "psnr_outside": 60.0,
+                "changed_outside": 0.0,
+            }
+        )
+        rows.append(
+            {
+                **base,
+                "variant": "start",
+                "start": 2,
+                "present": seed == 1,
+                "ssim_outside": 0.9,
+                "psnr_outside": 30.0,
+                "changed_outside": 0.1,
+            }
+        )
+        rows.append(
+            {
+                **base,
+                "variant": "auto",
+                "start": 3,
+                "present": False,
+                "ssim_outside": 0.95,
+                "psnr_outside": 35.0,
+                "changed_outside": 0.05,
+            }
+        )
+        rows.append(
+            {
+                **base,
+                "variant": "early",
+                "start": 3,
+                "present": True,
+                "ssim_outside": 0.9,
+                "psnr_outside": 30.0,
+                "changed_outside": 0.1,
+            }
+        )
+    summary = summarize_sweep(rows)
+    assert summary["fixed_starts"][2]["n"] == 2 and summary["fixed_starts"][2]["removal_rate"] == 0.5
+    assert summary["auto"]["removal_rate"] == 1.0 and summary["best_fixed_start"] == 2
+    assert summary["early_only_present_rate"][3] == 1.0
+
+
+def test_edit_command_writes_images_figure_and_measures(tiny_sd_dir, tmp_path):
+    out = tmp_path / "edit"
+    argv = ["edit", PROMPT, "--negative", NEGATIVE, "--window", "2:", "--model", str(tiny_sd_dir), "--steps", "4"]
+    assert main(argv + ["--seed", "0,1", "-q", "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(
+        ["comparison.png", "edit.json"] + [f"{v}-s{s}.png" for v in ("original", "full", "edited") for s in (0, 1)]
+    )
+    record = json.loads((out / "edit.json").read_text())
+    assert record["summary"]["region_source"] == "attention" and len(record["images"]) == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--window", "9:"], "outside the schedule"),
+        (["--window", "3:2"], "start must be below end"),
+        (["--word", "hat"], "'hat' is not a word of the negative prompt"),
+        (["--threshold", "1.5"], "threshold must be in (0, 1)"),
+        (["--threshold", "0"], "threshold must be in (0, 1)"),
+        (["--region", "detector"], "only for the bundled world"),
+    ],
+)
+def test_edit_bad_input(tiny_sd_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "edit"
+    argv = [
+        "edit",
+        PROMPT,
+        "--negative",
+        NEGATIVE,
+        "--model",
+        str(tiny_sd_dir),
+        "--steps",
+        "4",
+        "-q",
+        "--out",
+        str(out),
+    ]
+    code = main(argv + extra)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_edit_sweep_command_on_a_shapes_model(tiny_shapes_dir, tmp_path):
+    out = tmp_path / "sweep"
+    argv = [
+        "edit-sweep",
+        "--pair",
+        "a red circle->a hat",
+        "--pair",
+        "a blue square->striped",
+        "--model",
+        str(tiny_shapes_dir),
+    ]
+    assert (
+        main(argv + ["--seed", "0-2", "--steps", "4", "--start-every", "2", "--early", "2", "-q", "--out", str(out)])
+        == 0
+    )
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["images"] == 6 and set(summary["fixed_starts"]) == {"0", "2"}
+    assert (out / "sweep.png").exists() and "Reverse activation" in (out / "sweep.md").read_text()
+
+
+def test_edit_sweep_rejects_a_bad_pair(tiny_shapes_dir, tmp_path, capsys):
+    assert (
+        main(["edit-sweep", "--pair", "a red circle", "--model", str(tiny_shapes_dir), "--out", str(tmp_path / "s")])
+        == 2
+    )
+    assert "PROMPT->NEGATIVE" in capsys.readouterr().err and not (tmp_path / "s").exists()
