@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from PIL import Image
 
 from negprompt import __version__
 from negprompt.errors import NegpromptError
-from negprompt.guidance.plan import Guidance, Term
+from negprompt.guidance.plan import Guidance, RuleSettings, Term
 from negprompt.guidance.windows import Window
 from negprompt.models.components import Components
 from negprompt.models.loading import BUNDLED_NAME, load_components, resolve_model_path
@@ -128,6 +128,13 @@ class GenerationSettings:
                 fields.append(f"Negative {i} window: {term.window.describe()}")
         if not g.positive.window.is_full:
             fields.append(f"Positive window: {g.positive.window.describe()}")
+        if g.rescale:
+            fields.append(f"Guidance rescale: {g.rescale}")
+        if g.interval is not None:
+            fields.append(f"Guidance interval: {g.interval.describe()}")
+        if g.rule in ("dng", "apg"):
+            prefix = g.rule + "_"
+            fields += [f"{k}: {v}" for k, v in asdict(g.settings).items() if k.startswith(prefix)]
         lines.append(", ".join(fields))
         return "\n".join(lines)
 
@@ -204,12 +211,28 @@ def make_settings(
     positive_window: Window | str | None = None,
     extra_positives: Sequence[Term] = (),
     eta: float = 0.0,
+    rescale: float = 0.0,
+    interval: Window | str | None = None,
+    interval_sigma: tuple[float, float] | None = None,
+    rule_settings: RuleSettings | None = None,
 ) -> tuple[GenerationSettings, Components]:
-    """Settings for a run, with the model's defaults filled in, and the loaded model."""
+    """Settings for a run, with the model's defaults filled in, and the loaded model.
+
+    ``interval`` limits guidance to a window of steps; ``interval_sigma`` = (σ_lo, σ_hi) to the
+    steps whose noise level σ = √((1 − ᾱ)/ᾱ) lies in that range (converted to steps here).
+    """
     components = load_model(model)
     defaults = model_defaults(components)
     if isinstance(positive_window, str):
         positive_window = Window.parse(positive_window)
+    if isinstance(interval, str):
+        interval = Window.parse(interval)
+    scheduler = scheduler or defaults["scheduler"]
+    steps = defaults["steps"] if steps is None else steps
+    if interval_sigma is not None:
+        if interval is not None:
+            raise SettingsError("give the guidance interval as steps or as noise levels, not both")
+        interval = interval_from_sigmas(interval_sigma, scheduler, steps, components)
     prompt_value = prompt if isinstance(prompt, str) else tuple(prompt)
     guidance = Guidance(
         rule=rule,
@@ -217,6 +240,9 @@ def make_settings(
         negatives=negative_terms(negative, negative_scales, negative_windows),
         scale=defaults["scale"] if scale is None else scale,
         extra_positives=tuple(extra_positives),
+        rescale=rescale,
+        interval=interval,
+        settings=rule_settings or RuleSettings(),
     )
     if size is None:
         height = width = components.default_size
@@ -229,14 +255,32 @@ def make_settings(
     settings = GenerationSettings(
         guidance=guidance,
         model=components.source,
-        scheduler=scheduler or defaults["scheduler"],
-        steps=defaults["steps"] if steps is None else steps,
+        scheduler=scheduler,
+        steps=steps,
         seeds=tuple(int(s) for s in seeds),
         height=height,
         width=width,
         eta=eta,
     )
     return settings, components
+
+
+def interval_from_sigmas(sigmas: tuple[float, float], scheduler: str, steps: int, components: Components) -> Window:
+    """The steps whose noise level σ lies in [σ_lo, σ_hi], as a window (σ falls step by step)."""
+    low, high = sigmas
+    if not (math.isfinite(low) and math.isfinite(high) and 0 <= low < high):
+        raise SettingsError(f"noise-level interval needs 0 ≤ σ_lo < σ_hi, got {low}:{high}")
+    probe = make_scheduler(scheduler, components.scheduler)
+    probe.set_timesteps(steps)
+    alphas = probe.alphas_cumprod.double()
+    inside = []
+    for index, t in enumerate(probe.timesteps):
+        a = float(np.interp(float(t), np.arange(len(alphas)), alphas.numpy()))
+        if low <= math.sqrt((1 - a) / a) <= high:
+            inside.append(index)
+    if not inside:
+        raise SettingsError(f"no step of this schedule has a noise level σ in [{low}, {high}]")
+    return Window(inside[0], inside[-1] + 1)
 
 
 def run(

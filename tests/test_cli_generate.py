@@ -150,3 +150,62 @@ def test_console_script_exit_code(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "not an integer" in proc.stderr
+
+
+MORE_BAD = [
+    (["--negative", "dog", "--rescale", "-0.5"], "rescale φ must be in [0, 1]"),
+    (["--negative", "dog", "--rule", "dng", "--dng-p-max", "1"], "p_max < 1"),
+    (["--negative", "dog", "--rule", "dng", "--dng-prior", "0.9"], "must lie in"),
+    (["--negative", "dog", "--rule", "apg", "--apg-momentum", "1.5"], "apg_momentum"),
+    (["--negative", "dog", "--rule", "apg", "--apg-threshold", "-1"], "apg_norm_threshold"),
+    (["--rule", "perp-neg"], "needs a negative"),
+    (["--interval", "2:9"], "outside the schedule"),
+    (["--interval-sigma", "5:1"], "σ_lo < σ_hi"),
+    (["--interval-sigma", "abc"], "LO:HI"),
+    (["--negative", "(dog"], "unbalanced '('"),
+    (["--negative", "[dog:20]"], "outside the schedule"),
+]
+
+
+@pytest.mark.parametrize("extra, message", MORE_BAD, ids=[m for _, m in MORE_BAD])
+def test_more_rules_bad_input(tiny_sd_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "never.png"
+    code = generate(tiny_sd_dir, out, *extra)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [
+            "--rule",
+            "perp-neg",
+            "--negative",
+            "dog",
+            "--negative",
+            "red hat",
+            "--negative-scale",
+            "1",
+            "--negative-scale",
+            "0.5",
+        ],
+        ["--rule", "dng", "--negative", "dog", "--dng-lambda", "3"],
+        ["--rule", "apg", "--negative", "dog", "--apg-eta", "0.5", "--apg-momentum", "-0.5"],
+        ["--negative", "dog", "--rescale", "0.7", "--interval-sigma", "0.5:20"],
+        ["--negative", "[dog:0.5]", "--scheduler", "euler-a"],
+        ["a (photo:1.3) of a [cat:dog:2]", "--negative", "((glasses))"],
+    ],
+    ids=["perp-neg", "dng", "apg", "rescale+interval", "delayed syntax", "weights"],
+)
+def test_more_rules_reproduce_from_png(tiny_sd_dir, tmp_path, extra):
+    out = tmp_path / "x.png"
+    if not extra[0].startswith("--"):
+        argv = ["generate", extra[0], "--model", str(tiny_sd_dir), "--steps", "4", "-q", "--out", str(out), *extra[1:]]
+        assert main(argv) == 0
+    else:
+        assert generate(tiny_sd_dir, out, *extra) == 0
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(out), "-q", "--out", str(again)]) == 0
+    assert np.array_equal(read_pixels(out), read_pixels(again))

@@ -47,3 +47,107 @@ def weighted_sum(eps_uncond: Tensor, eps_terms: Sequence[Tensor], weights: Seque
     for eps, weight in zip(eps_terms, weights):
         guided = guided + weight * (eps - eps_uncond)
     return guided
+
+
+# ---------------------------------------------------------------- beyond the article (REFERENCES.md)
+
+
+def _per_sample_dot(a: Tensor, b: Tensor) -> Tensor:
+    """⟨a, b⟩ per sample over every non-batch dimension, shaped (B, 1, …, 1) for broadcasting."""
+    dot = (a * b).flatten(1).sum(dim=1)
+    return dot.view(-1, *([1] * (a.dim() - 1)))
+
+
+def perpendicular(delta: Tensor, reference: Tensor, eps: float = 1e-12) -> Tensor:
+    """The part of ``delta`` orthogonal to ``reference``, per sample: Δ − (⟨Δ,r⟩/‖r‖²)·r."""
+    return delta - _per_sample_dot(delta, reference) / _per_sample_dot(reference, reference).clamp_min(eps) * reference
+
+
+def perp_neg(
+    eps_uncond: Tensor, eps_cond: Tensor, eps_negatives: Sequence[Tensor], scale: float, weights: Sequence[float]
+) -> Tensor:
+    """Perp-Neg (Armandpour et al. 2023): ε̂ = ε_∅ + s[Δ₀ − Σ_i w_i Δ_i^⊥].
+
+    Δ₀ = ε_y − ε_∅, Δ_i = ε_ỹi − ε_∅, and Δ_i^⊥ its part orthogonal to Δ₀, per sample (the batched
+    form; the official code projects over the whole batch at once). A negative whose Δ_i is
+    parallel to Δ₀ removes nothing of the positive.
+    """
+    if len(eps_negatives) != len(weights):
+        raise ValueError(f"got {len(eps_negatives)} negative predictions but {len(weights)} weights")
+    delta_pos = eps_cond - eps_uncond
+    update = delta_pos
+    for eps_neg, weight in zip(eps_negatives, weights):
+        update = update - weight * perpendicular(eps_neg - eps_uncond, delta_pos)
+    return eps_uncond + scale * update
+
+
+def per_sample_std(x: Tensor) -> Tensor:
+    """Standard deviation per sample over every non-batch dimension, shaped (B, 1, …, 1)."""
+    return x.flatten(1).std(dim=1).view(-1, *([1] * (x.dim() - 1)))
+
+
+def rescale(guided: Tensor, eps_cond: Tensor, phi: float) -> Tensor:
+    """Guidance rescale (Lin et al. 2023, eq. 15–16): ε_r = ε̂·σ(ε_y)/σ(ε̂); φ·ε_r + (1 − φ)·ε̂.
+
+    σ is the per-sample standard deviation; φ = 0 returns ``guided`` unchanged.
+    """
+    if phi == 0:
+        return guided
+    rescaled = guided * per_sample_std(eps_cond) / per_sample_std(guided).clamp_min(1e-12)
+    return phi * rescaled + (1 - phi) * guided
+
+
+def dynamic_negative(
+    eps_uncond: Tensor, eps_cond: Tensor, eps_neg: Tensor, scale: float, strength: float, posterior: Tensor
+) -> Tensor:
+    """Dynamic Negative Guidance (Koulischer et al., ICLR 2025) on top of CFG:
+
+    ε̂ = ε_∅ + s(ε_y − ε_∅) − λ·p/(1 − p)·(ε_ỹ − ε_∅), with p = p(ỹ | x_t) per sample, shape (B,).
+    """
+    odds = (posterior / (1 - posterior)).view(-1, *([1] * (eps_cond.dim() - 1))).to(eps_cond.dtype)
+    return cfg(eps_uncond, eps_cond, scale) - strength * odds * (eps_neg - eps_uncond)
+
+
+def dng_log_odds_step(
+    guided: Tensor, eps_uncond: Tensor, eps_neg: Tensor, alpha_bar: float, alpha_bar_next: float
+) -> Tensor:
+    """Change of log p(ỹ|x)/(1 − p(ỹ|x)) over one step from t to t' (DNG's Bayes update), (B,).
+
+    Under each branch c the reverse step is Gaussian, N(μ_c, σ²) with the DDPM posterior between
+    ᾱ_t and ᾱ_t'. The sample taken follows the guided mean, so x_t' − μ_c = b(ε̂ − ε_c) and
+
+        Δ log-odds = b²/(2σ²) · (‖ε̂ − ε_∅‖² − ‖ε̂ − ε_ỹ‖²),   b²/σ² = ᾱ_t'(1 − ᾱ_t/ᾱ_t') / (ᾱ_t(1 − ᾱ_t')).
+
+    (The sampler's own noise is left out: the update is the same for deterministic samplers.)
+    """
+    beta = 1 - alpha_bar / alpha_bar_next
+    factor = alpha_bar_next * beta / (alpha_bar * max(1 - alpha_bar_next, 1e-8))
+    far = (guided - eps_uncond).flatten(1).pow(2).sum(dim=1)
+    near = (guided - eps_neg).flatten(1).pow(2).sum(dim=1)
+    return 0.5 * factor * (far - near)
+
+
+def projected(
+    eps_base: Tensor,
+    eps_cond: Tensor,
+    scale: float,
+    eta: float = 0.0,
+    norm_threshold: float = 0.0,
+    momentum: float = 0.0,
+    previous: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Adaptive Projected Guidance (Sadat et al. 2024), on ε: returns (ε̂, the Δ to carry as momentum).
+
+    Δ = ε_y − ε_base (+ β·Δ_previous); clipped to norm r per sample (r = 0: no clipping); split
+    into Δ∥ (parallel to ε_y) and Δ⊥; ε̂ = ε_y + (s − 1)(Δ⊥ + η·Δ∥). η = 1, r = 0, β = 0 is CFG.
+    """
+    delta = eps_cond - eps_base
+    if momentum and previous is not None:
+        delta = delta + momentum * previous
+    carried = delta
+    if norm_threshold > 0:
+        norm = delta.flatten(1).norm(dim=1).view(-1, *([1] * (delta.dim() - 1)))
+        delta = delta * torch.clamp(norm_threshold / norm.clamp_min(1e-12), max=1.0)
+    parallel = _per_sample_dot(delta, eps_cond) / _per_sample_dot(eps_cond, eps_cond).clamp_min(1e-12) * eps_cond
+    orthogonal = delta - parallel
+    return eps_cond + (scale - 1) * (orthogonal + eta * parallel), carried

@@ -82,10 +82,34 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=positive_int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--model", default=None, help="diffusers directory, cached model id, or 'shapes' (default)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    more = parser.add_argument_group("more guidance rules and modifiers")
+    more.add_argument("--rescale", type=number, default=0.0, help="guidance rescale φ in [0, 1] (default 0: off)")
+    more.add_argument(
+        "--interval", default=None, metavar="START:END", help="guide only in these steps; elsewhere ε̂ = ε_y"
+    )
+    more.add_argument(
+        "--interval-sigma", default=None, metavar="LO:HI", help="guide only where the noise level σ is in [LO, HI]"
+    )
+    more.add_argument("--dng-lambda", type=number, default=5.0, help="DNG strength λ (default 5)")
+    more.add_argument("--dng-prior", type=number, default=0.01, help="DNG prior p(negative) (default 0.01)")
+    more.add_argument("--dng-p-min", type=number, default=1e-4, help="DNG posterior lower clamp")
+    more.add_argument("--dng-p-max", type=number, default=0.8, help="DNG posterior upper clamp, < 1 (default 0.8)")
+    more.add_argument("--apg-eta", type=number, default=0.0, help="APG weight η of the parallel part (default 0)")
+    more.add_argument("--apg-threshold", type=number, default=0.0, help="APG norm threshold r (0: no clipping)")
+    more.add_argument("--apg-momentum", type=number, default=0.0, help="APG momentum β in (−1, 1)")
+
+
+def sigma_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise CommandError(f"--interval-sigma {text!r} must look like LO:HI, e.g. 0.3:5") from None
+    return low, high
 
 
 def settings_from_args(args: argparse.Namespace):
     from negprompt.api import make_settings
+    from negprompt.guidance.plan import RuleSettings
 
     return make_settings(
         args.prompt or "",
@@ -99,6 +123,18 @@ def settings_from_args(args: argparse.Namespace):
         seeds=args.seed or [0],
         size=args.size,
         model=args.model,
+        rescale=args.rescale,
+        interval=args.interval,
+        interval_sigma=sigma_range(args.interval_sigma) if args.interval_sigma else None,
+        rule_settings=RuleSettings(
+            dng_strength=args.dng_lambda,
+            dng_prior=args.dng_prior,
+            dng_p_min=args.dng_p_min,
+            dng_p_max=args.dng_p_max,
+            apg_eta=args.apg_eta,
+            apg_norm_threshold=args.apg_threshold,
+            apg_momentum=args.apg_momentum,
+        ),
     )
 
 
@@ -441,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train the shapes-world model (resumes from --out)")
     train.add_argument("--out", required=True, help="training folder (checkpoints, log, exported model)")
-    train.add_argument("--samples", type=positive_int, default=240_000, help="training examples in all")
+    train.add_argument("--samples", type=positive_int, default=160_000, help="training examples in all")
     train.add_argument("--batch-size", type=positive_int, default=32)
     train.add_argument("--lr", type=number, default=8e-4, help="peak learning rate")
     train.add_argument("--seed", type=positive_int, default=0)

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from negprompt.errors import NegpromptError
-from negprompt.guidance.plan import UNCONDITIONAL, Guidance
+from negprompt.guidance.plan import UNCONDITIONAL, Guidance, StepContext
 from negprompt.models.components import Components
 from negprompt.sampling.prompts import encode_prompts
 
@@ -49,6 +49,7 @@ class StepInfo:
     guided: torch.Tensor
     denoised: torch.Tensor
     group: int = 0  # which group of the run (see Group) the images belong to
+    guidance_state: dict[str, torch.Tensor] | None = None  # e.g. DNG's log-odds, before this step's update
 
 
 StepCallback = Callable[[StepInfo], None]
@@ -150,10 +151,11 @@ def _validate(components: Components, groups: Sequence[Group], num_steps: int, h
             raise SamplingError(f"{name} {value} is not a positive multiple of {multiple} (the model's size factor)")
 
 
-def _branch_prompts(group: Group, branch: str) -> tuple[str, ...]:
+def _branch_prompts(group: Group, branch: str, step: int, num_steps: int) -> tuple[str, ...]:
+    """Each image's prompt for ``branch`` at ``step`` (AUTOMATIC1111 prompt edits applied)."""
     if branch == UNCONDITIONAL:
         return ("",) * len(group.seeds)
-    return tuple(group.guidance.terms[branch].prompts_for(len(group.seeds)))
+    return tuple(group.guidance.terms[branch].texts_at(step, num_steps, len(group.seeds)))
 
 
 @torch.inference_mode()
@@ -184,14 +186,16 @@ def sample_groups(
     for group in groups:
         group.guidance.validate(calls)
     plans = [[group.guidance.branches_at(step, calls) for step in range(calls)] for group in groups]
+    states = [group.guidance.new_state(len(group.seeds)) for group in groups]
+    alpha_bars = [float(_alpha_bar(scheduler, t)) for t in timesteps] + [1.0]
 
     # Each distinct prompt is encoded once, alone: an image's conditioning never depends on its batch.
     texts = {
         t
         for g, group in enumerate(groups)
-        for branches in plans[g]
+        for step, branches in enumerate(plans[g])
         for b in branches
-        for t in _branch_prompts(group, b)
+        for t in _branch_prompts(group, b, step, calls)
     }
     embeddings = {
         text: encode_prompts(components.tokenizer, components.text_encoder, [text]).to(device) for text in sorted(texts)
@@ -224,7 +228,7 @@ def sample_groups(
         computed: dict[tuple, list[tuple[int, int]]] = {}  # (prompts, seeds) → [(group, start row)]
         for g, group in enumerate(groups):
             for branch in plans[g][step]:
-                prompts = _branch_prompts(group, branch)
+                prompts = _branch_prompts(group, branch, step, calls)
                 key = (prompts, group.seeds)
                 shared = next(
                     (
@@ -248,7 +252,10 @@ def sample_groups(
         guided_parts = []
         for g, group in enumerate(groups):
             predictions = {b.branch: output[b.start : b.stop] for b in blocks if b.group == g}
-            guided = group.guidance.combine(predictions, step, calls)
+            state_before = {k: v.clone() for k, v in states[g].items()}
+            guided = group.guidance.combine(predictions, step, calls, states[g])
+            context = StepContext(step, calls, alpha_bars[step], alpha_bars[step + 1])
+            group.guidance.update_state(states[g], predictions, guided, context)
             guided_parts.append(guided)
             if callback is not None or trace is not None:
                 info = StepInfo(
@@ -260,6 +267,7 @@ def sample_groups(
                     guided=guided.detach().clone(),
                     denoised=predicted_clean(scheduler, model_input[slices[g]], guided, t).detach(),
                     group=g,
+                    guidance_state=state_before,
                 )
                 if callback is not None:
                     callback(info)
@@ -317,4 +325,5 @@ def _to_cpu(info: StepInfo) -> StepInfo:
         guided=info.guided.cpu(),
         denoised=info.denoised.cpu(),
         group=info.group,
+        guidance_state=info.guidance_state,
     )

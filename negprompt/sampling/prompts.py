@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from negprompt.errors import NegpromptError
+from negprompt.guidance import syntax
 
 
 class PromptError(NegpromptError):
@@ -29,6 +30,7 @@ def check_prompt(tokenizer: Any, prompt: str) -> list[int]:
     Errors: a word unknown to a word-level tokenizer (the message lists the vocabulary); a prompt
     longer than the tokenizer's ``model_max_length`` (the message names the words that would be cut).
     """
+    prompt = syntax.plain_text(prompt)
     ids = tokenizer(prompt, truncation=False, add_special_tokens=True, verbose=False).input_ids
     vocabulary = _word_level_vocabulary(tokenizer)
     if vocabulary is not None and tokenizer.unk_token_id in ids:
@@ -47,14 +49,39 @@ def check_prompt(tokenizer: Any, prompt: str) -> list[int]:
     return ids
 
 
+def _weighted_tokens(tokenizer: Any, prompt: str) -> tuple[list[int], list[float]]:
+    """Token ids padded to ``model_max_length`` and a weight per token, from ``(text:w)`` chunks."""
+    chunks = syntax.resolve(syntax.parse(prompt), 0, 1)
+    ids, weights = [tokenizer.bos_token_id], [1.0]
+    for text, weight in chunks:
+        piece = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+        ids += piece
+        weights += [weight] * len(piece)
+    ids.append(tokenizer.eos_token_id)
+    weights.append(1.0)
+    padding = tokenizer.model_max_length - len(ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return ids + [pad] * padding, weights + [1.0] * padding
+
+
 def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) -> torch.Tensor:
     """Hidden states of the text encoder's last layer: (len(prompts), model_max_length, D).
 
     As diffusers does it: pad to ``model_max_length``, no attention mask unless the text encoder's
-    config asks for one, and take ``last_hidden_state``.
+    config asks for one, and take ``last_hidden_state``. A prompt with AUTOMATIC1111 weights
+    (``(word:1.3)``) is tokenized chunk by chunk; each token's hidden state is multiplied by its
+    weight and the result rescaled to the unweighted mean, as AUTOMATIC1111 does.
     """
     for prompt in prompts:
         check_prompt(tokenizer, prompt)
+    weighted = [syntax.has_syntax(p) for p in prompts]
+    if any(weighted):
+        return torch.cat(
+            [
+                _encode_weighted(tokenizer, text_encoder, p) if w else encode_prompts(tokenizer, text_encoder, [p])
+                for p, w in zip(prompts, weighted)
+            ]
+        )
     tokens = tokenizer(
         list(prompts),
         padding="max_length",
@@ -68,4 +95,16 @@ def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) ->
         mask = tokens.attention_mask.to(device)
     with torch.no_grad():
         hidden = text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+    return hidden.to(dtype=text_encoder.dtype)
+
+
+def _encode_weighted(tokenizer: Any, text_encoder: Any, prompt: str) -> torch.Tensor:
+    ids, weights = _weighted_tokens(tokenizer, prompt)
+    device = text_encoder.device
+    with torch.no_grad():
+        hidden = text_encoder(torch.tensor([ids], device=device))[0]
+    scale = torch.tensor(weights, device=device, dtype=hidden.dtype)[None, :, None]
+    original_mean = hidden.mean()
+    hidden = hidden * scale
+    hidden = hidden * (original_mean / hidden.mean())
     return hidden.to(dtype=text_encoder.dtype)

@@ -39,7 +39,7 @@ LOG_FILE = "train_log.jsonl"
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    samples: int = 240_000  # total training examples the run will see
+    samples: int = 160_000  # total training examples the run will see
     batch_size: int = 32
     learning_rate: float = 8e-4
     warmup_steps: int = 300
