@@ -210,3 +210,21 @@ def test_edit_sweep_rejects_a_bad_pair(tiny_shapes_dir, tmp_path, capsys):
         == 2
     )
     assert "PROMPT->NEGATIVE" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_bench_methods_on_a_tiny_run(tiny_shapes_dir, tmp_path):
+    out = tmp_path / "bench"
+    argv = ["bench-methods", "--negative", "a hat", "--images", "3", "--steps", "3", "--model", str(tiny_shapes_dir)]
+    assert main(argv + ["-q", "--out", str(out)]) == 0
+    record = json.loads((out / "methods.json").read_text())
+    ranking = record["ranking"]
+    assert len(ranking) == 9 and ranking == sorted(ranking, key=lambda r: -r["score"])
+    by_method = {r["method"]: r for r in record["cells"]}
+    assert by_method["none (cfg)"]["unet_per_image"] == 2 * 3 and by_method["dual s⁻ = s"]["unet_per_image"] == 3 * 3
+    assert by_method["sd + interval 0:0.8"]["unet_per_image"] < by_method["sd"]["unet_per_image"]
+    assert "| rank | method |" in (out / "methods.md").read_text()
+
+
+def test_bench_methods_rejects_a_foreign_negative(tiny_shapes_dir, tmp_path, capsys):
+    argv = ["bench-methods", "--negative", "a dragon", "--images", "2", "--model", str(tiny_shapes_dir), "--out", str(tmp_path / "b")]
+    assert main(argv) == 2 and "world's things" in capsys.readouterr().err

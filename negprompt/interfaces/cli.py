@@ -352,6 +352,33 @@ def command_edit_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- bench-methods
+
+
+def command_bench_methods(args: argparse.Namespace) -> int:
+    from negprompt.analysis.methods import bench_methods, write_results
+
+    records = bench_methods(
+        negatives=args.negative or ("a hat", "a sun", "striped", "blurry"),
+        images=args.images,
+        model=args.model,
+        steps=args.steps,
+        scheduler=args.scheduler,
+        scale=args.scale,
+        progress=not args.quiet,
+    )
+    settings = {
+        "model": args.model or "shapes",
+        "images per cell": args.images,
+        "steps": args.steps or "default",
+        "scheduler": args.scheduler or "default",
+        "scale": args.scale or "default",
+    }
+    for path in write_results(records, args.out, settings):
+        print(f"wrote {path}")
+    return 0
+
+
 # ---------------------------------------------------------------- demo and evaluate
 
 
@@ -447,6 +474,22 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default="edit-sweep")
     sweep.add_argument("-q", "--quiet", action="store_true")
     sweep.set_defaults(handler=command_edit_sweep)
+
+    bench = commands.add_parser("bench-methods", help="rank negative-prompt rules against ground truth (bundled model)")
+    bench.add_argument(
+        "--negative",
+        action="append",
+        default=None,
+        help="a negative of the world (default: a hat, a sun, striped, blurry)",
+    )
+    bench.add_argument("--images", type=positive_int, default=200, help="images per cell")
+    bench.add_argument("--model", default=None)
+    bench.add_argument("--steps", type=positive_int, default=None)
+    bench.add_argument("--scheduler", default=None)
+    bench.add_argument("--scale", type=number, default=None)
+    bench.add_argument("--out", default="bench-methods")
+    bench.add_argument("-q", "--quiet", action="store_true")
+    bench.set_defaults(handler=command_bench_methods)
 
     study = commands.add_parser("study", help="run a strength study (r_t curves); resumes where it stopped")
     study.add_argument("spec", help="a YAML spec, or a built-in one: shapes, ban2024-sd2")

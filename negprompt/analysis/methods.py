@@ -1,0 +1,253 @@
+"""``negprompt bench-methods``: every negative-prompt rule measured against ground truth.
+
+For each negative (a thing of the bundled world) the same prompts and seeds run under every rule
+in one batched loop per chunk, beside the plain image (no negative). With the detectors:
+
+- **removal**: share of images whose plain version holds the negative's thing and whose image
+  under the rule does not;
+- **preservation**: share of images with the color and the shape the positive prompt named;
+- **collateral**: mean absolute change, against the plain images, of the rates of the world's
+  other removable things (neither prompt named them), and the share of pixels changed outside the
+  thing's region (the plain image's, from the detectors);
+- **cost**: UNet evaluations (branch × step) per image.
+
+Score for the ranking: removal × preservation × (1 − collateral attribute change), a single number
+that rewards taking the thing out while keeping what was asked for and leaving the rest alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from negprompt.analysis.edit import detector_region
+from negprompt.analysis.locality import changed_pixels
+from negprompt.api import load_model, make_settings, run_together, to_uint8
+from negprompt.errors import NegpromptError
+from negprompt.guidance.plan import RuleSettings, Term
+from negprompt.guidance.windows import Window
+from negprompt.world.detectors import detect
+from negprompt.world.evaluation import Row, row_prompts
+from negprompt.world.scene import ADJECTIVES, NOUNS
+
+THINGS = NOUNS + ADJECTIVES
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named way of using the negative prompt (``rule`` None: no negative at all)."""
+
+    name: str
+    rule: str | None
+    negative_scale: float | None = None
+    window: Window | None = None
+    rescale: float = 0.0
+    interval: Window | None = None
+    settings: RuleSettings = RuleSettings()
+
+
+METHODS: tuple[Method, ...] = (
+    Method("none (cfg)", None),
+    Method("sd", "sd"),
+    Method("sd, delayed 0.25:", "sd", window=Window(0.25)),
+    Method("sd + rescale 0.7", "sd", rescale=0.7),
+    Method("sd + interval 0:0.8", "sd", interval=Window(0, 0.8)),
+    Method("dual s⁻ = s", "dual", negative_scale=None),  # s⁻ filled with s below
+    Method("perp-neg", "perp-neg", negative_scale=1.0),
+    Method("dng λ=5", "dng"),
+    Method("apg η=0", "apg"),
+)
+
+
+def _negative_terms(method: Method, negative: str, scale: float) -> list[Term] | None:
+    if method.rule is None:
+        return None
+    own = method.negative_scale
+    if method.rule == "dual" and own is None:
+        own = scale
+    return [Term(negative, own, method.window or Window())]
+
+
+def _measure(pixels: np.ndarray, named: Sequence[tuple[str, str]], plain: np.ndarray, word: str) -> list[dict]:
+    rows = []
+    for image, reference, (color, shape) in zip(pixels, plain, named):
+        found = detect(to_uint8(image))
+        region, _ = detector_region(reference, word)
+        outside = ~region
+        changed = changed_pixels(reference, image)
+        rows.append(
+            {
+                "color_ok": found.color == color,
+                "shape_ok": found.shape == shape,
+                **{thing: bool(getattr(found, thing)) for thing in THINGS},
+                "changed_outside": float(changed[outside].mean()) if outside.any() else float(changed.mean()),
+            }
+        )
+    return rows
+
+
+def bench_methods(
+    negatives: Sequence[str] = ("a hat", "a sun", "striped", "blurry"),
+    images: int = 200,
+    methods: Sequence[Method] = METHODS,
+    model=None,
+    steps: int | None = None,
+    scheduler: str | None = None,
+    scale: float | None = None,
+    batch: int = 24,
+    progress: bool = True,
+) -> list[dict]:
+    """One record per (negative, method) with every measure."""
+    components = load_model(model)
+    records = []
+    bar = tqdm(total=len(negatives) * images * len(methods), unit="img", disable=not progress)
+    for negative in negatives:
+        word = negative.split()[-1]
+        if word not in THINGS:
+            raise NegpromptError(f"negative {negative!r}: bench-methods scores the world's things: {', '.join(THINGS)}")
+        prompts, named = row_prompts(Row("bench", "a {color} {shape}"), images)
+        per_method: dict[str, list[dict]] = {m.name: [] for m in methods}
+        rows_per_method = {m.name: 0 for m in methods}
+        for start in range(0, images, batch):
+            chunk = slice(start, min(images, start + batch))
+            settings_list = []
+            for method in methods:
+                settings, _ = make_settings(
+                    tuple(prompts[chunk]),
+                    _negative_terms(method, negative, scale or 7.5),
+                    rule=method.rule or "cfg",
+                    steps=steps,
+                    scheduler=scheduler,
+                    scale=scale,
+                    seeds=range(chunk.start, chunk.stop),
+                    model=components,
+                    rescale=method.rescale,
+                    interval=method.interval,
+                    rule_settings=method.settings,
+                )
+                settings_list.append(settings)
+            generations = run_together(settings_list, components)
+            plain = generations[0].pixels
+            for method, settings, generation in zip(methods, settings_list, generations):
+                per_method[method.name] += _measure(generation.pixels, named[chunk], plain, word)
+                # Cost of the method alone (the joint run shares some rows between methods).
+                rows_per_method[method.name] += _rows_alone(settings, generation.num_steps)
+                bar.update(chunk.stop - chunk.start)
+        base = per_method[methods[0].name]
+        for method in methods:
+            records.append(
+                _summarize(
+                    method.name, negative, word, per_method[method.name], base, rows_per_method[method.name] / images
+                )
+            )
+    bar.close()
+    return records
+
+
+def _rows_alone(settings, num_steps: int) -> int:
+    """UNet rows the settings need when run alone: Σ over steps of branches × images."""
+    guidance = settings.guidance
+    return sum(len(guidance.branches_at(step, num_steps)) for step in range(num_steps)) * len(settings.seeds)
+
+
+def _summarize(name: str, negative: str, word: str, rows: list[dict], base: list[dict], unet_per_image: float) -> dict:
+    had = [i for i, r in enumerate(base) if r[word]]
+    removal = float(np.mean([not rows[i][word] for i in had])) if had else float("nan")
+    preservation = float(np.mean([r["color_ok"] and r["shape_ok"] for r in rows]))
+    others = [t for t in THINGS if t != word]
+    collateral = float(np.mean([abs(np.mean([r[t] for r in rows]) - np.mean([r[t] for r in base])) for t in others]))
+    changed = float(np.mean([r["changed_outside"] for r in rows]))
+    return {
+        "negative": negative,
+        "method": name,
+        "images": len(rows),
+        "had_thing": len(had),
+        "present_rate": float(np.mean([r[word] for r in rows])),
+        "removal": removal,
+        "color": float(np.mean([r["color_ok"] for r in rows])),
+        "shape": float(np.mean([r["shape_ok"] for r in rows])),
+        "preservation": preservation,
+        "collateral_attributes": collateral,
+        "changed_outside": changed,
+        "unet_per_image": unet_per_image,
+        "score": (0.0 if np.isnan(removal) else removal) * preservation * (1 - collateral),
+    }
+
+
+def ranking(records: list[dict]) -> list[dict]:
+    """Mean over negatives per method, best score first."""
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    keys = ("removal", "preservation", "collateral_attributes", "changed_outside", "unet_per_image", "score")
+    table = []
+    for method in methods:
+        mine = [r for r in records if r["method"] == method]
+        table.append({"method": method, **{k: float(np.nanmean([r[k] for r in mine])) for k in keys}})
+    return sorted(table, key=lambda r: -r["score"])
+
+
+def write_results(records: list[dict], out_dir: str | Path, settings: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "methods.csv", out / "methods.json", out / "methods.md", out / "methods.png"]
+    with open(paths[0], "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    ranked = ranking(records)
+    paths[1].write_text(json.dumps({"settings": settings, "ranking": ranked, "cells": records}, indent=1) + "\n")
+    lines = [
+        "# Negative-prompt methods, measured on the bundled shapes world",
+        "",
+        f"Settings: {', '.join(f'{k} {v}' for k, v in settings.items())}. Every cell uses the same prompts "
+        "(all color × shape combinations) and seeds; the plain image is the reference. Score = removal × "
+        "preservation × (1 − collateral attribute change); see `negprompt/analysis/methods.py`.",
+        "",
+        "## Ranking (mean over negatives)",
+        "",
+        "| rank | method | removal | preservation | collateral attr. | changed px outside | UNet evals / image | score |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, r in enumerate(ranked, 1):
+        lines.append(
+            f"| {i} | {r['method']} | {r['removal']:.0%} | {r['preservation']:.0%} | {r['collateral_attributes']:.1%} | "
+            f"{r['changed_outside']:.1%} | {r['unet_per_image']:.1f} | {r['score']:.3f} |"
+        )
+    lines += [
+        "",
+        "## Per negative",
+        "",
+        "| negative | method | had it | present | removal | color | shape | collateral | changed px | score |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['negative']} | {r['method']} | {r['had_thing']} | {r['present_rate']:.0%} | {r['removal']:.0%} | {r['color']:.0%} | "
+            f"{r['shape']:.0%} | {r['collateral_attributes']:.1%} | {r['changed_outside']:.1%} | {r['score']:.3f} |"
+        )
+    lines += ["", "![removal vs preservation](methods.png)", ""]
+    paths[2].write_text("\n".join(lines) + "\n")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in ranked:
+        ax.scatter(r["preservation"], r["removal"], s=20 + 8 * r["unet_per_image"])
+        ax.annotate(
+            r["method"], (r["preservation"], r["removal"]), fontsize=7, xytext=(4, 2), textcoords="offset points"
+        )
+    ax.set_xlabel("preservation (named color and shape kept)")
+    ax.set_ylabel("removal (thing gone, among images that had it)")
+    ax.set_title("methods: mean over negatives (marker size ~ UNet evaluations per image)")
+    fig.tight_layout()
+    fig.savefig(paths[3], dpi=120)
+    plt.close(fig)
+    return paths
