@@ -8,12 +8,11 @@ Also checks that the stored maps take no more memory than the estimate made befo
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from common import write_result
 
 from negprompt.api import load_model, make_settings, run
 from negprompt.attention.capture import CaptureRequest
@@ -97,10 +96,7 @@ def main() -> None:
             f"{r['layers']} layers, stored {r['memory_stored_bytes'] / 2**20:.2f} MiB "
             f"≤ estimate {r['memory_estimate_bytes'] / 2**20:.2f} MiB: {r['stored_within_estimate']}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(results, args.out)
 
 
 if __name__ == "__main__":

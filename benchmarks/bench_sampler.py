@@ -14,13 +14,12 @@ the median over repeats of per-repeat ratios. Prints the ratios and writes them 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from common import write_result
 from diffusers import StableDiffusionPipeline
 
 from negprompt.guidance.plan import Guidance, Term
@@ -123,10 +122,7 @@ def main() -> None:
         print(f"{name:32s} {value:.3f}   (target {result['targets'][name]})")
     for name, value in result["median_seconds"].items():
         print(f"  median {name:12s} {value:.3f} s")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from negprompt.guidance.plan import Guidance, RuleSettings, Term
 from negprompt.guidance.windows import Window
 from negprompt.models.components import Components
 from negprompt.models.loading import BUNDLED_NAME, load_components, resolve_model_path
-from negprompt.sampling.loop import Group, SampleOutput, StepCallback, StepInfo, UNetCallHook, sample, sample_groups
+from negprompt.sampling.loop import Group, StepCallback, StepInfo, UNetCallHook, sample_groups
 from negprompt.sampling.schedulers import make_scheduler
 
 DEFAULTS_FILE = "negprompt.json"  # optional file in a model directory: default steps, scale, scheduler
@@ -293,28 +293,9 @@ def run(
     progress: bool = False,
 ) -> Generation:
     """Executes ``settings`` and returns the images (and the per-step trace if ``trace``)."""
-    components = components or load_model(settings.model)
-    output: SampleOutput = sample(
-        components,
-        settings.guidance,
-        make_scheduler(settings.scheduler, components.scheduler),
-        seeds=settings.seeds,
-        num_steps=settings.steps,
-        height=settings.height,
-        width=settings.width,
-        callback=callback,
-        keep_trace=trace,
-        unet_hooks=unet_hooks,
-        progress=progress,
-        eta=settings.eta,
-    )
-    return Generation(
-        settings=settings,
-        pixels=output.images,
-        trace=output.trace,
-        unet_batch_rows=output.unet_batch_rows,
-        num_steps=output.num_steps,
-    )
+    return run_together(
+        [settings], components, trace=trace, callback=callback, unet_hooks=unet_hooks, progress=progress
+    )[0]
 
 
 def run_together(
@@ -322,6 +303,7 @@ def run_together(
     components: Components | None = None,
     *,
     trace: bool = False,
+    callback: StepCallback | None = None,
     unet_hooks: Sequence[UNetCallHook] = (),
     progress: bool = False,
 ) -> list[Generation]:
@@ -344,6 +326,7 @@ def run_together(
         num_steps=first.steps,
         height=first.height,
         width=first.width,
+        callback=callback,
         keep_trace=trace,
         unet_hooks=unet_hooks,
         progress=progress,

@@ -31,20 +31,14 @@ def tiny_sd_dir(tmp_path_factory, tiny_sd):
 @pytest.fixture(scope="session")
 def tiny_shapes_dir(tmp_path_factory):
     """An untrained shapes-world model (the bundled architecture at toy width) saved as a directory."""
-    from negprompt.models.components import Components
+    from helpers import shapes_components
+
     from negprompt.models.saving import save_components
-    from negprompt.models.shapes_model import (
-        ShapesModelConfig,
-        build_scheduler,
-        build_text_encoder,
-        build_tokenizer,
-        build_unet,
-    )
+    from negprompt.models.shapes_model import ShapesModelConfig
 
     torch.manual_seed(0)
     config = ShapesModelConfig(unet_widths=(16, 32), head_dim=8, text_width=32, text_layers=1, text_heads=2)
-    tokenizer = build_tokenizer()
-    components = Components(build_unet(config), build_text_encoder(config, tokenizer), tokenizer, build_scheduler())
+    components = shapes_components(config)
     folder = tmp_path_factory.mktemp("tiny-shapes")
-    save_components(components.eval(), folder)
+    save_components(components, folder)
     return folder

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import assert_usage_error, shapes_components
 
 from negprompt.api import make_settings, run
 from negprompt.attention.capture import (
@@ -148,21 +149,8 @@ def test_save_and_load_round_trip(tiny_sd, tmp_path):
 
 def test_capture_on_the_shapes_model_architecture(tmp_path):
     """The bundled model's architecture (word-level tokenizer, pixel space, no VAE)."""
-    from negprompt.models.components import Components
-    from negprompt.models.shapes_model import (
-        ShapesModelConfig,
-        build_scheduler,
-        build_text_encoder,
-        build_tokenizer,
-        build_unet,
-    )
-
     torch.manual_seed(0)
-    config = ShapesModelConfig()
-    tokenizer = build_tokenizer()
-    components = Components(
-        build_unet(config), build_text_encoder(config, tokenizer), tokenizer, build_scheduler()
-    ).eval()
+    components = shapes_components()
     settings, _ = make_settings("a red circle", negative="a hat", steps=4, scheduler="ddim", model=components)
     result = capture(settings, CaptureRequest(words={"positive": ["red", "circle"], "negative": ["hat"]}), components)
     sides = sorted({layer["side"] for layer in result.index["layers"]})
@@ -194,10 +182,7 @@ def test_attend_bad_input(tiny_sd_dir, tmp_path, capsys, extra, message):
         "--out",
         str(out),
     ]
-    code = main(argv + extra)
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and message in err and len(err.splitlines()) == 1
-    assert not out.exists()
+    assert_usage_error(main(argv + extra), capsys, message, out)
 
 
 def test_attend_writes_image_timeline_maps_and_summary(tiny_sd_dir, tmp_path):

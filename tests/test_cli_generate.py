@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import assert_usage_error
 from PIL import Image
 
 from negprompt.interfaces.cli import main
@@ -103,55 +104,6 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("extra, message", BAD, ids=[b[1][:30] for b in BAD])
-def test_bad_input_one_line_exit_2_no_file(tiny_sd_dir, tmp_path, capsys, extra, message):
-    out = tmp_path / "never.png"
-    code = generate(tiny_sd_dir, out, *extra)
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("negprompt: error: ")
-    assert message in err
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_prompt_too_long_names_cut_words(tiny_sd_dir, tmp_path, capsys):
-    out = tmp_path / "long.png"
-    prompt = " ".join(["cat"] * 75 + ["dog"])
-    code = main(["generate", prompt, "--model", str(tiny_sd_dir), "--steps", "2", "-q", "--out", str(out)])
-    err = capsys.readouterr().err
-    assert code == 2 and "would be cut: 'dog'" in err and len(err.strip().splitlines()) == 1 and not out.exists()
-
-
-@pytest.mark.parametrize(
-    "content, message", [(b"not an image", "cannot read"), (None, "carries no negprompt settings")]
-)
-def test_from_png_rejects_foreign_files(tmp_path, capsys, content, message):
-    source = tmp_path / "foreign.png"
-    if content is None:
-        Image.new("RGB", (8, 8)).save(source)
-    else:
-        source.write_bytes(content)
-    out = tmp_path / "out.png"
-    code = main(["generate", "--from-png", str(source), "-q", "--out", str(out)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and message in err and len(err.splitlines()) == 1 and not out.exists()
-
-
-def test_from_png_missing_file(tmp_path, capsys):
-    code = main(["generate", "--from-png", str(tmp_path / "none.png"), "-q", "--out", str(tmp_path / "o.png")])
-    assert code == 2 and "no such file" in capsys.readouterr().err
-
-
-def test_console_script_exit_code(tmp_path):
-    """The installed entry point returns 2 on bad input (argparse and our own errors alike)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "negprompt", "generate", "x", "--steps", "abc", "--out", str(tmp_path / "a.png")],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2 and "not an integer" in proc.stderr
-
-
 MORE_BAD = [
     (["--negative", "dog", "--rescale", "-0.5"], "rescale φ must be in [0, 1]"),
     (["--negative", "dog", "--rule", "dng", "--dng-p-max", "1"], "p_max < 1"),
@@ -167,13 +119,47 @@ MORE_BAD = [
 ]
 
 
-@pytest.mark.parametrize("extra, message", MORE_BAD, ids=[m for _, m in MORE_BAD])
-def test_more_rules_bad_input(tiny_sd_dir, tmp_path, capsys, extra, message):
+@pytest.mark.parametrize("extra, message", BAD + MORE_BAD, ids=[b[1][:30] for b in BAD + MORE_BAD])
+def test_bad_input_one_line_exit_2_no_file(tiny_sd_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "never.png"
-    code = generate(tiny_sd_dir, out, *extra)
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert_usage_error(generate(tiny_sd_dir, out, *extra), capsys, message)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prompt_too_long_names_cut_words(tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "long.png"
+    prompt = " ".join(["cat"] * 75 + ["dog"])
+    code = main(["generate", prompt, "--model", str(tiny_sd_dir), "--steps", "2", "-q", "--out", str(out)])
+    assert_usage_error(code, capsys, "would be cut: 'dog'", out)
+
+
+@pytest.mark.parametrize(
+    "content, message", [(b"not an image", "cannot read"), (None, "carries no negprompt settings")]
+)
+def test_from_png_rejects_foreign_files(tmp_path, capsys, content, message):
+    source = tmp_path / "foreign.png"
+    if content is None:
+        Image.new("RGB", (8, 8)).save(source)
+    else:
+        source.write_bytes(content)
+    out = tmp_path / "out.png"
+    code = main(["generate", "--from-png", str(source), "-q", "--out", str(out)])
+    assert_usage_error(code, capsys, message, out)
+
+
+def test_from_png_missing_file(tmp_path, capsys):
+    code = main(["generate", "--from-png", str(tmp_path / "none.png"), "-q", "--out", str(tmp_path / "o.png")])
+    assert_usage_error(code, capsys, "no such file", tmp_path / "o.png")
+
+
+def test_console_script_exit_code(tmp_path):
+    """The installed entry point returns 2 on bad input (argparse and our own errors alike)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "negprompt", "generate", "x", "--steps", "abc", "--out", str(tmp_path / "a.png")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "not an integer" in proc.stderr
 
 
 @pytest.mark.parametrize(

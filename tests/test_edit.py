@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import assert_usage_error
 
 from negprompt.analysis.edit import detector_region, run_edit, summarize
 from negprompt.analysis.locality import changed_pixels, locality, psnr, ssim
@@ -178,10 +179,7 @@ def test_edit_bad_input(tiny_sd_dir, tmp_path, capsys, extra, message):
         "--out",
         str(out),
     ]
-    code = main(argv + extra)
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and message in err and len(err.splitlines()) == 1
-    assert not out.exists()
+    assert_usage_error(main(argv + extra), capsys, message, out)
 
 
 def test_edit_sweep_command_on_a_shapes_model(tiny_shapes_dir, tmp_path):
@@ -226,5 +224,15 @@ def test_bench_methods_on_a_tiny_run(tiny_shapes_dir, tmp_path):
 
 
 def test_bench_methods_rejects_a_foreign_negative(tiny_shapes_dir, tmp_path, capsys):
-    argv = ["bench-methods", "--negative", "a dragon", "--images", "2", "--model", str(tiny_shapes_dir), "--out", str(tmp_path / "b")]
+    argv = [
+        "bench-methods",
+        "--negative",
+        "a dragon",
+        "--images",
+        "2",
+        "--model",
+        str(tiny_shapes_dir),
+        "--out",
+        str(tmp_path / "b"),
+    ]
     assert main(argv) == 2 and "world's things" in capsys.readouterr().err
