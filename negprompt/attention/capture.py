@@ -38,6 +38,7 @@ from diffusers.models.attention_processor import Attention
 
 from negprompt.attention.tokens import TokenizedPrompt, tokenize_words
 from negprompt.errors import NegpromptError
+from negprompt.guidance import syntax
 from negprompt.sampling.loop import RowBlock
 
 MAP_DTYPE = torch.float16
@@ -178,7 +179,7 @@ def plan_capture(
     if size < 1:
         raise CaptureError(f"map size must be a positive number of pixels, got {size}")
     batch = len(next(iter(branch_prompts.values())))
-    prompts = {b: [tokenize_words(tokenizer, p) for p in branch_prompts[b]] for b in request.words}
+    prompts = {b: [tokenize_words(tokenizer, syntax.plain_text(p)) for p in branch_prompts[b]] for b in request.words}
     words = {b: list(request.words[b]) for b in request.words}
     plan = CapturePlan(
         branches=list(request.words),
