@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import assert_usage_error
 
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Guidance, Term
+from negprompt.interfaces.cli import main
 from negprompt.models.loading import load_components
 from negprompt.models.shapes_model import ShapesModelConfig, build_tokenizer
 from negprompt.sampling.loop import sample
@@ -46,11 +48,11 @@ def test_unknown_word_lists_the_vocabulary():
 def test_training_steps_reduce_the_loss(tmp_path):
     torch.manual_seed(0)
     trainer = Trainer(tiny_config(samples=8 * 30, learning_rate=3e-3), tmp_path)
-    pixels, captions = batch_of_examples(99, 0, 16)
+    pixels, captions, things = batch_of_examples(99, 0, 16)
 
     def held_out_loss() -> float:
         with torch.no_grad():
-            return float(trainer.loss_on(pixels, captions, torch.Generator().manual_seed(1)))
+            return float(trainer.loss_on(pixels, captions, torch.Generator().manual_seed(1), things))
 
     before = held_out_loss()
     trainer.run(progress=False)
@@ -95,3 +97,35 @@ def test_export_loads_with_the_stable_diffusion_loader(tmp_path):
     images = sample(loaded, guidance, make_scheduler("ddim", loaded.scheduler), [0], 3, 32, 32).images
     again = sample(trainer.ema_components(), guidance, make_scheduler("ddim", loaded.scheduler), [0], 3, 32, 32).images
     assert images.shape == (1, 32, 32, 3) and np.array_equal(images, again)
+
+
+def test_thing_pixels_weigh_more_in_the_loss(tmp_path):
+    pixels, captions, things = batch_of_examples(7, 0, 8)
+    assert things.shape == (8, 1, 32, 32) and 0 < float(things.mean()) < 0.2
+    plain = Trainer(tiny_config(thing_weight=1.0), tmp_path / "a")
+    weighted = Trainer(tiny_config(thing_weight=5.0), tmp_path / "b")
+    weighted.unet.load_state_dict(plain.unet.state_dict())
+    weighted.text_encoder.load_state_dict(plain.text_encoder.state_dict())
+    with torch.no_grad():
+        a = float(plain.loss_on(pixels, captions, torch.Generator().manual_seed(0), things))
+        b = float(weighted.loss_on(pixels, captions, torch.Generator().manual_seed(0), things))
+        c = float(weighted.loss_on(pixels, captions, torch.Generator().manual_seed(0), None))
+    assert b > a and c == pytest.approx(a)
+
+
+def test_resume_with_another_loss_setting_is_recorded(tmp_path):
+    Trainer(tiny_config(thing_weight=1.0), tmp_path).run(progress=False, max_seconds=0.0)
+    resumed = Trainer(tiny_config(thing_weight=5.0), tmp_path)
+    resumed.load_checkpoint()
+    resumed.run(progress=False)
+    import json
+
+    meta = json.loads((tmp_path / "state.json").read_text())
+    assert meta["history"] == [{"from_step": 1, "changed": {"thing_weight": 5.0}}]
+    assert '"event": "config changed"' in (tmp_path / "train_log.jsonl").read_text()
+
+
+@pytest.mark.parametrize("flag", [["--thing-weight", "0"], ["--lr", "nan"], ["--samples", "0"]])
+def test_train_refuses_bad_settings(tmp_path, capsys, flag):
+    code = main(["train", "--out", str(tmp_path / "run"), "-q", *flag])
+    assert_usage_error(code, capsys, "must be a positive number", tmp_path / "run")

@@ -173,7 +173,13 @@ def command_train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = TrainConfig(seed=args.seed, samples=args.samples, batch_size=args.batch_size, learning_rate=args.lr)
+    config = TrainConfig(
+        seed=args.seed,
+        samples=args.samples,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        thing_weight=args.thing_weight,
+    )
     out = Path(args.out)
     trainer = Trainer(config, out)
     if (out / META_FILE).exists():
@@ -524,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=positive_int, default=32)
     train.add_argument("--lr", type=number, default=8e-4, help="peak learning rate")
     train.add_argument("--seed", type=positive_int, default=0)
+    train.add_argument(
+        "--thing-weight", type=number, default=1.0, help="loss weight of hat/sun/stripe pixels (1 = plain loss)"
+    )
     train.add_argument("--max-minutes", type=number, default=None, help="stop (resumably) after this long")
     train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     train.add_argument("-q", "--quiet", action="store_true")

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from negprompt.api import DEFAULTS_FILE
+from negprompt.errors import NegpromptError
 from negprompt.models.components import Components
 from negprompt.models.saving import save_components
 from negprompt.models.shapes_model import (
@@ -54,9 +55,16 @@ class TrainConfig:
     # samples, deterministic samplers (DDIM, DPM++) left visible noise, since it weights the
     # low-noise steps by min(SNR, γ)/SNR ≈ 0.005; the plain loss does not starve them.
     min_snr_gamma: float = 0.0
+    thing_weight: float = 1.0  # loss weight of the removable things' pixels (see Trainer.loss_on)
     checkpoint_every: int = 250  # optimizer steps
     log_every: int = 25
     model: ShapesModelConfig = field(default_factory=ShapesModelConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "batch_size", "learning_rate", "thing_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise NegpromptError(f"training {name.replace('_', ' ')} must be a positive number, got {value}")
 
     @property
     def total_steps(self) -> int:
@@ -68,6 +76,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         data = dict(data)
+        data.setdefault("thing_weight", 1.0)  # checkpoints from before the field trained without it
         model = ShapesModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.pop("model").items()})
         return cls(model=model, **data)
 
@@ -81,15 +90,27 @@ def learning_rate_at(step: int, config: TrainConfig) -> float:
     return config.learning_rate * (config.final_lr_fraction + (1 - config.final_lr_fraction) * cosine)
 
 
-def batch_of_examples(seed: int, start: int, count: int) -> tuple[torch.Tensor, list[str]]:
-    """Examples ``start … start+count−1`` of the stream: images (count, 3, 32, 32) in [−1, 1], captions."""
-    images, captions = [], []
+THING_REGIONS = ("hat", "sun", "striped")
+
+
+def batch_of_examples(seed: int, start: int, count: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Examples ``start … start+count−1`` of the stream.
+
+    Returns images (count, 3, 32, 32) in [−1, 1], captions, and the coverage (count, 1, 32, 32) in
+    [0, 1] of the removable things with a region (hat, sun, stripes) — for the loss weighting.
+    """
+    images, captions, things = [], [], []
     for index in range(start, start + count):
         _, rendering, caption = sample_example(seed, index)
         images.append(rendering.image)
         captions.append(caption)
+        coverage = np.zeros(rendering.image.shape[:2])
+        for name in THING_REGIONS:
+            if name in rendering.regions:
+                coverage = coverage + rendering.regions[name]
+        things.append(np.clip(coverage, 0.0, 1.0))
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return pixels, captions
+    return pixels, captions, torch.from_numpy(np.stack(things)).float()[:, None]
 
 
 class Trainer:
@@ -118,8 +139,16 @@ class Trainer:
 
     # ------------------------------------------------------------ one step
 
-    def loss_on(self, pixels: torch.Tensor, captions: list[str], generator: torch.Generator) -> torch.Tensor:
-        """The (Min-SNR weighted) ε-prediction loss on one batch; pixels (B, 3, H, W) in [−1, 1]."""
+    def loss_on(
+        self, pixels: torch.Tensor, captions: list[str], generator: torch.Generator, things: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The ε-prediction loss on one batch; pixels (B, 3, H, W) in [−1, 1].
+
+        Pixels covered by a removable thing (``things``, (B, 1, H, W) in [0, 1]) weigh
+        ``thing_weight`` times more: a hat is 4 % of the image, so without this its words are
+        learned last (measured: after 64 k samples "with a hat" changed nothing while colors
+        were right in 100 % of images).
+        """
         batch = pixels.shape[0]
         drop = torch.rand(batch, generator=generator) < self.config.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
@@ -131,7 +160,10 @@ class Trainer:
         noise = torch.randn(pixels.shape, generator=generator)
         noisy = self.scheduler.add_noise(pixels, noise, timesteps)
         predicted = self.unet(noisy, timesteps, text).sample
-        per_sample = (predicted - noise).pow(2).mean(dim=(1, 2, 3))
+        squared = (predicted - noise).pow(2)
+        if things is not None and self.config.thing_weight != 1.0:
+            squared = squared * (1.0 + (self.config.thing_weight - 1.0) * things)
+        per_sample = squared.mean(dim=(1, 2, 3))
         if self.config.min_snr_gamma > 0:
             snr = self.snr[timesteps]
             per_sample = per_sample * torch.clamp(snr, max=self.config.min_snr_gamma) / snr
@@ -163,7 +195,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.out_dir / (STATE_FILE + ".tmp")
         save_file(tensors, str(tmp))
-        meta = {"step": self.step, "config": self.config.to_dict()}
+        meta = {"step": self.step, "config": self.config.to_dict(), "history": getattr(self, "history", [])}
         tmp_meta = self.out_dir / (META_FILE + ".tmp")
         tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, self.out_dir / STATE_FILE)
@@ -177,6 +209,15 @@ class Trainer:
                 f"checkpoint in {self.out_dir} was trained with another model or seed "
                 f"({saved.model}, seed {saved.seed}); use a new --out folder"
             )
+        history = meta.get("history", [])
+        changed = {k: v for k, v in self.config.to_dict().items() if saved.to_dict().get(k) != v}
+        if changed:  # e.g. a longer budget or another loss weighting from here on: keep a record
+            history.append({"from_step": int(meta["step"]), "changed": changed})
+            with open(self.out_dir / LOG_FILE, "a") as handle:
+                handle.write(
+                    json.dumps({"step": int(meta["step"]), "event": "config changed", "changed": changed}) + "\n"
+                )
+        self.history = history
         tensors = load_file(str(self.out_dir / STATE_FILE))
         for name, module in self.modules.items():
             prefix = f"model.{name}."
@@ -219,11 +260,11 @@ class Trainer:
             lr = learning_rate_at(self.step, cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            pixels, captions = batch_of_examples(cfg.seed, self.step * cfg.batch_size, cfg.batch_size)
+            pixels, captions, things = batch_of_examples(cfg.seed, self.step * cfg.batch_size, cfg.batch_size)
             # Noise, timesteps and caption dropout of step k come from a generator seeded by (seed, k):
             # a resumed run draws exactly what an uninterrupted one would.
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
-            loss = self.loss_on(pixels, captions, generator)
+            loss = self.loss_on(pixels, captions, generator, things)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
