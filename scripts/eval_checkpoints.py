@@ -2,6 +2,7 @@
 what the training hours bought. Appends one JSON line per checkpoint to OUT.
 
     python scripts/eval_checkpoints.py runs/shapes/export-001000 … --images 24 --out runs/shapes/checkpoints.jsonl
+    python scripts/eval_checkpoints.py --table runs/shapes/checkpoints.jsonl     # the Markdown table
 """
 
 from __future__ import annotations
@@ -14,13 +15,44 @@ from negprompt.models.loading import load_components
 from negprompt.training.trainer import DEFAULT_SAMPLING
 from negprompt.world.evaluation import evaluate
 
+COLUMNS = (  # (row, attribute, header)
+    ("plain", "color", "color"),
+    ("plain", "shape", "shape"),
+    ("plain", "hat", "hat, unnamed"),
+    ("plain", "sun", "sun, unnamed"),
+    ("named hat", "hat", "hat, named"),
+    ("named sun", "sun", "sun, named"),
+    ("named striped", "striped", "striped, named"),
+    ("named blurry", "blurry", "blurry, named"),
+    ("negative hat", "hat", 'hat, neg. "a hat"'),
+    ("negative sun", "sun", 'sun, neg. "a sun"'),
+    ("negative striped", "striped", "striped, neg."),
+    ("negative blurry", "blurry", "blurry, neg."),
+)
+
+
+def markdown_table(lines: list[dict]) -> str:
+    """One row per checkpoint: the share of images with each attribute, per evaluation row."""
+    header = "| step | samples | " + " | ".join(c[2] for c in COLUMNS) + " |"
+    rows = [header, "|" + "---|" * (len(COLUMNS) + 2)]
+    for line in sorted(lines, key=lambda item: item["step"] or 0):
+        cells = [f"{line[row][attribute]:.0%}" for row, attribute, _ in COLUMNS]
+        rows.append(f"| {line['step']} | {32 * (line['step'] or 0):,} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("exports", nargs="+")
+    parser.add_argument("exports", nargs="*")
     parser.add_argument("--images", type=int, default=24)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="JSON-lines file the scores are appended to")
+    parser.add_argument("--table", help="print the Markdown table of this JSON-lines file and stop")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table([json.loads(x) for x in Path(args.table).read_text().splitlines() if x.strip()]))
+        return
+    if not args.out or not args.exports:
+        parser.error("give export folders and --out (or --table FILE)")
     for folder in args.exports:
         components = load_components(folder)
         table = evaluate(

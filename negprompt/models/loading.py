@@ -6,6 +6,7 @@ Only safetensors weights are read. A folder that holds only pickled weights (``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -114,11 +115,13 @@ def load_components(
             raise ModelLoadError(f"cannot load {part} from {root / part}: {first_line}") from None
 
     weights = dict(use_safetensors=True, local_files_only=True, torch_dtype=dtype)
-    unet = load("unet", diffusers.ModelMixin, **weights)
+    # Without accelerate, diffusers warns on every load that it falls back to this; say it ourselves.
+    diffusers_weights = weights if importlib.util.find_spec("accelerate") else {**weights, "low_cpu_mem_usage": False}
+    unet = load("unet", diffusers.ModelMixin, **diffusers_weights)
     text_encoder = load("text_encoder", transformers.PreTrainedModel, **weights)
     tokenizer = load("tokenizer", transformers.PreTrainedTokenizerBase, local_files_only=True)
     scheduler = load("scheduler", diffusers.SchedulerMixin)
-    vae = load("vae", diffusers.ModelMixin, **weights) if has_vae else None
+    vae = load("vae", diffusers.ModelMixin, **diffusers_weights) if has_vae else None
     components = Components(
         unet=unet,
         text_encoder=text_encoder,

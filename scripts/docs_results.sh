@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Regenerates every result committed in docs/ and benchmarks/results/ from the bundled model
+# (about 1.5–2 hours on 2 CPU cores). Each step's wall time goes to docs/timings.txt.
+#   bash scripts/docs_results.sh [step …]     steps: evaluate study sweep methods benchmarks
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NP=.venv/bin/negprompt
+PY=.venv/bin/python
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(evaluate study sweep methods benchmarks)
+
+timed() {  # timed NAME COMMAND…
+    local name=$1 start end
+    shift
+    start=$(date +%s)
+    "$@"
+    end=$(date +%s)
+    echo "$name: $((end - start)) s ($(nproc) cores, $(date -u +%F))" | tee -a docs/timings.txt
+}
+
+for step in "${steps[@]}"; do
+    case $step in
+    evaluate) timed evaluate $NP evaluate --out docs/evaluation -q ;;
+    study)
+        rm -rf docs/study
+        timed study $NP study shapes --out docs/study -q
+        $NP report docs/study
+        ;;
+    sweep)
+        timed edit-sweep $NP edit-sweep --seed 0-99 --out docs/edit-sweep -q \
+            --pair "a red circle->a hat" --pair "a blue square->a sun" \
+            --pair "a green triangle->striped" --pair "a purple circle->blurry"
+        ;;
+    methods) timed bench-methods $NP bench-methods --images 200 --out docs/methods -q ;;
+    benchmarks)
+        timed bench-sampler $PY benchmarks/bench_sampler.py
+        timed bench-attention $PY benchmarks/bench_attention.py
+        timed bench-study $PY benchmarks/bench_study.py
+        timed bench-edit $PY benchmarks/bench_edit.py
+        ;;
+    *) echo "unknown step $step (evaluate study sweep methods benchmarks)" >&2 && exit 2 ;;
+    esac
+done
