@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Regenerates every result committed in docs/ and benchmarks/results/ from the bundled model
 # (about 1.5–2 hours on 2 CPU cores). Each step's wall time goes to docs/timings.txt.
-#   bash scripts/docs_results.sh [step …]     steps: evaluate study sweep methods benchmarks
+#   bash scripts/docs_results.sh [step …]     steps: evaluate study sweep methods sampler benchmarks
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NP=.venv/bin/negprompt
 PY=.venv/bin/python
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(evaluate study sweep methods benchmarks)
+[ ${#steps[@]} -eq 0 ] && steps=(evaluate study sweep methods sampler benchmarks)
 
 timed() {  # timed NAME COMMAND…
     local name=$1 start end
@@ -15,7 +15,7 @@ timed() {  # timed NAME COMMAND…
     start=$(date +%s)
     "$@"
     end=$(date +%s)
-    echo "$name: $((end - start)) s ($(nproc) cores, $(date -u +%F))" | tee -a docs/timings.txt
+    echo "$name: $((end - start)) s ($(nproc --all) cores, torch threads ${OMP_NUM_THREADS:-all}, $(date -u +%F))" | tee -a docs/timings.txt
 }
 
 for step in "${steps[@]}"; do
@@ -27,17 +27,16 @@ for step in "${steps[@]}"; do
         $NP report docs/study
         ;;
     sweep)
-        timed edit-sweep $NP edit-sweep --seed 0-99 --out docs/edit-sweep -q \
-            --pair "a red circle->a hat" --pair "a blue square->a sun" \
-            --pair "a green triangle->striped" --pair "a purple circle->blurry"
+        timed edit-sweep $NP edit-sweep --seed 0-99 --start-every 4 --out docs/edit-sweep -q \
+            --pair "a red circle->a hat" --pair "a blue square->a sun"
         ;;
-    methods) timed bench-methods $NP bench-methods --images 200 --out docs/methods -q ;;
+    methods) timed bench-methods $NP bench-methods --images 200 --negative "a hat" --out docs/methods -q ;;
+    sampler) timed bench-sampler $PY benchmarks/bench_sampler.py ;;
     benchmarks)
-        timed bench-sampler $PY benchmarks/bench_sampler.py
         timed bench-attention $PY benchmarks/bench_attention.py
         timed bench-study $PY benchmarks/bench_study.py
         timed bench-edit $PY benchmarks/bench_edit.py
         ;;
-    *) echo "unknown step $step (evaluate study sweep methods benchmarks)" >&2 && exit 2 ;;
+    *) echo "unknown step $step (evaluate study sweep methods sampler benchmarks)" >&2 && exit 2 ;;
     esac
 done

@@ -33,11 +33,11 @@ COLUMNS = (  # (row, attribute, header)
 
 def markdown_table(lines: list[dict]) -> str:
     """One row per checkpoint: the share of images with each attribute, per evaluation row."""
-    header = "| step | samples | " + " | ".join(c[2] for c in COLUMNS) + " |"
-    rows = [header, "|" + "---|" * (len(COLUMNS) + 2)]
+    header = "| step | samples | images/row | " + " | ".join(c[2] for c in COLUMNS) + " |"
+    rows = [header, "|" + "---|" * (len(COLUMNS) + 3)]
     for line in sorted(lines, key=lambda item: item["step"] or 0):
         cells = [f"{line[row][attribute]:.0%}" for row, attribute, _ in COLUMNS]
-        rows.append(f"| {line['step']} | {32 * (line['step'] or 0):,} | " + " | ".join(cells) + " |")
+        rows.append(f"| {line['step']} | {32 * (line['step'] or 0):,} | {line.get('images', '?')} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -63,7 +63,7 @@ def main() -> None:
             scale=DEFAULT_SAMPLING["scale"],
         )
         step = int(Path(folder).name.split("-")[-1]) if "-" in Path(folder).name else None
-        line = {"export": folder, "step": step, **{r["row"]: r["rates"] for r in table["rows"]}}
+        line = {"export": folder, "step": step, "images": args.images, **{r["row"]: r["rates"] for r in table["rows"]}}
         with open(args.out, "a") as handle:
             handle.write(json.dumps(line) + "\n")
         print(folder, {r["row"]: {k: round(v, 2) for k, v in r["rates"].items()} for r in table["rows"]})

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from negprompt.analysis.edit import detector_region
 from negprompt.analysis.locality import changed_pixels
-from negprompt.api import load_model, make_settings, run_together, to_uint8
+from negprompt.api import load_model, make_settings, model_defaults, run_together, to_uint8
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import RuleSettings, Term
 from negprompt.guidance.windows import Window
@@ -105,6 +105,7 @@ def bench_methods(
 ) -> list[dict]:
     """One record per (negative, method) with every measure."""
     components = load_model(model)
+    scale = scale if scale is not None else float(model_defaults(components)["scale"])
     records = []
     bar = tqdm(total=len(negatives) * images * len(methods), unit="img", disable=not progress)
     for negative in negatives:
@@ -120,7 +121,7 @@ def bench_methods(
             for method in methods:
                 settings, _ = make_settings(
                     tuple(prompts[chunk]),
-                    _negative_terms(method, negative, scale or 7.5),
+                    _negative_terms(method, negative, scale),
                     rule=method.rule or "cfg",
                     steps=steps,
                     scheduler=scheduler,
