@@ -37,7 +37,9 @@ def markdown_table(lines: list[dict]) -> str:
     rows = [header, "|" + "---|" * (len(COLUMNS) + 3)]
     for line in sorted(lines, key=lambda item: item["step"] or 0):
         cells = [f"{line[row][attribute]:.0%}" for row, attribute, _ in COLUMNS]
-        rows.append(f"| {line['step']} | {32 * (line['step'] or 0):,} | {line.get('images', '?')} | " + " | ".join(cells) + " |")
+        rows.append(
+            f"| {line['step']} | {32 * (line['step'] or 0):,} | {line.get('images', '?')} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(rows)
 
 
