@@ -134,6 +134,7 @@ class Trainer:
         self.parameters = [p for module in self.modules.values() for p in module.parameters()]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.step = 0
+        self.history: list[dict] = []  # config changes on resume: [{"from_step", "changed"}]
         alphas_cumprod = self.scheduler.alphas_cumprod
         self.snr = alphas_cumprod / (1 - alphas_cumprod)
 
@@ -195,7 +196,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.out_dir / (STATE_FILE + ".tmp")
         save_file(tensors, str(tmp))
-        meta = {"step": self.step, "config": self.config.to_dict(), "history": getattr(self, "history", [])}
+        meta = {"step": self.step, "config": self.config.to_dict(), "history": self.history}
         tmp_meta = self.out_dir / (META_FILE + ".tmp")
         tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, self.out_dir / STATE_FILE)
