@@ -2,7 +2,11 @@
 negative) of the same prompt and seeds: the batched edit shares the steps before the window and
 needs fewer UNet rows. Prints the time ratio (target < 1) and the row ratio.
 
-    python benchmarks/bench_edit.py [--model shapes] [--window 0.25:]
+The edit's time includes its measures (region, removal, locality). With ``--region attention`` it
+also records the negative word's attention maps, which the three plain generations do not; the
+default ``auto`` uses the detectors on the bundled model and attention elsewhere.
+
+    python benchmarks/bench_edit.py [--model shapes] [--window 0.25:] [--region auto]
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ def main() -> None:
     parser.add_argument("--prompt", default="a red circle")
     parser.add_argument("--negative", default="a hat")
     parser.add_argument("--window", default="0.25:")
+    parser.add_argument("--region", default="auto", help="region source of the edit: auto, attention, detector")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/edit.json")
@@ -35,7 +40,7 @@ def main() -> None:
     seeds = list(range(args.seeds))
 
     def batched():
-        return run_edit(args.prompt, args.negative, window, seeds, model=components)
+        return run_edit(args.prompt, args.negative, window, seeds, model=components, region=args.region)
 
     def separate():
         rows = 0
@@ -48,6 +53,7 @@ def main() -> None:
 
     batched()
     separate()
+    region_source = batched().region_source
     ratios, rows_batched, rows_separate = [], 0, 0
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -60,6 +66,8 @@ def main() -> None:
         "time_ratio_edit_vs_three_generations": statistics.median(ratios),
         "unet_rows_edit": rows_batched,
         "unet_rows_three_generations": rows_separate,
+        "time_ratios": [round(r, 4) for r in ratios],
+        "region_source": region_source,
         "window": args.window,
         "seeds": args.seeds,
     }

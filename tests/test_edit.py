@@ -182,6 +182,21 @@ def test_edit_bad_input(tiny_sd_dir, tmp_path, capsys, extra, message):
     assert_usage_error(main(argv + extra), capsys, message, out)
 
 
+def test_detector_edit_skips_attention_capture_and_gives_the_same_images(tiny_shapes_dir, monkeypatch):
+    import negprompt.analysis.edit as edit_module
+
+    common = dict(model=str(tiny_shapes_dir), steps=4, scheduler="ddim")
+    with monkeypatch.context() as patch:
+        patch.setattr(edit_module, "capture_attention", None)  # calling it would fail
+        by_detector = run_edit("a red circle", "a hat", Window.parse("1:"), [0, 1], region="detector", **common)
+    by_attention = run_edit("a red circle", "a hat", Window.parse("1:"), [0, 1], region="attention", **common)
+    assert by_detector.region_source == "detector" and by_attention.region_source == "attention"
+    assert "present_edited" in by_detector.images[0].measures
+    assert "removal_score_edited" in by_attention.images[0].measures
+    for a, b in zip(by_detector.generations, by_attention.generations):
+        assert np.array_equal(a.pixels, b.pixels)  # recording attention does not change the images
+
+
 def test_edit_sweep_command_on_a_shapes_model(tiny_shapes_dir, tmp_path):
     out = tmp_path / "sweep"
     argv = [

@@ -87,6 +87,21 @@ def test_resume_refuses_another_model(tmp_path):
         other.load_checkpoint()
 
 
+def test_fine_tune_starts_from_an_exported_model(tmp_path):
+    source = Trainer(tiny_config(samples=16), tmp_path / "source")
+    source.run(progress=False)
+    folder = source.export(tmp_path / "model")
+    fine = Trainer(tiny_config(init_from=str(folder)), tmp_path / "fine")
+    for key, value in source.ema_components().unet.state_dict().items():
+        assert torch.equal(fine.unet.state_dict()[key], value), key
+        assert torch.equal(fine.ema[f"unet.{key}"], value), key
+    other = tiny_config(init_from=str(folder), model=ShapesModelConfig(unet_widths=(16, 16), head_dim=8, text_width=32))
+    with pytest.raises(NegpromptError, match="do not fit this model config"):
+        Trainer(other, tmp_path / "other")
+    with pytest.raises(NegpromptError, match="no unet/"):
+        Trainer(tiny_config(init_from=str(tmp_path / "fine")), tmp_path / "missing")
+
+
 def test_export_loads_with_the_stable_diffusion_loader(tmp_path):
     trainer = Trainer(tiny_config(samples=16), tmp_path / "train")
     trainer.run(progress=False)

@@ -152,7 +152,11 @@ def run_edit(
     size: int | None = None,
     progress: bool = False,
 ) -> EditOutcome:
-    """Plain, full-negative and windowed-negative images in one batched run, with their measures."""
+    """Plain, full-negative and windowed-negative images in one batched run, with their measures.
+
+    Attention maps are recorded only when the region comes from attention; with the detectors
+    (bundled model) the run is the three generations alone.
+    """
     _check_threshold(threshold)
     word = negative_word(negative, word)
     components = load_model(model)
@@ -165,18 +169,19 @@ def run_edit(
     plan_full = plan_for(full, request, components)  # also checks the word and the window early
     bounds = window.resolve(plan_full.num_steps)
     plan_windowed = plan_for(windowed, request, components)
-    with capture_attention(components.unet, plan_full, group=1) as record_full:
-        with capture_attention(components.unet, plan_windowed, group=2) as record_windowed:
-            generations = run_together(
-                [plain, full, windowed], components, unet_hooks=[record_full, record_windowed], progress=progress
-            )
-    maps_full = record_full.tensors["maps.negative"][:, 0, :, 0].float()  # (steps, B, S, S)
-    maps_windowed = record_windowed.tensors["maps.negative"][:, 0, :, 0].float()
-    present_full = record_full.tensors["present.negative"]
-    present_windowed = record_windowed.tensors["present.negative"]
-    hw = generations[0].pixels.shape[1:3]
-
-    if source == "attention":
+    if source == "detector":  # the detectors give region and removal: no attention maps needed
+        generations = run_together([plain, full, windowed], components, progress=progress)
+    else:
+        with capture_attention(components.unet, plan_full, group=1) as record_full:
+            with capture_attention(components.unet, plan_windowed, group=2) as record_windowed:
+                generations = run_together(
+                    [plain, full, windowed], components, unet_hooks=[record_full, record_windowed], progress=progress
+                )
+        maps_full = record_full.tensors["maps.negative"][:, 0, :, 0].float()  # (steps, B, S, S)
+        maps_windowed = record_windowed.tensors["maps.negative"][:, 0, :, 0].float()
+        present_full = record_full.tensors["present.negative"]
+        present_windowed = record_windowed.tensors["present.negative"]
+        hw = generations[0].pixels.shape[1:3]
         regions = attention_region(maps_full, present_full, bounds, threshold, hw)
         removal_full = attention_removal(maps_full, present_full, regions, (0, plan_full.num_steps))
         removal_windowed = attention_removal(maps_windowed, present_windowed, regions, bounds)

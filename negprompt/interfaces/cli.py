@@ -173,12 +173,22 @@ def command_train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    init_from, init_sha256 = None, None
+    if args.init_from is not None:
+        from negprompt.models.loading import resolve_model_path
+        from negprompt.training.trainer import weights_sha256
+
+        model_dir = resolve_model_path(args.init_from)
+        init_from, init_sha256 = str(args.init_from), weights_sha256(model_dir)
     config = TrainConfig(
         seed=args.seed,
         samples=args.samples,
         batch_size=args.batch_size,
         learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
         thing_weight=args.thing_weight,
+        init_from=None if init_from is None else str(model_dir),
+        init_sha256=init_sha256,
     )
     out = Path(args.out)
     trainer = Trainer(config, out)
@@ -532,6 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=positive_int, default=0)
     train.add_argument(
         "--thing-weight", type=number, default=1.0, help="loss weight of hat/sun/stripe pixels (1 = plain loss)"
+    )
+    train.add_argument("--warmup-steps", type=positive_int, default=300, help="linear learning-rate warm-up")
+    train.add_argument(
+        "--init-from",
+        default=None,
+        help="fine-tune: start from this exported model ('shapes' = the bundled one) instead of random weights",
     )
     train.add_argument("--max-minutes", type=number, default=None, help="stop (resumably) after this long")
     train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")

@@ -7,6 +7,7 @@ moments and the torch RNG state, all in one safetensors file (never a pickle) be
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -58,6 +59,10 @@ class TrainConfig:
     thing_weight: float = 1.0  # loss weight of the removable things' pixels (see Trainer.loss_on)
     checkpoint_every: int = 250  # optimizer steps
     log_every: int = 25
+    # Start from an exported model directory (its weights become the weights and the EMA) instead of
+    # a random initialisation: a fine-tune. Recorded with the file hash of its weights.
+    init_from: str | None = None
+    init_sha256: str | None = None
     model: ShapesModelConfig = field(default_factory=ShapesModelConfig)
 
     def __post_init__(self) -> None:
@@ -77,6 +82,8 @@ class TrainConfig:
     def from_dict(cls, data: dict) -> "TrainConfig":
         data = dict(data)
         data.setdefault("thing_weight", 1.0)  # checkpoints from before the field trained without it
+        data.setdefault("init_from", None)
+        data.setdefault("init_sha256", None)
         model = ShapesModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.pop("model").items()})
         return cls(model=model, **data)
 
@@ -113,6 +120,30 @@ def batch_of_examples(seed: int, start: int, count: int) -> tuple[torch.Tensor, 
     return pixels, captions, torch.from_numpy(np.stack(things)).float()[:, None]
 
 
+WEIGHT_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "text": "text_encoder/model.safetensors"}
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """One hash over the UNet and text-encoder weight files of an exported model directory."""
+    digest = hashlib.sha256()
+    for relative in WEIGHT_FILES.values():
+        digest.update((Path(model_dir) / relative).read_bytes())
+    return digest.hexdigest()
+
+
+def load_weights_from_model_dir(model_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+    """Copies an exported model's weights (safetensors) into freshly built modules of the same shape."""
+    for module, relative in ((unet, WEIGHT_FILES["unet"]), (text_encoder, WEIGHT_FILES["text"])):
+        path = Path(model_dir) / relative
+        if not path.is_file():
+            raise NegpromptError(f"--init-from {model_dir}: no {relative} (expected an exported shapes model)")
+        try:
+            module.load_state_dict(load_file(str(path)))
+        except RuntimeError as error:  # shapes or names differ
+            first = str(error).strip().splitlines()[0]
+            raise NegpromptError(f"--init-from {model_dir}: weights do not fit this model config ({first})") from None
+
+
 class Trainer:
     """Owns the model, its EMA and the optimizer; ``run`` trains until the sample budget is spent."""
 
@@ -124,6 +155,8 @@ class Trainer:
         self.tokenizer = build_tokenizer()
         self.text_encoder = build_text_encoder(config.model, self.tokenizer)
         self.unet = build_unet(config.model)
+        if config.init_from is not None:
+            load_weights_from_model_dir(config.init_from, self.unet, self.text_encoder)
         self.scheduler = build_scheduler()
         self.modules = {"unet": self.unet, "text": self.text_encoder}
         self.ema = {
