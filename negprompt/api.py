@@ -306,6 +306,7 @@ def run_together(
     callback: StepCallback | None = None,
     unet_hooks: Sequence[UNetCallHook] = (),
     progress: bool = False,
+    max_rows_per_call: int | None = None,
 ) -> list[Generation]:
     """Runs several settings that differ only in guidance and seeds in ONE batched loop.
 
@@ -331,6 +332,7 @@ def run_together(
         unet_hooks=unet_hooks,
         progress=progress,
         eta=first.eta,
+        max_rows_per_call=max_rows_per_call,
     )
     generations, start = [], 0
     for g, settings in enumerate(settings_list):

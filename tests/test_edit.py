@@ -11,6 +11,7 @@ from helpers import assert_usage_error
 from negprompt.analysis.edit import detector_region, run_edit, summarize
 from negprompt.analysis.locality import changed_pixels, locality, psnr, ssim
 from negprompt.analysis.sweep import automatic_start, motion, summarize_sweep
+from negprompt.errors import NegpromptError
 from negprompt.guidance.windows import Window
 from negprompt.interfaces.cli import main
 from negprompt.world.scene import render, sample_scene
@@ -195,6 +196,23 @@ def test_detector_edit_skips_attention_capture_and_gives_the_same_images(tiny_sh
     assert "removal_score_edited" in by_attention.images[0].measures
     for a, b in zip(by_detector.generations, by_attention.generations):
         assert np.array_equal(a.pixels, b.pixels)  # recording attention does not change the images
+
+
+def test_chunked_unet_calls_give_the_same_edit_up_to_rounding(tiny_shapes_dir):
+    common = dict(model=str(tiny_shapes_dir), steps=3, scheduler="euler-a", region="detector")
+    whole = run_edit("a red circle", "a hat", Window.parse("1:"), [0, 1, 2], **common)
+    chunked = run_edit("a red circle", "a hat", Window.parse("1:"), [0, 1, 2], max_rows_per_call=4, **common)
+    assert whole.unet_batch_rows == chunked.unet_batch_rows
+    for a, b in zip(whole.generations, chunked.generations):
+        assert np.abs(a.pixels - b.pixels).max() < 1e-3
+    again = run_edit("a red circle", "a hat", Window.parse("1:"), [0, 1, 2], max_rows_per_call=4, **common)
+    assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(chunked.generations, again.generations))
+    with pytest.raises(NegpromptError, match="positive number"):
+        run_edit("a red circle", "a hat", Window.parse("1:"), [0], max_rows_per_call=0, **common)
+    with pytest.raises(NegpromptError, match="only with the detector region"):
+        run_edit(
+            "a red circle", "a hat", Window.parse("1:"), [0], max_rows_per_call=4, **{**common, "region": "attention"}
+        )
 
 
 def test_edit_sweep_command_on_a_shapes_model(tiny_shapes_dir, tmp_path):

@@ -151,11 +151,13 @@ def run_edit(
     scale: float | None = None,
     size: int | None = None,
     progress: bool = False,
+    max_rows_per_call: int | None = None,
 ) -> EditOutcome:
     """Plain, full-negative and windowed-negative images in one batched run, with their measures.
 
     Attention maps are recorded only when the region comes from attention; with the detectors
-    (bundled model) the run is the three generations alone.
+    (bundled model) the run is the three generations alone, and ``max_rows_per_call`` may split
+    each step's UNet call (see :func:`negprompt.sampling.loop.sample_groups`).
     """
     _check_threshold(threshold)
     word = negative_word(negative, word)
@@ -169,8 +171,14 @@ def run_edit(
     plan_full = plan_for(full, request, components)  # also checks the word and the window early
     bounds = window.resolve(plan_full.num_steps)
     plan_windowed = plan_for(windowed, request, components)
+    if max_rows_per_call is not None and source != "detector":
+        raise EditError("rows per UNet call can be limited only with the detector region (bundled model)")
+    if max_rows_per_call is not None and max_rows_per_call < 1:
+        raise EditError(f"rows per UNet call must be a positive number, got {max_rows_per_call}")
     if source == "detector":  # the detectors give region and removal: no attention maps needed
-        generations = run_together([plain, full, windowed], components, progress=progress)
+        generations = run_together(
+            [plain, full, windowed], components, progress=progress, max_rows_per_call=max_rows_per_call
+        )
     else:
         with capture_attention(components.unet, plan_full, group=1) as record_full:
             with capture_attention(components.unet, plan_windowed, group=2) as record_windowed:

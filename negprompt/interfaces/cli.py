@@ -312,6 +312,7 @@ def command_edit(args: argparse.Namespace) -> int:
         scale=args.scale,
         size=args.size,
         progress=not args.quiet,
+        max_rows_per_call=args.rows_per_call,
     )
     out = Path(args.out)
     written = []
@@ -319,7 +320,10 @@ def command_edit(args: argparse.Namespace) -> int:
         written += save_generation(generation, out / f"{name}.png")
     figure = comparison_figure(outcome)
     written += write_atomically([out / "comparison.png"], lambda final, tmp: figure.save(tmp, format="PNG"))
-    record = {"summary": summarize(outcome), "images": [{"seed": i.seed, **i.measures} for i in outcome.images]}
+    record = {
+        "summary": {**summarize(outcome), "rows_per_call": args.rows_per_call},
+        "images": [{"seed": i.seed, **i.measures} for i in outcome.images],
+    }
     written += write_atomically(
         [out / "edit.json"], lambda final, tmp: tmp.write_text(json.dumps(record, indent=1, default=float) + "\n")
     )
@@ -472,6 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     edit.add_argument("--threshold", type=number, default=0.5, help="attention-mask threshold in (0, 1)")
     edit.add_argument("--region", default="auto", help="region source: auto, attention or detector (bundled model)")
+    edit.add_argument(
+        "--rows-per-call",
+        type=positive_int,
+        default=None,
+        help="split each step's UNet call into chunks of this many rows (detector region only; faster on CPUs)",
+    )
     edit.add_argument("--out", default="edit", help="output folder")
     edit.set_defaults(handler=command_edit)
 

@@ -171,14 +171,23 @@ def sample_groups(
     unet_hooks: Sequence[UNetCallHook] = (),
     progress: bool = False,
     eta: float = 0.0,
+    max_rows_per_call: int | None = None,
 ) -> SampleOutput:
     """The denoising loop for several groups of images at once, one batched UNet call per step.
+
+    ``max_rows_per_call`` splits that call into chunks of at most so many rows: the UNet treats rows
+    independently, so the images agree up to float rounding (CPU kernels sum in another order for
+    another batch size; measured ≤ 2e-5), and on a CPU very large batches cost more per row. It is
+    a setting to record with the output, and cannot be combined with ``unet_hooks``, which see one
+    call per step.
 
     All groups share the schedule. Images come out in group order. ``scheduler`` is consumed (its
     state advances); pass a fresh one per call. ``num_steps`` is given to ``scheduler.set_timesteps``;
     the loop runs one UNet call per entry of ``scheduler.timesteps`` and windows count those calls.
     """
     _validate(components, groups, num_steps, height, width)
+    if max_rows_per_call is not None and (max_rows_per_call < 1 or unet_hooks):
+        raise ValueError("max_rows_per_call must be a positive number of rows and needs no unet_hooks")
     device, dtype = components.device, components.dtype
     scheduler.set_timesteps(num_steps, device=device)
     timesteps = scheduler.timesteps
@@ -246,7 +255,15 @@ def sample_groups(
                 blocks.append(RowBlock(g, branch, shared, shared + len(group.seeds)))
         for hook in unet_hooks:
             hook.before_unet_call(step, float(t), blocks)
-        output = components.unet(torch.cat(inputs), t, encoder_hidden_states=torch.cat(contexts), return_dict=False)[0]
+        batch, context_batch = torch.cat(inputs), torch.cat(contexts)
+        chunk = max_rows_per_call or batch.shape[0]
+        outputs = [
+            components.unet(
+                batch[i : i + chunk], t, encoder_hidden_states=context_batch[i : i + chunk], return_dict=False
+            )[0]
+            for i in range(0, batch.shape[0], chunk)
+        ]
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         rows += output.shape[0]
 
         guided_parts = []
