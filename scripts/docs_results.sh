@@ -28,7 +28,7 @@ for step in "${steps[@]}"; do
         ;;
     sweep)
         timed edit-sweep $NP edit-sweep --seed 0-99 --start-every 4 --out docs/edit-sweep -q \
-            --pair "a red circle->a hat" --pair "a blue square->a sun"
+            --pair "a red circle->a hat" --pair "a blue square->a hat"
         ;;
     methods) timed bench-methods $NP bench-methods --images 200 --negative "a hat" --out docs/methods -q ;;
     sampler) timed bench-sampler $PY benchmarks/bench_sampler.py ;;
