@@ -110,6 +110,16 @@ def test_weight_one_encodes_exactly_like_the_plain_prompt(tiny_sd):
     assert not torch.allclose(plain, heavier)
 
 
+def test_weighted_prompts_stay_finite_when_the_weighted_mean_is_near_zero(tiny_sd):
+    from negprompt.api import generate
+
+    # On this random-weight model, rescaling to the unweighted mean divided by ≈ 0 (images were NaN).
+    hidden = encode_prompts(tiny_sd.tokenizer, tiny_sd.text_encoder, ["((glasses))", "a (photo:1.3) of a cat"])
+    assert torch.isfinite(hidden).all()
+    pixels = generate("a (photo:1.3) of a cat", negative="((glasses))", model=tiny_sd, steps=2, seeds=[0]).pixels
+    assert np.isfinite(pixels).all()
+
+
 def test_delayed_negative_syntax_equals_a_window_bit_exactly(tiny_sd):
     def images(guidance):
         return sample(tiny_sd, guidance, make_scheduler("ddim", tiny_sd.scheduler), [4], 6, 32, 32).images

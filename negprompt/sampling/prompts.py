@@ -70,7 +70,8 @@ def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) ->
     As diffusers does it: pad to ``model_max_length``, no attention mask unless the text encoder's
     config asks for one, and take ``last_hidden_state``. A prompt with AUTOMATIC1111 weights
     (``(word:1.3)``) is tokenized chunk by chunk; each token's hidden state is multiplied by its
-    weight and the result rescaled to the unweighted mean, as AUTOMATIC1111 does.
+    weight and the result rescaled to the unweighted mean, as AUTOMATIC1111 does (unless that
+    rescale factor is not in (0.1, 10): then the weighted states are kept as they are).
     """
     for prompt in prompts:
         check_prompt(tokenizer, prompt)
@@ -106,5 +107,9 @@ def _encode_weighted(tokenizer: Any, text_encoder: Any, prompt: str) -> torch.Te
     scale = torch.tensor(weights, device=device, dtype=hidden.dtype)[None, :, None]
     original_mean = hidden.mean()
     hidden = hidden * scale
-    hidden = hidden * (original_mean / hidden.mean())
+    ratio = original_mean / hidden.mean()
+    # The weighted mean can come out near zero or with the other sign (seen on a random-weight tiny
+    # SD: the ratio was inf and the images NaN); then keep the weighted embedding unrescaled.
+    if torch.isfinite(ratio) and 0.1 < float(ratio) < 10.0:
+        hidden = hidden * ratio
     return hidden.to(dtype=text_encoder.dtype)
