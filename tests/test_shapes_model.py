@@ -98,8 +98,9 @@ def test_fine_tune_starts_from_an_exported_model(tmp_path):
     other = tiny_config(init_from=str(folder), model=ShapesModelConfig(unet_widths=(16, 16), head_dim=8, text_width=32))
     with pytest.raises(NegpromptError, match="do not fit this model config"):
         Trainer(other, tmp_path / "other")
-    with pytest.raises(NegpromptError, match="no unet/"):
+    with pytest.raises(NegpromptError, match="not an exported model"):
         Trainer(tiny_config(init_from=str(tmp_path / "fine")), tmp_path / "missing")
+    assert not (tmp_path / "other").exists() and not (tmp_path / "missing").exists()
 
 
 def test_export_loads_with_the_stable_diffusion_loader(tmp_path):

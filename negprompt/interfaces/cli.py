@@ -178,8 +178,8 @@ def command_train(args: argparse.Namespace) -> int:
         from negprompt.models.loading import resolve_model_path
         from negprompt.training.trainer import weights_sha256
 
-        model_dir = resolve_model_path(args.init_from)
-        init_from, init_sha256 = str(args.init_from), weights_sha256(model_dir)
+        init_from = resolve_model_path(args.init_from)
+        init_sha256 = weights_sha256(init_from)
     config = TrainConfig(
         seed=args.seed,
         samples=args.samples,
@@ -187,7 +187,7 @@ def command_train(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         warmup_steps=args.warmup_steps,
         thing_weight=args.thing_weight,
-        init_from=None if init_from is None else str(model_dir),
+        init_from=None if init_from is None else str(init_from),
         init_sha256=init_sha256,
     )
     out = Path(args.out)

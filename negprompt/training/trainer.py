@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from negprompt.api import DEFAULTS_FILE
 from negprompt.errors import NegpromptError
 from negprompt.models.components import Components
+from negprompt.models.loading import ModelLoadError, load_components
 from negprompt.models.saving import save_components
 from negprompt.models.shapes_model import (
     ShapesModelConfig,
@@ -123,25 +124,24 @@ def batch_of_examples(seed: int, start: int, count: int) -> tuple[torch.Tensor, 
     return pixels, captions, torch.from_numpy(np.stack(things)).float()[:, None]
 
 
-WEIGHT_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "text": "text_encoder/model.safetensors"}
-
-
 def weights_sha256(model_dir: str | Path) -> str:
-    """One hash over the UNet and text-encoder weight files of an exported model directory."""
+    """One hash over the UNet and text-encoder safetensors files of an exported model directory."""
     digest = hashlib.sha256()
-    for relative in WEIGHT_FILES.values():
-        digest.update((Path(model_dir) / relative).read_bytes())
+    for part in ("unet", "text_encoder"):
+        for path in sorted((Path(model_dir) / part).glob("*.safetensors")):
+            digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
 def load_weights_from_model_dir(model_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
-    """Copies an exported model's weights (safetensors) into freshly built modules of the same shape."""
-    for module, relative in ((unet, WEIGHT_FILES["unet"]), (text_encoder, WEIGHT_FILES["text"])):
-        path = Path(model_dir) / relative
-        if not path.is_file():
-            raise NegpromptError(f"--init-from {model_dir}: no {relative} (expected an exported shapes model)")
+    """Copies an exported model's weights (read by the model loader) into freshly built modules."""
+    try:
+        source = load_components(model_dir)
+    except ModelLoadError as error:
+        raise NegpromptError(f"--init-from {model_dir}: not an exported model ({error})") from None
+    for module, loaded in ((unet, source.unet), (text_encoder, source.text_encoder)):
         try:
-            module.load_state_dict(load_file(str(path)))
+            module.load_state_dict(loaded.state_dict())
         except RuntimeError as error:  # shapes or names differ
             first = str(error).strip().splitlines()[0]
             raise NegpromptError(f"--init-from {model_dir}: weights do not fit this model config ({first})") from None
@@ -153,13 +153,13 @@ class Trainer:
     def __init__(self, config: TrainConfig, out_dir: str | Path) -> None:
         self.config = config
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         self.tokenizer = build_tokenizer()
         self.text_encoder = build_text_encoder(config.model, self.tokenizer)
         self.unet = build_unet(config.model)
-        if config.init_from is not None:
+        if config.init_from is not None:  # before the folder exists: a bad source leaves nothing behind
             load_weights_from_model_dir(config.init_from, self.unet, self.text_encoder)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.scheduler = build_scheduler()
         self.modules = {"unet": self.unet, "text": self.text_encoder}
         self.ema = {
