@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -23,7 +23,8 @@ from PIL import Image
 
 from negprompt import __version__
 from negprompt.errors import NegpromptError
-from negprompt.guidance.plan import Guidance, RuleSettings, Term
+from negprompt.guidance.plan import Guidance, Term
+from negprompt.guidance.rules.base import RuleSettings
 from negprompt.guidance.windows import Window
 from negprompt.models.components import Components
 from negprompt.models.loading import BUNDLED_NAME, load_components, resolve_model_path
@@ -119,22 +120,8 @@ class GenerationSettings:
             f"Seed: {self.seeds[index]}",
             f"Size: {self.width}x{self.height}",
             f"Model: {self.model}",
-            f"Rule: {g.rule}",
+            *g.infotext_fields(),
         ]
-        for i, term in enumerate(g.negatives, start=1):
-            if term.scale is not None:
-                fields.append(f"Negative {i} scale: {term.scale}")
-            if not term.window.is_full:
-                fields.append(f"Negative {i} window: {term.window.describe()}")
-        if not g.positive.window.is_full:
-            fields.append(f"Positive window: {g.positive.window.describe()}")
-        if g.rescale:
-            fields.append(f"Guidance rescale: {g.rescale}")
-        if g.interval is not None:
-            fields.append(f"Guidance interval: {g.interval.describe()}")
-        if g.rule in ("dng", "apg"):
-            prefix = g.rule + "_"
-            fields += [f"{k}: {v}" for k, v in asdict(g.settings).items() if k.startswith(prefix)]
         lines.append(", ".join(fields))
         return "\n".join(lines)
 
@@ -214,11 +201,12 @@ def make_settings(
     rescale: float = 0.0,
     interval: Window | str | None = None,
     interval_sigma: tuple[float, float] | None = None,
-    rule_settings: RuleSettings | None = None,
+    rule_settings: RuleSettings | Mapping[str, Any] | None = None,
 ) -> tuple[GenerationSettings, Components]:
     """Settings for a run, with the model's defaults filled in, and the loaded model.
 
-    ``interval`` limits guidance to a window of steps; ``interval_sigma`` = (σ_lo, σ_hi) to the
+    ``rule_settings``: the rule's options (its Settings dataclass or a mapping of option names, e.g.
+    ``{"strength": 3}`` for ``dng``). ``interval`` limits guidance to a window of steps; ``interval_sigma`` = (σ_lo, σ_hi) to the
     steps whose noise level σ = √((1 − ᾱ)/ᾱ) lies in that range (converted to steps here).
     """
     components = load_model(model)
@@ -242,7 +230,7 @@ def make_settings(
         extra_positives=tuple(extra_positives),
         rescale=rescale,
         interval=interval,
-        settings=rule_settings or RuleSettings(),
+        settings=rule_settings,
     )
     if size is None:
         height = width = components.default_size

@@ -51,7 +51,7 @@ IMAGE_CASES: dict[str, tuple[str, dict]] = {
             scheduler="ddim",
             steps=6,
             seeds=[9],
-            rule_settings=dict(apg_eta=0.5, apg_norm_threshold=2.0, apg_momentum=-0.5),
+            rule_settings=dict(eta=0.5, norm_threshold=2.0, momentum=-0.5),
         ),
     ),
     "tiny-syntax-unipc": (
@@ -95,11 +95,7 @@ def _model(name: str, tiny_sd):
 def _settings(model: str, options: dict, tiny_sd):
     """Settings and components of a case, through the public API of the version under test."""
     from negprompt.api import make_settings
-    from negprompt.guidance.plan import RuleSettings
 
-    options = dict(options)
-    if "rule_settings" in options:
-        options["rule_settings"] = RuleSettings(**options["rule_settings"])
     prompt = TINY_PROMPT if model == "tiny" else SHAPES_PROMPT
     size = 32 if model == "tiny" else None
     return make_settings(prompt, model=_model(model, tiny_sd), size=size, **options)

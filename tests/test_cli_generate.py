@@ -89,7 +89,7 @@ def run_bad(capsys, tmp_path, argv):
 BAD = [
     (["--scheduler", "karras"], "unknown scheduler 'karras'"),
     (["--rule", "magic"], "unknown rule 'magic'"),
-    (["--steps", "0"], "steps must be an integer in 1–1000"),
+    (["--steps", "0"], "argument --steps: '0' is not a positive integer (1 or more)"),
     (["--steps", "1001"], "1–1000"),
     (["--scale", "nan"], "guidance scale must be a finite number"),
     (["--scale", "inf"], "finite"),
@@ -111,6 +111,8 @@ MORE_BAD = [
     (["--negative", "dog", "--rule", "apg", "--apg-momentum", "1.5"], "apg_momentum"),
     (["--negative", "dog", "--rule", "apg", "--apg-threshold", "-1"], "apg_norm_threshold"),
     (["--rule", "perp-neg"], "needs a negative"),
+    (["--negative", "dog", "--dng-lambda", "3"], "--dng-lambda is an option of rule 'dng', but the rule is 'sd'"),
+    (["--negative", "dog", "--rule", "dng", "--apg-eta", "1"], "add --rule apg or drop --apg-eta"),
     (["--interval", "2:9"], "outside the schedule"),
     (["--interval-sigma", "5:1"], "σ_lo < σ_hi"),
     (["--interval-sigma", "abc"], "LO:HI"),

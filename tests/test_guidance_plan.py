@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from negprompt.errors import NegpromptError
-from negprompt.guidance import rules
+from negprompt.guidance import formulas
 from negprompt.guidance.plan import UNCONDITIONAL, Guidance, Term
 from negprompt.guidance.windows import Window
 
@@ -133,14 +133,14 @@ def test_weighted_rule_names_every_branch():
 def test_sd_rule_outside_the_window_is_plain_cfg():
     guidance = Guidance(scale=6.0, positive=Term("a"), negatives=(Term("b", window=Window(5)),))
     p = preds([UNCONDITIONAL, "positive"])
-    torch.testing.assert_close(guidance.combine(p, 2, N), rules.cfg(p[UNCONDITIONAL], p["positive"], 6.0))
+    torch.testing.assert_close(guidance.combine(p, 2, N), formulas.cfg(p[UNCONDITIONAL], p["positive"], 6.0))
     q = preds(["negative", "positive"], seed=1)
-    torch.testing.assert_close(guidance.combine(q, 7, N), rules.sd_negative(q["negative"], q["positive"], 6.0))
+    torch.testing.assert_close(guidance.combine(q, 7, N), formulas.sd_negative(q["negative"], q["positive"], 6.0))
 
 
 def test_default_negative_scales_make_every_rule_agree_with_sd():
     p = preds([UNCONDITIONAL, "negative", "positive"])
-    expected = rules.sd_negative(p["negative"], p["positive"], 7.5)
+    expected = formulas.sd_negative(p["negative"], p["positive"], 7.5)
     for rule in ("sd", "dual", "weighted"):
         guidance = Guidance(rule=rule, positive=Term("a"), negatives=(Term("b"),), scale=7.5)
         torch.testing.assert_close(guidance.combine(p, 0, N), expected, atol=1e-5, rtol=1e-5)
@@ -149,7 +149,7 @@ def test_default_negative_scales_make_every_rule_agree_with_sd():
 def test_dual_rule_uses_its_own_negative_scale():
     p = preds([UNCONDITIONAL, "negative", "positive"])
     guidance = Guidance(rule="dual", positive=Term("a"), negatives=(Term("b", 2.0),), scale=5.0)
-    expected = rules.dual_scale(p[UNCONDITIONAL], p["positive"], p["negative"], 5.0, 2.0)
+    expected = formulas.dual_scale(p[UNCONDITIONAL], p["positive"], p["negative"], 5.0, 2.0)
     torch.testing.assert_close(guidance.combine(p, 0, N), expected)
 
 
@@ -158,7 +158,7 @@ def test_weighted_term_outside_its_window_drops_out():
     p = preds([UNCONDITIONAL, "negative", "positive"])
     inside = guidance.combine(p, 1, N)
     outside = guidance.combine({k: v for k, v in p.items() if k != "negative"}, 5, N)
-    torch.testing.assert_close(outside, rules.cfg(p[UNCONDITIONAL], p["positive"], 4.0))
+    torch.testing.assert_close(outside, formulas.cfg(p[UNCONDITIONAL], p["positive"], 4.0))
     assert not torch.allclose(inside, outside)
 
 

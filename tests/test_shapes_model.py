@@ -141,7 +141,14 @@ def test_resume_with_another_loss_setting_is_recorded(tmp_path):
     assert '"event": "config changed"' in (tmp_path / "train_log.jsonl").read_text()
 
 
-@pytest.mark.parametrize("flag", [["--thing-weight", "0"], ["--lr", "nan"], ["--samples", "0"]])
-def test_train_refuses_bad_settings(tmp_path, capsys, flag):
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        (["--thing-weight", "0"], "must be a positive number"),
+        (["--lr", "nan"], "must be a positive number"),
+        (["--samples", "0"], "--samples: '0' is not a positive integer"),
+    ],
+)
+def test_train_refuses_bad_settings(tmp_path, capsys, flag, message):
     code = main(["train", "--out", str(tmp_path / "run"), "-q", *flag])
-    assert_usage_error(code, capsys, "must be a positive number", tmp_path / "run")
+    assert_usage_error(code, capsys, message, tmp_path / "run")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from negprompt.analysis.edit import detector_region
 from negprompt.analysis.locality import changed_pixels
 from negprompt.api import load_model, make_settings, model_defaults, run_together, to_uint8
 from negprompt.errors import NegpromptError
-from negprompt.guidance.plan import RuleSettings, Term
+from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
 from negprompt.world.detectors import detect
 from negprompt.world.evaluation import Row, row_prompts
@@ -49,7 +49,7 @@ class Method:
     window: Window | None = None
     rescale: float = 0.0
     interval: Window | None = None
-    settings: RuleSettings = RuleSettings()
+    settings: Mapping[str, float] | None = None  # the rule's options; None: its defaults
 
 
 METHODS: tuple[Method, ...] = (

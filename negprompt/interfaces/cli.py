@@ -20,14 +20,35 @@ class CommandError(NegpromptError):
     """A user error found by a command itself."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors as one :class:`CommandError` line instead of a usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise CommandError(f"{message} (see {self.prog} --help)")
+
+
 # ---------------------------------------------------------------- shared options
 
 
-def positive_int(text: str) -> int:
+def whole_number(text: str) -> int:
     try:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def non_negative_int(text: str) -> int:
+    value = whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative; give 0 or more")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = whole_number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (1 or more)")
+    return value
 
 
 def number(text: str) -> float:
@@ -54,7 +75,7 @@ def seed_list(text: str) -> list[int]:
 
 def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that generates: prompt, negatives, rule, sampler, model."""
-    from negprompt.guidance.plan import RULES
+    from negprompt.guidance.rules import all_rules
     from negprompt.sampling.schedulers import SCHEDULER_NAMES
 
     parser.add_argument("prompt", nargs="?", default=None, help="the positive prompt (may be empty: unconditional)")
@@ -72,7 +93,8 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
         metavar="START:END",
         help="steps in which each negative is active, in order: 5: or 0.2:0.8 or :10 (default all)",
     )
-    parser.add_argument("--rule", default="sd", help=f"guidance rule: {', '.join(RULES)} (default sd)")
+    rules = "; ".join(f"{rule.name}: {rule.summary}" for rule in all_rules().values())
+    parser.add_argument("--rule", default="sd", help=f"guidance rule (default sd) — {rules}")
     parser.add_argument("--scale", type=number, default=None, help="guidance scale s (s⁺); default: the model's")
     parser.add_argument(
         "--steps", type=positive_int, default=None, help="inference steps, 1–1000; default: the model's"
@@ -90,13 +112,53 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     more.add_argument(
         "--interval-sigma", default=None, metavar="LO:HI", help="guide only where the noise level σ is in [LO, HI]"
     )
-    more.add_argument("--dng-lambda", type=number, default=5.0, help="DNG strength λ (default 5)")
-    more.add_argument("--dng-prior", type=number, default=0.01, help="DNG prior p(negative) (default 0.01)")
-    more.add_argument("--dng-p-min", type=number, default=1e-4, help="DNG posterior lower clamp")
-    more.add_argument("--dng-p-max", type=number, default=0.8, help="DNG posterior upper clamp, < 1 (default 0.8)")
-    more.add_argument("--apg-eta", type=number, default=0.0, help="APG weight η of the parallel part (default 0)")
-    more.add_argument("--apg-threshold", type=number, default=0.0, help="APG norm threshold r (0: no clipping)")
-    more.add_argument("--apg-momentum", type=number, default=0.0, help="APG momentum β in (−1, 1)")
+    add_rule_options(parser)
+
+
+def add_rule_options(parser: argparse.ArgumentParser) -> None:
+    """One group per rule with options: flags, types, defaults and help from the rule's settings."""
+    from negprompt.guidance.rules import all_rules
+
+    for rule in all_rules().values():
+        options = rule.Settings.options()
+        if not options:
+            continue
+        group = parser.add_argument_group(f"options of rule {rule.name} (--rule {rule.name})")
+        for option in options:
+            kind = rule.Settings.kind(option)
+            unit = f" {option.metadata['unit']}" if option.metadata.get("unit") else ""
+            group.add_argument(
+                rule.Settings.flag(option),
+                dest=rule_option_dest(rule.name, option.name),
+                type=whole_number if kind is int else number,
+                default=None,
+                metavar="N" if kind is int else "X",
+                help=f"{option.metadata['help']} (default {option.default}{unit})",
+            )
+
+
+def rule_option_dest(rule: str, option: str) -> str:
+    return f"rule_option__{rule.replace('-', '_')}__{option}"
+
+
+def rule_options_from_args(args: argparse.Namespace) -> dict:
+    """The selected rule's options given on the command line; an option of another rule is an error."""
+    from negprompt.guidance.rules import all_rules
+
+    chosen: dict = {}
+    for rule in all_rules().values():
+        for option in rule.Settings.options():
+            value = getattr(args, rule_option_dest(rule.name, option.name), None)
+            if value is None:
+                continue
+            if rule.name != args.rule:
+                flag = rule.Settings.flag(option)
+                raise CommandError(
+                    f"{flag} is an option of rule {rule.name!r}, but the rule is {args.rule!r}; "
+                    f"add --rule {rule.name} or drop {flag}"
+                )
+            chosen[option.name] = value
+    return chosen
 
 
 def sigma_range(text: str) -> tuple[float, float]:
@@ -109,7 +171,6 @@ def sigma_range(text: str) -> tuple[float, float]:
 
 def settings_from_args(args: argparse.Namespace):
     from negprompt.api import make_settings
-    from negprompt.guidance.plan import RuleSettings
 
     return make_settings(
         args.prompt or "",
@@ -126,15 +187,7 @@ def settings_from_args(args: argparse.Namespace):
         rescale=args.rescale,
         interval=args.interval,
         interval_sigma=sigma_range(args.interval_sigma) if args.interval_sigma else None,
-        rule_settings=RuleSettings(
-            dng_strength=args.dng_lambda,
-            dng_prior=args.dng_prior,
-            dng_p_min=args.dng_p_min,
-            dng_p_max=args.dng_p_max,
-            apg_eta=args.apg_eta,
-            apg_norm_threshold=args.apg_threshold,
-            apg_momentum=args.apg_momentum,
-        ),
+        rule_settings=rule_options_from_args(args),
     )
 
 
@@ -437,7 +490,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="negprompt", description="Controllable, explainable negative prompts.")
+    parser = OneLineParser(prog="negprompt", description="Controllable, explainable negative prompts.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser("generate", help="generate images with negative prompts")
@@ -549,11 +602,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--samples", type=positive_int, default=160_000, help="training examples in all")
     train.add_argument("--batch-size", type=positive_int, default=32)
     train.add_argument("--lr", type=number, default=8e-4, help="peak learning rate")
-    train.add_argument("--seed", type=positive_int, default=0)
+    train.add_argument("--seed", type=non_negative_int, default=0)
     train.add_argument(
         "--thing-weight", type=number, default=1.0, help="loss weight of hat/sun/stripe pixels (1 = plain loss)"
     )
-    train.add_argument("--warmup-steps", type=positive_int, default=300, help="linear learning-rate warm-up")
+    train.add_argument("--warmup-steps", type=non_negative_int, default=300, help="linear learning-rate warm-up")
     train.add_argument(
         "--init-from",
         default=None,
@@ -577,10 +630,9 @@ def quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    quiet_libraries()
     try:
+        args = build_parser().parse_args(argv)
+        quiet_libraries()
         return args.handler(args)
     except NegpromptError as error:
         message = str(error).splitlines()[0] if str(error) else error.__class__.__name__

@@ -11,6 +11,7 @@ each UNet call, which step it is and how the batch is laid out (attention captur
 from __future__ import annotations
 
 import inspect
+from contextlib import ExitStack
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -235,9 +236,11 @@ def sample_groups(
         blocks: list[RowBlock] = []
         inputs, contexts = [], []
         computed: dict[tuple, list[tuple[int, int]]] = {}  # (prompts, seeds) → [(group, start row)]
+        step_prompts: list[dict[str, tuple[str, ...]]] = [{} for _ in groups]  # per group: branch → prompts
         for g, group in enumerate(groups):
             for branch in plans[g][step]:
                 prompts = _branch_prompts(group, branch, step, calls)
+                step_prompts[g][branch] = prompts
                 key = (prompts, group.seeds)
                 shared = next(
                     (
@@ -257,12 +260,21 @@ def sample_groups(
             hook.before_unet_call(step, float(t), blocks)
         batch, context_batch = torch.cat(inputs), torch.cat(contexts)
         chunk = max_rows_per_call or batch.shape[0]
-        outputs = [
-            components.unet(
-                batch[i : i + chunk], t, encoder_hidden_states=context_batch[i : i + chunk], return_dict=False
-            )[0]
-            for i in range(0, batch.shape[0], chunk)
-        ]
+        with ExitStack() as prepared:
+            for g, group in enumerate(groups):
+                # A rule may prepare the denoiser (attention processors) with each branch's conditioning.
+                conditioning = {
+                    branch: torch.cat([embeddings[text] for text in prompts])
+                    for branch, prompts in step_prompts[g].items()
+                }
+                context = StepContext(step, calls, alpha_bars[step], alpha_bars[step + 1])
+                prepared.enter_context(group.guidance.rule_object.prepare(group.guidance, components.unet, context, conditioning))
+            outputs = [
+                components.unet(
+                    batch[i : i + chunk], t, encoder_hidden_states=context_batch[i : i + chunk], return_dict=False
+                )[0]
+                for i in range(0, batch.shape[0], chunk)
+            ]
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         rows += output.shape[0]
 

@@ -1,0 +1,220 @@
+"""What a guidance rule is: one protocol, typed settings, and the step's branch predictions.
+
+A rule is one module under :mod:`negprompt.guidance.rules` holding one :class:`Rule` object. The rule
+says which branches it needs at a step, how it combines their predictions (by calling the pure
+formulas of :mod:`negprompt.guidance.formulas` or its own), what state it carries across steps, and
+may prepare the denoiser for a step (install attention processors and give them the negative's
+conditioning: the seam for rules that act inside attention layers). Its options are a frozen
+dataclass of :class:`RuleSettings` whose fields carry their help text; the command line, the PNG
+infotext and the JSON are generated from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+from dataclasses import MISSING, Field, asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from negprompt.errors import NegpromptError
+
+if TYPE_CHECKING:
+    from negprompt.guidance.plan import Guidance
+
+Tensor = torch.Tensor
+UNCONDITIONAL = "unconditional"
+
+
+class GuidanceError(NegpromptError):
+    """Settings that no rule accepts."""
+
+
+def check_number(value: Any, what: str) -> None:
+    """Raises unless ``value`` is a finite int or float (None passes: "use the default")."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise GuidanceError(f"{what} must be a finite number, got {value!r}")
+
+
+# ---------------------------------------------------------------- settings
+
+
+def option(default: float | int, help: str, *, flag: str | None = None, unit: str = "") -> Any:
+    """A settings field: its default, a help line, the command-line name (default: the field's) and unit."""
+    from dataclasses import field
+
+    return field(default=default, metadata={"help": help, "flag": flag, "unit": unit})
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    """Typed options of one rule (a frozen dataclass of :func:`option` fields). Base: no options.
+
+    Each field is known outside the rule by its qualified name ``<rule>_<field>`` (``dng_strength``):
+    in error messages, the infotext and the command line (``--dng-lambda`` where the field sets a flag).
+    """
+
+    rule: ClassVar[str] = ""
+
+    @classmethod
+    def options(cls) -> tuple[Field, ...]:
+        return fields(cls)
+
+    @classmethod
+    def qualified(cls, name: str) -> str:
+        return f"{cls.rule.replace('-', '_')}_{name}"
+
+    @classmethod
+    def flag(cls, option_field: Field) -> str:
+        """The command-line flag of a field, e.g. ``--dng-lambda``."""
+        return f"--{cls.rule}-{(option_field.metadata.get('flag') or option_field.name).replace('_', '-')}"
+
+    @classmethod
+    def kind(cls, option_field: Field) -> type:
+        """int or float: the type a field's values must have."""
+        return int if option_field.type in (int, "int") else float
+
+    def validate(self) -> None:
+        """Finite numbers of the right kind; subclasses add their bounds (and call this first)."""
+        for option_field in self.options():
+            value = getattr(self, option_field.name)
+            check_number(value, self.qualified(option_field.name))
+            if self.kind(option_field) is int and not isinstance(value, int):
+                raise GuidanceError(f"{self.qualified(option_field.name)} must be an integer, got {value!r}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RuleSettings:
+        """Settings from field names or qualified names (``strength`` or ``dng_strength``)."""
+        known = {f.name for f in cls.options()}
+        prefix = cls.qualified("")
+        values = {}
+        for key, value in data.items():
+            name = key[len(prefix) :] if key.startswith(prefix) and key[len(prefix) :] in known else key
+            if name not in known:
+                accepted = ", ".join(sorted(known)) or "none"
+                raise GuidanceError(f"rule {cls.rule!r} has no option {key!r}; its options: {accepted}")
+            values[name] = value
+        return cls(**values)
+
+    def is_default(self) -> bool:
+        return all(
+            getattr(self, f.name) == f.default for f in self.options() if f.default is not MISSING
+        )
+
+    def infotext_fields(self) -> list[str]:
+        """``name: value`` for every option, as the PNG ``parameters`` text lists them."""
+        return [f"{self.qualified(f.name)}: {getattr(self, f.name)}" for f in self.options()]
+
+
+@dataclass(frozen=True)
+class NoSettings(RuleSettings):
+    """A rule without options beyond its scales."""
+
+
+# ---------------------------------------------------------------- one step's predictions
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where a step is in the schedule: its index, the number of steps, ᾱ now and at the next step."""
+
+    step: int
+    num_steps: int
+    alpha_bar: float = 1.0
+    alpha_bar_next: float = 1.0
+
+
+@dataclass(frozen=True)
+class BranchPredictions:
+    """The predictions one step evaluated, by branch name, each (B, C, H, W).
+
+    ``active``: the terms inside their window at this step; ``terms``: every term's branch name in
+    order (``positive``, ``positive_2`` …, ``negative``, ``negative_2`` …). A term outside its window
+    is replaced by the empty prompt: :meth:`eps` then gives ε_∅. ``step`` counts denoiser calls,
+    0 … ``num_steps`` − 1.
+    """
+
+    predictions: Mapping[str, Tensor]
+    active: frozenset[str]
+    terms: tuple[str, ...]
+    step: int = 0
+    num_steps: int = 1
+
+    def eps(self, name: str) -> Tensor:
+        return self.predictions[name] if name in self.active else self.predictions[UNCONDITIONAL]
+
+    @property
+    def unconditional(self) -> Tensor:
+        return self.predictions[UNCONDITIONAL]
+
+    @property
+    def negatives(self) -> list[str]:
+        """Every negative branch name, active or not, in order."""
+        return [n for n in self.terms if n.startswith("negative")]
+
+
+# ---------------------------------------------------------------- the protocol
+
+
+class Rule:
+    """A guidance rule. Subclasses set ``name``, ``summary``, ``Settings`` and override :meth:`combine`.
+
+    Defaults: one positive prompt only, every step needs ε_∅, no state, nothing to prepare.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for --help, naming the equation or paper
+    Settings: ClassVar[type[RuleSettings]] = NoSettings
+
+    def check(self, guidance: Guidance) -> None:
+        """Raises :class:`GuidanceError` for prompts and scales the rule cannot take."""
+        if guidance.extra_positives:
+            raise GuidanceError(f"several positive prompts need rule 'weighted', not {self.name!r}")
+
+    def needs_unconditional(self, guidance: Guidance, active: frozenset[str]) -> bool:
+        """Whether ε_∅ must be evaluated at a step whose active terms are ``active``."""
+        return True
+
+    def new_state(self, guidance: Guidance, batch_size: int) -> dict[str, Tensor]:
+        """State carried across steps (e.g. a posterior, a momentum), fresh for a run."""
+        return {}
+
+    def combine(self, guidance: Guidance, branches: BranchPredictions, state: dict[str, Tensor]) -> Tensor:
+        """ε̂ (B, C, H, W) from the step's branch predictions; may update ``state``."""
+        raise NotImplementedError
+
+    def update_state(
+        self,
+        guidance: Guidance,
+        state: dict[str, Tensor],
+        predictions: Mapping[str, Tensor],
+        guided: Tensor,
+        context: StepContext,
+    ) -> None:
+        """Moves the state on after a step's combination."""
+
+    def prepare(
+        self, guidance: Guidance, denoiser: Any, context: StepContext, conditioning: Mapping[str, Any]
+    ) -> contextlib.AbstractContextManager[None]:
+        """Entered around the step's denoiser call: install processors, restore them on exit.
+
+        ``conditioning``: the encoded prompt of each branch at this step, by branch name.
+        """
+        return contextlib.nullcontext()
+
+
+def single_negative(guidance: Guidance, rule: str, own_scale: bool) -> None:
+    """Checks for rules with at most one negative (and, unless ``own_scale``, no scale of its own)."""
+    if len(guidance.negatives) > 1:
+        raise GuidanceError(f"rule {rule!r} takes one negative prompt; use 'dual', 'weighted' or 'perp-neg' for several")
+    if not own_scale and guidance.negatives and guidance.negatives[0].scale is not None:
+        raise GuidanceError(
+            f"rule {rule!r} has one scale (s); a negative's own scale needs rule 'dual' or 'weighted'"
+        )

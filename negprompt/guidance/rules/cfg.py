@@ -1,0 +1,22 @@
+"""Classifier-free guidance without a negative prompt, eq. (1) of the article."""
+
+from __future__ import annotations
+
+from negprompt.guidance import formulas
+from negprompt.guidance.rules.base import BranchPredictions, GuidanceError, Rule, Tensor
+
+
+class CFG(Rule):
+    name = "cfg"
+    summary = "classifier-free guidance, eq. (1); no negative prompt"
+
+    def check(self, guidance) -> None:
+        super().check(guidance)
+        if guidance.negatives:
+            raise GuidanceError("rule 'cfg' takes no negative prompt; use 'sd', 'dual' or 'weighted'")
+
+    def combine(self, guidance, branches: BranchPredictions, state: dict[str, Tensor]) -> Tensor:
+        return formulas.cfg(branches.unconditional, branches.eps("positive"), guidance.scale)
+
+
+RULE = CFG()
