@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from negprompt import __version__
+from negprompt.version import __version__
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Guidance, RuleSettings, Term
 from negprompt.guidance.windows import Window
