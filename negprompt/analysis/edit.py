@@ -81,9 +81,7 @@ def _check_threshold(threshold: float) -> None:
         raise EditError(f"mask threshold must be in (0, 1), got {threshold!r}")
 
 
-def region_source_for(
-    components: Components, word: str, requested: str, size: int
-) -> tuple[str, RegionFinder | None]:
+def region_source_for(components: Components, word: str, requested: str, size: int) -> tuple[str, RegionFinder | None]:
     """``"detector"`` with the model's region finder, or ``"attention"`` with None, for ``requested``.
 
     ``auto`` takes the finder the model declares when it covers ``word`` at ``size``, else attention.

@@ -149,7 +149,12 @@ def run_sweep(
                 rows.append({**row_common, "variant": "none", "start": -1, **_score(finder, base, base, word)})
                 for (kind, value, _), generation in zip(variants, generations[1:]):
                     rows.append(
-                        {**row_common, "variant": kind, "start": value, **_score(finder, base, generation.pixels[i], word)}
+                        {
+                            **row_common,
+                            "variant": kind,
+                            "start": value,
+                            **_score(finder, base, generation.pixels[i], word),
+                        }
                     )
                 members, generation = auto_runs[auto[i]]
                 rows.append(

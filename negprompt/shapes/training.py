@@ -26,6 +26,7 @@ from negprompt.errors import NegpromptError
 from negprompt.models.components import Components
 from negprompt.models.loading import ModelLoadError, load_components
 from negprompt.models.saving import save_components
+from negprompt.sampling.schedulers import make_scheduler
 from negprompt.shapes.model import (
     ShapesModelConfig,
     build_scheduler,
@@ -33,7 +34,6 @@ from negprompt.shapes.model import (
     build_tokenizer,
     build_unet,
 )
-from negprompt.sampling.schedulers import make_scheduler
 from negprompt.shapes.regions import NAME as REGION_FINDER
 from negprompt.shapes.scene import sample_example
 
