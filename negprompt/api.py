@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from negprompt import __version__
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Guidance, Term
 from negprompt.guidance.rules.base import RuleSettings
@@ -30,6 +29,7 @@ from negprompt.models.components import Components
 from negprompt.models.loading import BUNDLED_NAME, load_components, resolve_model_path
 from negprompt.sampling.loop import Group, StepCallback, StepInfo, UNetCallHook, sample_groups
 from negprompt.sampling.schedulers import make_scheduler
+from negprompt.version import __version__
 
 DEFAULTS_FILE = "negprompt.json"  # optional file in a model directory: default steps, scale, scheduler
 FALLBACK_DEFAULTS = {"steps": 50, "scale": 7.5, "scheduler": "default"}

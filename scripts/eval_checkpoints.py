@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 from negprompt.models.loading import load_components
-from negprompt.training.trainer import DEFAULT_SAMPLING
-from negprompt.world.evaluation import evaluate
+from negprompt.shapes.evaluation import evaluate
+from negprompt.shapes.training import DEFAULT_SAMPLING
 
 COLUMNS = (  # (row, attribute, header)
     ("plain", "color", "color"),

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny Stable Diffusion built from configs (random weights, no downloads)."""
+"""Shared fixtures: a tiny Stable Diffusion and a tiny shapes-world model built from configs (random weights, no downloads)."""
 
 from __future__ import annotations
 
@@ -30,15 +30,22 @@ def tiny_sd_dir(tmp_path_factory, tiny_sd):
 
 @pytest.fixture(scope="session")
 def tiny_shapes_dir(tmp_path_factory):
-    """An untrained shapes-world model (the bundled architecture at toy width) saved as a directory."""
+    """An untrained shapes-world model (the bundled architecture at toy width) saved as a directory.
+
+    Its negprompt.json declares only the world's region finder (the sampling defaults stay diffusers').
+    """
+    import json
+
     from helpers import shapes_components
 
     from negprompt.models.saving import save_components
-    from negprompt.models.shapes_model import ShapesModelConfig
+    from negprompt.shapes.model import ShapesModelConfig
+    from negprompt.shapes.regions import NAME
 
     torch.manual_seed(0)
     config = ShapesModelConfig(unet_widths=(16, 32), head_dim=8, text_width=32, text_layers=1, text_heads=2)
     components = shapes_components(config)
     folder = tmp_path_factory.mktemp("tiny-shapes")
     save_components(components, folder)
+    (folder / "negprompt.json").write_text(json.dumps({"region_finder": NAME}) + "\n")
     return folder

@@ -18,7 +18,7 @@ def assert_usage_error(code: int, capsys, message: str, *never_written: Path) ->
 def shapes_components(config=None):
     """The shapes-world model's parts built from ``config`` (random weights), in eval mode."""
     from negprompt.models.components import Components
-    from negprompt.models.shapes_model import (
+    from negprompt.shapes.model import (
         ShapesModelConfig,
         build_scheduler,
         build_text_encoder,

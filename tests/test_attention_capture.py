@@ -94,7 +94,7 @@ def test_words_to_tokens_with_multi_token_words(tiny_sd):
 
 
 def test_words_to_tokens_with_the_word_level_tokenizer():
-    from negprompt.models.shapes_model import build_tokenizer
+    from negprompt.shapes.model import build_tokenizer
 
     tokenized = tokenize_words(build_tokenizer(), "a red circle with a hat")
     assert tokenized.words == ("a", "red", "circle", "with", "a", "hat")

@@ -12,9 +12,11 @@ import pytest
 
 from negprompt.api import generate, load_model, to_uint8
 from negprompt.interfaces.cli import main
+from negprompt.interfaces.demo import DEMO_PAIRS
 from negprompt.models.loading import BUNDLED_PATH
-from negprompt.world.detectors import detect
-from negprompt.world.scene import COLORS, SHAPES
+from negprompt.shapes.detectors import detect
+from negprompt.shapes.scene import COLORS, SHAPES
+from negprompt.shapes.training import DECLARATIONS, DEFAULT_SAMPLING
 
 PROMPTS = [(c, s) for s in SHAPES for c in COLORS]  # 12 combinations
 
@@ -30,7 +32,8 @@ def test_bundled_model_is_small_safetensors_and_pixel_space(bundled):
     assert not any(p.suffix in (".bin", ".ckpt", ".pt", ".pth") for p in BUNDLED_PATH.rglob("*"))
     assert bundled.vae is None and bundled.default_size == 32
     defaults = json.loads((BUNDLED_PATH / "negprompt.json").read_text())
-    assert set(defaults) == {"scheduler", "steps", "scale"}
+    assert defaults == {**DEFAULT_SAMPLING, **DECLARATIONS}  # what `negprompt train` exports
+    assert set(defaults) == {"scheduler", "steps", "scale", "region_finder", "demo_pairs"}
 
 
 def test_bundled_model_draws_the_named_color_and_shape(bundled):
@@ -63,6 +66,7 @@ def test_demo_command(tmp_path, capsys):
     assert "demo.png" in out and (tmp_path / "demo.png").exists()
     record = json.loads((tmp_path / "demo.json").read_text())
     assert len(record["variants"]) == 3 and record["variants"][2]["guidance"]["negatives"][0]["window"] == [0.25, None]
+    assert [(p["prompt"], p["negative"]) for p in record["pairs"]] == list(DEMO_PAIRS)  # declared = the fallback
 
 
 def test_unknown_word_with_the_bundled_model(tmp_path, capsys):

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from helpers import assert_usage_error
 
-from negprompt.analysis.edit import detector_region, run_edit, summarize
+from negprompt.analysis.edit import run_edit, summarize
 from negprompt.analysis.locality import changed_pixels, locality, psnr, ssim
 from negprompt.analysis.sweep import automatic_start, motion, summarize_sweep
 from negprompt.errors import NegpromptError
 from negprompt.guidance.windows import Window
 from negprompt.interfaces.cli import main
-from negprompt.world.scene import render, sample_scene
+from negprompt.shapes.regions import detector_region
+from negprompt.shapes.scene import render, sample_scene
 
 PROMPT, NEGATIVE = "a photo of a woman", "red glasses"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,12 +13,12 @@ from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Guidance, Term
 from negprompt.interfaces.cli import main
 from negprompt.models.loading import load_components
-from negprompt.models.shapes_model import ShapesModelConfig, build_tokenizer
 from negprompt.sampling.loop import sample
 from negprompt.sampling.prompts import check_prompt
 from negprompt.sampling.schedulers import make_scheduler
-from negprompt.training.trainer import TrainConfig, Trainer, batch_of_examples
-from negprompt.world.scene import VOCABULARY
+from negprompt.shapes.model import ShapesModelConfig, build_tokenizer
+from negprompt.shapes.scene import VOCABULARY
+from negprompt.shapes.training import DECLARATIONS, DEFAULT_SAMPLING, TrainConfig, Trainer, batch_of_examples
 
 TINY = ShapesModelConfig(unet_widths=(16, 32), head_dim=8, text_width=32, text_layers=1, text_heads=2)
 
@@ -107,6 +109,7 @@ def test_export_loads_with_the_stable_diffusion_loader(tmp_path):
     trainer = Trainer(tiny_config(samples=16), tmp_path / "train")
     trainer.run(progress=False)
     folder = trainer.export(tmp_path / "model")
+    assert json.loads((folder / "negprompt.json").read_text()) == {**DEFAULT_SAMPLING, **DECLARATIONS}
     loaded = load_components(folder)
     assert loaded.vae is None and loaded.latent_factor == 1 and loaded.default_size == 32
     guidance = Guidance(positive=Term("a red circle"), negatives=(Term("a hat"),))

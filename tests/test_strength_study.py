@@ -129,7 +129,7 @@ def test_spec_validation_names_the_line_and_field(edit, message):
 
 
 def test_negative_word_outside_the_vocabulary():
-    from negprompt.models.shapes_model import build_tokenizer
+    from negprompt.shapes.model import build_tokenizer
 
     text = GOOD.replace("a photo of a cat, negative: red hat", "a red circle, negative: a dragon")
     spec = parse_spec(

@@ -5,15 +5,15 @@ removes a thing and keeps the rest).
 over all steps, and with the negative in a window [start, end); the first steps of the windowed
 image are the plain image's own, computed once. Each edit is scored:
 
-- **region** of the thing: on the bundled model, the ground-truth detectors' region of the thing in
-  the plain image (dilated by one pixel; an adjective's region is the object for ``striped`` and the
-  whole image for ``blurry``); otherwise the negative word's attention map in the full-negative run,
-  averaged over the window's steps, divided by its maximum and thresholded (``threshold``);
+- **region** of the thing: from the region finder the model declares (:mod:`negprompt.analysis.regions`;
+  the bundled model's finder uses its world's ground-truth detectors), in the plain image; otherwise
+  the negative word's attention map in the full-negative run, averaged over the window's steps,
+  divided by its maximum and thresholded (``threshold``);
 - **locality**: PSNR and SSIM against the plain image outside the region, and the share of changed
   pixels (:mod:`negprompt.analysis.locality`);
-- **removal**: on the bundled model, whether the detectors still find the thing; otherwise an
-  attention score, 1 − (negative word's attention inside the region at the last step ÷ its peak over
-  the window), which grows as the thing fades (the article: once removed, its map weakens).
+- **removal**: with a region finder, whether it still finds the thing; otherwise an attention
+  score, 1 − (negative word's attention inside the region at the last step ÷ its peak over the
+  window), which grows as the thing fades (the article: once removed, its map weakens).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from negprompt.analysis.locality import dilate, locality
+from negprompt.analysis.locality import locality
+from negprompt.analysis.regions import RegionFinder, declared_finder
 from negprompt.api import Generation, load_model, make_settings, run_together, to_uint8
 from negprompt.attention.capture import CaptureRequest, capture_attention
 from negprompt.attention.result import plan_for
@@ -32,9 +33,7 @@ from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
 from negprompt.models.components import Components
-from negprompt.world.scene import ADJECTIVES, IMAGE_SIZE, NOUNS
 
-WORLD_THINGS = NOUNS + ADJECTIVES
 REGION_SOURCES = ("auto", "attention", "detector")
 
 
@@ -82,30 +81,28 @@ def _check_threshold(threshold: float) -> None:
         raise EditError(f"mask threshold must be in (0, 1), got {threshold!r}")
 
 
-def region_source_for(components: Components, word: str, requested: str, size: int) -> str:
+def region_source_for(components: Components, word: str, requested: str, size: int) -> tuple[str, RegionFinder | None]:
+    """``"detector"`` with the model's region finder, or ``"attention"`` with None, for ``requested``.
+
+    ``auto`` takes the finder the model declares when it covers ``word`` at ``size``, else attention.
+    """
     if requested not in REGION_SOURCES:
         raise EditError(f"unknown region source {requested!r}; choose one of {', '.join(REGION_SOURCES)}")
-    world = word in WORLD_THINGS and size == IMAGE_SIZE and components.vae is None
-    if requested == "detector" and not world:
-        raise EditError(f"detector regions exist only for the bundled world's things ({', '.join(WORLD_THINGS)})")
-    if requested == "auto":
-        return "detector" if world else "attention"
-    return requested
-
-
-def detector_region(image: np.ndarray, word: str) -> tuple[np.ndarray, bool]:
-    """The thing's region in ``image`` (H, W, 3 in [0, 1]) and whether the detectors find it."""
-    from negprompt.world.detectors import detect
-
-    found = detect(to_uint8(image))
-    present = bool(getattr(found, word))
-    if word in NOUNS:
-        region = found.regions.get(word, np.zeros(image.shape[:2], bool))
-    elif word == "striped":
-        region = found.regions.get("object", np.zeros(image.shape[:2], bool))
-    else:  # blurry: the whole image
-        region = np.ones(image.shape[:2], bool)
-    return dilate(region, 1) if word != "blurry" else region, present
+    if requested == "attention":
+        return "attention", None
+    finder = declared_finder(components)
+    if finder is None:
+        if requested == "detector":
+            raise EditError(
+                "detector regions exist only for the bundled world and models whose negprompt.json names a "
+                "region finder; this model names none"
+            )
+        return "attention", None
+    if finder.covers(components, word, size):
+        return "detector", finder
+    if requested == "detector":
+        raise EditError(f"detector regions exist only for {finder.domain}'s things ({', '.join(finder.things)})")
+    return "attention", None
 
 
 def attention_region(
@@ -155,9 +152,9 @@ def run_edit(
 ) -> EditOutcome:
     """Plain, full-negative and windowed-negative images in one batched run, with their measures.
 
-    Attention maps are recorded only when the region comes from attention; with the detectors
-    (bundled model) the run is the three generations alone, and ``max_rows_per_call`` may split
-    each step's UNet call (see :func:`negprompt.sampling.loop.sample_groups`).
+    Attention maps are recorded only when the region comes from attention; with the model's region
+    finder (the detectors, on the bundled model) the run is the three generations alone, and
+    ``max_rows_per_call`` may split each step's UNet call (see :func:`negprompt.sampling.loop.sample_groups`).
     """
     _check_threshold(threshold)
     word = negative_word(negative, word)
@@ -166,7 +163,7 @@ def run_edit(
     plain, _ = make_settings(prompt, rule="cfg", **common)
     full, _ = make_settings(prompt, [Term(negative)], **common)
     windowed, _ = make_settings(prompt, [Term(negative, None, window)], **common)
-    source = region_source_for(components, word, region, plain.height)
+    source, finder = region_source_for(components, word, region, plain.height)
     request = CaptureRequest(words={"negative": [word]})
     plan_full = plan_for(full, request, components)  # also checks the word and the window early
     bounds = window.resolve(plan_full.num_steps)
@@ -198,9 +195,9 @@ def run_edit(
         original, with_full, edited = (g.pixels[i] for g in generations)
         measures: dict = {}
         if source == "detector":
-            mask, in_original = detector_region(original, word)
-            _, in_full = detector_region(with_full, word)
-            _, in_edited = detector_region(edited, word)
+            mask, in_original = finder.find(original, word)
+            _, in_full = finder.find(with_full, word)
+            _, in_edited = finder.find(edited, word)
             measures.update(present_original=in_original, present_full=in_full, present_edited=in_edited)
         else:
             mask = regions[i]

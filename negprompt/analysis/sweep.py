@@ -5,7 +5,9 @@ images with the negative from step s to the end for every s in ``starts``, and t
 negative only in the early windows [0, k) of the probe. The steps a variant shares with the plain
 image are computed once (see :func:`negprompt.sampling.loop.sample_groups`).
 
-Scored with the bundled world's detectors, over the images whose plain version holds the thing:
+Scored with a region finder (:mod:`negprompt.analysis.regions`; by default the one the model
+declares, on the bundled model its world's detectors), over the images whose plain version holds
+the thing:
 
 - removal rate: share of those where the windowed image no longer holds it;
 - locality: SSIM and PSNR against the plain image outside the thing's region (dilated by 1 px),
@@ -30,8 +32,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from negprompt.analysis.edit import detector_region, negative_word
+from negprompt.analysis.edit import negative_word
 from negprompt.analysis.locality import changed_pixels, psnr, ssim
+from negprompt.analysis.regions import RegionFinder, RegionFinderError, declared_finder
 from negprompt.analysis.strength import FUNCTION_WORDS, map_similarity
 from negprompt.api import load_model, make_settings, run_together
 from negprompt.attention.capture import CaptureRequest, capture_attention
@@ -74,9 +77,9 @@ def automatic_start(word_maps: Sequence[torch.Tensor], tau: float) -> list[int]:
     return starts
 
 
-def _score(plain: np.ndarray, other: np.ndarray, word: str) -> dict:
-    region, _ = detector_region(plain, word)
-    _, present = detector_region(other, word)
+def _score(finder: RegionFinder, plain: np.ndarray, other: np.ndarray, word: str) -> dict:
+    region, _ = finder.find(plain, word)
+    _, present = finder.find(other, word)
     outside = ~region
     return {
         "present": present,
@@ -86,9 +89,17 @@ def _score(plain: np.ndarray, other: np.ndarray, word: str) -> dict:
     }
 
 
-def run_sweep(settings: SweepSettings, model=None, progress: bool = True) -> list[dict]:
-    """One row per (pair, seed, variant) with the detectors' verdict and the locality measures."""
+def run_sweep(
+    settings: SweepSettings, model=None, progress: bool = True, finder: RegionFinder | None = None
+) -> list[dict]:
+    """One row per (pair, seed, variant) with the region finder's verdict and the locality measures.
+
+    ``finder`` None: the one the model declares (an error if it declares none).
+    """
     components = load_model(model)
+    finder = finder or declared_finder(components)
+    if finder is None:
+        raise RegionFinderError("the start sweep scores with a region finder; this model's negprompt.json names none")
     rows: list[dict] = []
     chunks = [settings.seeds[i : i + settings.batch] for i in range(0, len(settings.seeds), settings.batch)]
     bar = tqdm(total=len(settings.pairs) * len(settings.seeds), unit="img", disable=not progress)
@@ -127,7 +138,7 @@ def run_sweep(settings: SweepSettings, model=None, progress: bool = True) -> lis
             }
             for i, seed in enumerate(seeds):
                 base = generations[0].pixels[i]
-                _, plain_present = detector_region(base, word)
+                _, plain_present = finder.find(base, word)
                 row_common = {
                     "prompt": prompt,
                     "negative": negative,
@@ -135,10 +146,15 @@ def run_sweep(settings: SweepSettings, model=None, progress: bool = True) -> lis
                     "seed": seed,
                     "plain_present": plain_present,
                 }
-                rows.append({**row_common, "variant": "none", "start": -1, **_score(base, base, word)})
+                rows.append({**row_common, "variant": "none", "start": -1, **_score(finder, base, base, word)})
                 for (kind, value, _), generation in zip(variants, generations[1:]):
                     rows.append(
-                        {**row_common, "variant": kind, "start": value, **_score(base, generation.pixels[i], word)}
+                        {
+                            **row_common,
+                            "variant": kind,
+                            "start": value,
+                            **_score(finder, base, generation.pixels[i], word),
+                        }
                     )
                 members, generation = auto_runs[auto[i]]
                 rows.append(
@@ -146,7 +162,7 @@ def run_sweep(settings: SweepSettings, model=None, progress: bool = True) -> lis
                         **row_common,
                         "variant": "auto",
                         "start": auto[i],
-                        **_score(base, generation.pixels[members.index(i)], word),
+                        **_score(finder, base, generation.pixels[members.index(i)], word),
                     }
                 )
             bar.update(len(seeds))

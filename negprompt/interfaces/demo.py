@@ -1,7 +1,8 @@
 """``negprompt demo``: no negative, a negative, and a delayed negative, side by side, in one figure.
 
 A last column block shows the edit: where the delayed negative changed the image (|delayed − none|,
-largest channel difference, white = 1).
+largest channel difference, white = 1). The rows' (prompt, negative) pairs are the model's
+``demo_pairs`` in its ``negprompt.json`` when it declares them, else :data:`DEMO_PAIRS`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from negprompt.api import Generation, load_model, make_settings, run_together, to_uint8
+from negprompt.api import Generation, load_model, make_settings, model_defaults, run_together, to_uint8
+from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
 from negprompt.interfaces.png import write_atomically
 
-# At the bundled model's default scale (14) unnamed suns and stripes are rare and hats common (about a
-# third of plain images), so most rows remove a hat; "blurry" shows what a quality negative does.
+# The bundled model's pairs (its negprompt.json declares the same): at its default scale (14) unnamed
+# suns and stripes are rare and hats common, so most rows remove a hat; "blurry" shows a quality negative.
 DEMO_PAIRS = (
     ("a red circle", "a hat"),
     ("a blue square", "a hat"),
@@ -44,13 +46,28 @@ VARIANTS = (
 )
 
 
+def demo_pairs(components) -> tuple[tuple[str, str], ...]:
+    """The model's ``demo_pairs`` ([[prompt, negative], …] in its negprompt.json), else :data:`DEMO_PAIRS`."""
+    declared = model_defaults(components).get("demo_pairs")
+    if declared is None:
+        return DEMO_PAIRS
+    if not (
+        isinstance(declared, list)
+        and declared
+        and all(isinstance(p, list) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in declared)
+    ):
+        raise NegpromptError("demo_pairs in the model's negprompt.json must be a list of [prompt, negative] pairs")
+    return tuple((prompt, negative) for prompt, negative in declared)
+
+
 def run_demo(out_dir: str | Path, model=None, seeds=(0, 1, 2), steps: int | None = None, progress: bool = False):
     """Generates every variant for every (prompt, negative) pair; writes ``demo.png`` and ``demo.json``."""
     started = time.monotonic()
     components = load_model(model)
-    prompts = tuple(p for p, _ in DEMO_PAIRS for _ in seeds)
-    negatives = tuple(n for _, n in DEMO_PAIRS for _ in seeds)
-    all_seeds = [s for _ in DEMO_PAIRS for s in seeds]
+    pairs = demo_pairs(components)
+    prompts = tuple(p for p, _ in pairs for _ in seeds)
+    negatives = tuple(n for _, n in pairs for _ in seeds)
+    all_seeds = [s for _ in pairs for s in seeds]
     settings_list = []
     for variant in VARIANTS:
         negative = None if variant.window is None else [Term(negatives, None, variant.window)]
@@ -60,10 +77,10 @@ def run_demo(out_dir: str | Path, model=None, seeds=(0, 1, 2), steps: int | None
         settings_list.append(settings)
     # One batched loop; the delayed variant shares the no-negative variant's first steps.
     generations = run_together(settings_list, components, progress=progress)
-    figure = _figure(generations, len(seeds))
+    figure = _figure(generations, pairs, len(seeds))
     out_dir = Path(out_dir)
     record = {
-        "pairs": [{"prompt": p, "negative": n} for p, n in DEMO_PAIRS],
+        "pairs": [{"prompt": p, "negative": n} for p, n in pairs],
         "variants": [g.settings.to_json() for g in generations],
         "seconds": round(time.monotonic() - started, 2),
     }
@@ -73,7 +90,9 @@ def run_demo(out_dir: str | Path, model=None, seeds=(0, 1, 2), steps: int | None
     return png, js, record
 
 
-def _figure(generations: list[Generation], per_pair: int, zoom: int = 3, gap: int = 6) -> Image.Image:
+def _figure(
+    generations: list[Generation], pairs: tuple[tuple[str, str], ...], per_pair: int, zoom: int = 3, gap: int = 6
+) -> Image.Image:
     """Rows: (prompt, negative) pairs; column blocks: variants; ``per_pair`` seeds in each block."""
     h, w = generations[0].pixels.shape[1:3]
     cell_w, cell_h = w * zoom, h * zoom
@@ -84,12 +103,12 @@ def _figure(generations: list[Generation], per_pair: int, zoom: int = 3, gap: in
     blocks = [g.pixels for g in generations] + [changed]
     labels = [v.label for v in VARIANTS] + ["changed by the delayed negative"]
     width = label_w + len(blocks) * block_w
-    height = header_h + len(DEMO_PAIRS) * (cell_h + gap)
+    height = header_h + len(pairs) * (cell_h + gap)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     for v, label in enumerate(labels):
         draw.text((label_w + v * block_w + 2, 8), label, fill="black")
-    for r, (prompt, negative) in enumerate(DEMO_PAIRS):
+    for r, (prompt, negative) in enumerate(pairs):
         top = header_h + r * (cell_h + gap)
         draw.text((4, top + cell_h // 2 - 12), prompt, fill="black")
         draw.text((4, top + cell_h // 2 + 2), f"negative: {negative}", fill="gray")

@@ -26,20 +26,34 @@ from negprompt.errors import NegpromptError
 from negprompt.models.components import Components
 from negprompt.models.loading import ModelLoadError, load_components
 from negprompt.models.saving import save_components
-from negprompt.models.shapes_model import (
+from negprompt.sampling.schedulers import make_scheduler
+from negprompt.shapes.model import (
     ShapesModelConfig,
     build_scheduler,
     build_text_encoder,
     build_tokenizer,
     build_unet,
 )
-from negprompt.sampling.schedulers import make_scheduler
-from negprompt.world.scene import sample_example
+from negprompt.shapes.regions import NAME as REGION_FINDER
+from negprompt.shapes.scene import sample_example
 
 # The bundled model's negprompt.json. Scale 14: chosen on seeds 0–95 after the fine-tune
 # (docs/training.md): at 5 the negative "a hat" left a hat in 34 % of images, at 14 in 9 %; at 20 in
 # 4 %, but there the negative "blurry" broke shapes (80 % right).
 DEFAULT_SAMPLING = {"scheduler": "euler-a", "steps": 20, "scale": 14.0}
+# What else the exported model's negprompt.json declares: the region finder of the world's things
+# (negprompt.analysis.regions; the entry point of negprompt.shapes.regions) and the demo's rows of
+# (prompt, negative). At scale 14 unnamed suns and stripes are rare and hats common (about a third of
+# plain images), so most rows remove a hat; "blurry" shows what a quality negative does.
+DECLARATIONS = {
+    "region_finder": REGION_FINDER,
+    "demo_pairs": [
+        ["a red circle", "a hat"],
+        ["a blue square", "a hat"],
+        ["a green triangle", "blurry"],
+        ["a purple circle", "a hat"],
+    ],
+}
 STATE_FILE = "state.safetensors"
 META_FILE = "state.json"
 LOG_FILE = "train_log.jsonl"
@@ -347,7 +361,7 @@ class Trainer:
         return components.eval()
 
     def export(self, folder: str | Path) -> Path:
-        """Saves the EMA model as a diffusers-style directory, with its sampling defaults.
+        """Saves the EMA model as a diffusers-style directory, with its sampling defaults and declarations.
 
         The scheduler folder holds Euler ancestral (same noise schedule as training): measured on
         the first checkpoints, deterministic samplers (DDIM, DPM++) left visible noise in the
@@ -356,5 +370,5 @@ class Trainer:
         components = self.ema_components()
         components.scheduler = make_scheduler(DEFAULT_SAMPLING["scheduler"], components.scheduler)
         folder = save_components(components, folder)
-        (folder / DEFAULTS_FILE).write_text(json.dumps(DEFAULT_SAMPLING, indent=2) + "\n")
+        (folder / DEFAULTS_FILE).write_text(json.dumps({**DEFAULT_SAMPLING, **DECLARATIONS}, indent=2) + "\n")
         return folder

@@ -2,7 +2,7 @@
 
 A pixel-space text-to-image model in Stable Diffusion's parts: a diffusers
 ``UNet2DConditionModel`` with cross-attention at every resolution, a small transformers
-``CLIPTextModel`` and the word-level tokenizer of :mod:`negprompt.models.tokenizer`. No VAE.
+``CLIPTextModel`` and the word-level tokenizer of :mod:`negprompt.shapes.tokenizer`. No VAE.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from negprompt.models.tokenizer import BOS, EOS, PAD, build_word_tokenizer
-from negprompt.world.scene import IMAGE_SIZE, VOCABULARY
+from negprompt.shapes.scene import IMAGE_SIZE, VOCABULARY
+from negprompt.shapes.tokenizer import BOS, EOS, PAD, build_word_tokenizer
 
 TEXT_MAX_LENGTH = 16  # the longest caption has 11 words, plus start and end tokens
 

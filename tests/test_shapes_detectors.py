@@ -13,8 +13,8 @@ import json
 import numpy as np
 import pytest
 
-from negprompt.world.detectors import Detection, _shape_templates, detect, detect_batch
-from negprompt.world.scene import COLORS, IMAGE_SIZE, SHAPES, render, sample_scene
+from negprompt.shapes.detectors import Detection, _shape_templates, detect, detect_batch
+from negprompt.shapes.scene import COLORS, IMAGE_SIZE, SHAPES, render, sample_scene
 
 ATTRIBUTES = ("shape", "color", "hat", "sun", "striped", "blurry")
 COMBINATIONS = list(itertools.product(SHAPES, COLORS, *[(False, True)] * 4))  # 192

@@ -18,8 +18,8 @@ import numpy as np
 from negprompt.api import make_settings, run, to_uint8
 from negprompt.guidance.plan import Term
 from negprompt.models.components import Components
-from negprompt.world.detectors import detect
-from negprompt.world.scene import COLORS, SHAPES
+from negprompt.shapes.detectors import detect
+from negprompt.shapes.scene import COLORS, SHAPES
 
 ATTRIBUTES = ("color", "shape", "hat", "sun", "striped", "blurry")
 

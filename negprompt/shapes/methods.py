@@ -26,17 +26,16 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from negprompt.analysis.edit import detector_region
 from negprompt.analysis.locality import changed_pixels
 from negprompt.api import load_model, make_settings, model_defaults, run_together, to_uint8
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
-from negprompt.world.detectors import detect
-from negprompt.world.evaluation import Row, row_prompts
-from negprompt.world.scene import ADJECTIVES, NOUNS
+from negprompt.shapes.detectors import detect
+from negprompt.shapes.evaluation import Row, row_prompts
+from negprompt.shapes.regions import WORLD_THINGS, detector_region
 
-THINGS = NOUNS + ADJECTIVES
+THINGS = WORLD_THINGS
 
 
 @dataclass(frozen=True)
@@ -212,7 +211,7 @@ def write_results(records: list[dict], out_dir: str | Path, settings: dict) -> l
         "",
         f"Settings: {', '.join(f'{k} {v}' for k, v in settings.items())}. Every cell uses the same prompts "
         "(all color × shape combinations) and seeds; the plain image is the reference. Score = removal × "
-        "preservation × (1 − collateral attribute change); see `negprompt/analysis/methods.py`.",
+        "preservation × (1 − collateral attribute change); see `negprompt/shapes/methods.py`.",
         "",
         "## Ranking (mean over negatives)",
         "",

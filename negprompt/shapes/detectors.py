@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from negprompt.world.scene import (
+from negprompt.shapes.scene import (
     BACKGROUND,
     BLUR_SIGMA,
     COLORS,

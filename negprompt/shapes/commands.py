@@ -1,0 +1,209 @@
+"""The shapes world's commands: ``train``, ``evaluate``, ``bench-methods`` and ``edit-sweep``.
+
+Registered as the entry point ``shapes`` of the group ``negprompt.commands`` (``pyproject.toml``):
+:func:`negprompt.interfaces.cli.build_parser` calls :func:`register` with its subcommands. Importing
+this module stays cheap (argparse and the CLI's option types): each handler imports what it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from negprompt.interfaces.cli import CommandError, non_negative_int, number, positive_int, seed_list
+
+# ---------------------------------------------------------------- train
+
+
+def command_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from negprompt.shapes.training import META_FILE, TrainConfig, Trainer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    init_from, init_sha256 = None, None
+    if args.init_from is not None:
+        from negprompt.models.loading import resolve_model_path
+        from negprompt.shapes.training import weights_sha256
+
+        init_from = resolve_model_path(args.init_from)
+        init_sha256 = weights_sha256(init_from)
+    config = TrainConfig(
+        seed=args.seed,
+        samples=args.samples,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
+        thing_weight=args.thing_weight,
+        init_from=None if init_from is None else str(init_from),
+        init_sha256=init_sha256,
+    )
+    out = Path(args.out)
+    trainer = Trainer(config, out)
+    if (out / META_FILE).exists():
+        trainer.load_checkpoint()
+        print(f"resuming {out} at step {trainer.step} of {config.total_steps}")
+    trainer.run(progress=not args.quiet, max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    model_dir = trainer.export(out / "model")
+    print(f"step {trainer.step} of {config.total_steps}; wrote the EMA model to {model_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------- edit-sweep
+
+
+def command_edit_sweep(args: argparse.Namespace) -> int:
+    from negprompt.analysis.sweep import SweepSettings, check_sweep_settings, run_sweep, summarize_sweep, write_sweep
+    from negprompt.api import load_model, make_settings
+    from negprompt.sampling.schedulers import make_scheduler
+    from negprompt.shapes.regions import ShapesRegions
+
+    pairs = []
+    for item in args.pair:
+        if "->" not in item:
+            raise CommandError(f"--pair {item!r} must look like 'PROMPT->NEGATIVE', e.g. 'a red circle->a hat'")
+        prompt, negative = (part.strip() for part in item.split("->", 1))
+        pairs.append((prompt, negative))
+    components = load_model(args.model)
+    probe, _ = make_settings("", steps=args.steps, scheduler=args.scheduler, model=components)
+    scheduler = make_scheduler(probe.scheduler, components.scheduler)
+    scheduler.set_timesteps(probe.steps)
+    calls = len(scheduler.timesteps)
+    starts = tuple(range(0, calls, args.start_every))
+    settings = SweepSettings(
+        tuple(pairs),
+        tuple(args.seed or range(100)),
+        starts,
+        tuple(args.early or (3, 5)),
+        args.steps,
+        args.scheduler,
+        args.scale,
+        args.tau,
+    )
+    check_sweep_settings(settings, calls)
+    rows = run_sweep(settings, components, progress=not args.quiet, finder=ShapesRegions())
+    summary = summarize_sweep(rows)
+    for path in write_sweep(rows, summary, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- bench-methods
+
+
+def command_bench_methods(args: argparse.Namespace) -> int:
+    from negprompt.shapes.methods import bench_methods, write_results
+
+    records = bench_methods(
+        negatives=args.negative or ("a hat", "a sun", "striped", "blurry"),
+        images=args.images,
+        model=args.model,
+        steps=args.steps,
+        scheduler=args.scheduler,
+        scale=args.scale,
+        progress=not args.quiet,
+    )
+    settings = {
+        "model": args.model or "shapes",
+        "images per cell": args.images,
+        "steps": args.steps or "default",
+        "scheduler": args.scheduler or "default",
+        "scale": args.scale or "default",
+    }
+    for path in write_results(records, args.out, settings):
+        print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def command_evaluate(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from negprompt.api import load_model
+    from negprompt.shapes.evaluation import ROWS, evaluate, to_markdown, write_table
+
+    components = load_model(args.model)
+    with tqdm(total=args.images * len(ROWS), disable=args.quiet, unit="img") as bar:
+        table = evaluate(
+            components,
+            images=args.images,
+            steps=args.steps,
+            scheduler=args.scheduler,
+            scale=args.scale,
+            on_batch=bar.update,
+        )
+    md, js = write_table(table, args.out)
+    print(to_markdown(table))
+    print(f"wrote {md} and {js}")
+    return 0
+
+
+# ---------------------------------------------------------------- registration
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Adds ``edit-sweep``, ``bench-methods``, ``evaluate`` and ``train`` to the ``negprompt`` command."""
+    sweep = commands.add_parser("edit-sweep", help="removal vs locality for every start step (bundled model)")
+    sweep.add_argument("--pair", action="append", required=True, help="'PROMPT->NEGATIVE' (repeatable)")
+    sweep.add_argument("--seed", type=seed_list, default=None, help="seeds (default 0-99)")
+    sweep.add_argument("--start-every", type=positive_int, default=2, help="try every k-th start step")
+    sweep.add_argument(
+        "--early", type=positive_int, action="append", default=None, help="early-only window ends (probe)"
+    )
+    sweep.add_argument("--steps", type=positive_int, default=None)
+    sweep.add_argument("--scheduler", default=None)
+    sweep.add_argument("--scale", type=number, default=None)
+    sweep.add_argument("--tau", type=number, default=0.02, help="automatic start: map-motion threshold")
+    sweep.add_argument("--model", default=None)
+    sweep.add_argument("--out", default="edit-sweep")
+    sweep.add_argument("-q", "--quiet", action="store_true")
+    sweep.set_defaults(handler=command_edit_sweep)
+
+    bench = commands.add_parser("bench-methods", help="rank negative-prompt rules against ground truth (bundled model)")
+    bench.add_argument(
+        "--negative",
+        action="append",
+        default=None,
+        help="a negative of the world (default: a hat, a sun, striped, blurry)",
+    )
+    bench.add_argument("--images", type=positive_int, default=200, help="images per cell")
+    bench.add_argument("--model", default=None)
+    bench.add_argument("--steps", type=positive_int, default=None)
+    bench.add_argument("--scheduler", default=None)
+    bench.add_argument("--scale", type=number, default=None)
+    bench.add_argument("--out", default="bench-methods")
+    bench.add_argument("-q", "--quiet", action="store_true")
+    bench.set_defaults(handler=command_bench_methods)
+
+    evaluate = commands.add_parser("evaluate", help="score a shapes-world model against ground truth")
+    evaluate.add_argument("--out", default="evaluation", help="output folder (evaluation.md, evaluation.json)")
+    evaluate.add_argument("--model", default=None)
+    evaluate.add_argument("--images", type=positive_int, default=200, help="images per row")
+    evaluate.add_argument("--steps", type=positive_int, default=None)
+    evaluate.add_argument("--scheduler", default=None)
+    evaluate.add_argument("--scale", type=number, default=None)
+    evaluate.add_argument("-q", "--quiet", action="store_true")
+    evaluate.set_defaults(handler=command_evaluate)
+
+    train = commands.add_parser("train", help="train the shapes-world model (resumes from --out)")
+    train.add_argument("--out", required=True, help="training folder (checkpoints, log, exported model)")
+    train.add_argument("--samples", type=positive_int, default=160_000, help="training examples in all")
+    train.add_argument("--batch-size", type=positive_int, default=32)
+    train.add_argument("--lr", type=number, default=8e-4, help="peak learning rate")
+    train.add_argument("--seed", type=non_negative_int, default=0)
+    train.add_argument(
+        "--thing-weight", type=number, default=1.0, help="loss weight of hat/sun/stripe pixels (1 = plain loss)"
+    )
+    train.add_argument("--warmup-steps", type=non_negative_int, default=300, help="linear learning-rate warm-up")
+    train.add_argument(
+        "--init-from",
+        default=None,
+        help="fine-tune: start from this exported model ('shapes' = the bundled one) instead of random weights",
+    )
+    train.add_argument("--max-minutes", type=number, default=None, help="stop (resumably) after this long")
+    train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    train.add_argument("-q", "--quiet", action="store_true")
+    train.set_defaults(handler=command_train)
