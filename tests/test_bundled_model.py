@@ -10,7 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from negprompt.api import generate, load_model, to_uint8
+from negprompt.api import generate, to_uint8
+from negprompt.session import Session
 from negprompt.interfaces.cli import main
 from negprompt.models.loading import BUNDLED_PATH
 from negprompt.world.detectors import detect
@@ -21,7 +22,7 @@ PROMPTS = [(c, s) for s in SHAPES for c in COLORS]  # 12 combinations
 
 @pytest.fixture(scope="module")
 def bundled():
-    return load_model()
+    return Session().components
 
 
 def test_bundled_model_is_small_safetensors_and_pixel_space(bundled):

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from negprompt.analysis.edit import detector_region, negative_word
 from negprompt.analysis.locality import changed_pixels, psnr, ssim
 from negprompt.analysis.strength import FUNCTION_WORDS, map_similarity
-from negprompt.api import load_model, make_settings, run_together
+from negprompt.session import as_session
 from negprompt.attention.capture import CaptureRequest, capture_attention
 from negprompt.attention.result import plan_for
 from negprompt.attention.tokens import tokenize_words
@@ -88,7 +88,8 @@ def _score(plain: np.ndarray, other: np.ndarray, word: str) -> dict:
 
 def run_sweep(settings: SweepSettings, model=None, progress: bool = True) -> list[dict]:
     """One row per (pair, seed, variant) with the detectors' verdict and the locality measures."""
-    components = load_model(model)
+    session = as_session(model)
+    components = session.components
     rows: list[dict] = []
     chunks = [settings.seeds[i : i + settings.batch] for i in range(0, len(settings.seeds), settings.batch)]
     bar = tqdm(total=len(settings.pairs) * len(settings.seeds), unit="img", disable=not progress)
@@ -97,33 +98,34 @@ def run_sweep(settings: SweepSettings, model=None, progress: bool = True) -> lis
         content = [
             w for w in dict.fromkeys(tokenize_words(components.tokenizer, prompt).words) if w not in FUNCTION_WORDS
         ]
-        common = dict(steps=settings.steps, scheduler=settings.scheduler, scale=settings.scale, model=components)
+        common = dict(steps=settings.steps, scheduler=settings.scheduler, scale=settings.scale)
         for seeds in chunks:
-            plain, _ = make_settings(prompt, rule="cfg", seeds=seeds, **common)
+            plain = session.spec(prompt, rule="cfg", seeds=seeds, **common)
             variants = [
-                ("start", s, make_settings(prompt, [Term(negative, None, Window(s))], seeds=seeds, **common)[0])
+                ("start", s, session.spec(prompt, [Term(negative, None, Window(s))], seeds=seeds, **common))
                 for s in settings.starts
             ]
             variants += [
-                ("early", k, make_settings(prompt, [Term(negative, None, Window(0, k))], seeds=seeds, **common)[0])
+                ("early", k, session.spec(prompt, [Term(negative, None, Window(0, k))], seeds=seeds, **common))
                 for k in settings.early_ends
             ]
             request = CaptureRequest(words={"positive": content})
-            with capture_attention(components.unet, plan_for(plain, request, components), group=0) as recorder:
-                generations = run_together([plain] + [v[2] for v in variants], components, unet_hooks=[recorder])
+            with session.exclusive():
+                with capture_attention(components.unet, plan_for(plain, request, components), group=0) as recorder:
+                    generations = session.run_together([plain] + [v[2] for v in variants], unet_hooks=[recorder])
             maps = [recorder.tensors["maps.positive"][:, 0, :, w].float() for w in range(len(content))]
             auto = automatic_start(maps, settings.tau)
             # Second pass: one group per distinct automatic start, all in one batched run.
             distinct = sorted(set(auto))
             members = {start: [i for i, s in enumerate(auto) if s == start] for start in distinct}
             auto_settings = [
-                make_settings(
+                session.spec(
                     prompt, [Term(negative, None, Window(start))], seeds=[seeds[i] for i in members[start]], **common
-                )[0]
+                )
                 for start in distinct
             ]
             auto_runs = {
-                start: (members[start], g) for start, g in zip(distinct, run_together(auto_settings, components))
+                start: (members[start], g) for start, g in zip(distinct, session.run_together(auto_settings))
             }
             for i, seed in enumerate(seeds):
                 base = generations[0].pixels[i]

@@ -97,6 +97,63 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     more.add_argument("--apg-eta", type=number, default=0.0, help="APG weight η of the parallel part (default 0)")
     more.add_argument("--apg-threshold", type=number, default=0.0, help="APG norm threshold r (0: no clipping)")
     more.add_argument("--apg-momentum", type=number, default=0.0, help="APG momentum β in (−1, 1)")
+    add_run_options(parser)
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype, for every command that loads a model to generate."""
+    from negprompt.devices import DEVICE_CHOICES, DTYPES
+
+    group = parser.add_argument_group("device")
+    group.add_argument(
+        "--device",
+        default=None,
+        metavar="DEVICE",
+        help=f"{'|'.join(DEVICE_CHOICES)} (default auto: CUDA if available, then MPS, else CPU)",
+    )
+    group.add_argument("--dtype", default=None, metavar="DTYPE", help=f"{'|'.join(DTYPES)} (default float32)")
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Image shape and device options of the prompt commands (generate, attend, edit)."""
+    parser.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: --size)")
+    parser.add_argument("--height", type=positive_int, default=None, help="image height in pixels (default: --size)")
+    add_device_options(parser)
+
+
+def session_from_args(args: argparse.Namespace, spec=None, model=None):
+    """The session of a command: ``model``, else ``spec``'s model, else --model, on --device in --dtype
+    (else ``spec``'s, else auto and float32); both are checked before anything is loaded."""
+    from negprompt.devices import resolve_device, torch_dtype
+    from negprompt.session import Session
+
+    device = args.device if args.device is not None else (spec.device if spec is not None else "auto")
+    dtype = args.dtype if args.dtype is not None else (spec.dtype if spec is not None else "float32")
+    resolve_device(device)
+    torch_dtype(dtype)
+    if model is None:
+        model = spec.model if spec is not None else getattr(args, "model", None)
+    return Session(model, device=device, dtype=dtype)
+
+
+def size_from_args(args: argparse.Namespace) -> dict:
+    """--size (square) or --width/--height, as :meth:`Session.spec` keywords; a conflict is an error."""
+    for name in ("width", "height"):
+        given = getattr(args, name, None)
+        if args.size is not None and given is not None and given != args.size:
+            raise CommandError(
+                f"--size {args.size} conflicts with --{name} {given}; give --size for a square, or --width and --height"
+            )
+    return dict(size=args.size, width=getattr(args, "width", None), height=getattr(args, "height", None))
+
+
+def size_pair(args: argparse.Namespace, session):
+    """--size, or (height, width) when --width/--height are given (the other side: --size or the model's)."""
+    size = size_from_args(args)
+    if size["width"] is None and size["height"] is None:
+        return args.size
+    default = args.size or session.components.default_size
+    return (size["height"] or default, size["width"] or default)
 
 
 def sigma_range(text: str) -> tuple[float, float]:
@@ -107,11 +164,10 @@ def sigma_range(text: str) -> tuple[float, float]:
     return low, high
 
 
-def settings_from_args(args: argparse.Namespace):
-    from negprompt.api import make_settings
+def settings_from_args(args: argparse.Namespace, session):
     from negprompt.guidance.plan import RuleSettings
 
-    return make_settings(
+    return session.spec(
         args.prompt or "",
         args.negative,
         negative_scales=args.negative_scale,
@@ -121,8 +177,7 @@ def settings_from_args(args: argparse.Namespace):
         steps=args.steps,
         scheduler=args.scheduler,
         seeds=args.seed or [0],
-        size=args.size,
-        model=args.model,
+        **size_from_args(args),
         rescale=args.rescale,
         interval=args.interval,
         interval_sigma=sigma_range(args.interval_sigma) if args.interval_sigma else None,
@@ -142,21 +197,24 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def command_generate(args: argparse.Namespace) -> int:
-    from negprompt.api import run
     from negprompt.interfaces.png import output_paths, read_png_settings, save_generation
+    from negprompt.session import respec
 
     if args.from_png:
         if args.prompt is not None or args.negative:
             raise CommandError("--from-png takes its prompts from the PNG; give no prompt or --negative with it")
         settings, index = read_png_settings(args.from_png)
         indices = [index]
-        components = None
+        session = session_from_args(args, settings)
+        settings = respec(settings, session)
     else:
-        settings, components = settings_from_args(args)
+        size_from_args(args)
+        session = session_from_args(args)
+        settings = settings_from_args(args, session)
         indices = None
     out = Path(args.out)
     output_paths(out, settings.seeds if indices is None else [settings.seeds[i] for i in indices])
-    generation = run(settings, components, progress=not args.quiet)
+    generation = session.run(settings, progress=not args.quiet)
     written = save_generation(generation, out, indices)
     for path in written:
         print(f"wrote {path}")
@@ -221,7 +279,10 @@ def command_attend(args: argparse.Namespace) -> int:
     from negprompt.attention.tokens import tokenize_words
     from negprompt.interfaces.png import save_generation, write_atomically
 
-    settings, components = settings_from_args(args)
+    size_from_args(args)
+    session = session_from_args(args)
+    components = session.components
+    settings = settings_from_args(args, session)
     terms = settings.guidance.terms
     words = {}
     for branch, given in (("positive", args.words), ("negative", args.negative_words)):
@@ -244,9 +305,9 @@ def command_attend(args: argparse.Namespace) -> int:
     )
     if not 0 <= args.image < len(settings.seeds):
         raise CommandError(f"--image {args.image} is outside the batch of {len(settings.seeds)} image(s)")
-    plan = plan_for(settings, request, components)
+    plan = plan_for(settings, request, session)
     print(f"capture will store {plan.memory_bytes() / 2**20:.2f} MiB (limit {args.memory_limit:g} MiB)")
-    result = capture(settings, request, components, trace=True, progress=not args.quiet)
+    result = capture(settings, request, session, trace=True, progress=not args.quiet)
     out = Path(args.out)
     figure = timeline(result, components, image=args.image, columns=args.columns)
     written = save_generation(result.generation, out / "image.png")
@@ -269,7 +330,8 @@ def command_study(args: argparse.Namespace) -> int:
     from negprompt.analysis.study import RESULTS_FILE, run_study
 
     spec = load_spec(args.spec)
-    done = run_study(spec, args.out, progress=not args.quiet)
+    session = session_from_args(args, model=spec.model)
+    done = run_study(spec, args.out, progress=not args.quiet, session=session)
     rate = done.unet_rows / done.seconds if done.seconds > 0 else float("nan")
     print(f"study {spec.name!r}: {done.pairs_total} pairs × {len(spec.seeds)} seeds in {args.out}/{RESULTS_FILE}")
     print(f"this run: {done.seconds:.1f} s, {done.unet_rows} UNet evaluations ({rate:.1f} per second)")
@@ -298,6 +360,8 @@ def command_edit(args: argparse.Namespace) -> int:
     if not args.negative or len(args.negative) != 1:
         raise CommandError("edit takes exactly one --negative")
     _check_threshold(args.threshold)
+    size_from_args(args)
+    session = session_from_args(args)
     outcome = run_edit(
         args.prompt or "",
         args.negative[0],
@@ -306,11 +370,11 @@ def command_edit(args: argparse.Namespace) -> int:
         word=args.word,
         threshold=args.threshold,
         region=args.region,
-        model=args.model,
+        model=session,
         steps=args.steps,
         scheduler=args.scheduler,
         scale=args.scale,
-        size=args.size,
+        size=size_pair(args, session),
         progress=not args.quiet,
         max_rows_per_call=args.rows_per_call,
     )
@@ -339,20 +403,14 @@ def command_edit(args: argparse.Namespace) -> int:
 
 def command_edit_sweep(args: argparse.Namespace) -> int:
     from negprompt.analysis.sweep import SweepSettings, check_sweep_settings, run_sweep, summarize_sweep, write_sweep
-    from negprompt.api import load_model, make_settings
-    from negprompt.sampling.schedulers import make_scheduler
-
     pairs = []
     for item in args.pair:
         if "->" not in item:
             raise CommandError(f"--pair {item!r} must look like 'PROMPT->NEGATIVE', e.g. 'a red circle->a hat'")
         prompt, negative = (part.strip() for part in item.split("->", 1))
         pairs.append((prompt, negative))
-    components = load_model(args.model)
-    probe, _ = make_settings("", steps=args.steps, scheduler=args.scheduler, model=components)
-    scheduler = make_scheduler(probe.scheduler, components.scheduler)
-    scheduler.set_timesteps(probe.steps)
-    calls = len(scheduler.timesteps)
+    session = session_from_args(args)
+    calls = session.denoiser_calls(args.scheduler, args.steps)
     starts = tuple(range(0, calls, args.start_every))
     settings = SweepSettings(
         tuple(pairs),
@@ -365,7 +423,7 @@ def command_edit_sweep(args: argparse.Namespace) -> int:
         args.tau,
     )
     check_sweep_settings(settings, calls)
-    rows = run_sweep(settings, components, progress=not args.quiet)
+    rows = run_sweep(settings, session, progress=not args.quiet)
     summary = summarize_sweep(rows)
     for path in write_sweep(rows, summary, args.out):
         print(f"wrote {path}")
@@ -381,7 +439,7 @@ def command_bench_methods(args: argparse.Namespace) -> int:
     records = bench_methods(
         negatives=args.negative or ("a hat", "a sun", "striped", "blurry"),
         images=args.images,
-        model=args.model,
+        model=session_from_args(args),
         steps=args.steps,
         scheduler=args.scheduler,
         scale=args.scale,
@@ -405,7 +463,7 @@ def command_bench_methods(args: argparse.Namespace) -> int:
 def command_demo(args: argparse.Namespace) -> int:
     from negprompt.interfaces.demo import run_demo
 
-    png, js, record = run_demo(args.out, model=args.model, steps=args.steps, progress=not args.quiet)
+    png, js, record = run_demo(args.out, model=session_from_args(args), steps=args.steps, progress=not args.quiet)
     print(f"wrote {png} (no negative / negative / delayed negative, for {len(record['pairs'])} prompts) and {js}")
     print(f"took {record['seconds']:.1f} s")
     return 0
@@ -414,13 +472,12 @@ def command_demo(args: argparse.Namespace) -> int:
 def command_evaluate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from negprompt.api import load_model
     from negprompt.world.evaluation import ROWS, evaluate, to_markdown, write_table
 
-    components = load_model(args.model)
+    session = session_from_args(args)
     with tqdm(total=args.images * len(ROWS), disable=args.quiet, unit="img") as bar:
         table = evaluate(
-            components,
+            session,
             images=args.images,
             steps=args.steps,
             scheduler=args.scheduler,
@@ -499,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--model", default=None)
     sweep.add_argument("--out", default="edit-sweep")
     sweep.add_argument("-q", "--quiet", action="store_true")
+    add_device_options(sweep)
     sweep.set_defaults(handler=command_edit_sweep)
 
     bench = commands.add_parser("bench-methods", help="rank negative-prompt rules against ground truth (bundled model)")
@@ -515,12 +573,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--scale", type=number, default=None)
     bench.add_argument("--out", default="bench-methods")
     bench.add_argument("-q", "--quiet", action="store_true")
+    add_device_options(bench)
     bench.set_defaults(handler=command_bench_methods)
 
     study = commands.add_parser("study", help="run a strength study (r_t curves); resumes where it stopped")
     study.add_argument("spec", help="a YAML spec, or a built-in one: shapes, ban2024-sd2")
     study.add_argument("--out", required=True, help="results folder")
     study.add_argument("-q", "--quiet", action="store_true")
+    add_device_options(study)
     study.set_defaults(handler=command_study)
 
     report = commands.add_parser("report", help="curves and a Markdown summary of a study folder")
@@ -532,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help="model (default: the bundled one)")
     demo.add_argument("--steps", type=positive_int, default=None)
     demo.add_argument("-q", "--quiet", action="store_true")
+    add_device_options(demo)
     demo.set_defaults(handler=command_demo)
 
     evaluate = commands.add_parser("evaluate", help="score a shapes-world model against ground truth")
@@ -542,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--scheduler", default=None)
     evaluate.add_argument("--scale", type=number, default=None)
     evaluate.add_argument("-q", "--quiet", action="store_true")
+    add_device_options(evaluate)
     evaluate.set_defaults(handler=command_evaluate)
 
     train = commands.add_parser("train", help="train the shapes-world model (resumes from --out)")

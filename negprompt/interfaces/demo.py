@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from negprompt.api import Generation, load_model, make_settings, run_together, to_uint8
+from negprompt.api import Generation, to_uint8
+from negprompt.session import as_session
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
 from negprompt.interfaces.png import write_atomically
@@ -47,24 +48,22 @@ VARIANTS = (
 def run_demo(out_dir: str | Path, model=None, seeds=(0, 1, 2), steps: int | None = None, progress: bool = False):
     """Generates every variant for every (prompt, negative) pair; writes ``demo.png`` and ``demo.json``."""
     started = time.monotonic()
-    components = load_model(model)
+    session = as_session(model)
     prompts = tuple(p for p, _ in DEMO_PAIRS for _ in seeds)
     negatives = tuple(n for _, n in DEMO_PAIRS for _ in seeds)
     all_seeds = [s for _ in DEMO_PAIRS for s in seeds]
     settings_list = []
     for variant in VARIANTS:
         negative = None if variant.window is None else [Term(negatives, None, variant.window)]
-        settings, _ = make_settings(
-            prompts, negative, rule=variant.rule, seeds=all_seeds, steps=steps, model=components
-        )
+        settings = session.spec(prompts, negative, rule=variant.rule, seeds=all_seeds, steps=steps)
         settings_list.append(settings)
     # One batched loop; the delayed variant shares the no-negative variant's first steps.
-    generations = run_together(settings_list, components, progress=progress)
+    generations = session.run_together(settings_list, progress=progress)
     figure = _figure(generations, len(seeds))
     out_dir = Path(out_dir)
     record = {
         "pairs": [{"prompt": p, "negative": n} for p, n in DEMO_PAIRS],
-        "variants": [g.settings.to_json() for g in generations],
+        "variants": [g.spec.to_json() for g in generations],
         "seconds": round(time.monotonic() - started, 2),
     }
     png, js = out_dir / "demo.png", out_dir / "demo.json"

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from negprompt.api import DEFAULTS_FILE
+from negprompt.session import DEFAULTS_FILE
 from negprompt.errors import NegpromptError
 from negprompt.models.components import Components
 from negprompt.models.loading import ModelLoadError, load_components
