@@ -14,10 +14,10 @@ import time
 import torch
 from common import write_result
 
-from negprompt.session import Session
 from negprompt.attention.capture import CaptureRequest
 from negprompt.attention.result import capture, plan_for
 from negprompt.models.tiny_sd import build_tiny_sd
+from negprompt.session import Session
 
 CASES = {
     "bundled": dict(

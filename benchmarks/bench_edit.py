@@ -24,9 +24,9 @@ import time
 from common import write_result
 
 from negprompt.analysis.edit import run_edit
-from negprompt.session import Session
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
+from negprompt.session import Session
 
 
 def main() -> None:

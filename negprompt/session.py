@@ -21,7 +21,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-
 from negprompt.devices import dtype_name, resolve_device, torch_dtype
 from negprompt.guidance.plan import Guidance, RuleSettings, Term
 from negprompt.guidance.windows import Window

@@ -28,7 +28,9 @@ IMAGE_CASES: dict[str, tuple[str, dict]] = {
     ),
     "tiny-dual-window-euler-a": (
         "tiny",
-        dict(negative=TINY_NEGATIVE, rule="dual", scheduler="euler-a", steps=6, seeds=[4, 5], negative_windows=["0.3:"]),
+        dict(
+            negative=TINY_NEGATIVE, rule="dual", scheduler="euler-a", steps=6, seeds=[4, 5], negative_windows=["0.3:"]
+        ),
     ),
     "tiny-weighted-two-negatives-dpm": (
         "tiny",
@@ -127,7 +129,10 @@ def render_attention_case(name: str, tiny_sd) -> dict:
         "pixels": _digest(result.generation.pixels.astype(np.float32)),
         "tensors": {key: _digest(value.numpy()) for key, value in sorted(result.tensors.items())},
         "summary": [
-            {k: row[k] for k in ("branch", "word", "step", "image", "mass", "frobenius_sum", "centroid_x", "centroid_y")}
+            {
+                k: row[k]
+                for k in ("branch", "word", "step", "image", "mass", "frobenius_sum", "centroid_x", "centroid_y")
+            }
             for row in result.summary()
         ],
         "article": [float(x) for x in curves["article"].flatten()],

@@ -10,7 +10,6 @@ import torch
 from helpers import assert_usage_error, shapes_components
 
 from negprompt.api import run
-from negprompt.session import Session
 from negprompt.attention.capture import (
     CaptureProcessor,
     CaptureRequest,
@@ -23,6 +22,7 @@ from negprompt.attention.tokens import tokenize_words
 from negprompt.errors import NegpromptError
 from negprompt.interfaces.cli import main
 from negprompt.sampling.loop import RowBlock
+from negprompt.session import Session
 
 PROMPT, NEGATIVE = "a photo of a woman in the streets", "red glasses"
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from negprompt.api import generate, to_uint8
-from negprompt.session import Session
 from negprompt.interfaces.cli import main
 from negprompt.models.loading import BUNDLED_PATH
+from negprompt.session import Session
 from negprompt.world.detectors import detect
 from negprompt.world.scene import COLORS, SHAPES
 

@@ -229,5 +229,7 @@ def test_groups_with_a_window_covering_all_steps_equal_the_full_negative_bit_exa
     full = Group(Guidance(positive=Term(PROMPT), negatives=(Term(NEGATIVE),)), (5,))
     covering = Group(Guidance(positive=Term(PROMPT), negatives=(Term(NEGATIVE, window=Window(0, 1.0)),)), (5,))
     groups, scheduler = [full, covering], make_scheduler("euler-a", tiny_sd.scheduler)
-    out = sample_groups(tiny_sd, groups, scheduler, 5, 32, 32, conditioning=encode_groups(tiny_sd, groups, scheduler, 5))
+    out = sample_groups(
+        tiny_sd, groups, scheduler, 5, 32, 32, conditioning=encode_groups(tiny_sd, groups, scheduler, 5)
+    )
     assert np.array_equal(out.images[0], out.images[1])

@@ -112,7 +112,9 @@ def test_family_is_chosen_from_model_index(tiny_sd_dir):
     assert isinstance(family_for_index(index), StableDiffusionFamily)
     assert isinstance(family_for_index({**index, "_class_name": "StableDiffusionPipeline"}), StableDiffusionFamily)
     assert isinstance(family_for_index({**index, "vae": [None, None]}), PixelFamily)
-    with pytest.raises(UnsupportedModelError, match="StableDiffusionXLPipeline with a VAE.*supported: Stable Diffusion"):
+    with pytest.raises(
+        UnsupportedModelError, match="StableDiffusionXLPipeline with a VAE.*supported: Stable Diffusion"
+    ):
         family_for_index({**index, "_class_name": "StableDiffusionXLPipeline"})
 
 
@@ -208,7 +210,9 @@ def test_reduced_precision_on_cpu_runs(tiny_sd_dir, dtype):
     assert result.pixels.shape == (2, 32, 32, 3) and result.pixels.dtype == np.float32
     assert np.isfinite(result.pixels).all()
     assert (result.spec.device, result.spec.dtype) == ("cpu", dtype)
-    full = Session(tiny_sd_dir, device="cpu").generate(PROMPT, NEGATIVE, seeds=[0, 1], steps=3, scheduler="ddim", size=32)
+    full = Session(tiny_sd_dir, device="cpu").generate(
+        PROMPT, NEGATIVE, seeds=[0, 1], steps=3, scheduler="ddim", size=32
+    )
     assert 0 < np.abs(full.pixels - result.pixels).max() < 0.5  # close to float32, not equal
 
 
@@ -272,7 +276,9 @@ def test_session_lock_is_held_during_a_run_and_threads_share_one_session(tiny_sd
     together: dict[int, np.ndarray] = {}
     threads = [
         threading.Thread(
-            target=lambda s=seed: together.__setitem__(s, session.generate(PROMPT, NEGATIVE, seeds=[s], **options).pixels)
+            target=lambda s=seed: together.__setitem__(
+                s, session.generate(PROMPT, NEGATIVE, seeds=[s], **options).pixels
+            )
         )
         for seed in (1, 2, 3)
     ]

@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 from negprompt.analysis.edit import detector_region
 from negprompt.analysis.locality import changed_pixels
 from negprompt.api import to_uint8
-from negprompt.session import as_session
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import RuleSettings, Term
 from negprompt.guidance.windows import Window
+from negprompt.session import as_session
 from negprompt.world.detectors import detect
 from negprompt.world.evaluation import Row, row_prompts
 from negprompt.world.scene import ADJECTIVES, NOUNS

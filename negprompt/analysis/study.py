@@ -22,11 +22,10 @@ from tqdm.auto import tqdm
 
 from negprompt.analysis.spec import Pair, SpecError, StudySpec, check_vocabulary
 from negprompt.analysis.strength import strength_curves
-from negprompt.session import Session, as_session
 from negprompt.attention.capture import CaptureRequest
 from negprompt.attention.result import capture
 from negprompt.attention.tokens import tokenize_words
-from negprompt.models.components import Components
+from negprompt.session import Session, as_session
 
 RESULTS_FILE = "results.csv"
 SPEC_FILE = "spec.json"

@@ -33,13 +33,13 @@ from tqdm.auto import tqdm
 from negprompt.analysis.edit import detector_region, negative_word
 from negprompt.analysis.locality import changed_pixels, psnr, ssim
 from negprompt.analysis.strength import FUNCTION_WORDS, map_similarity
-from negprompt.session import as_session
 from negprompt.attention.capture import CaptureRequest, capture_attention
 from negprompt.attention.result import plan_for
 from negprompt.attention.tokens import tokenize_words
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
+from negprompt.session import as_session
 
 DEFAULT_TAU = 0.02
 
@@ -124,9 +124,7 @@ def run_sweep(settings: SweepSettings, model=None, progress: bool = True) -> lis
                 )
                 for start in distinct
             ]
-            auto_runs = {
-                start: (members[start], g) for start, g in zip(distinct, session.run_together(auto_settings))
-            }
+            auto_runs = {start: (members[start], g) for start, g in zip(distinct, session.run_together(auto_settings))}
             for i, seed in enumerate(seeds):
                 base = generations[0].pixels[i]
                 _, plain_present = detector_region(base, word)

@@ -403,6 +403,7 @@ def command_edit(args: argparse.Namespace) -> int:
 
 def command_edit_sweep(args: argparse.Namespace) -> int:
     from negprompt.analysis.sweep import SweepSettings, check_sweep_settings, run_sweep, summarize_sweep, write_sweep
+
     pairs = []
     for item in args.pair:
         if "->" not in item:

@@ -15,10 +15,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from negprompt.api import Generation, to_uint8
-from negprompt.session import as_session
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
 from negprompt.interfaces.png import write_atomically
+from negprompt.session import as_session
 
 # At the bundled model's default scale (14) unnamed suns and stripes are rare and hats common (about a
 # third of plain images), so most rows remove a hat; "blurry" shows what a quality negative does.

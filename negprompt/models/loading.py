@@ -97,9 +97,7 @@ def load_components(
     required = family.required_parts
     missing = [part for part in required if not (root / part).is_dir() or index.get(part, [None])[0] is None]
     if missing:
-        raise ModelLoadError(
-            f"{root} lacks the part(s) {', '.join(missing)}; expected folders {', '.join(required)}"
-        )
+        raise ModelLoadError(f"{root} lacks the part(s) {', '.join(missing)}; expected folders {', '.join(required)}")
     has_vae = index.get("vae", [None])[0] is not None
     if has_vae and not (root / "vae").is_dir():
         raise ModelLoadError(f"{root}: model_index.json lists a vae but the vae/ folder is missing")

@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from negprompt.session import DEFAULTS_FILE
 from negprompt.errors import NegpromptError
 from negprompt.models.components import Components
 from negprompt.models.loading import ModelLoadError, load_components
@@ -34,6 +33,7 @@ from negprompt.models.shapes_model import (
     build_unet,
 )
 from negprompt.sampling.schedulers import make_scheduler
+from negprompt.session import DEFAULTS_FILE
 from negprompt.world.scene import sample_example
 
 # The bundled model's negprompt.json. Scale 14: chosen on seeds 0–95 after the fine-tune
