@@ -42,8 +42,9 @@ class Session:
     ``model``: a diffusers directory, a model id in the local Hugging Face cache, None or "shapes"
     (the bundled model), or already built :class:`Components`. ``device``: auto | cpu | cuda | mps
     (auto: CUDA if available, then MPS, else CPU; for given Components, None keeps theirs).
-    ``dtype``: float32 | float16 | bfloat16 (for given Components, None keeps theirs). Device and
-    dtype are checked before anything is loaded.
+    ``dtype``: float32 | float16 | bfloat16 (for given Components, None keeps theirs; other values
+    move and cast the given Components in place). Device and dtype are checked before anything is
+    loaded.
     """
 
     def __init__(
