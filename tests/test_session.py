@@ -344,3 +344,17 @@ def test_cli_width_and_height(tiny_sd_dir, tmp_path, capsys):
     bad = tmp_path / "bad.png"
     code = main([*argv[:-1], str(bad), "--size", "32", "--width", "48"])
     assert_usage_error(code, capsys, "--size 32 conflicts with --width 48", bad)
+
+
+def test_encode_groups_encodes_each_prompt_of_the_plan_once_alone(tiny_sd):
+    from negprompt.guidance.windows import Window
+
+    delayed = Guidance(positive=Term(("a cat", "a dog")), negatives=(Term(NEGATIVE, window=Window(2)),))
+    scheduler = make_scheduler("ddim", tiny_sd.scheduler)
+    conditioning = encode_groups(tiny_sd, [Group(delayed, (0, 1))], scheduler, 4)
+    assert sorted(conditioning) == ["", NEGATIVE, "a cat", "a dog"]  # unconditional before the window opens
+    assert all(c.hidden_states.shape[0] == 1 and c.pooled is None and not c.extra for c in conditioning.values())
+    alone = encode_groups(tiny_sd, [Group(Guidance(rule="cfg", positive=Term("a dog")), (5,))], scheduler, 4)
+    assert sorted(alone) == ["", "a dog"] and torch.equal(
+        alone["a dog"].hidden_states, conditioning["a dog"].hidden_states
+    )
