@@ -14,10 +14,10 @@ import time
 import torch
 from common import write_result
 
-from negprompt.api import load_model, make_settings, run
 from negprompt.attention.capture import CaptureRequest
 from negprompt.attention.result import capture, plan_for
 from negprompt.models.tiny_sd import build_tiny_sd
+from negprompt.session import Session
 
 CASES = {
     "bundled": dict(
@@ -38,26 +38,26 @@ CASES = {
 
 
 def measure(name: str, case: dict, steps: int, batch: int, repeats: int) -> dict:
-    components = load_model() if name == "bundled" else build_tiny_sd()
-    settings, _ = make_settings(
+    session = Session() if name == "bundled" else Session(build_tiny_sd())
+    components = session.components
+    settings = session.spec(
         case["prompt"],
         case["negative"],
         steps=steps,
         seeds=range(batch),
         size=case["size"],
-        model=components,
         scheduler="ddim",
     )
     request = CaptureRequest(words={"positive": case["positive_words"], "negative": case["negative_words"]})
     estimate = plan_for(settings, request, components).memory_bytes()
 
     def plain():
-        run(settings, components)
+        session.run(settings)
 
     stored = []
 
     def captured():
-        result = capture(settings, request, components, trace=False)
+        result = capture(settings, request, session, trace=False)
         stored.append(sum(t.numel() * t.element_size() for t in result.tensors.values()))
 
     plain()

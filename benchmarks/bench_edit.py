@@ -24,9 +24,9 @@ import time
 from common import write_result
 
 from negprompt.analysis.edit import run_edit
-from negprompt.api import load_model, make_settings, run
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
+from negprompt.session import Session
 
 
 def main() -> None:
@@ -40,13 +40,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/edit.json")
     args = parser.parse_args()
-    components = load_model(args.model)
+    session = Session(args.model)
     window = Window.parse(args.window)
     seeds = list(range(args.seeds))
 
     def batched(max_rows=None):
         return run_edit(
-            args.prompt, args.negative, window, seeds, model=components, region=args.region, max_rows_per_call=max_rows
+            args.prompt, args.negative, window, seeds, model=session, region=args.region, max_rows_per_call=max_rows
         )
 
     chunk = 2 * len(seeds)
@@ -54,10 +54,8 @@ def main() -> None:
     def separate():
         rows = 0
         for negative in (None, [Term(args.negative)], [Term(args.negative, None, window)]):
-            settings, _ = make_settings(
-                args.prompt, negative, rule="cfg" if negative is None else "sd", seeds=seeds, model=components
-            )
-            rows += run(settings, components).unet_batch_rows
+            settings = session.spec(args.prompt, negative, rule="cfg" if negative is None else "sd", seeds=seeds)
+            rows += session.run(settings).unet_batch_rows
         return rows
 
     region_source = batched().region_source

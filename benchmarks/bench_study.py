@@ -22,23 +22,23 @@ from common import write_result
 
 from negprompt.analysis.spec import load_spec
 from negprompt.analysis.study import run_study
-from negprompt.api import load_model, make_settings
-from negprompt.sampling.prompts import encode_prompts
-from negprompt.sampling.schedulers import make_scheduler
+from negprompt.models.conditioning import denoiser_inputs
+from negprompt.session import Session
 
 
-def bare_rate(spec, components, calls: int) -> float:
+def bare_rate(spec, session: Session, calls: int) -> float:
     """UNet rows per second for plain UNet calls of the study's batch shape."""
-    settings, _ = make_settings("a red circle", steps=spec.steps, scheduler=spec.scheduler, model=components)
+    components = session.components
+    settings = session.spec("a red circle", steps=spec.steps, scheduler=spec.scheduler)
     batch = 2 * len(spec.seeds)
     side = settings.height // components.latent_factor
-    x = torch.randn(batch, components.unet.config.in_channels, side, side)
-    context = encode_prompts(components.tokenizer, components.text_encoder, ["a red circle"]).repeat(batch, 1, 1)
+    x = torch.randn(batch, components.latent_channels, side, side)
+    inputs = denoiser_inputs([session.encode(["a red circle"])["a red circle"]] * batch)
     with torch.inference_mode():
-        components.unet(x, 500, encoder_hidden_states=context)
+        components.unet(x, 500, **inputs)
         start = time.perf_counter()
         for i in range(calls):
-            components.unet(x, 999 - i, encoder_hidden_states=context)
+            components.unet(x, 999 - i, **inputs)
         seconds = time.perf_counter() - start
     return batch * calls / seconds
 
@@ -51,18 +51,13 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/study.json")
     args = parser.parse_args()
     spec = load_spec(args.spec)
-    components = load_model(spec.model)
+    session = Session(spec.model)
     small = replace(spec, pairs=spec.pairs[: args.pairs], name=spec.name + "-bench")
-    probe = make_scheduler(
-        make_settings("", steps=spec.steps, scheduler=spec.scheduler, model=components)[0].scheduler,
-        components.scheduler,
-    )
-    probe.set_timesteps(spec.steps)
-    calls = len(probe.timesteps)
+    calls = session.denoiser_calls(spec.scheduler, spec.steps)
 
-    bare = bare_rate(spec, components, calls * args.pairs)
+    bare = bare_rate(spec, session, calls * args.pairs)
     with tempfile.TemporaryDirectory() as folder:
-        done = run_study(small, Path(folder) / "s", progress=False)
+        done = run_study(small, Path(folder) / "s", progress=False, session=session)
     study_rate = done.unet_rows / done.seconds
     result = {
         "spec": spec.name,
@@ -76,7 +71,7 @@ def main() -> None:
     }
     if args.full:
         with tempfile.TemporaryDirectory() as folder:
-            full = run_study(spec, Path(folder) / "s", progress=False)
+            full = run_study(spec, Path(folder) / "s", progress=False, session=session)
         result["full_study_seconds"] = full.seconds
         result["full_study_rows_per_second"] = full.unet_rows / full.seconds
     print(json.dumps(result, indent=1))

@@ -1,18 +1,19 @@
 """negprompt: controllable and explainable negative prompts for text-to-image diffusion models."""
 
-from negprompt.api import Generation, GenerationSettings, generate, load_model, make_settings, run  # noqa: E402
+from negprompt.api import Generation, generate, run  # noqa: E402
 from negprompt.guidance.plan import Guidance, Term  # noqa: E402
 from negprompt.guidance.windows import Window  # noqa: E402
-from negprompt.version import __version__ as __version__  # a module of its own, so that api.py reads it without a cycle
+from negprompt.runspec import RunSpec  # noqa: E402
+from negprompt.session import Session  # noqa: E402
+from negprompt.version import __version__ as __version__  # a module of its own: read by runspec without a cycle
 
 __all__ = [
     "Generation",
-    "GenerationSettings",
     "Guidance",
+    "RunSpec",
+    "Session",
     "Term",
     "Window",
     "generate",
-    "load_model",
-    "make_settings",
     "run",
 ]

@@ -1,3 +1,8 @@
-"""The package version (one place; pyproject.toml repeats it)."""
+"""The package version, read from the installed package's metadata (pyproject.toml is its one source)."""
 
-__version__ = "0.1.0"
+from importlib import metadata
+
+try:
+    __version__ = metadata.version("negprompt")
+except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"

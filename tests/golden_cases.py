@@ -18,7 +18,7 @@ import torch
 GOLDEN_FILE = Path(__file__).parent / "golden" / "goldens.json"
 TINY_PROMPT, TINY_NEGATIVE = "a photo of a woman in the street", "red glasses"
 
-# name → (model, options of make_settings); model "tiny" is the tiny SD of conftest, "shapes" the bundled one.
+# name → (model, options of Session.spec); model "tiny" is the tiny SD of conftest, "shapes" the bundled one.
 IMAGE_CASES: dict[str, tuple[str, dict]] = {
     "tiny-sd-ddim": ("tiny", dict(negative=TINY_NEGATIVE, scheduler="ddim", steps=6, seeds=[0, 1])),
     "tiny-sd-default-scale5": ("tiny", dict(negative=TINY_NEGATIVE, steps=5, seeds=[2], scale=5.0)),
@@ -28,7 +28,9 @@ IMAGE_CASES: dict[str, tuple[str, dict]] = {
     ),
     "tiny-dual-window-euler-a": (
         "tiny",
-        dict(negative=TINY_NEGATIVE, rule="dual", scheduler="euler-a", steps=6, seeds=[4, 5], negative_windows=["0.3:"]),
+        dict(
+            negative=TINY_NEGATIVE, rule="dual", scheduler="euler-a", steps=6, seeds=[4, 5], negative_windows=["0.3:"]
+        ),
     ),
     "tiny-weighted-two-negatives-dpm": (
         "tiny",
@@ -87,26 +89,26 @@ def _digest(array: np.ndarray) -> str:
 
 
 def _model(name: str, tiny_sd):
-    from negprompt.api import load_model
+    from negprompt.session import Session
 
-    return tiny_sd if name == "tiny" else load_model("shapes")
+    return Session(tiny_sd if name == "tiny" else "shapes", device="cpu", dtype="float32")
 
 
 def _settings(model: str, options: dict, tiny_sd):
-    """Settings and components of a case, through the public API of the version under test."""
-    from negprompt.api import make_settings
+    """Spec and session of a case, through the public API of the version under test."""
 
     prompt = TINY_PROMPT if model == "tiny" else SHAPES_PROMPT
     size = 32 if model == "tiny" else None
-    return make_settings(prompt, model=_model(model, tiny_sd), size=size, **options)
+    session = _model(model, tiny_sd)
+    return session.spec(prompt, size=size, **options), session
 
 
 def render_image_case(name: str, tiny_sd) -> dict:
-    from negprompt.api import run, to_uint8
+    from negprompt.api import to_uint8
 
     model, options = IMAGE_CASES[name]
-    settings, components = _settings(model, options, tiny_sd)
-    pixels = run(settings, components).pixels
+    settings, session = _settings(model, options, tiny_sd)
+    pixels = session.run(settings).pixels
     return {"float32": _digest(pixels.astype(np.float32)), "uint8": _digest(to_uint8(pixels))}
 
 
@@ -116,14 +118,17 @@ def render_attention_case(name: str, tiny_sd) -> dict:
     from negprompt.attention.result import capture
 
     model, options, words = ATTENTION_CASES[name]
-    settings, components = _settings(model, options, tiny_sd)
-    result = capture(settings, CaptureRequest(words=words), components, trace=False)
+    settings, session = _settings(model, options, tiny_sd)
+    result = capture(settings, CaptureRequest(words=words), session, trace=False)
     curves = strength_curves(result, words["negative"][-1])
     return {
         "pixels": _digest(result.generation.pixels.astype(np.float32)),
         "tensors": {key: _digest(value.numpy()) for key, value in sorted(result.tensors.items())},
         "summary": [
-            {k: row[k] for k in ("branch", "word", "step", "image", "mass", "frobenius_sum", "centroid_x", "centroid_y")}
+            {
+                k: row[k]
+                for k in ("branch", "word", "step", "image", "mass", "frobenius_sum", "centroid_x", "centroid_y")
+            }
             for row in result.summary()
         ],
         "article": [float(x) for x in curves["article"].flatten()],

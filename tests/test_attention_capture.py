@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import assert_usage_error, shapes_components
 
-from negprompt.api import make_settings, run
+from negprompt.api import run
 from negprompt.attention.capture import (
     CaptureProcessor,
     CaptureRequest,
@@ -22,6 +22,7 @@ from negprompt.attention.tokens import tokenize_words
 from negprompt.errors import NegpromptError
 from negprompt.interfaces.cli import main
 from negprompt.sampling.loop import RowBlock
+from negprompt.session import Session
 
 PROMPT, NEGATIVE = "a photo of a woman in the streets", "red glasses"
 
@@ -29,8 +30,8 @@ PROMPT, NEGATIVE = "a photo of a woman in the streets", "red glasses"
 def settings_for(tiny_sd, **kwargs):
     options = dict(negative=NEGATIVE, steps=5, scheduler="ddim", seeds=[1, 2], size=32, model=tiny_sd)
     options.update(kwargs)
-    settings, components = make_settings(PROMPT, **options)
-    return settings, components
+    session = Session(options.pop("model"))
+    return session.spec(PROMPT, **options), session.components
 
 
 def layer_inputs(tiny_sd):
@@ -151,7 +152,7 @@ def test_capture_on_the_shapes_model_architecture(tmp_path):
     """The bundled model's architecture (word-level tokenizer, pixel space, no VAE)."""
     torch.manual_seed(0)
     components = shapes_components()
-    settings, _ = make_settings("a red circle", negative="a hat", steps=4, scheduler="ddim", model=components)
+    settings = Session(components).spec("a red circle", negative="a hat", steps=4, scheduler="ddim")
     result = capture(settings, CaptureRequest(words={"positive": ["red", "circle"], "negative": ["hat"]}), components)
     sides = sorted({layer["side"] for layer in result.index["layers"]})
     assert len(sides) >= 2 and result.index["size"] == max(sides)

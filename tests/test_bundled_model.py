@@ -10,10 +10,11 @@ import json
 import numpy as np
 import pytest
 
-from negprompt.api import generate, load_model, to_uint8
+from negprompt.api import generate, to_uint8
 from negprompt.interfaces.cli import main
 from negprompt.interfaces.demo import DEMO_PAIRS
 from negprompt.models.loading import BUNDLED_PATH
+from negprompt.session import Session
 from negprompt.shapes.detectors import detect
 from negprompt.shapes.scene import COLORS, SHAPES
 from negprompt.shapes.training import DECLARATIONS, DEFAULT_SAMPLING
@@ -23,7 +24,7 @@ PROMPTS = [(c, s) for s in SHAPES for c in COLORS]  # 12 combinations
 
 @pytest.fixture(scope="module")
 def bundled():
-    return load_model()
+    return Session().components
 
 
 def test_bundled_model_is_small_safetensors_and_pixel_space(bundled):

@@ -32,13 +32,14 @@ def test_window_over_all_steps_gives_the_full_negative_image_bit_exactly(tiny_sd
 
 
 def test_before_its_window_the_edit_follows_the_plain_image_bit_exactly(tiny_sd):
-    from negprompt.api import make_settings, run_together
     from negprompt.guidance.plan import Term
+    from negprompt.session import Session
 
-    common = dict(seeds=[1, 2], steps=6, scheduler="euler-a", size=32, model=tiny_sd)
-    plain, _ = make_settings(PROMPT, rule="cfg", **common)
-    late, _ = make_settings(PROMPT, [Term(NEGATIVE, None, Window(4))], **common)
-    first, second = run_together([plain, late], tiny_sd, trace=True)
+    session = Session(tiny_sd)
+    common = dict(seeds=[1, 2], steps=6, scheduler="euler-a", size=32)
+    plain = session.spec(PROMPT, rule="cfg", **common)
+    late = session.spec(PROMPT, [Term(NEGATIVE, None, Window(4))], **common)
+    first, second = session.run_together([plain, late], trace=True)
     for a, b in zip(first.trace, second.trace):
         assert np.array_equal(a.latents.numpy(), b.latents.numpy()) == (a.step <= 4)
 

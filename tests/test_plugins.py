@@ -69,10 +69,10 @@ def test_importing_the_shapes_commands_is_cheap():
 
 
 def test_the_bundled_model_declares_the_shapes_finder():
-    from negprompt.api import load_model
+    from negprompt.session import Session
     from negprompt.shapes.regions import ShapesRegions
 
-    bundled = load_model()
+    bundled = Session().components
     finder = declared_finder(bundled)
     assert isinstance(finder, ShapesRegions) and isinstance(finder, RegionFinder)
     assert region_source_for(bundled, "hat", "auto", 32)[0] == "detector"
@@ -83,15 +83,15 @@ def test_the_bundled_model_declares_the_shapes_finder():
         region_source_for(bundled, "cat", "detector", 32)
 
 
-def test_in_memory_components_declare_a_finder_in_extra(tiny_sd):
+def test_in_memory_components_declare_a_finder(tiny_sd):
     from dataclasses import replace
 
     assert declared_finder(tiny_sd) is None
     assert region_source_for(tiny_sd, "hat", "auto", 32) == ("attention", None)
-    declaring = replace(tiny_sd, extra={"region_finder": "shapes"})
+    declaring = replace(tiny_sd, declarations={"region_finder": "shapes"})
     assert declared_finder(declaring).covers(declaring, "hat", 32) is False  # tiny SD has a VAE
     with pytest.raises(RegionFinderError, match="not installed"):
-        declared_finder(replace(tiny_sd, extra={"region_finder": "nowhere"}))
+        declared_finder(replace(tiny_sd, declarations={"region_finder": "nowhere"}))
 
 
 def test_a_finder_from_another_package(monkeypatch):

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from negprompt.api import make_settings, run
 from negprompt.guidance import formulas
 from negprompt.guidance.plan import UNCONDITIONAL, Guidance, Term
 from negprompt.guidance.rules.base import GuidanceError
 from negprompt.guidance.rules.cfg_zero_star import cfg_zero_star, optimized_scale
 from negprompt.interfaces.cli import main
+from negprompt.session import Session
 
 
 def predictions(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -65,10 +65,11 @@ def test_settings_are_checked():
 
 
 def test_runs_on_the_tiny_sd_and_differs_from_sd(tiny_sd):
-    options = dict(steps=4, scheduler="ddim", size=32, seeds=[0], model=tiny_sd)
-    zero_star, components = make_settings("a photo of a cat", "glasses", rule="cfg-zero-star", **options)
-    sd, _ = make_settings("a photo of a cat", "glasses", rule="sd", **options)
-    a, b = run(zero_star, components).pixels, run(sd, components).pixels
+    session = Session(tiny_sd)
+    options = dict(steps=4, scheduler="ddim", size=32, seeds=[0])
+    zero_star = session.spec("a photo of a cat", "glasses", rule="cfg-zero-star", **options)
+    sd = session.spec("a photo of a cat", "glasses", rule="sd", **options)
+    a, b = session.run(zero_star).pixels, session.run(sd).pixels
     assert a.shape == b.shape and torch.isfinite(torch.from_numpy(a)).all() and not (a == b).all()
 
 

@@ -6,16 +6,15 @@ import json
 from dataclasses import dataclass
 
 import pytest
-import torch
 from PIL import Image
 
-from negprompt.api import make_settings, run
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Guidance, Term
 from negprompt.guidance.rules import RULES, rule_named
 from negprompt.guidance.rules.base import GuidanceError, NoSettings, Rule, RuleSettings, option
 from negprompt.guidance.rules.dng import DNGSettings
 from negprompt.interfaces.cli import build_parser, main
+from negprompt.session import Session
 
 
 def test_every_rule_follows_the_protocol():
@@ -137,11 +136,11 @@ class CountingRule(Rule):
 def test_a_rule_outside_the_registry_runs_through_the_loop_with_its_prepare_hook(tiny_sd, monkeypatch):
     rule = CountingRule()
     monkeypatch.setitem(RULES, "counting", rule)
-    settings, components = make_settings(
-        "a photo of a cat", "glasses", rule="counting", steps=3, scheduler="ddim", size=32, model=tiny_sd
-    )
-    reference, _ = make_settings("a photo of a cat", "glasses", rule="sd", steps=3, scheduler="ddim", size=32, model=tiny_sd)
-    assert (run(settings, components).pixels == run(reference, components).pixels).all()
+    session = Session(tiny_sd)
+    options = dict(steps=3, scheduler="ddim", size=32)
+    counting = session.spec("a photo of a cat", "glasses", rule="counting", **options)
+    reference = session.spec("a photo of a cat", "glasses", rule="sd", **options)
+    assert (session.run(counting).pixels == session.run(reference).pixels).all()
     steps = [(kind, step) for kind, step, _ in rule.events]
     assert steps == [("enter", 0), ("exit", 0), ("enter", 1), ("exit", 1), ("enter", 2), ("exit", 2)]
     assert rule.events[0][2] == ("negative", "positive", "unconditional")  # each evaluated branch's conditioning

@@ -201,13 +201,16 @@ def test_unknown_scheduler(tiny_sd):
 def test_groups_share_the_steps_they_have_in_common(tiny_sd):
     """No negative, negative at all steps, negative from step 3: the delayed group reuses the plain
     group's UNet rows before step 3, and a group identical to another costs nothing."""
-    from negprompt.sampling.loop import Group, sample_groups
+    from negprompt.sampling.loop import Group, encode_groups, sample_groups
 
     plain = Group(Guidance(rule="cfg", positive=Term(PROMPT)), (3, 11))
     full = Group(Guidance(positive=Term(PROMPT), negatives=(Term(NEGATIVE),)), (3, 11))
     delayed = Group(Guidance(positive=Term(PROMPT), negatives=(Term(NEGATIVE, window=Window(3)),)), (3, 11))
     steps, batch = 6, 2
-    out = sample_groups(tiny_sd, [plain, full, delayed, full], make_scheduler("ddim", tiny_sd.scheduler), steps, 32, 32)
+    groups, scheduler = [plain, full, delayed, full], make_scheduler("ddim", tiny_sd.scheduler)
+    out = sample_groups(
+        tiny_sd, groups, scheduler, steps, 32, 32, conditioning=encode_groups(tiny_sd, groups, scheduler, steps)
+    )
     # Step 0: every group starts from the same noise, so the positive is computed once (3 blocks).
     # Steps 1–2: the delayed group is in the plain group's state: plain 2 + full 2 blocks.
     # Step 3: the delayed group still holds the plain group's latents, so only its negative is new.
@@ -221,9 +224,12 @@ def test_groups_share_the_steps_they_have_in_common(tiny_sd):
 
 
 def test_groups_with_a_window_covering_all_steps_equal_the_full_negative_bit_exactly(tiny_sd):
-    from negprompt.sampling.loop import Group, sample_groups
+    from negprompt.sampling.loop import Group, encode_groups, sample_groups
 
     full = Group(Guidance(positive=Term(PROMPT), negatives=(Term(NEGATIVE),)), (5,))
     covering = Group(Guidance(positive=Term(PROMPT), negatives=(Term(NEGATIVE, window=Window(0, 1.0)),)), (5,))
-    out = sample_groups(tiny_sd, [full, covering], make_scheduler("euler-a", tiny_sd.scheduler), 5, 32, 32)
+    groups, scheduler = [full, covering], make_scheduler("euler-a", tiny_sd.scheduler)
+    out = sample_groups(
+        tiny_sd, groups, scheduler, 5, 32, 32, conditioning=encode_groups(tiny_sd, groups, scheduler, 5)
+    )
     assert np.array_equal(out.images[0], out.images[1])

@@ -26,13 +26,14 @@ import torch
 
 from negprompt.analysis.locality import locality
 from negprompt.analysis.regions import RegionFinder, declared_finder
-from negprompt.api import Generation, load_model, make_settings, run_together, to_uint8
+from negprompt.api import Generation, to_uint8
 from negprompt.attention.capture import CaptureRequest, capture_attention
 from negprompt.attention.result import plan_for
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
 from negprompt.models.components import Components
+from negprompt.session import as_session
 
 REGION_SOURCES = ("auto", "attention", "detector")
 
@@ -158,11 +159,12 @@ def run_edit(
     """
     _check_threshold(threshold)
     word = negative_word(negative, word)
-    components = load_model(model)
-    common = dict(seeds=seeds, steps=steps, scheduler=scheduler, scale=scale, size=size, model=components)
-    plain, _ = make_settings(prompt, rule="cfg", **common)
-    full, _ = make_settings(prompt, [Term(negative)], **common)
-    windowed, _ = make_settings(prompt, [Term(negative, None, window)], **common)
+    session = as_session(model)
+    components = session.components
+    common = dict(seeds=seeds, steps=steps, scheduler=scheduler, scale=scale, size=size)
+    plain = session.spec(prompt, rule="cfg", **common)
+    full = session.spec(prompt, [Term(negative)], **common)
+    windowed = session.spec(prompt, [Term(negative, None, window)], **common)
     source, finder = region_source_for(components, word, region, plain.height)
     request = CaptureRequest(words={"negative": [word]})
     plan_full = plan_for(full, request, components)  # also checks the word and the window early
@@ -173,15 +175,16 @@ def run_edit(
     if max_rows_per_call is not None and max_rows_per_call < 1:
         raise EditError(f"rows per UNet call must be a positive number, got {max_rows_per_call}")
     if source == "detector":  # the detectors give region and removal: no attention maps needed
-        generations = run_together(
-            [plain, full, windowed], components, progress=progress, max_rows_per_call=max_rows_per_call
+        generations = session.run_together(
+            [plain, full, windowed], progress=progress, max_rows_per_call=max_rows_per_call
         )
     else:
-        with capture_attention(components.unet, plan_full, group=1) as record_full:
-            with capture_attention(components.unet, plan_windowed, group=2) as record_windowed:
-                generations = run_together(
-                    [plain, full, windowed], components, unet_hooks=[record_full, record_windowed], progress=progress
-                )
+        with session.exclusive():
+            with capture_attention(components.unet, plan_full, group=1) as record_full:
+                with capture_attention(components.unet, plan_windowed, group=2) as record_windowed:
+                    generations = session.run_together(
+                        [plain, full, windowed], unet_hooks=[record_full, record_windowed], progress=progress
+                    )
         maps_full = record_full.tensors["maps.negative"][:, 0, :, 0].float()  # (steps, B, S, S)
         maps_windowed = record_windowed.tensors["maps.negative"][:, 0, :, 0].float()
         present_full = record_full.tensors["present.negative"]

@@ -2,7 +2,7 @@
 
 A model that comes with a way to find its things (e.g. ground-truth detectors for a synthetic world)
 declares it in its ``negprompt.json``: ``"region_finder": "NAME"``, or an in-memory model in
-``Components.extra["region_finder"]``. NAME is an entry point of the group ``negprompt.region_finders``
+``Components.declarations["region_finder"]``. NAME is an entry point of the group ``negprompt.region_finders``
 (see the packaging guide: https://packaging.python.org/en/latest/specifications/entry-points/) that
 gives a :class:`RegionFinder` class or factory, e.g. in a plugin's ``pyproject.toml``::
 
@@ -20,12 +20,11 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from negprompt.api import model_defaults
 from negprompt.errors import NegpromptError
 from negprompt.models.components import Components
 
 GROUP = "negprompt.region_finders"
-DECLARATION = "region_finder"  # the key in negprompt.json (or Components.extra)
+DECLARATION = "region_finder"  # the key in negprompt.json (read into Components.declarations)
 
 
 class RegionFinderError(NegpromptError):
@@ -68,6 +67,6 @@ def load_finder(name: str) -> RegionFinder:
 
 
 def declared_finder(components: Components) -> RegionFinder | None:
-    """The region finder the model declares (``Components.extra``, else its ``negprompt.json``), or None."""
-    name = components.extra.get(DECLARATION) or model_defaults(components).get(DECLARATION)
+    """The region finder the model declares in its ``negprompt.json`` (``Components.declarations``), or None."""
+    name = components.declarations.get(DECLARATION)
     return None if name is None else load_finder(str(name))

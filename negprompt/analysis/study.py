@@ -22,11 +22,10 @@ from tqdm.auto import tqdm
 
 from negprompt.analysis.spec import Pair, SpecError, StudySpec, check_vocabulary
 from negprompt.analysis.strength import strength_curves
-from negprompt.api import load_model, make_settings
 from negprompt.attention.capture import CaptureRequest
 from negprompt.attention.result import capture
 from negprompt.attention.tokens import tokenize_words
-from negprompt.models.components import Components
+from negprompt.session import Session, as_session
 
 RESULTS_FILE = "results.csv"
 SPEC_FILE = "spec.json"
@@ -100,9 +99,10 @@ def _append(path: Path, rows: list[tuple]) -> None:
         os.fsync(handle.fileno())
 
 
-def run_pair(spec: StudySpec, index: int, pair: Pair, components: Components) -> tuple[list[tuple], int]:
+def run_pair(spec: StudySpec, index: int, pair: Pair, session: Session) -> tuple[list[tuple], int]:
     """Captures one pair over all seeds (one batched run) and returns its result rows."""
-    settings, _ = make_settings(
+    components = session.components
+    settings = session.spec(
         pair.prompt,
         pair.negative,
         rule="sd",
@@ -111,11 +111,10 @@ def run_pair(spec: StudySpec, index: int, pair: Pair, components: Components) ->
         scheduler=spec.scheduler,
         seeds=spec.seeds,
         size=spec.size,
-        model=components,
     )
     positive_words = list(dict.fromkeys(tokenize_words(components.tokenizer, pair.prompt).words))
     request = CaptureRequest(words={"positive": positive_words, "negative": [pair.word]}, size=spec.map_size)
-    result = capture(settings, request, components, trace=False)
+    result = capture(settings, request, session, trace=False)
     curves = strength_curves(result, pair.word, pair.related)
     timesteps = result.index["timesteps"]
     rows = []
@@ -146,18 +145,17 @@ def run_study(
     out_dir: str | Path,
     progress: bool = True,
     on_pair_done: Callable[[int], None] | None = None,
+    session: Session | None = None,
 ) -> StudyProgress:
-    """Runs the pairs not yet in ``out_dir``'s results; returns what this run did."""
+    """Runs the pairs not yet in ``out_dir``'s results; returns what this run did.
+
+    ``session``: the loaded ``spec.model`` to run on (default: a new session, device auto)."""
     out_dir = Path(out_dir)
-    components = load_model(spec.model)
+    session = as_session(spec.model if session is None else session)
+    components = session.components
     check_vocabulary(spec, components.tokenizer)
     prepare_directory(spec, out_dir)
-    settings, _ = make_settings("", steps=spec.steps, scheduler=spec.scheduler, model=components)
-    from negprompt.sampling.schedulers import make_scheduler
-
-    probe = make_scheduler(settings.scheduler, components.scheduler)
-    probe.set_timesteps(spec.steps)
-    done = completed_pairs(spec, out_dir, len(probe.timesteps))
+    done = completed_pairs(spec, out_dir, session.denoiser_calls(spec.scheduler, spec.steps))
     todo = [(i, p) for i, p in enumerate(spec.pairs) if i not in done]
     started = time.monotonic()
     rows_evaluated = 0
@@ -165,7 +163,7 @@ def run_study(
         total=len(spec.pairs) * len(spec.seeds), initial=len(done) * len(spec.seeds), unit="img", disable=not progress
     )
     for index, pair in todo:
-        rows, unet_rows = run_pair(spec, index, pair, components)
+        rows, unet_rows = run_pair(spec, index, pair, session)
         _append(out_dir / RESULTS_FILE, rows)
         rows_evaluated += unet_rows
         bar.update(len(spec.seeds))

@@ -36,13 +36,13 @@ from negprompt.analysis.edit import negative_word
 from negprompt.analysis.locality import changed_pixels, psnr, ssim
 from negprompt.analysis.regions import RegionFinder, RegionFinderError, declared_finder
 from negprompt.analysis.strength import FUNCTION_WORDS, map_similarity
-from negprompt.api import load_model, make_settings, run_together
 from negprompt.attention.capture import CaptureRequest, capture_attention
 from negprompt.attention.result import plan_for
 from negprompt.attention.tokens import tokenize_words
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
+from negprompt.session import as_session
 
 DEFAULT_TAU = 0.02
 
@@ -96,7 +96,8 @@ def run_sweep(
 
     ``finder`` None: the one the model declares (an error if it declares none).
     """
-    components = load_model(model)
+    session = as_session(model)
+    components = session.components
     finder = finder or declared_finder(components)
     if finder is None:
         raise RegionFinderError("the start sweep scores with a region finder; this model's negprompt.json names none")
@@ -108,34 +109,33 @@ def run_sweep(
         content = [
             w for w in dict.fromkeys(tokenize_words(components.tokenizer, prompt).words) if w not in FUNCTION_WORDS
         ]
-        common = dict(steps=settings.steps, scheduler=settings.scheduler, scale=settings.scale, model=components)
+        common = dict(steps=settings.steps, scheduler=settings.scheduler, scale=settings.scale)
         for seeds in chunks:
-            plain, _ = make_settings(prompt, rule="cfg", seeds=seeds, **common)
+            plain = session.spec(prompt, rule="cfg", seeds=seeds, **common)
             variants = [
-                ("start", s, make_settings(prompt, [Term(negative, None, Window(s))], seeds=seeds, **common)[0])
+                ("start", s, session.spec(prompt, [Term(negative, None, Window(s))], seeds=seeds, **common))
                 for s in settings.starts
             ]
             variants += [
-                ("early", k, make_settings(prompt, [Term(negative, None, Window(0, k))], seeds=seeds, **common)[0])
+                ("early", k, session.spec(prompt, [Term(negative, None, Window(0, k))], seeds=seeds, **common))
                 for k in settings.early_ends
             ]
             request = CaptureRequest(words={"positive": content})
-            with capture_attention(components.unet, plan_for(plain, request, components), group=0) as recorder:
-                generations = run_together([plain] + [v[2] for v in variants], components, unet_hooks=[recorder])
+            with session.exclusive():
+                with capture_attention(components.unet, plan_for(plain, request, components), group=0) as recorder:
+                    generations = session.run_together([plain] + [v[2] for v in variants], unet_hooks=[recorder])
             maps = [recorder.tensors["maps.positive"][:, 0, :, w].float() for w in range(len(content))]
             auto = automatic_start(maps, settings.tau)
             # Second pass: one group per distinct automatic start, all in one batched run.
             distinct = sorted(set(auto))
             members = {start: [i for i, s in enumerate(auto) if s == start] for start in distinct}
             auto_settings = [
-                make_settings(
+                session.spec(
                     prompt, [Term(negative, None, Window(start))], seeds=[seeds[i] for i in members[start]], **common
-                )[0]
+                )
                 for start in distinct
             ]
-            auto_runs = {
-                start: (members[start], g) for start, g in zip(distinct, run_together(auto_settings, components))
-            }
+            auto_runs = {start: (members[start], g) for start, g in zip(distinct, session.run_together(auto_settings))}
             for i, seed in enumerate(seeds):
                 base = generations[0].pixels[i]
                 _, plain_present = finder.find(base, word)

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from negprompt.api import Generation, GenerationSettings, load_model, run
+from negprompt.api import Generation
 from negprompt.attention.capture import CaptureError, CapturePlan, CaptureRequest, capture_attention, plan_capture
 from negprompt.guidance.plan import UNCONDITIONAL
 from negprompt.models.components import Components
-from negprompt.sampling.schedulers import make_scheduler
+from negprompt.runspec import RunSpec
+from negprompt.sampling.schedule import denoiser_calls
+from negprompt.session import Session, as_session
 
 MAPS_FILE = "maps.safetensors"
 INDEX_FILE = "maps.json"
@@ -125,7 +126,7 @@ class AttentionCapture:
         return cls(tensors=load_file(str(folder / MAPS_FILE)), index=json.loads((folder / INDEX_FILE).read_text()))
 
 
-def branch_prompts(settings: GenerationSettings) -> dict[str, list[str]]:
+def branch_prompts(settings: RunSpec) -> dict[str, list[str]]:
     """Every branch a run can evaluate, with its prompt per image."""
     batch = len(settings.seeds)
     prompts = {name: term.prompts_for(batch) for name, term in settings.guidance.terms.items()}
@@ -133,29 +134,32 @@ def branch_prompts(settings: GenerationSettings) -> dict[str, list[str]]:
     return prompts
 
 
-def plan_for(settings: GenerationSettings, request: CaptureRequest, components: Components) -> CapturePlan:
+def plan_for(settings: RunSpec, request: CaptureRequest, model: Session | Components) -> CapturePlan:
     """The capture plan of a run (raises before sampling if the request cannot be met)."""
-    scheduler = make_scheduler(settings.scheduler, components.scheduler)
-    scheduler.set_timesteps(settings.steps)
+    components = model.components if isinstance(model, Session) else model
+    calls = denoiser_calls(settings.scheduler, components.scheduler, settings.steps)
     factor = components.latent_factor
     latent_hw = (settings.height // factor, settings.width // factor)
-    return plan_capture(
-        components.unet, components.tokenizer, branch_prompts(settings), request, len(scheduler.timesteps), latent_hw
-    )
+    return plan_capture(components.unet, components.tokenizer, branch_prompts(settings), request, calls, latent_hw)
 
 
 def capture(
-    settings: GenerationSettings,
+    settings: RunSpec,
     request: CaptureRequest,
-    components: Components | None = None,
+    session: Session | Components | None = None,
     trace: bool = True,
     progress: bool = False,
 ) -> AttentionCapture:
-    """Generates ``settings`` while capturing the cross-attention maps ``request`` asks for."""
-    components = components or load_model(settings.model)
-    plan = plan_for(settings, request, components)
-    with capture_attention(components.unet, plan) as recorder:
-        generation = run(settings, components, trace=trace, unet_hooks=[recorder], progress=progress)
+    """Generates ``settings`` while capturing the cross-attention maps ``request`` asks for.
+
+    ``session``: the session to run on (Components are wrapped in one; None loads ``settings.model``).
+    The session's lock is held while the attention processors are swapped.
+    """
+    session = as_session(settings.model if session is None else session, device=settings.device, dtype=settings.dtype)
+    with session.exclusive() as components:
+        plan = plan_for(settings, request, components)
+        with capture_attention(components.unet, plan) as recorder:
+            generation = session.run(settings, trace=trace, unet_hooks=[recorder], progress=progress)
     index = {
         "settings": settings.to_json(),
         "branches": plan.branches,
@@ -174,17 +178,3 @@ def capture(
         "memory_stored_bytes": recorder.stored_bytes(),
     }
     return AttentionCapture(tensors=recorder.tensors, index=index, generation=generation)
-
-
-def words_by_branch(
-    positive: Sequence[str] | None, negative: Sequence[str] | None, extra: Mapping[str, Sequence[str]] | None = None
-) -> dict[str, list[str]]:
-    """The common request: words of the positive and of the (first) negative prompt."""
-    words: dict[str, list[str]] = {}
-    if positive:
-        words["positive"] = list(positive)
-    if negative:
-        words["negative"] = list(negative)
-    for branch, items in (extra or {}).items():
-        words[branch] = list(items)
-    return words

@@ -114,6 +114,7 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
         "--interval-sigma", default=None, metavar="LO:HI", help="guide only where the noise level σ is in [LO, HI]"
     )
     add_rule_options(parser)
+    add_run_options(parser)
 
 
 def add_rule_options(parser: argparse.ArgumentParser) -> None:
@@ -162,6 +163,62 @@ def rule_options_from_args(args: argparse.Namespace) -> dict:
     return chosen
 
 
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype, for every command that loads a model to generate."""
+    from negprompt.devices import DEVICE_CHOICES, DTYPES
+
+    group = parser.add_argument_group("device")
+    group.add_argument(
+        "--device",
+        default=None,
+        metavar="DEVICE",
+        help=f"{'|'.join(DEVICE_CHOICES)} (default auto: CUDA if available, then MPS, else CPU)",
+    )
+    group.add_argument("--dtype", default=None, metavar="DTYPE", help=f"{'|'.join(DTYPES)} (default float32)")
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Image shape and device options of the prompt commands (generate, attend, edit)."""
+    parser.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: --size)")
+    parser.add_argument("--height", type=positive_int, default=None, help="image height in pixels (default: --size)")
+    add_device_options(parser)
+
+
+def session_from_args(args: argparse.Namespace, spec=None, model=None):
+    """The session of a command: ``model``, else ``spec``'s model, else --model, on --device in --dtype
+    (else ``spec``'s, else auto and float32); both are checked before anything is loaded."""
+    from negprompt.devices import resolve_device, torch_dtype
+    from negprompt.session import Session
+
+    device = args.device if args.device is not None else (spec.device if spec is not None else "auto")
+    dtype = args.dtype if args.dtype is not None else (spec.dtype if spec is not None else "float32")
+    resolve_device(device)
+    torch_dtype(dtype)
+    if model is None:
+        model = spec.model if spec is not None else getattr(args, "model", None)
+    return Session(model, device=device, dtype=dtype)
+
+
+def size_from_args(args: argparse.Namespace) -> dict:
+    """--size (square) or --width/--height, as :meth:`Session.spec` keywords; a conflict is an error."""
+    for name in ("width", "height"):
+        given = getattr(args, name, None)
+        if args.size is not None and given is not None and given != args.size:
+            raise CommandError(
+                f"--size {args.size} conflicts with --{name} {given}; give --size for a square, or --width and --height"
+            )
+    return dict(size=args.size, width=getattr(args, "width", None), height=getattr(args, "height", None))
+
+
+def size_pair(args: argparse.Namespace, session):
+    """--size, or (height, width) when --width/--height are given (the other side: --size or the model's)."""
+    size = size_from_args(args)
+    if size["width"] is None and size["height"] is None:
+        return args.size
+    default = args.size or session.components.default_size
+    return (size["height"] or default, size["width"] or default)
+
+
 def sigma_range(text: str) -> tuple[float, float]:
     try:
         low, high = (float(part) for part in text.split(":"))
@@ -170,10 +227,9 @@ def sigma_range(text: str) -> tuple[float, float]:
     return low, high
 
 
-def settings_from_args(args: argparse.Namespace):
-    from negprompt.api import make_settings
-
-    return make_settings(
+def settings_from_args(args: argparse.Namespace, session):
+    """The run specification the prompt options describe, on ``session``'s model."""
+    return session.spec(
         args.prompt or "",
         args.negative,
         negative_scales=args.negative_scale,
@@ -183,8 +239,7 @@ def settings_from_args(args: argparse.Namespace):
         steps=args.steps,
         scheduler=args.scheduler,
         seeds=args.seed or [0],
-        size=args.size,
-        model=args.model,
+        **size_from_args(args),
         rescale=args.rescale,
         interval=args.interval,
         interval_sigma=sigma_range(args.interval_sigma) if args.interval_sigma else None,
@@ -196,21 +251,24 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def command_generate(args: argparse.Namespace) -> int:
-    from negprompt.api import run
     from negprompt.interfaces.png import output_paths, read_png_settings, save_generation
+    from negprompt.session import respec
 
     if args.from_png:
         if args.prompt is not None or args.negative:
             raise CommandError("--from-png takes its prompts from the PNG; give no prompt or --negative with it")
         settings, index = read_png_settings(args.from_png)
         indices = [index]
-        components = None
+        session = session_from_args(args, settings)
+        settings = respec(settings, session)
     else:
-        settings, components = settings_from_args(args)
+        size_from_args(args)
+        session = session_from_args(args)
+        settings = settings_from_args(args, session)
         indices = None
     out = Path(args.out)
     output_paths(out, settings.seeds if indices is None else [settings.seeds[i] for i in indices])
-    generation = run(settings, components, progress=not args.quiet)
+    generation = session.run(settings, progress=not args.quiet)
     written = save_generation(generation, out, indices)
     for path in written:
         print(f"wrote {path}")
@@ -237,7 +295,10 @@ def command_attend(args: argparse.Namespace) -> int:
     from negprompt.attention.tokens import tokenize_words
     from negprompt.interfaces.png import save_generation, write_atomically
 
-    settings, components = settings_from_args(args)
+    size_from_args(args)
+    session = session_from_args(args)
+    components = session.components
+    settings = settings_from_args(args, session)
     terms = settings.guidance.terms
     words = {}
     for branch, given in (("positive", args.words), ("negative", args.negative_words)):
@@ -260,9 +321,9 @@ def command_attend(args: argparse.Namespace) -> int:
     )
     if not 0 <= args.image < len(settings.seeds):
         raise CommandError(f"--image {args.image} is outside the batch of {len(settings.seeds)} image(s)")
-    plan = plan_for(settings, request, components)
+    plan = plan_for(settings, request, session)
     print(f"capture will store {plan.memory_bytes() / 2**20:.2f} MiB (limit {args.memory_limit:g} MiB)")
-    result = capture(settings, request, components, trace=True, progress=not args.quiet)
+    result = capture(settings, request, session, trace=True, progress=not args.quiet)
     out = Path(args.out)
     figure = timeline(result, components, image=args.image, columns=args.columns)
     written = save_generation(result.generation, out / "image.png")
@@ -285,7 +346,8 @@ def command_study(args: argparse.Namespace) -> int:
     from negprompt.analysis.study import RESULTS_FILE, run_study
 
     spec = load_spec(args.spec)
-    done = run_study(spec, args.out, progress=not args.quiet)
+    session = session_from_args(args, model=spec.model)
+    done = run_study(spec, args.out, progress=not args.quiet, session=session)
     rate = done.unet_rows / done.seconds if done.seconds > 0 else float("nan")
     print(f"study {spec.name!r}: {done.pairs_total} pairs × {len(spec.seeds)} seeds in {args.out}/{RESULTS_FILE}")
     print(f"this run: {done.seconds:.1f} s, {done.unet_rows} UNet evaluations ({rate:.1f} per second)")
@@ -314,6 +376,8 @@ def command_edit(args: argparse.Namespace) -> int:
     if not args.negative or len(args.negative) != 1:
         raise CommandError("edit takes exactly one --negative")
     _check_threshold(args.threshold)
+    size_from_args(args)
+    session = session_from_args(args)
     outcome = run_edit(
         args.prompt or "",
         args.negative[0],
@@ -322,11 +386,11 @@ def command_edit(args: argparse.Namespace) -> int:
         word=args.word,
         threshold=args.threshold,
         region=args.region,
-        model=args.model,
+        model=session,
         steps=args.steps,
         scheduler=args.scheduler,
         scale=args.scale,
-        size=args.size,
+        size=size_pair(args, session),
         progress=not args.quiet,
         max_rows_per_call=args.rows_per_call,
     )
@@ -359,7 +423,7 @@ def command_edit(args: argparse.Namespace) -> int:
 def command_demo(args: argparse.Namespace) -> int:
     from negprompt.interfaces.demo import run_demo
 
-    png, js, record = run_demo(args.out, model=args.model, steps=args.steps, progress=not args.quiet)
+    png, js, record = run_demo(args.out, model=session_from_args(args), steps=args.steps, progress=not args.quiet)
     print(f"wrote {png} (no negative / negative / delayed negative, for {len(record['pairs'])} prompts) and {js}")
     print(f"took {record['seconds']:.1f} s")
     return 0
@@ -421,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("spec", help="a YAML spec, or a built-in one: shapes, ban2024-sd2")
     study.add_argument("--out", required=True, help="results folder")
     study.add_argument("-q", "--quiet", action="store_true")
+    add_device_options(study)
     study.set_defaults(handler=command_study)
 
     report = commands.add_parser("report", help="curves and a Markdown summary of a study folder")
@@ -432,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help="model (default: the bundled one)")
     demo.add_argument("--steps", type=positive_int, default=None)
     demo.add_argument("-q", "--quiet", action="store_true")
+    add_device_options(demo)
     demo.set_defaults(handler=command_demo)
 
     add_plugin_commands(commands)

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from negprompt.api import Generation, load_model, make_settings, model_defaults, run_together, to_uint8
+from negprompt.api import Generation, to_uint8
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
 from negprompt.interfaces.png import write_atomically
+from negprompt.session import Session, as_session
 
 # The bundled model's pairs (its negprompt.json declares the same): at its default scale (14) unnamed
 # suns and stripes are rare and hats common, so most rows remove a hat; "blurry" shows a quality negative.
@@ -46,9 +47,9 @@ VARIANTS = (
 )
 
 
-def demo_pairs(components) -> tuple[tuple[str, str], ...]:
+def demo_pairs(session: Session) -> tuple[tuple[str, str], ...]:
     """The model's ``demo_pairs`` ([[prompt, negative], …] in its negprompt.json), else :data:`DEMO_PAIRS`."""
-    declared = model_defaults(components).get("demo_pairs")
+    declared = session.components.declarations.get("demo_pairs")
     if declared is None:
         return DEMO_PAIRS
     if not (
@@ -63,25 +64,23 @@ def demo_pairs(components) -> tuple[tuple[str, str], ...]:
 def run_demo(out_dir: str | Path, model=None, seeds=(0, 1, 2), steps: int | None = None, progress: bool = False):
     """Generates every variant for every (prompt, negative) pair; writes ``demo.png`` and ``demo.json``."""
     started = time.monotonic()
-    components = load_model(model)
-    pairs = demo_pairs(components)
+    session = as_session(model)
+    pairs = demo_pairs(session)
     prompts = tuple(p for p, _ in pairs for _ in seeds)
     negatives = tuple(n for _, n in pairs for _ in seeds)
     all_seeds = [s for _ in pairs for s in seeds]
     settings_list = []
     for variant in VARIANTS:
         negative = None if variant.window is None else [Term(negatives, None, variant.window)]
-        settings, _ = make_settings(
-            prompts, negative, rule=variant.rule, seeds=all_seeds, steps=steps, model=components
-        )
+        settings = session.spec(prompts, negative, rule=variant.rule, seeds=all_seeds, steps=steps)
         settings_list.append(settings)
     # One batched loop; the delayed variant shares the no-negative variant's first steps.
-    generations = run_together(settings_list, components, progress=progress)
+    generations = session.run_together(settings_list, progress=progress)
     figure = _figure(generations, pairs, len(seeds))
     out_dir = Path(out_dir)
     record = {
         "pairs": [{"prompt": p, "negative": n} for p, n in pairs],
-        "variants": [g.settings.to_json() for g in generations],
+        "variants": [g.spec.to_json() for g in generations],
         "seconds": round(time.monotonic() - started, 2),
     }
     png, js = out_dir / "demo.png", out_dir / "demo.json"

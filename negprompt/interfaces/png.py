@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from negprompt.api import Generation, GenerationSettings, SettingsError, to_uint8
+from negprompt.api import Generation, RunSpec, SettingsError, to_uint8
 
 SETTINGS_CHUNK = "negprompt"
 INFOTEXT_CHUNK = "parameters"
@@ -40,7 +40,7 @@ def write_atomically(paths: Sequence[Path], write_one) -> list[Path]:
     return list(paths)
 
 
-def png_info(settings: GenerationSettings, index: int) -> PngImagePlugin.PngInfo:
+def png_info(settings: RunSpec, index: int) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     info.add_text(INFOTEXT_CHUNK, settings.infotext(index))
     info.add_text(SETTINGS_CHUNK, json.dumps({"index": index, "settings": settings.to_json()}))
@@ -59,7 +59,7 @@ def output_paths(out: str | Path, seeds: Sequence[int]) -> list[Path]:
 
 def save_generation(generation: Generation, out: str | Path, indices: Sequence[int] | None = None) -> list[Path]:
     """Saves images of ``generation`` (all, or those at ``indices``) with their settings."""
-    settings = generation.settings
+    settings = generation.spec
     indices = list(range(len(settings.seeds))) if indices is None else list(indices)
     paths = output_paths(out, [settings.seeds[i] for i in indices])
     by_path = dict(zip(paths, indices))
@@ -72,7 +72,7 @@ def save_generation(generation: Generation, out: str | Path, indices: Sequence[i
     return write_atomically(paths, write_one)
 
 
-def read_png_settings(path: str | Path) -> tuple[GenerationSettings, int]:
+def read_png_settings(path: str | Path) -> tuple[RunSpec, int]:
     """Settings and batch index stored in a PNG written by negprompt."""
     path = Path(path)
     try:
@@ -93,7 +93,7 @@ def read_png_settings(path: str | Path) -> tuple[GenerationSettings, int]:
         )
     try:
         record = json.loads(text[SETTINGS_CHUNK])
-        settings = GenerationSettings.from_json(record["settings"])
+        settings = RunSpec.from_json(record["settings"])
         index = int(record["index"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise SettingsError(

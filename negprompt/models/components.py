@@ -1,4 +1,4 @@
-"""The parts of a text-to-image diffusion model that the sampler needs."""
+"""The parts of a text-to-image diffusion model that the sampler needs, with their family's adapter."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ class Components:
 
     ``vae`` is None for a pixel-space model (the bundled one): the UNet then works on images
     in [-1, 1] directly. ``source`` says where the parts came from (a path or a model id).
+    ``family`` is the adapter of the model's family (:mod:`negprompt.models.families`); when not
+    given it follows from the parts: Stable Diffusion with a VAE, the pixel family without.
+    ``declarations``: what the model says of itself in its ``negprompt.json`` (default steps, scale
+    and scheduler; a region finder; demo prompts), read when it is loaded.
     """
 
     unet: Any  # diffusers.UNet2DConditionModel
@@ -22,24 +26,32 @@ class Components:
     scheduler: Any  # a diffusers scheduler
     vae: Any | None = None  # diffusers.AutoencoderKL
     source: str = "in memory"
-    extra: dict[str, Any] = field(default_factory=dict)
+    family: Any = None  # negprompt.models.family.ModelFamily
+    declarations: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.family is None:
+            from negprompt.models.families import family_for_parts
+
+            self.family = family_for_parts(self.vae is not None)
 
     @property
     def latent_factor(self) -> int:
         """Pixels per latent cell: 2^(number of VAE down blocks − 1), or 1 without a VAE."""
-        if self.vae is None:
-            return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.family.latent_factor(self)
 
     @property
     def size_multiple(self) -> int:
         """Image sizes must be multiples of this (VAE factor × UNet downsampling)."""
-        unet_factor = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        return self.latent_factor * unet_factor
+        return self.family.size_multiple(self)
 
     @property
     def default_size(self) -> int:
-        return int(self.unet.config.sample_size) * self.latent_factor
+        return self.family.default_size(self)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.family.latent_channels(self)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -49,10 +61,11 @@ class Components:
     def device(self) -> torch.device:
         return self.unet.device
 
-    def to(self, device: str | torch.device) -> "Components":
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Components":
+        """Moves (and casts, if ``dtype``) every module in place."""
         for part in (self.unet, self.text_encoder, self.vae):
             if part is not None:
-                part.to(device)
+                part.to(device=device, dtype=dtype)
         return self
 
     def eval(self) -> "Components":

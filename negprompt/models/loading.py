@@ -16,11 +16,11 @@ import transformers
 
 from negprompt.errors import NegpromptError
 from negprompt.models.components import Components
+from negprompt.models.families import family_for_index
 
 BUNDLED_NAME = "shapes"
 BUNDLED_PATH = Path(__file__).resolve().parent.parent / "assets" / "shapes-model"
-REQUIRED_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
-WEIGHT_PARTS = ("unet", "text_encoder", "vae")
+DECLARATIONS_FILE = "negprompt.json"  # optional: default sampling and what else the model declares
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
@@ -84,7 +84,8 @@ def _class_from(library: str, name: str, base: type) -> type:
 def load_components(
     source: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Components:
-    """Loads UNet, text encoder, tokenizer, scheduler and (if present) VAE, without any network access."""
+    """Loads the parts of ``source``'s model family (UNet, text encoder, tokenizer, scheduler and, for
+    latent models, the VAE) in ``dtype`` on ``device``, without any network access."""
     root = resolve_model_path(source)
     index_file = root / "model_index.json"
     if not index_file.exists():
@@ -93,17 +94,16 @@ def load_components(
         index = json.loads(index_file.read_text())
     except json.JSONDecodeError as error:
         raise ModelLoadError(f"{index_file} is not valid JSON ({error.msg}, line {error.lineno})") from None
-    missing = [part for part in REQUIRED_PARTS if not (root / part).is_dir() or index.get(part, [None])[0] is None]
+    family = family_for_index(index)
+    required = family.required_parts
+    missing = [part for part in required if not (root / part).is_dir() or index.get(part, [None])[0] is None]
     if missing:
-        raise ModelLoadError(
-            f"{root} lacks the part(s) {', '.join(missing)}; expected folders {', '.join(REQUIRED_PARTS)}"
-        )
+        raise ModelLoadError(f"{root} lacks the part(s) {', '.join(missing)}; expected folders {', '.join(required)}")
     has_vae = index.get("vae", [None])[0] is not None
     if has_vae and not (root / "vae").is_dir():
         raise ModelLoadError(f"{root}: model_index.json lists a vae but the vae/ folder is missing")
-    for part in WEIGHT_PARTS:
-        if part != "vae" or has_vae:
-            _check_safetensors(root / part, part)
+    for part in family.weight_parts + (("vae",) if has_vae else ()):
+        _check_safetensors(root / part, part)
 
     def load(part: str, base: type, **kwargs):
         library, name = index[part]
@@ -117,17 +117,24 @@ def load_components(
     weights = dict(use_safetensors=True, local_files_only=True, torch_dtype=dtype)
     # Without accelerate, diffusers warns on every load that it falls back to this; say it ourselves.
     diffusers_weights = weights if importlib.util.find_spec("accelerate") else {**weights, "low_cpu_mem_usage": False}
-    unet = load("unet", diffusers.ModelMixin, **diffusers_weights)
-    text_encoder = load("text_encoder", transformers.PreTrainedModel, **weights)
-    tokenizer = load("tokenizer", transformers.PreTrainedTokenizerBase, local_files_only=True)
-    scheduler = load("scheduler", diffusers.SchedulerMixin)
-    vae = load("vae", diffusers.ModelMixin, **diffusers_weights) if has_vae else None
     components = Components(
-        unet=unet,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        vae=vae,
+        **family.load(load, weights, diffusers_weights),
         source=str(source or BUNDLED_NAME),
+        family=family,
+        declarations=read_declarations(root),
     )
     return components.eval().to(device)
+
+
+def read_declarations(root: Path) -> dict:
+    """The model's ``negprompt.json`` (what it declares of itself), or {} when it has none."""
+    path = root / DECLARATIONS_FILE
+    if not path.exists():
+        return {}
+    try:
+        declarations = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{path} is not valid JSON ({error.msg}, line {error.lineno})") from None
+    if not isinstance(declarations, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object such as {{\"steps\": 20, \"scale\": 7.5}}")
+    return declarations

@@ -4,6 +4,10 @@ Each step evaluates every branch the guidance needs at that step in ONE batched 
 the branch predictions with the guidance rule and advances the scheduler. Branches are named
 (``positive``, ``negative``, ``unconditional`` …), never found by their position in the batch.
 
+The loop encodes no prompt: it is given each prompt text's encoded
+:class:`~negprompt.models.conditioning.Conditioning` (made beforehand by the model family's adapter,
+see :func:`encode_groups`) and passes them, batched, to the UNet with any added inputs.
+
 Observers see each step through a read-only :class:`StepInfo`; a ``UNetCallHook`` is told, before
 each UNet call, which step it is and how the batch is laid out (attention capture uses this).
 """
@@ -11,8 +15,8 @@ each UNet call, which step it is and how the batch is laid out (attention captur
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,7 +27,8 @@ from tqdm.auto import tqdm
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import UNCONDITIONAL, Guidance, StepContext
 from negprompt.models.components import Components
-from negprompt.sampling.prompts import encode_prompts
+from negprompt.models.conditioning import Conditioning, denoiser_inputs
+from negprompt.sampling.schedule import alpha_bar_at, denoiser_calls
 
 
 class SamplingError(NegpromptError):
@@ -84,11 +89,8 @@ def initial_noise(generators: Sequence[torch.Generator], shape: tuple[int, ...],
 
 
 def _alpha_bar(scheduler: Any, timestep: torch.Tensor) -> torch.Tensor:
-    """ᾱ_t at a (possibly fractional) timestep, interpolating σ = √((1−ᾱ)/ᾱ) as Euler-type schedulers do."""
-    alphas_cumprod = scheduler.alphas_cumprod.double()
-    sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt().numpy()
-    sigma = float(np.interp(float(timestep), np.arange(len(sigmas)), sigmas))
-    return torch.tensor(1.0 / (1.0 + sigma**2))
+    """ᾱ_t at a (possibly fractional) timestep (see :func:`negprompt.sampling.schedule.alpha_bar_at`), float64."""
+    return torch.tensor(alpha_bar_at(scheduler.alphas_cumprod, timestep))
 
 
 def predicted_clean(
@@ -108,15 +110,8 @@ def predicted_clean(
 
 
 def decode(components: Components, latents: torch.Tensor) -> np.ndarray:
-    """Latents → images (B, H, W, 3) float32 in [0, 1]; without a VAE the latents are the pixels."""
-    with torch.no_grad():
-        if components.vae is not None:
-            latents = latents / components.vae.config.scaling_factor
-            pixels = components.vae.decode(latents.to(components.vae.dtype), return_dict=False)[0]
-        else:
-            pixels = latents
-    pixels = (pixels / 2 + 0.5).clamp(0, 1)
-    return pixels.cpu().permute(0, 2, 3, 1).float().numpy()
+    """Latents (B, C, h, w) → images (B, H, W, 3) float32 in [0, 1], by the model family's adapter."""
+    return components.family.decode(components, latents)
 
 
 @dataclass(frozen=True)
@@ -141,9 +136,14 @@ class RowBlock:
     stop: int
 
 
-def _validate(components: Components, groups: Sequence[Group], num_steps: int, height: int, width: int) -> None:
+def _validate_steps(num_steps: int) -> None:
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= MAX_STEPS:
         raise SamplingError(f"steps must be an integer in 1–{MAX_STEPS}, got {num_steps!r}")
+
+
+def _validate(components: Components, groups: Sequence[Group], num_steps: int, height: int, width: int) -> None:
+    """Checks steps, seeds and image size; raises :class:`SamplingError`."""
+    _validate_steps(num_steps)
     if not groups or any(not group.seeds for group in groups):
         raise SamplingError("give at least one seed")
     multiple = components.size_multiple
@@ -157,6 +157,35 @@ def _branch_prompts(group: Group, branch: str, step: int, num_steps: int) -> tup
     if branch == UNCONDITIONAL:
         return ("",) * len(group.seeds)
     return tuple(group.guidance.terms[branch].texts_at(step, num_steps, len(group.seeds)))
+
+
+def _plan_texts(groups: Sequence[Group], plans: Sequence[Sequence[Sequence[str]]], calls: int) -> set[str]:
+    """Prompt texts of the branches ``plans[g][step]`` evaluates."""
+    return {
+        t
+        for g, group in enumerate(groups)
+        for step, branches in enumerate(plans[g])
+        for b in branches
+        for t in _branch_prompts(group, b, step, calls)
+    }
+
+
+def needed_prompts(groups: Sequence[Group], num_calls: int) -> list[str]:
+    """Every distinct prompt text the groups' plans evaluate over ``num_calls`` denoiser calls, sorted."""
+    for group in groups:
+        group.guidance.validate(num_calls)
+    plans = [[group.guidance.branches_at(step, num_calls) for step in range(num_calls)] for group in groups]
+    return sorted(_plan_texts(groups, plans, num_calls))
+
+
+def encode_groups(
+    components: Components, groups: Sequence[Group], scheduler: Any, num_steps: int
+) -> dict[str, Conditioning]:
+    """The conditioning :func:`sample_groups` needs: each prompt of the plans encoded once, alone, by the
+    model family's adapter (so an image's conditioning never depends on its batch)."""
+    _validate_steps(num_steps)
+    calls = denoiser_calls("default", scheduler, num_steps)
+    return components.family.encode(components, needed_prompts(groups, calls))
 
 
 @torch.inference_mode()
@@ -173,8 +202,14 @@ def sample_groups(
     progress: bool = False,
     eta: float = 0.0,
     max_rows_per_call: int | None = None,
+    *,
+    conditioning: Mapping[str, Conditioning],
 ) -> SampleOutput:
     """The denoising loop for several groups of images at once, one batched UNet call per step.
+
+    ``conditioning`` maps every prompt text the plans evaluate to its encoded conditioning (see
+    :func:`encode_groups`); the UNet gets them batched as ``encoder_hidden_states`` and, when the
+    family provides them, ``added_cond_kwargs``.
 
     ``max_rows_per_call`` splits that call into chunks of at most so many rows: the UNet treats rows
     independently, so the images agree up to float rounding (CPU kernels sum in another order for
@@ -188,7 +223,10 @@ def sample_groups(
     """
     _validate(components, groups, num_steps, height, width)
     if max_rows_per_call is not None and (max_rows_per_call < 1 or unet_hooks):
-        raise ValueError("max_rows_per_call must be a positive number of rows and needs no unet_hooks")
+        raise SamplingError(
+            f"max_rows_per_call must be a positive number of rows and cannot be combined with unet_hooks, "
+            f"got {max_rows_per_call!r} with {len(unet_hooks)} hook(s)"
+        )
     device, dtype = components.device, components.dtype
     scheduler.set_timesteps(num_steps, device=device)
     timesteps = scheduler.timesteps
@@ -199,27 +237,21 @@ def sample_groups(
     states = [group.guidance.new_state(len(group.seeds)) for group in groups]
     alpha_bars = [float(_alpha_bar(scheduler, t)) for t in timesteps] + [1.0]
 
-    # Each distinct prompt is encoded once, alone: an image's conditioning never depends on its batch.
-    texts = {
-        t
-        for g, group in enumerate(groups)
-        for step, branches in enumerate(plans[g])
-        for b in branches
-        for t in _branch_prompts(group, b, step, calls)
-    }
-    embeddings = {
-        text: encode_prompts(components.tokenizer, components.text_encoder, [text]).to(device) for text in sorted(texts)
-    }
+    missing = sorted(_plan_texts(groups, plans, calls) - set(conditioning))
+    if missing:
+        raise SamplingError(
+            f"no conditioning given for the prompt(s) {', '.join(map(repr, missing))}; "
+            "encode every prompt of the plan (see encode_groups)"
+        )
 
     slices, start = [], 0
     for group in groups:
         slices.append(slice(start, start + len(group.seeds)))
         start += len(group.seeds)
     seeds = [seed for group in groups for seed in group.seeds]
-    factor = components.latent_factor
-    channels = components.unet.config.in_channels
     generators = make_generators(seeds)
-    latents = initial_noise(generators, (channels, height // factor, width // factor), dtype).to(device)
+    shape = components.family.latent_shape(components, height, width)
+    latents = initial_noise(generators, shape, dtype).to(device)  # drawn on the CPU: equal on every device
     latents = latents * scheduler.init_noise_sigma
 
     step_parameters = inspect.signature(scheduler.step).parameters
@@ -234,7 +266,8 @@ def sample_groups(
     for step, t in enumerate(tqdm(timesteps, disable=not progress, unit="step", leave=False)):
         model_input = scheduler.scale_model_input(latents, t)
         blocks: list[RowBlock] = []
-        inputs, contexts = [], []
+        inputs: list[torch.Tensor] = []
+        row_conditioning: list[Conditioning] = []  # one per row of the call
         computed: dict[tuple, list[tuple[int, int]]] = {}  # (prompts, seeds) → [(group, start row)]
         step_prompts: list[dict[str, tuple[str, ...]]] = [{} for _ in groups]  # per group: branch → prompts
         for g, group in enumerate(groups):
@@ -253,25 +286,26 @@ def sample_groups(
                 if shared is None:
                     shared = sum(x.shape[0] for x in inputs)
                     inputs.append(model_input[slices[g]])
-                    contexts.append(torch.cat([embeddings[text] for text in prompts]))
+                    row_conditioning += [conditioning[text] for text in prompts]
                     computed.setdefault(key, []).append((g, shared))
                 blocks.append(RowBlock(g, branch, shared, shared + len(group.seeds)))
         for hook in unet_hooks:
             hook.before_unet_call(step, float(t), blocks)
-        batch, context_batch = torch.cat(inputs), torch.cat(contexts)
+        batch = torch.cat(inputs)
         chunk = max_rows_per_call or batch.shape[0]
         with ExitStack() as prepared:
             for g, group in enumerate(groups):
-                # A rule may prepare the denoiser (attention processors) with each branch's conditioning.
-                conditioning = {
-                    branch: torch.cat([embeddings[text] for text in prompts])
+                # A rule may prepare the denoiser (e.g. attention processors) with each branch's inputs.
+                branch_inputs = {
+                    branch: denoiser_inputs([conditioning[text] for text in prompts])
                     for branch, prompts in step_prompts[g].items()
                 }
                 context = StepContext(step, calls, alpha_bars[step], alpha_bars[step + 1])
-                prepared.enter_context(group.guidance.rule_object.prepare(group.guidance, components.unet, context, conditioning))
+                rule = group.guidance.rule_object
+                prepared.enter_context(rule.prepare(group.guidance, components.unet, context, branch_inputs))
             outputs = [
                 components.unet(
-                    batch[i : i + chunk], t, encoder_hidden_states=context_batch[i : i + chunk], return_dict=False
+                    batch[i : i + chunk], t, **denoiser_inputs(row_conditioning[i : i + chunk]), return_dict=False
                 )[0]
                 for i in range(0, batch.shape[0], chunk)
             ]
@@ -327,11 +361,16 @@ def sample(
     unet_hooks: Sequence[UNetCallHook] = (),
     progress: bool = False,
     eta: float = 0.0,
+    conditioning: Mapping[str, Conditioning] | None = None,
 ) -> SampleOutput:
-    """One group: one image per seed under one guidance (see :func:`sample_groups`)."""
+    """One group: one image per seed under one guidance (see :func:`sample_groups`); its prompts are
+    encoded first by :func:`encode_groups` unless ``conditioning`` is given."""
+    groups = [Group(guidance, tuple(int(s) for s in seeds))]
+    if conditioning is None:
+        conditioning = encode_groups(components, groups, scheduler, num_steps)
     return sample_groups(
         components,
-        [Group(guidance, tuple(int(s) for s in seeds))],
+        groups,
         scheduler,
         num_steps,
         height,
@@ -341,6 +380,7 @@ def sample(
         unet_hooks=unet_hooks,
         progress=progress,
         eta=eta,
+        conditioning=conditioning,
     )
 
 

@@ -10,7 +10,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from negprompt.interfaces.cli import CommandError, non_negative_int, number, positive_int, seed_list
+from negprompt.interfaces.cli import (
+    CommandError,
+    add_device_options,
+    non_negative_int,
+    number,
+    positive_int,
+    seed_list,
+    session_from_args,
+)
 
 # ---------------------------------------------------------------- train
 
@@ -55,8 +63,6 @@ def command_train(args: argparse.Namespace) -> int:
 
 def command_edit_sweep(args: argparse.Namespace) -> int:
     from negprompt.analysis.sweep import SweepSettings, check_sweep_settings, run_sweep, summarize_sweep, write_sweep
-    from negprompt.api import load_model, make_settings
-    from negprompt.sampling.schedulers import make_scheduler
     from negprompt.shapes.regions import ShapesRegions
 
     pairs = []
@@ -65,11 +71,8 @@ def command_edit_sweep(args: argparse.Namespace) -> int:
             raise CommandError(f"--pair {item!r} must look like 'PROMPT->NEGATIVE', e.g. 'a red circle->a hat'")
         prompt, negative = (part.strip() for part in item.split("->", 1))
         pairs.append((prompt, negative))
-    components = load_model(args.model)
-    probe, _ = make_settings("", steps=args.steps, scheduler=args.scheduler, model=components)
-    scheduler = make_scheduler(probe.scheduler, components.scheduler)
-    scheduler.set_timesteps(probe.steps)
-    calls = len(scheduler.timesteps)
+    session = session_from_args(args)
+    calls = session.denoiser_calls(args.scheduler, args.steps)
     starts = tuple(range(0, calls, args.start_every))
     settings = SweepSettings(
         tuple(pairs),
@@ -82,7 +85,7 @@ def command_edit_sweep(args: argparse.Namespace) -> int:
         args.tau,
     )
     check_sweep_settings(settings, calls)
-    rows = run_sweep(settings, components, progress=not args.quiet, finder=ShapesRegions())
+    rows = run_sweep(settings, session, progress=not args.quiet, finder=ShapesRegions())
     summary = summarize_sweep(rows)
     for path in write_sweep(rows, summary, args.out):
         print(f"wrote {path}")
@@ -98,7 +101,7 @@ def command_bench_methods(args: argparse.Namespace) -> int:
     records = bench_methods(
         negatives=args.negative or ("a hat", "a sun", "striped", "blurry"),
         images=args.images,
-        model=args.model,
+        model=session_from_args(args),
         steps=args.steps,
         scheduler=args.scheduler,
         scale=args.scale,
@@ -122,13 +125,12 @@ def command_bench_methods(args: argparse.Namespace) -> int:
 def command_evaluate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from negprompt.api import load_model
     from negprompt.shapes.evaluation import ROWS, evaluate, to_markdown, write_table
 
-    components = load_model(args.model)
+    session = session_from_args(args)
     with tqdm(total=args.images * len(ROWS), disable=args.quiet, unit="img") as bar:
         table = evaluate(
-            components,
+            session,
             images=args.images,
             steps=args.steps,
             scheduler=args.scheduler,
@@ -160,6 +162,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument("--model", default=None)
     sweep.add_argument("--out", default="edit-sweep")
     sweep.add_argument("-q", "--quiet", action="store_true")
+    add_device_options(sweep)
     sweep.set_defaults(handler=command_edit_sweep)
 
     bench = commands.add_parser("bench-methods", help="rank negative-prompt rules against ground truth (bundled model)")
@@ -176,6 +179,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--scale", type=number, default=None)
     bench.add_argument("--out", default="bench-methods")
     bench.add_argument("-q", "--quiet", action="store_true")
+    add_device_options(bench)
     bench.set_defaults(handler=command_bench_methods)
 
     evaluate = commands.add_parser("evaluate", help="score a shapes-world model against ground truth")
@@ -186,6 +190,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--scheduler", default=None)
     evaluate.add_argument("--scale", type=number, default=None)
     evaluate.add_argument("-q", "--quiet", action="store_true")
+    add_device_options(evaluate)
     evaluate.set_defaults(handler=command_evaluate)
 
     train = commands.add_parser("train", help="train the shapes-world model (resumes from --out)")

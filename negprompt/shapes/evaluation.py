@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from negprompt.api import make_settings, run, to_uint8
+from negprompt.api import to_uint8
 from negprompt.guidance.plan import Term
 from negprompt.models.components import Components
+from negprompt.session import Session, as_session
 from negprompt.shapes.detectors import detect
 from negprompt.shapes.scene import COLORS, SHAPES
 
@@ -85,7 +86,7 @@ def score_images(pixels: np.ndarray, named: Sequence[tuple[str, str]]) -> dict[s
 
 
 def evaluate(
-    components: Components,
+    model: Session | Components,
     images: int = 200,
     batch: int = 48,
     rows: Sequence[Row] = ROWS,
@@ -95,6 +96,7 @@ def evaluate(
     on_batch: Callable[[int], None] | None = None,
 ) -> dict:
     """Runs every row and returns the table (fractions per attribute, targets, pass/fail)."""
+    session = as_session(model)
     results = []
     started = time.monotonic()
     settings_used = None
@@ -103,7 +105,7 @@ def evaluate(
         pixels = []
         for start in range(0, images, batch):
             chunk = slice(start, min(images, start + batch))
-            settings, _ = make_settings(
+            settings = session.spec(
                 tuple(prompts[chunk]),
                 None if row.negative is None else [Term(row.negative)],
                 rule="sd" if row.negative else "cfg",
@@ -111,10 +113,9 @@ def evaluate(
                 scheduler=scheduler,
                 scale=scale,
                 seeds=range(chunk.start, chunk.stop),
-                model=components,
             )
             settings_used = settings
-            pixels.append(run(settings, components).pixels)
+            pixels.append(session.run(settings).pixels)
             if on_batch is not None:
                 on_batch(chunk.stop - chunk.start)
         rates = score_images(np.concatenate(pixels), named)
@@ -132,7 +133,7 @@ def evaluate(
         )
     assert settings_used is not None
     return {
-        "model": components.source,
+        "model": session.model,
         "steps": settings_used.steps,
         "scheduler": settings_used.scheduler,
         "scale": settings_used.guidance.scale,

@@ -27,10 +27,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from negprompt.analysis.locality import changed_pixels
-from negprompt.api import load_model, make_settings, model_defaults, run_together, to_uint8
+from negprompt.api import to_uint8
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
+from negprompt.session import as_session
 from negprompt.shapes.detectors import detect
 from negprompt.shapes.evaluation import Row, row_prompts
 from negprompt.shapes.regions import WORLD_THINGS, detector_region
@@ -103,8 +104,8 @@ def bench_methods(
     progress: bool = True,
 ) -> list[dict]:
     """One record per (negative, method) with every measure."""
-    components = load_model(model)
-    scale = scale if scale is not None else float(model_defaults(components)["scale"])
+    session = as_session(model)
+    scale = scale if scale is not None else float(session.defaults["scale"])
     records = []
     bar = tqdm(total=len(negatives) * images * len(methods), unit="img", disable=not progress)
     for negative in negatives:
@@ -118,7 +119,7 @@ def bench_methods(
             chunk = slice(start, min(images, start + batch))
             settings_list = []
             for method in methods:
-                settings, _ = make_settings(
+                settings = session.spec(
                     tuple(prompts[chunk]),
                     _negative_terms(method, negative, scale),
                     rule=method.rule or "cfg",
@@ -126,13 +127,12 @@ def bench_methods(
                     scheduler=scheduler,
                     scale=scale,
                     seeds=range(chunk.start, chunk.stop),
-                    model=components,
                     rescale=method.rescale,
                     interval=method.interval,
                     rule_settings=method.settings,
                 )
                 settings_list.append(settings)
-            generations = run_together(settings_list, components)
+            generations = session.run_together(settings_list)
             plain = generations[0].pixels
             for method, settings, generation in zip(methods, settings_list, generations):
                 per_method[method.name] += _measure(generation.pixels, named[chunk], plain, word)

@@ -21,10 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from negprompt.api import DEFAULTS_FILE
 from negprompt.errors import NegpromptError
 from negprompt.models.components import Components
-from negprompt.models.loading import ModelLoadError, load_components
+from negprompt.models.loading import DECLARATIONS_FILE, ModelLoadError, load_components
 from negprompt.models.saving import save_components
 from negprompt.sampling.schedulers import make_scheduler
 from negprompt.shapes.model import (
@@ -370,5 +369,5 @@ class Trainer:
         components = self.ema_components()
         components.scheduler = make_scheduler(DEFAULT_SAMPLING["scheduler"], components.scheduler)
         folder = save_components(components, folder)
-        (folder / DEFAULTS_FILE).write_text(json.dumps({**DEFAULT_SAMPLING, **DECLARATIONS}, indent=2) + "\n")
+        (folder / DECLARATIONS_FILE).write_text(json.dumps({**DEFAULT_SAMPLING, **DECLARATIONS}, indent=2) + "\n")
         return folder

@@ -205,7 +205,8 @@ class Rule:
     ) -> contextlib.AbstractContextManager[None]:
         """Entered around the step's denoiser call: install processors, restore them on exit.
 
-        ``conditioning``: the encoded prompt of each branch at this step, by branch name.
+        ``conditioning``: each branch evaluated at this step, by name → its denoiser inputs for the
+        group's images (``encoder_hidden_states`` (B, L, D) and, if the family has them, ``added_cond_kwargs``).
         """
         return contextlib.nullcontext()
 

@@ -1,0 +1,61 @@
+"""One prompt's encoded conditioning, as data, and how several are batched into the denoiser's inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from negprompt.errors import NegpromptError
+
+
+class ConditioningError(NegpromptError):
+    """Conditionings that cannot be batched together."""
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the denoiser is conditioned on for one prompt.
+
+    hidden_states: the text encoder's token states, (1, L, D), given as ``encoder_hidden_states``;
+    pooled: a pooled text embedding, (1, P), given as ``added_cond_kwargs["text_embeds"]`` (SDXL);
+    extra: further ``added_cond_kwargs`` by name, each (1, …), e.g. SDXL's ``time_ids`` (1, 6).
+    """
+
+    hidden_states: torch.Tensor
+    pooled: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> "Conditioning":
+        return Conditioning(
+            self.hidden_states.to(device),
+            None if self.pooled is None else self.pooled.to(device),
+            {k: v.to(device) for k, v in self.extra.items()},
+        )
+
+    def added_inputs(self) -> dict[str, torch.Tensor]:
+        """The ``added_cond_kwargs`` of this prompt alone (empty for SD 1.x/2.x and the bundled model)."""
+        added = dict(self.extra)
+        if self.pooled is not None:
+            added["text_embeds"] = self.pooled
+        return added
+
+
+def denoiser_inputs(rows: Sequence[Conditioning]) -> dict[str, Any]:
+    """Keyword inputs of one denoiser call whose row i is conditioned on ``rows[i]``.
+
+    ``encoder_hidden_states``: (B, L, D); ``added_cond_kwargs`` (only when the family provides any):
+    each name's tensors concatenated over rows, (B, …).
+    """
+    if not rows:
+        raise ConditioningError("a denoiser call needs at least one row of conditioning")
+    inputs: dict[str, Any] = {"encoder_hidden_states": torch.cat([c.hidden_states for c in rows])}
+    added = [c.added_inputs() for c in rows]
+    names = set(added[0])
+    if any(set(a) != names for a in added[1:]):
+        raise ConditioningError("rows of one denoiser call carry different added inputs; encode them with one model")
+    if names:
+        inputs["added_cond_kwargs"] = {name: torch.cat([a[name] for a in added]) for name in sorted(names)}
+    return inputs

@@ -1,0 +1,35 @@
+"""The model families negprompt reads, and the choice of one from ``model_index.json``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from negprompt.errors import NegpromptError
+from negprompt.models.family import ModelFamily
+from negprompt.models.pixel import PixelFamily
+from negprompt.models.stable_diffusion import StableDiffusionFamily
+
+FAMILIES: tuple[ModelFamily, ...] = (StableDiffusionFamily(), PixelFamily())
+
+
+class UnsupportedModelError(NegpromptError):
+    """A model directory of a family negprompt has no adapter for."""
+
+
+def family_for_index(index: Mapping[str, Any]) -> ModelFamily:
+    """The family of a model directory, from its ``_class_name`` and whether it lists a VAE."""
+    for family in FAMILIES:
+        if family.matches(index):
+            return family
+    has_vae = (index.get("vae") or [None])[0] is not None
+    raise UnsupportedModelError(
+        f"model_index.json names {index.get('_class_name', 'no pipeline class')} "
+        f"{'with' if has_vae else 'without'} a VAE, which negprompt cannot run; supported: "
+        + "; ".join(f.description for f in FAMILIES)
+    )
+
+
+def family_for_parts(has_vae: bool) -> ModelFamily:
+    """The family of parts built in memory: Stable Diffusion with a VAE, the pixel family without."""
+    return FAMILIES[0] if has_vae else FAMILIES[1]

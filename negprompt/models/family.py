@@ -1,0 +1,105 @@
+"""Model families as adapters: what differs between Stable Diffusion, the bundled pixel model, SDXL …
+
+A family knows which parts a model directory holds, how to encode a prompt into a
+:class:`~negprompt.models.conditioning.Conditioning`, the latent geometry and how latents become
+images. The sampling loop sees only the UNet, the scheduler and conditionings; a new family (e.g.
+SDXL with two text encoders, pooled embeddings and time ids) is one new module listed in
+:mod:`negprompt.models.families`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+
+from negprompt.models.conditioning import Conditioning
+from negprompt.sampling.prompts import encode_prompts
+
+if TYPE_CHECKING:
+    from negprompt.models.components import Components
+
+PartLoader = Callable[..., Any]  # (part name, base class, **from_pretrained kwargs) → the loaded part
+
+
+class ModelFamily:
+    """Base of the adapters. Subclasses set the class attributes and override what differs."""
+
+    name: ClassVar[str] = "model"
+    description: ClassVar[str] = "a model"
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()  # model_index.json ``_class_name`` values it reads
+    has_vae: ClassVar[bool] = False
+
+    def matches(self, index: Mapping[str, Any]) -> bool:
+        """Whether a model directory with this ``model_index.json`` belongs to the family."""
+        has_vae = (index.get("vae") or [None])[0] is not None
+        return index.get("_class_name", "NegpromptPipeline") in self.pipeline_classes and has_vae == self.has_vae
+
+    # ---------------------------------------------------------------- loading
+
+    required_parts: ClassVar[tuple[str, ...]] = ("unet", "text_encoder", "tokenizer", "scheduler")  # besides a VAE
+    weight_parts: ClassVar[tuple[str, ...]] = ("unet", "text_encoder")  # besides a VAE; safetensors only
+
+    def load(self, load_part: PartLoader, weights: dict[str, Any], diffusers_weights: dict[str, Any]) -> dict[str, Any]:
+        """The parts by name (keywords of ``Components``), loaded with ``load_part(part, base class, **kwargs)``
+        (safetensors only)."""
+        import diffusers
+        import transformers
+
+        return dict(
+            unet=load_part("unet", diffusers.ModelMixin, **diffusers_weights),
+            text_encoder=load_part("text_encoder", transformers.PreTrainedModel, **weights),
+            tokenizer=load_part("tokenizer", transformers.PreTrainedTokenizerBase, local_files_only=True),
+            scheduler=load_part("scheduler", diffusers.SchedulerMixin),
+            vae=load_part("vae", diffusers.ModelMixin, **diffusers_weights) if self.has_vae else None,
+        )
+
+    # ---------------------------------------------------------------- prompts
+
+    def encode(self, components: Components, texts: Iterable[str]) -> dict[str, Conditioning]:
+        """Each distinct text encoded once, alone (its conditioning never depends on a batch), on the UNet's device."""
+        device = components.device
+        return {
+            text: Conditioning(encode_prompts(components.tokenizer, components.text_encoder, [text]).to(device))
+            for text in sorted(set(texts))
+        }
+
+    # ---------------------------------------------------------------- geometry
+
+    def latent_factor(self, components: Components) -> int:
+        """Pixels per latent cell."""
+        return 1
+
+    def latent_channels(self, components: Components) -> int:
+        return int(components.unet.config.in_channels)
+
+    def size_multiple(self, components: Components) -> int:
+        """Image sides must be multiples of this: latent factor × 2^(UNet down blocks − 1)."""
+        return self.latent_factor(components) * 2 ** (len(components.unet.config.block_out_channels) - 1)
+
+    def default_size(self, components: Components) -> int:
+        """Default image side in pixels: the UNet's sample size × the latent factor."""
+        return int(components.unet.config.sample_size) * self.latent_factor(components)
+
+    def latent_shape(self, components: Components, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of one image's latents."""
+        factor = self.latent_factor(components)
+        return (self.latent_channels(components), height // factor, width // factor)
+
+    # ---------------------------------------------------------------- images
+
+    def to_pixels(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) → images (B, 3, H, W) in [-1, 1] (unclamped)."""
+        return latents
+
+    def decode(self, components: Components, latents: torch.Tensor) -> np.ndarray:
+        """Latents (B, C, h, w) → images (B, H, W, 3) float32 in [0, 1]."""
+        with torch.no_grad():
+            pixels = self.to_pixels(components, latents)
+        pixels = (pixels / 2 + 0.5).clamp(0, 1)
+        return pixels.cpu().permute(0, 2, 3, 1).float().numpy()
+
+    def __repr__(self) -> str:
+        return f"<{self.description}>"

@@ -1,0 +1,30 @@
+"""Stable Diffusion 1.x/2.x: a CLIP text encoder, a UNet on VAE latents, a VAE decoder."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from negprompt.models.family import ModelFamily
+
+if TYPE_CHECKING:
+    from negprompt.models.components import Components
+
+
+class StableDiffusionFamily(ModelFamily):
+    """Latent diffusion (Rombach et al. 2022): images are decoded from latents by the VAE."""
+
+    name = "stable-diffusion"
+    description = "Stable Diffusion 1.x/2.x (StableDiffusionPipeline with a VAE)"
+    pipeline_classes = ("StableDiffusionPipeline", "NegpromptPipeline")
+    has_vae = True
+
+    def latent_factor(self, components: Components) -> int:
+        """2^(number of VAE down blocks − 1): 8 for SD."""
+        return 2 ** (len(components.vae.config.block_out_channels) - 1)
+
+    def to_pixels(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
+        """x = D(z / scaling_factor), the VAE decoder in the VAE's dtype."""
+        latents = latents / components.vae.config.scaling_factor
+        return components.vae.decode(latents.to(components.vae.dtype), return_dict=False)[0]

@@ -1,0 +1,355 @@
+"""A loaded model on a device, shared safely: build run specifications and run them.
+
+>>> from negprompt import Session
+>>> session = Session("shapes", device="auto", dtype="float32")
+>>> spec = session.spec("a red circle", negative="a hat", seeds=[0, 1])
+>>> session.run(spec).images[0].save("circle.png")
+
+A :class:`Session` holds the model's parts with their device and dtype, and a lock that
+serialises runs and attention-processor swaps, so a web server and a study can share one loaded
+model. There is no module-level cache: keep the session to reuse the loaded model.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from negprompt.devices import dtype_name, resolve_device, torch_dtype
+from negprompt.guidance.plan import Guidance, Term
+from negprompt.guidance.rules.base import RuleSettings
+from negprompt.guidance.windows import Window
+from negprompt.models.components import Components
+from negprompt.models.conditioning import Conditioning
+from negprompt.models.loading import BUNDLED_NAME, load_components
+from negprompt.runspec import Generation, RunSpec, SettingsError
+from negprompt.sampling.loop import Group, StepCallback, UNetCallHook, encode_groups, sample_groups
+from negprompt.sampling.schedule import denoiser_calls, sigma_at, timesteps_of
+from negprompt.sampling.schedulers import make_scheduler
+
+FALLBACK_DEFAULTS = {"steps": 50, "scale": 7.5, "scheduler": "default"}
+
+
+class Session:
+    """A model loaded once on ``device`` in ``dtype``, with a lock serialising its use.
+
+    ``model``: a diffusers directory, a model id in the local Hugging Face cache, None or "shapes"
+    (the bundled model), or already built :class:`Components`. ``device``: auto | cpu | cuda | mps
+    (auto: CUDA if available, then MPS, else CPU; for given Components, None keeps theirs).
+    ``dtype``: float32 | float16 | bfloat16 (for given Components, None keeps theirs; other values
+    move and cast the given Components in place). Device and dtype are checked before anything is
+    loaded.
+    """
+
+    def __init__(
+        self, model: str | Path | Components | None = None, *, device: str | None = None, dtype: str | None = None
+    ) -> None:
+        if isinstance(model, Components):
+            components = model
+            target_device = components.device.type if device is None else resolve_device(device)
+            target_dtype = components.dtype if dtype is None else torch_dtype(dtype)
+            dtype_name(target_dtype)
+            if components.device.type != target_device or components.dtype != target_dtype:
+                components.to(target_device, target_dtype)
+        else:
+            target_device, target_dtype = resolve_device(device), torch_dtype(dtype)
+            components = load_components(model, device=target_device, dtype=target_dtype)
+            components.source = str(model or BUNDLED_NAME)
+        self.components = components
+        self.lock = threading.RLock()
+
+    # ---------------------------------------------------------------- what it holds
+
+    @property
+    def model(self) -> str:
+        """Where the parts came from: the name or path given, "shapes", or "in memory"."""
+        return self.components.source
+
+    @property
+    def device(self) -> str:
+        """cpu | cuda | mps."""
+        return self.components.device.type
+
+    @property
+    def dtype(self) -> str:
+        """float32 | float16 | bfloat16."""
+        return dtype_name(self.components.dtype)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Default steps, scale and scheduler of the model (its ``negprompt.json``, else diffusers'),
+        with whatever else the model declares there (see ``Components.declarations``)."""
+        return {**FALLBACK_DEFAULTS, **self.components.declarations}
+
+    def __repr__(self) -> str:
+        return f"Session({self.model!r}, {self.components.family.name}, device={self.device!r}, dtype={self.dtype!r})"
+
+    @contextmanager
+    def exclusive(self) -> Iterator[Components]:
+        """Holds the session's lock (re-entrant) while the caller changes the model (e.g. attention processors)."""
+        with self.lock:
+            yield self.components
+
+    # ---------------------------------------------------------------- schedule and prompts
+
+    def denoiser_calls(self, scheduler: str | None = None, steps: int | None = None) -> int:
+        """UNet calls a run with this scheduler and step count makes (model defaults for None)."""
+        scheduler = scheduler or self.defaults["scheduler"]
+        steps = self.defaults["steps"] if steps is None else steps
+        return denoiser_calls(scheduler, self.components.scheduler, steps)
+
+    def encode(self, texts: Sequence[str]) -> dict[str, Conditioning]:
+        """Each distinct text encoded alone by the model family's adapter."""
+        with self.lock:
+            return self.components.family.encode(self.components, texts)
+
+    # ---------------------------------------------------------------- specifications
+
+    def spec(
+        self,
+        prompt: str | Sequence[str] = "",
+        negative: str | Sequence[str | Term] | None = None,
+        *,
+        negative_scales: Sequence[float | None] | None = None,
+        negative_windows: Sequence[Window | str | None] | None = None,
+        rule: str = "sd",
+        scale: float | None = None,
+        steps: int | None = None,
+        scheduler: str | None = None,
+        seeds: Sequence[int] = (0,),
+        size: int | tuple[int, int] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        positive_window: Window | str | None = None,
+        extra_positives: Sequence[Term] = (),
+        eta: float = 0.0,
+        rescale: float = 0.0,
+        interval: Window | str | None = None,
+        interval_sigma: tuple[float, float] | None = None,
+        rule_settings: RuleSettings | Mapping[str, Any] | None = None,
+    ) -> RunSpec:
+        """A run on this session's model, with its defaults filled in.
+
+        ``size``: a side (square) or (height, width); ``height``/``width`` alone keep the other side
+        at the model's default; giving both ``size`` and a differing side is an error.
+        ``rule_settings``: the rule's options (its Settings dataclass or a mapping of option names,
+        e.g. ``{"strength": 3}`` for ``dng``). ``interval`` limits guidance to a window of steps; ``interval_sigma`` = (σ_lo, σ_hi) to the
+        steps whose noise level σ = √((1 − ᾱ)/ᾱ) lies in that range (converted to steps here).
+        """
+        defaults = self.defaults
+        if isinstance(positive_window, str):
+            positive_window = Window.parse(positive_window)
+        if isinstance(interval, str):
+            interval = Window.parse(interval)
+        scheduler = scheduler or defaults["scheduler"]
+        steps = defaults["steps"] if steps is None else steps
+        if interval_sigma is not None:
+            if interval is not None:
+                raise SettingsError("give the guidance interval as steps or as noise levels, not both")
+            interval = interval_from_sigmas(interval_sigma, scheduler, steps, self.components)
+        prompt_value = prompt if isinstance(prompt, str) else tuple(prompt)
+        guidance = Guidance(
+            rule=rule,
+            positive=Term(prompt_value, None, positive_window or Window()),
+            negatives=negative_terms(negative, negative_scales, negative_windows),
+            scale=defaults["scale"] if scale is None else scale,
+            extra_positives=tuple(extra_positives),
+            rescale=rescale,
+            interval=interval,
+            settings=rule_settings,
+        )
+        height, width = image_size(size, height, width, self.components.default_size)
+        return RunSpec(
+            guidance=guidance,
+            model=self.model,
+            scheduler=scheduler,
+            steps=steps,
+            seeds=tuple(int(s) for s in seeds),
+            height=height,
+            width=width,
+            eta=eta,
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    # ---------------------------------------------------------------- running
+
+    def run(
+        self,
+        spec: RunSpec,
+        *,
+        trace: bool = False,
+        callback: StepCallback | None = None,
+        unet_hooks: Sequence[UNetCallHook] = (),
+        progress: bool = False,
+    ):
+        """Executes ``spec`` and returns its Generation (with the per-step trace if ``trace``)."""
+        return self.run_together([spec], trace=trace, callback=callback, unet_hooks=unet_hooks, progress=progress)[0]
+
+    def run_together(
+        self,
+        specs: Sequence[RunSpec],
+        *,
+        trace: bool = False,
+        callback: StepCallback | None = None,
+        unet_hooks: Sequence[UNetCallHook] = (),
+        progress: bool = False,
+        max_rows_per_call: int | None = None,
+    ) -> list:
+        """Runs several specs that differ only in guidance and seeds in ONE batched loop.
+
+        Steps the runs have in common (same seeds, prompts and state, e.g. a delayed negative before its
+        window opens) are computed once. Returns one Generation per spec, in order.
+        """
+
+        first = specs[0]
+        shared = ("model", "scheduler", "steps", "height", "width", "eta", "device", "dtype")
+        for other in specs[1:]:
+            differing = [name for name in shared if getattr(other, name) != getattr(first, name)]
+            if differing:
+                raise SettingsError(f"runs batched together must share {', '.join(differing)}")
+        if (first.device, first.dtype) != (self.device, self.dtype):
+            raise SettingsError(
+                f"the run asks for {first.dtype} on {first.device} but this session holds the model in "
+                f"{self.dtype} on {self.device}; make a Session with that device and dtype"
+            )
+        groups = [Group(s.guidance, s.seeds) for s in specs]
+        with self.lock:
+            components = self.components
+            scheduler = make_scheduler(first.scheduler, components.scheduler)
+            conditioning = encode_groups(components, groups, scheduler, first.steps)
+            output = sample_groups(
+                components,
+                groups,
+                scheduler,
+                num_steps=first.steps,
+                height=first.height,
+                width=first.width,
+                callback=callback,
+                keep_trace=trace,
+                unet_hooks=unet_hooks,
+                progress=progress,
+                eta=first.eta,
+                max_rows_per_call=max_rows_per_call,
+                conditioning=conditioning,
+            )
+        generations, start = [], 0
+        for g, spec in enumerate(specs):
+            count = len(spec.seeds)
+            steps = None if output.trace is None else [info for info in output.trace if info.group == g]
+            generations.append(
+                Generation(
+                    spec=spec,
+                    pixels=output.images[start : start + count],
+                    trace=steps,
+                    unet_batch_rows=output.unet_batch_rows,
+                    num_steps=output.num_steps,
+                )
+            )
+            start += count
+        return generations
+
+    def generate(
+        self,
+        prompt: str | Sequence[str] = "",
+        negative: str | Sequence[str | Term] | None = None,
+        *,
+        trace: bool = False,
+        callback: StepCallback | None = None,
+        progress: bool = False,
+        **options: Any,
+    ):
+        """One image per seed; options are those of :meth:`spec`."""
+        return self.run(self.spec(prompt, negative, **options), trace=trace, callback=callback, progress=progress)
+
+
+def as_session(model: Session | str | Path | Components | None = None, **device_options: Any) -> Session:
+    """``model`` if it is a session, else a new session loading it (``device``/``dtype`` options)."""
+    if isinstance(model, Session):
+        return model
+    return Session(model, **device_options)
+
+
+def image_size(
+    size: int | tuple[int, int] | None, height: int | None, width: int | None, default: int
+) -> tuple[int, int]:
+    """(height, width) from a square ``size`` or (height, width) pair and/or explicit sides."""
+    if size is None:
+        from_size = None
+    elif isinstance(size, int):
+        from_size = (size, size)
+    else:
+        from_size = (int(size[0]), int(size[1]))
+    if from_size is not None:
+        for name, side, given in (("height", from_size[0], height), ("width", from_size[1], width)):
+            if given is not None and given != side:
+                raise SettingsError(
+                    f"size {size} conflicts with {name} {given}; give a size (square) or a height and width"
+                )
+        return from_size
+    return (default if height is None else int(height), default if width is None else int(width))
+
+
+def negative_terms(
+    negatives: str | Sequence[str | Term] | None,
+    scales: Sequence[float | None] | None = None,
+    windows: Sequence[Window | str | None] | None = None,
+) -> tuple[Term, ...]:
+    """Terms from negative prompt texts with optional per-negative scales and windows."""
+    if negatives is None:
+        return ()
+    items = [negatives] if isinstance(negatives, str) else list(negatives)
+    count = len(items)
+
+    def per_negative(values, what):
+        if values is None:
+            return [None] * count
+        values = list(values)
+        if len(values) != count:
+            raise SettingsError(f"{len(values)} {what} given for {count} negative prompt(s); give one per negative")
+        return values
+
+    terms = []
+    for item, scale, window in zip(
+        items, per_negative(scales, "negative scales"), per_negative(windows, "negative windows")
+    ):
+        if isinstance(item, Term):
+            terms.append(item)
+            continue
+        if isinstance(window, str):
+            window = Window.parse(window)
+        terms.append(Term(item, scale, window or Window()))
+    return tuple(terms)
+
+
+def interval_from_sigmas(sigmas: tuple[float, float], scheduler: str, steps: int, components: Components) -> Window:
+    """The steps whose noise level σ lies in [σ_lo, σ_hi], as a window (σ falls step by step).
+
+    σ at each (possibly fractional) timestep comes from :func:`negprompt.sampling.schedule.sigma_at`,
+    the same interpolation the sampling loop uses for ᾱ.
+    """
+    low, high = sigmas
+    if not (math.isfinite(low) and math.isfinite(high) and 0 <= low < high):
+        raise SettingsError(f"noise-level interval needs 0 ≤ σ_lo < σ_hi, got {low}:{high}")
+    alphas = components.scheduler.alphas_cumprod
+    inside = [
+        index
+        for index, t in enumerate(timesteps_of(scheduler, components.scheduler, steps))
+        if low <= sigma_at(alphas, t) <= high
+    ]
+    if not inside:
+        raise SettingsError(f"no step of this schedule has a noise level σ in [{low}, {high}]")
+    return Window(inside[0], inside[-1] + 1)
+
+
+def respec(spec: RunSpec, session: Session) -> RunSpec:
+    """``spec`` with the device and dtype of ``session`` (to rerun a recorded spec elsewhere)."""
+    return replace(spec, device=session.device, dtype=session.dtype)
+
+
+__all__ = ["Session", "RunSpec", "SettingsError", "as_session", "image_size", "interval_from_sigmas", "respec"]
