@@ -300,7 +300,11 @@ def negative_terms(
     scales: Sequence[float | None] | None = None,
     windows: Sequence[Window | str | None] | None = None,
 ) -> tuple[Term, ...]:
-    """Terms from negative prompt texts with optional per-negative scales and windows."""
+    """Terms from negative prompt texts with optional per-negative scales and windows.
+
+    One scale or one window given for several negatives applies to every negative (as one
+    ``--negative-window`` would be read); otherwise give one per negative, in order.
+    """
     if negatives is None:
         return ()
     items = [negatives] if isinstance(negatives, str) else list(negatives)
@@ -310,8 +314,12 @@ def negative_terms(
         if values is None:
             return [None] * count
         values = list(values)
+        if len(values) == 1:
+            return values * count
         if len(values) != count:
-            raise SettingsError(f"{len(values)} {what} given for {count} negative prompt(s); give one per negative")
+            raise SettingsError(
+                f"{len(values)} {what} given for {count} negative prompt(s); give one for all or one per negative"
+            )
         return values
 
     terms = []

@@ -197,3 +197,13 @@ def test_more_rules_reproduce_from_png(tiny_sd_dir, tmp_path, extra):
     again = tmp_path / "again.png"
     assert main(["generate", "--from-png", str(out), "-q", "--out", str(again)]) == 0
     assert np.array_equal(read_pixels(out), read_pixels(again))
+
+
+def test_one_window_for_several_negatives_applies_to_each(tiny_sd_dir, tmp_path):
+    out = tmp_path / "two.png"
+    extra = ["--rule", "dual", "-n", "glasses", "--negative-scale", "3", "-n", "dog", "--negative-scale", "2"]
+    assert generate(tiny_sd_dir, out, *extra, "--negative-window", "0.3:") == 0
+    settings, _ = read_png_settings(out)
+    windows = [term.window for term in settings.guidance.negatives]
+    assert [(w.start, w.end) for w in windows] == [(0.3, None), (0.3, None)]
+    assert [term.scale for term in settings.guidance.negatives] == [3.0, 2.0]

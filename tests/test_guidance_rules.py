@@ -1,4 +1,4 @@
-"""Identities of the guidance rules (MISSION.md equations (1), (2)/(9), (8), weighted form)."""
+"""Identities of the guidance rules (the article's equations (1), (2)/(9), (8), and Composable Diffusion's weighted form)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,10 @@ def test_weighted_sum_generalises_cfg_and_the_sd_rule():
     uncond, cond, neg = branches(8)
     torch.testing.assert_close(formulas.weighted_sum(uncond, [cond], [7.5]), formulas.cfg(uncond, cond, 7.5))
     torch.testing.assert_close(
-        formulas.weighted_sum(uncond, [cond, neg], [7.5, -6.5]), formulas.sd_negative(neg, cond, 7.5), atol=1e-4, rtol=1e-5
+        formulas.weighted_sum(uncond, [cond, neg], [7.5, -6.5]),
+        formulas.sd_negative(neg, cond, 7.5),
+        atol=1e-4,
+        rtol=1e-5,
     )
     torch.testing.assert_close(formulas.weighted_sum(uncond, [], []), uncond)
 

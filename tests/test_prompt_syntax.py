@@ -12,8 +12,8 @@ from negprompt.errors import NegpromptError
 from negprompt.guidance import syntax
 from negprompt.guidance.plan import Guidance, Term
 from negprompt.guidance.windows import Window
+from negprompt.models.prompts import encode_prompts
 from negprompt.sampling.loop import sample
-from negprompt.sampling.prompts import encode_prompts
 from negprompt.sampling.schedulers import make_scheduler
 
 ALPHABET = st.sampled_from(list("ab :()[]\\.,0123") + ["hat", "0.5", "1.3", "::", "\\("])

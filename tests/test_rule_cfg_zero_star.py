@@ -45,7 +45,9 @@ def test_with_s_star_one_it_is_cfg():
 
 def test_first_steps_are_zero_then_the_negative_is_the_base():
     p = predictions(2)
-    guidance = Guidance(rule="cfg-zero-star", positive=Term("a"), negatives=(Term("b"),), scale=5.0, settings={"zero_steps": 2})
+    guidance = Guidance(
+        rule="cfg-zero-star", positive=Term("a"), negatives=(Term("b"),), scale=5.0, settings={"zero_steps": 2}
+    )
     assert torch.equal(guidance.combine(p, 0, 10), torch.zeros_like(p["positive"]))
     assert torch.equal(guidance.combine(p, 1, 10), torch.zeros_like(p["positive"]))
     torch.testing.assert_close(guidance.combine(p, 2, 10), cfg_zero_star(p["negative"], p["positive"], 5.0))
@@ -75,7 +77,16 @@ def test_runs_on_the_tiny_sd_and_differs_from_sd(tiny_sd):
 
 def test_cli_flag_and_png_record(tiny_sd_dir, tmp_path):
     out = tmp_path / "zero.png"
-    args = ["generate", "a photo of a cat", "-n", "glasses", "--rule", "cfg-zero-star", "--cfg-zero-star-zero-steps", "0"]
+    args = [
+        "generate",
+        "a photo of a cat",
+        "-n",
+        "glasses",
+        "--rule",
+        "cfg-zero-star",
+        "--cfg-zero-star-zero-steps",
+        "0",
+    ]
     assert main([*args, "--model", str(tiny_sd_dir), "--steps", "3", "--size", "32", "-q", "--out", str(out)]) == 0
     with Image.open(out) as image:
         assert "Rule: cfg-zero-star" in image.text["parameters"]

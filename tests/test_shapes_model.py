@@ -13,8 +13,8 @@ from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Guidance, Term
 from negprompt.interfaces.cli import main
 from negprompt.models.loading import load_components
+from negprompt.models.prompts import check_prompt
 from negprompt.sampling.loop import sample
-from negprompt.sampling.prompts import check_prompt
 from negprompt.sampling.schedulers import make_scheduler
 from negprompt.shapes.model import ShapesModelConfig, build_tokenizer
 from negprompt.shapes.scene import VOCABULARY

@@ -1,4 +1,4 @@
-"""Delayed negative prompts as local edits (MISSION.md: a negative switched on after the first steps
+"""Delayed negative prompts as local edits (the article: a negative switched on after the first steps
 removes a thing and keeps the rest).
 
 :func:`run_edit` generates, in one batched run, the image without the negative, with the negative

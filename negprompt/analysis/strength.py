@@ -1,6 +1,6 @@
 """The strength of a negative token over the steps, r_t, in two definitions.
 
-**Article** (eq. (10), MISSION.md): for negative word i and its most related positive word r(i),
+**Article** (its eq. (10)): for negative word i and its most related positive word r(i),
 
     r_t = Σ_k ‖F^(t)_{k, p₋(i)}‖_F / Σ_k ‖F^(t)_{k, p₊(r(i))}‖_F
 

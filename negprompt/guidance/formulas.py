@@ -1,6 +1,6 @@
 """Guidance rules: pure functions from branch predictions to one guided prediction.
 
-Notation (../shared/MISSION.md): ε_∅ the unconditional prediction (empty prompt), ε_y the positive
+Notation (the article's, see docs/guidance.md): ε_∅ the unconditional prediction (empty prompt), ε_y the positive
 prompt's, ε_ỹ the negative prompt's. Every function takes tensors of one shape (B, C, H, W) and
 returns a tensor of that shape and dtype; none mutates its inputs.
 """
@@ -49,7 +49,7 @@ def weighted_sum(eps_uncond: Tensor, eps_terms: Sequence[Tensor], weights: Seque
     return guided
 
 
-# ---------------------------------------------------------------- beyond the article (REFERENCES.md)
+# ---------------------------------------------------------------- beyond the article (papers cited per function; docs/guidance.md)
 
 
 def _per_sample_dot(a: Tensor, b: Tensor) -> Tensor:

@@ -79,7 +79,6 @@ class Term:
         return cls(prompt, data.get("scale"), Window.from_json(data.get("window")))
 
 
-
 @dataclass(frozen=True)
 class Guidance:
     """A guidance rule with its prompts. ``scale`` is s (or s⁺): the positive prompt's scale.

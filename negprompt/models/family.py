@@ -10,16 +10,27 @@ SDXL with two text encoders, pooled embeddings and time ids) is one new module l
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 
 from negprompt.models.conditioning import Conditioning
-from negprompt.sampling.prompts import encode_prompts
+from negprompt.models.prompts import encode_prompts
 
-if TYPE_CHECKING:
-    from negprompt.models.components import Components
+
+class Parts(Protocol):
+    """What a family reads of a loaded model (``negprompt.models.components.Components`` is one)."""
+
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    vae: Any | None
+
+    @property
+    def device(self) -> torch.device: ...
+
 
 PartLoader = Callable[..., Any]  # (part name, base class, **from_pretrained kwargs) → the loaded part
 
@@ -58,7 +69,7 @@ class ModelFamily:
 
     # ---------------------------------------------------------------- prompts
 
-    def encode(self, components: Components, texts: Iterable[str]) -> dict[str, Conditioning]:
+    def encode(self, components: Parts, texts: Iterable[str]) -> dict[str, Conditioning]:
         """Each distinct text encoded once, alone (its conditioning never depends on a batch), on the UNet's device."""
         device = components.device
         return {
@@ -68,33 +79,33 @@ class ModelFamily:
 
     # ---------------------------------------------------------------- geometry
 
-    def latent_factor(self, components: Components) -> int:
+    def latent_factor(self, components: Parts) -> int:
         """Pixels per latent cell."""
         return 1
 
-    def latent_channels(self, components: Components) -> int:
+    def latent_channels(self, components: Parts) -> int:
         return int(components.unet.config.in_channels)
 
-    def size_multiple(self, components: Components) -> int:
+    def size_multiple(self, components: Parts) -> int:
         """Image sides must be multiples of this: latent factor × 2^(UNet down blocks − 1)."""
         return self.latent_factor(components) * 2 ** (len(components.unet.config.block_out_channels) - 1)
 
-    def default_size(self, components: Components) -> int:
+    def default_size(self, components: Parts) -> int:
         """Default image side in pixels: the UNet's sample size × the latent factor."""
         return int(components.unet.config.sample_size) * self.latent_factor(components)
 
-    def latent_shape(self, components: Components, height: int, width: int) -> tuple[int, int, int]:
+    def latent_shape(self, components: Parts, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of one image's latents."""
         factor = self.latent_factor(components)
         return (self.latent_channels(components), height // factor, width // factor)
 
     # ---------------------------------------------------------------- images
 
-    def to_pixels(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
+    def to_pixels(self, components: Parts, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, C, h, w) → images (B, 3, H, W) in [-1, 1] (unclamped)."""
         return latents
 
-    def decode(self, components: Components, latents: torch.Tensor) -> np.ndarray:
+    def decode(self, components: Parts, latents: torch.Tensor) -> np.ndarray:
         """Latents (B, C, h, w) → images (B, H, W, 3) float32 in [0, 1]."""
         with torch.no_grad():
             pixels = self.to_pixels(components, latents)

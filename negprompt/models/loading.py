@@ -136,5 +136,5 @@ def read_declarations(root: Path) -> dict:
     except json.JSONDecodeError as error:
         raise ModelLoadError(f"{path} is not valid JSON ({error.msg}, line {error.lineno})") from None
     if not isinstance(declarations, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object such as {{\"steps\": 20, \"scale\": 7.5}}")
+        raise ModelLoadError(f'{path} must hold a JSON object such as {{"steps": 20, "scale": 7.5}}')
     return declarations

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from negprompt.models.family import ModelFamily
-
-if TYPE_CHECKING:
-    from negprompt.models.components import Components
+from negprompt.models.family import ModelFamily, Parts
 
 
 class StableDiffusionFamily(ModelFamily):
@@ -20,11 +15,11 @@ class StableDiffusionFamily(ModelFamily):
     pipeline_classes = ("StableDiffusionPipeline", "NegpromptPipeline")
     has_vae = True
 
-    def latent_factor(self, components: Components) -> int:
+    def latent_factor(self, components: Parts) -> int:
         """2^(number of VAE down blocks − 1): 8 for SD."""
         return 2 ** (len(components.vae.config.block_out_channels) - 1)
 
-    def to_pixels(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
+    def to_pixels(self, components: Parts, latents: torch.Tensor) -> torch.Tensor:
         """x = D(z / scaling_factor), the VAE decoder in the VAE's dtype."""
         latents = latents / components.vae.config.scaling_factor
         return components.vae.decode(latents.to(components.vae.dtype), return_dict=False)[0]

@@ -15,14 +15,11 @@ import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import MISSING, Field, asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from negprompt.errors import NegpromptError
-
-if TYPE_CHECKING:
-    from negprompt.guidance.plan import Guidance
 
 Tensor = torch.Tensor
 UNCONDITIONAL = "unconditional"
@@ -104,9 +101,7 @@ class RuleSettings:
         return cls(**values)
 
     def is_default(self) -> bool:
-        return all(
-            getattr(self, f.name) == f.default for f in self.options() if f.default is not MISSING
-        )
+        return all(getattr(self, f.name) == f.default for f in self.options() if f.default is not MISSING)
 
     def infotext_fields(self) -> list[str]:
         """``name: value`` for every option, as the PNG ``parameters`` text lists them."""
@@ -163,6 +158,21 @@ class BranchPredictions:
 # ---------------------------------------------------------------- the protocol
 
 
+class Guidance(Protocol):
+    """What a rule reads of the guidance it serves (``negprompt.guidance.plan.Guidance`` is one)."""
+
+    rule: str
+    scale: float  # s, or s⁺
+    negatives: tuple[Any, ...]  # Terms, each with .prompt, .scale (None: the rule's default), .window
+    extra_positives: tuple[Any, ...]
+    settings: Any  # the rule's own Settings
+
+    @property
+    def terms(self) -> dict[str, Any]: ...  # every prompt branch by name
+
+    def negative_scale(self, term: Any) -> float: ...  # s⁻ of a negative term
+
+
 class Rule:
     """A guidance rule. Subclasses set ``name``, ``summary``, ``Settings`` and override :meth:`combine`.
 
@@ -214,8 +224,8 @@ class Rule:
 def single_negative(guidance: Guidance, rule: str, own_scale: bool) -> None:
     """Checks for rules with at most one negative (and, unless ``own_scale``, no scale of its own)."""
     if len(guidance.negatives) > 1:
-        raise GuidanceError(f"rule {rule!r} takes one negative prompt; use 'dual', 'weighted' or 'perp-neg' for several")
-    if not own_scale and guidance.negatives and guidance.negatives[0].scale is not None:
         raise GuidanceError(
-            f"rule {rule!r} has one scale (s); a negative's own scale needs rule 'dual' or 'weighted'"
+            f"rule {rule!r} takes one negative prompt; use 'dual', 'weighted' or 'perp-neg' for several"
         )
+    if not own_scale and guidance.negatives and guidance.negatives[0].scale is not None:
+        raise GuidanceError(f"rule {rule!r} has one scale (s); a negative's own scale needs rule 'dual' or 'weighted'")
