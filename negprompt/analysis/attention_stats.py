@@ -7,7 +7,8 @@ the reducer every capture of the toolkit uses; it computes, per branch and layer
 - ``maps``: the head-averaged word maps (:func:`word_maps`), upsampled and clamped (:func:`upsample_maps`);
 - ``mass``: Σ of the native-resolution word map (:func:`attention_mass`);
 - ``frobenius``: ‖map‖_F of the upsampled map (:func:`frobenius_norm`), the F of the article's eq. (10);
-- ``energy``: Σ_heads mean over tokens and pixels of A² (:func:`attention_energy`), Ban et al.'s released r_t quantity.
+- ``energy``: Σ_heads mean over tokens and pixels of A² (:func:`attention_energy`), the r_t quantity of
+  Ban et al.'s released code.
 
 :func:`summarize` turns a finished capture into rows with the maps' centroid and spread
 (:func:`centroid`, :func:`spread`).
