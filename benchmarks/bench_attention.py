@@ -14,6 +14,7 @@ import time
 import torch
 from common import write_result
 
+from negprompt.analysis.attention_stats import reduce_layer
 from negprompt.attention.capture import CaptureRequest
 from negprompt.attention.result import capture, plan_for
 from negprompt.models.tiny_sd import build_tiny_sd
@@ -57,7 +58,7 @@ def measure(name: str, case: dict, steps: int, batch: int, repeats: int) -> dict
     stored = []
 
     def captured():
-        result = capture(settings, request, session, trace=False)
+        result = capture(settings, request, session, trace=False, reducer=reduce_layer)
         stored.append(sum(t.numel() * t.element_size() for t in result.tensors.values()))
 
     plain()

@@ -113,13 +113,14 @@ def render_image_case(name: str, tiny_sd) -> dict:
 
 
 def render_attention_case(name: str, tiny_sd) -> dict:
+    from negprompt.analysis.attention_stats import reduce_layer, summarize
     from negprompt.analysis.strength import strength_curves
     from negprompt.attention.capture import CaptureRequest
     from negprompt.attention.result import capture
 
     model, options, words = ATTENTION_CASES[name]
     settings, session = _settings(model, options, tiny_sd)
-    result = capture(settings, CaptureRequest(words=words), session, trace=False)
+    result = capture(settings, CaptureRequest(words=words), session, trace=False, reducer=reduce_layer)
     curves = strength_curves(result, words["negative"][-1])
     return {
         "pixels": _digest(result.generation.pixels.astype(np.float32)),
@@ -129,7 +130,7 @@ def render_attention_case(name: str, tiny_sd) -> dict:
                 k: row[k]
                 for k in ("branch", "word", "step", "image", "mass", "frobenius_sum", "centroid_x", "centroid_y")
             }
-            for row in result.summary()
+            for row in summarize(result)
         ],
         "article": [float(x) for x in curves["article"].flatten()],
         "released": [float(x) for x in curves["released"].flatten()],

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 from helpers import assert_usage_error, shapes_components
 
+from negprompt.analysis.attention_stats import (
+    attention_mass,
+    centroid,
+    frobenius_norm,
+    reduce_layer,
+    spread,
+    summarize,
+    word_maps,
+)
 from negprompt.api import run
 from negprompt.attention.capture import (
     CaptureProcessor,
@@ -55,7 +65,7 @@ def test_capture_processor_output_equals_the_original_exactly(tiny_sd):
     layer, attn, hidden, context = layer_inputs(tiny_sd)
     settings, components = settings_for(tiny_sd)
     plan = plan_for(settings, CaptureRequest(words={"positive": ["woman"]}), components)
-    with capture_attention(tiny_sd.unet, plan) as recorder:
+    with capture_attention(tiny_sd.unet, plan, reduce_layer) as recorder:
         original = dict(tiny_sd.unet.attn_processors)[layer.path + ".processor"].original
         recorder.before_unet_call(0, 999.0, [RowBlock(0, "positive", 0, 2)])
         wrapped = CaptureProcessor(original, recorder, layer.path)
@@ -66,7 +76,10 @@ def test_images_are_bit_identical_with_and_without_capture(tiny_sd):
     settings, components = settings_for(tiny_sd, negative_windows=["2:"])
     plain = run(settings, components).pixels
     captured = capture(
-        settings, CaptureRequest(words={"positive": ["woman", "streets"], "negative": ["glasses"]}), components
+        settings,
+        CaptureRequest(words={"positive": ["woman", "streets"], "negative": ["glasses"]}),
+        components,
+        reducer=reduce_layer,
     )
     assert np.array_equal(plain, captured.generation.pixels)
 
@@ -76,7 +89,7 @@ def test_processors_are_restored_after_an_error(tiny_sd):
     settings, components = settings_for(tiny_sd)
     plan = plan_for(settings, CaptureRequest(words={"positive": ["woman"]}), components)
     with pytest.raises(RuntimeError, match="boom"):
-        with capture_attention(tiny_sd.unet, plan):
+        with capture_attention(tiny_sd.unet, plan, reduce_layer):
             assert any(isinstance(p, CaptureProcessor) for p in tiny_sd.unet.attn_processors.values())
             raise RuntimeError("boom")
     after = dict(tiny_sd.unet.attn_processors)
@@ -110,7 +123,7 @@ def test_memory_estimate_matches_what_is_stored(tiny_sd):
         CaptureRequest(words={"positive": [], "unconditional": []}, layers=["16"]),
     ):
         plan = plan_for(settings, request, components)
-        result = capture(settings, request, components, trace=False)
+        result = capture(settings, request, components, trace=False, reducer=reduce_layer)
         stored = sum(t.numel() * t.element_size() for t in result.tensors.values())
         assert plan.memory_bytes() == stored == result.index["memory_stored_bytes"]
         assert all(t.dtype == torch.float16 for k, t in result.tensors.items() if k.startswith("maps."))
@@ -120,7 +133,7 @@ def test_per_layer_maps_agree_with_their_statistics(tiny_sd):
     """At the layer's own resolution the stored map sums to its mass and has its Frobenius norm."""
     settings, components = settings_for(tiny_sd)
     request = CaptureRequest(words={"positive": ["woman"]}, layers=["16"], average_layers=False, size=16)
-    result = capture(settings, request, components, trace=False)
+    result = capture(settings, request, components, trace=False, reducer=reduce_layer)
     maps = result.tensors["maps.positive"][..., 0, :, :].float()  # (steps, layers, B, S, S)
     torch.testing.assert_close(maps.sum(dim=(-1, -2)), result.mass("positive", "woman"), rtol=2e-3, atol=1e-2)
     torch.testing.assert_close(
@@ -128,9 +141,54 @@ def test_per_layer_maps_agree_with_their_statistics(tiny_sd):
     )
 
 
+def test_a_custom_reducer_decides_what_is_stored(tiny_sd):
+    """The recorder stores what its reducer returns: here only the mass; the rest stays NaN (maps 0)."""
+
+    def mass_only(probabilities, selection, hw, size):
+        return {"mass": attention_mass(word_maps(probabilities, selection))}
+
+    settings, components = settings_for(tiny_sd, negative_windows=["2:"])
+    request = CaptureRequest(words={"positive": ["woman"], "negative": ["glasses"]})
+    full = capture(settings, request, components, trace=False, reducer=reduce_layer)
+    only = capture(settings, request, components, trace=False, reducer=mass_only)
+    assert only.tensors.keys() == full.tensors.keys()
+    assert all(only.tensors[k].shape == full.tensors[k].shape for k in full.tensors)
+    for branch in ("positive", "negative"):
+        assert torch.equal(only.present(branch), full.present(branch))
+        assert torch.isnan(only.energy(branch)).all()
+        assert not only.tensors[f"maps.{branch}"].any()
+    assert torch.isnan(only.frobenius("positive", "woman")).all()
+    assert torch.equal(only.mass("positive", "woman"), full.mass("positive", "woman"))
+    mass = only.mass("negative", "glasses")
+    assert torch.isnan(mass[:2]).all() and torch.equal(mass[2:], full.mass("negative", "glasses")[2:])
+    assert np.array_equal(only.generation.pixels, full.generation.pixels)
+
+
+@pytest.mark.parametrize(
+    "returned, message",
+    [({"entropy": torch.zeros(2)}, "returned 'entropy'"), ({"energy": torch.zeros(3)}, r"is \(3,\), expected \(2,\)")],
+)
+def test_a_reducer_returning_what_cannot_be_stored_is_refused(tiny_sd, returned, message):
+    settings, components = settings_for(tiny_sd)
+    request = CaptureRequest(words={"positive": ["woman"]})
+    with pytest.raises(NegpromptError, match=message):
+        capture(settings, request, components, trace=False, reducer=lambda *args: returned)
+    assert not any(isinstance(p, CaptureProcessor) for p in tiny_sd.unet.attn_processors.values())
+
+
+def test_statistics_of_a_single_pixel_map():
+    m = torch.zeros(4, 4)
+    m[1, 3] = 2.0
+    assert centroid(m) == (0.875, 0.375) and spread(m, centroid(m)) == 0.0
+    assert all(math.isnan(v) for v in (*centroid(torch.zeros(4, 4)), spread(torch.zeros(4, 4), (0.5, 0.5))))
+    maps = m.reshape(1, 1, 4, 4)
+    assert frobenius_norm(maps).item() == 2.0 and attention_mass(maps.flatten(2)).item() == 2.0
+
+
 def test_delayed_negative_is_absent_before_its_window(tiny_sd):
     settings, components = settings_for(tiny_sd, negative_windows=["2:"])
-    result = capture(settings, CaptureRequest(words={"negative": ["glasses"]}), components, trace=False)
+    request = CaptureRequest(words={"negative": ["glasses"]})
+    result = capture(settings, request, components, trace=False, reducer=reduce_layer)
     assert result.present("negative").tolist() == [False, False, True, True, True]
     assert torch.isnan(result.frobenius("negative", "glasses")[:2]).all()
     assert not torch.isnan(result.frobenius("negative", "glasses")[2:]).any()
@@ -138,12 +196,13 @@ def test_delayed_negative_is_absent_before_its_window(tiny_sd):
 
 def test_save_and_load_round_trip(tiny_sd, tmp_path):
     settings, components = settings_for(tiny_sd)
-    result = capture(settings, CaptureRequest(words={"positive": ["woman"]}), components, trace=False)
+    request = CaptureRequest(words={"positive": ["woman"]})
+    result = capture(settings, request, components, trace=False, reducer=reduce_layer)
     result.save(tmp_path)
     loaded = AttentionCapture.load(tmp_path)
     assert loaded.index == json.loads(json.dumps(result.index))
     assert all(torch.equal(loaded.tensors[k], v) for k, v in result.tensors.items())
-    rows = loaded.summary()
+    rows = summarize(loaded)
     assert {r["word"] for r in rows} == {"woman"} and len(rows) == 5 * 2
     assert all(0 <= r["centroid_x"] <= 1 and r["spread"] > 0 for r in rows)
 
@@ -153,7 +212,8 @@ def test_capture_on_the_shapes_model_architecture(tmp_path):
     torch.manual_seed(0)
     components = shapes_components()
     settings = Session(components).spec("a red circle", negative="a hat", steps=4, scheduler="ddim")
-    result = capture(settings, CaptureRequest(words={"positive": ["red", "circle"], "negative": ["hat"]}), components)
+    request = CaptureRequest(words={"positive": ["red", "circle"], "negative": ["hat"]})
+    result = capture(settings, request, components, reducer=reduce_layer)
     sides = sorted({layer["side"] for layer in result.index["layers"]})
     assert len(sides) >= 2 and result.index["size"] == max(sides)
     assert result.maps("negative", "hat").shape == (4, 1, max(sides), max(sides))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from negprompt.analysis.attention_stats import reduce_layer
 from negprompt.analysis.locality import locality
 from negprompt.analysis.regions import RegionFinder, declared_finder
 from negprompt.api import Generation, to_uint8
@@ -180,8 +181,8 @@ def run_edit(
         )
     else:
         with session.exclusive():
-            with capture_attention(components.unet, plan_full, group=1) as record_full:
-                with capture_attention(components.unet, plan_windowed, group=2) as record_windowed:
+            with capture_attention(components.unet, plan_full, reduce_layer, group=1) as record_full:
+                with capture_attention(components.unet, plan_windowed, reduce_layer, group=2) as record_windowed:
                     generations = session.run_together(
                         [plain, full, windowed], unet_hooks=[record_full, record_windowed], progress=progress
                     )

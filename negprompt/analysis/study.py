@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from negprompt.analysis.attention_stats import reduce_layer
 from negprompt.analysis.spec import Pair, SpecError, StudySpec, check_vocabulary
 from negprompt.analysis.strength import strength_curves
 from negprompt.attention.capture import CaptureRequest
@@ -114,7 +115,7 @@ def run_pair(spec: StudySpec, index: int, pair: Pair, session: Session) -> tuple
     )
     positive_words = list(dict.fromkeys(tokenize_words(components.tokenizer, pair.prompt).words))
     request = CaptureRequest(words={"positive": positive_words, "negative": [pair.word]}, size=spec.map_size)
-    result = capture(settings, request, session, trace=False)
+    result = capture(settings, request, session, trace=False, reducer=reduce_layer)
     curves = strength_curves(result, pair.word, pair.related)
     timesteps = result.index["timesteps"]
     rows = []

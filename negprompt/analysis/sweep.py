@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from negprompt.analysis.attention_stats import reduce_layer
 from negprompt.analysis.edit import negative_word
 from negprompt.analysis.locality import changed_pixels, psnr, ssim
 from negprompt.analysis.regions import RegionFinder, RegionFinderError, declared_finder
@@ -122,7 +123,9 @@ def run_sweep(
             ]
             request = CaptureRequest(words={"positive": content})
             with session.exclusive():
-                with capture_attention(components.unet, plan_for(plain, request, components), group=0) as recorder:
+                with capture_attention(
+                    components.unet, plan_for(plain, request, components), reduce_layer, group=0
+                ) as recorder:
                     generations = session.run_together([plain] + [v[2] for v in variants], unet_hooks=[recorder])
             maps = [recorder.tensors["maps.positive"][:, 0, :, w].float() for w in range(len(content))]
             auto = automatic_start(maps, settings.tau)

@@ -10,17 +10,22 @@ probabilities beside it: softmax(q·kᵀ/√d) over the text tokens, per head, s
 The sampling loop tells the recorder which step it is and which branch each batch block holds
 (:meth:`AttentionRecorder.before_unet_call`); nothing counts calls or keeps global state.
 
-Kept per branch (all on CPU):
+The instrument records; it computes no statistics. For each layer and branch the recorder slices
+that branch's rows, (B, heads, Q, L) float32, and hands them to a :class:`Reducer`, which returns
+tensors by name; the recorder stores them into preallocated tensors (all on CPU). The statistics of
+the toolkit's reducer, ``negprompt.analysis.attention_stats.reduce_layer``, fill, per branch:
 
 - ``maps``: (steps, layers or 1, B, words, S, S) float16 — head-averaged maps of each chosen word
-  (the sum over the word's tokens), upsampled bicubically to S×S and clamped ≥ 0, per layer or
-  averaged over the chosen layers;
+  (the sum over the word's tokens), upsampled bicubically to S×S and clamped ≥ 0 by the reducer;
+  stored per layer or, by the recorder, averaged over the chosen layers (summed in float32);
 - ``frobenius``: (steps, layers, B, words) float32 — ‖map‖_F of the upsampled map in each layer,
   the F of the article's eq. (10);
 - ``mass``: (steps, layers, B, words) float32 — Σ of the native-resolution map (attention mass);
 - ``energy``: (steps, layers, B) float32 — Σ_heads mean over all L token maps and pixels of A², the
-  quantity of Ban et al.'s released r_t code;
-- ``present``: (steps,) bool — whether the branch was evaluated at that step (a delayed negative is not).
+  quantity of Ban et al.'s released r_t code.
+
+The recorder itself keeps ``present``: (steps,) bool — whether the branch was evaluated at that step
+(a delayed negative is not). Statistics a reducer does not return stay NaN (maps stay 0).
 """
 
 from __future__ import annotations
@@ -30,10 +35,9 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from negprompt.attention.tokens import TokenizedPrompt, tokenize_words
@@ -43,6 +47,7 @@ from negprompt.sampling.loop import RowBlock
 
 MAP_DTYPE = torch.float16
 STAT_DTYPE = torch.float32
+REDUCED = ("maps", "frobenius", "mass", "energy")  # what a reducer may return, by name
 
 
 class CaptureError(NegpromptError):
@@ -213,11 +218,27 @@ def plan_capture(
 # ---------------------------------------------------------------- recording
 
 
-class AttentionRecorder:
-    """Holds the captured tensors; told each step's layout by the sampling loop."""
+class Reducer(Protocol):
+    """What the recorder reduces one branch's probabilities in one layer to.
 
-    def __init__(self, plan: CapturePlan, group: int = 0) -> None:
+    ``probabilities``: (B, heads, Q, L) float32, softmax over the L tokens, Q = h·w pixels;
+    ``selection``: (B, words, L) 0/1, the tokens of each chosen word (``CapturePlan.selection``),
+    on the probabilities' device; ``hw``: the layer's map side (h, w); ``size``: side S of the stored
+    maps. Returns tensors by name, any of :data:`REDUCED`: ``energy`` (B,), ``mass`` and ``frobenius``
+    (B, words), ``maps`` (B, words, S, S) float32; names left out are not stored.
+    """
+
+    def __call__(
+        self, probabilities: torch.Tensor, selection: torch.Tensor, hw: tuple[int, int], size: int
+    ) -> Mapping[str, torch.Tensor]: ...
+
+
+class AttentionRecorder:
+    """Holds the captured tensors; told each step's layout by the sampling loop, fed by the reducer."""
+
+    def __init__(self, plan: CapturePlan, reducer: Reducer, group: int = 0) -> None:
         self.plan = plan
+        self.reducer = reducer
         self.group = group  # which group of the run to record (see negprompt.sampling.loop.Group)
         self.tensors = {name: torch.zeros(shape, dtype=dtype) for name, (shape, dtype) in plan.tensor_shapes().items()}
         for name in self.tensors:
@@ -280,27 +301,27 @@ class AttentionRecorder:
         self._layers_seen.add(path)
         for branch, first_row in self._layout.items():
             part = probs[first_row : first_row + batch]  # (B, heads, Q, L)
-            self.tensors[f"energy.{branch}"][slot, layer] = part.pow(2).mean(dim=(2, 3)).sum(dim=1).cpu()
-            n_words = len(plan.words[branch])
-            if n_words == 0:
-                continue
-            mean_heads = part.mean(dim=1)  # (B, Q, L)
-            selection = plan.selection[branch].to(mean_heads.device)
-            word_maps = torch.einsum("bql,bwl->bwq", mean_heads, selection)  # (B, words, Q)
-            self.tensors[f"mass.{branch}"][slot, layer] = word_maps.sum(dim=-1).cpu()
-            up = F.interpolate(
-                word_maps.reshape(batch * n_words, 1, h, w),
-                size=(plan.size, plan.size),
-                mode="bicubic",
-                align_corners=False,
-            ).clamp_min(0.0)
-            up = up.reshape(batch, n_words, plan.size, plan.size)
-            self.tensors[f"frobenius.{branch}"][slot, layer] = up.flatten(2).norm(dim=-1).cpu()
-            if plan.average_layers:
-                up = up.cpu()
+            reduced = self.reducer(part, plan.selection[branch].to(part.device), (h, w), plan.size)
+            self._store(path, branch, slot, layer, reduced)
+
+    def _store(self, path: str, branch: str, slot: int, layer: int, reduced: Mapping[str, torch.Tensor]) -> None:
+        """Copies what the reducer returned into the stored tensors (maps: kept for the layer mean)."""
+        for name, value in reduced.items():
+            if name not in REDUCED:
+                raise CaptureError(f"layer {path}: the reducer returned {name!r}; it may return {', '.join(REDUCED)}")
+            target = self.tensors[f"{name}.{branch}"]
+            expected = tuple(target.shape[2:])
+            if tuple(value.shape) != expected:
+                raise CaptureError(
+                    f"layer {path}: the reducer's {name!r} for {branch!r} is {tuple(value.shape)}, expected {expected}"
+                )
+            if name != "maps":
+                target[slot, layer] = value.cpu()
+            elif self.plan.average_layers:
+                up = value.cpu()
                 self._sums[branch] = self._sums[branch] + up if branch in self._sums else up
             else:
-                self.tensors[f"maps.{branch}"][slot, layer] = up.to(MAP_DTYPE).cpu()
+                target[slot, layer] = value.to(MAP_DTYPE).cpu()
 
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
@@ -359,13 +380,16 @@ def attention_probabilities(
 
 
 @contextmanager
-def capture_attention(unet: Any, plan: CapturePlan, group: int = 0) -> Iterator[AttentionRecorder]:
+def capture_attention(unet: Any, plan: CapturePlan, reducer: Reducer, group: int = 0) -> Iterator[AttentionRecorder]:
     """Installs capture processors on the planned layers; restores the originals on exit (also on error).
+
+    ``reducer`` computes what is stored of each layer's probabilities (the toolkit's own:
+    ``negprompt.analysis.attention_stats.reduce_layer``).
 
     ``group`` picks which group of a batched run (see ``negprompt.sampling.loop.Group``) is recorded;
     captures of several groups nest.
     """
-    recorder = AttentionRecorder(plan, group)
+    recorder = AttentionRecorder(plan, reducer, group)
     originals = dict(unet.attn_processors)
     wanted = {layer.path for layer in plan.layers}
     replacement = {}

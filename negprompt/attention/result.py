@@ -1,4 +1,8 @@
-"""Running a capture and what it returns: maps as tensors with a JSON index, saved as safetensors."""
+"""Running a capture and what it returns: maps as tensors with a JSON index, saved as safetensors.
+
+Summaries of a capture (centroid, spread, …) are computed in the analysis layer:
+``negprompt.analysis.attention_stats.summarize``.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from negprompt.api import Generation
-from negprompt.attention.capture import CaptureError, CapturePlan, CaptureRequest, capture_attention, plan_capture
+from negprompt.attention.capture import (
+    CaptureError,
+    CapturePlan,
+    CaptureRequest,
+    Reducer,
+    capture_attention,
+    plan_capture,
+)
 from negprompt.guidance.plan import UNCONDITIONAL
 from negprompt.models.components import Components
 from negprompt.runspec import RunSpec
@@ -65,48 +76,6 @@ class AttentionCapture:
         """(steps,) bool: whether the branch was evaluated at each kept step."""
         return self.tensors[f"present.{branch}"]
 
-    # ------------------------------------------------------------ summaries
-
-    def summary(self) -> list[dict]:
-        """Per branch, word, kept step and image: mass, Σ_k‖F_k‖_F, per-layer norms, centroid, spread."""
-        rows = []
-        size = self.index["size"]
-        coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size  # map coordinates in [0, 1]
-        for branch, words in self.index["words"].items():
-            present = self.present(branch)
-            for word in words:
-                maps = self.maps(branch, word)  # (steps, B, S, S)
-                frob = self.frobenius(branch, word)
-                mass = self.mass(branch, word)
-                for s, step in enumerate(self.index["steps"]):
-                    if not bool(present[s]):
-                        continue
-                    for b in range(maps.shape[1]):
-                        m = maps[s, b]
-                        total = float(m.sum())
-                        if total > 0:
-                            cy = float((m.sum(dim=1) * coords).sum() / total)
-                            cx = float((m.sum(dim=0) * coords).sum() / total)
-                            yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-                            spread = float((((yy - cy) ** 2 + (xx - cx) ** 2) * m).sum() / total) ** 0.5
-                        else:
-                            cx = cy = spread = float("nan")
-                        rows.append(
-                            {
-                                "branch": branch,
-                                "word": word,
-                                "step": step,
-                                "image": b,
-                                "mass": float(mass[s, :, b].sum()),
-                                "frobenius_sum": float(frob[s, :, b].sum()),
-                                "frobenius_per_layer": [round(float(x), 6) for x in frob[s, :, b]],
-                                "centroid_x": cx,
-                                "centroid_y": cy,
-                                "spread": spread,
-                            }
-                        )
-        return rows
-
     # ------------------------------------------------------------ files
 
     def save(self, folder: str | Path) -> tuple[Path, Path]:
@@ -149,16 +118,20 @@ def capture(
     session: Session | Components | None = None,
     trace: bool = True,
     progress: bool = False,
+    *,
+    reducer: Reducer,
 ) -> AttentionCapture:
     """Generates ``settings`` while capturing the cross-attention maps ``request`` asks for.
 
     ``session``: the session to run on (Components are wrapped in one; None loads ``settings.model``).
+    ``reducer``: what each layer's probabilities are reduced to and stored (the toolkit's own:
+    ``negprompt.analysis.attention_stats.reduce_layer``; this layer does not import analysis).
     The session's lock is held while the attention processors are swapped.
     """
     session = as_session(settings.model if session is None else session, device=settings.device, dtype=settings.dtype)
     with session.exclusive() as components:
         plan = plan_for(settings, request, components)
-        with capture_attention(components.unet, plan) as recorder:
+        with capture_attention(components.unet, plan, reducer) as recorder:
             generation = session.run(settings, trace=trace, unet_hooks=[recorder], progress=progress)
     index = {
         "settings": settings.to_json(),

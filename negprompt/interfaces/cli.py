@@ -289,6 +289,7 @@ def step_list(text: str) -> list[int]:
 def command_attend(args: argparse.Namespace) -> int:
     import json
 
+    from negprompt.analysis.attention_stats import reduce_layer, summarize
     from negprompt.attention.capture import CaptureRequest
     from negprompt.attention.figures import timeline
     from negprompt.attention.result import capture, plan_for
@@ -323,13 +324,13 @@ def command_attend(args: argparse.Namespace) -> int:
         raise CommandError(f"--image {args.image} is outside the batch of {len(settings.seeds)} image(s)")
     plan = plan_for(settings, request, session)
     print(f"capture will store {plan.memory_bytes() / 2**20:.2f} MiB (limit {args.memory_limit:g} MiB)")
-    result = capture(settings, request, session, trace=True, progress=not args.quiet)
+    result = capture(settings, request, session, trace=True, progress=not args.quiet, reducer=reduce_layer)
     out = Path(args.out)
     figure = timeline(result, components, image=args.image, columns=args.columns)
     written = save_generation(result.generation, out / "image.png")
     written += write_atomically([out / "timeline.png"], lambda final, tmp: figure.save(tmp, format="PNG"))
     written += list(result.save(out))
-    summary = result.summary()
+    summary = summarize(result)
     written += write_atomically(
         [out / "summary.json"], lambda final, tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n")
     )

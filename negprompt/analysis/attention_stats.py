@@ -1,0 +1,158 @@
+"""Statistics of cross-attention maps: pure functions on tensors, and the capture's default reducer.
+
+The capture instrument (:mod:`negprompt.attention.capture`) only records: it hands each layer's
+attention probabilities to a reducer and stores what the reducer returns. :func:`reduce_layer` is
+the reducer every capture of the toolkit uses; it computes, per branch and layer,
+
+- ``maps``: the head-averaged word maps (:func:`word_maps`), upsampled and clamped (:func:`upsample_maps`);
+- ``mass``: Σ of the native-resolution word map (:func:`attention_mass`);
+- ``frobenius``: ‖map‖_F of the upsampled map (:func:`frobenius_norm`), the F of the article's eq. (10);
+- ``energy``: Σ_heads mean over tokens and pixels of A² (:func:`attention_energy`), the r_t quantity of
+  Ban et al.'s released code.
+
+:func:`summarize` turns a finished capture into rows with the maps' centroid and spread
+(:func:`centroid`, :func:`spread`).
+
+The operations, their order and dtypes are those the goldens (``tests/golden``) were recorded with;
+changing them changes the recorded numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from negprompt.attention.result import AttentionCapture
+
+# ---------------------------------------------------------------- per layer
+
+
+def word_maps(probabilities: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
+    """Native-resolution word maps, (B, words, Q).
+
+    ``probabilities``: (B, heads, Q, L) softmax over the L text tokens; ``selection``: (B, words, L)
+    0/1, the tokens of each word. The map of a word is the head mean of the probabilities, summed
+    over the word's tokens.
+    """
+    mean_heads = probabilities.mean(dim=1)  # (B, Q, L)
+    return torch.einsum("bql,bwl->bwq", mean_heads, selection)
+
+
+def attention_mass(maps: torch.Tensor) -> torch.Tensor:
+    """Attention mass, (B, words): Σ over the Q pixels of native-resolution maps (B, words, Q)."""
+    return maps.sum(dim=-1)
+
+
+def upsample_maps(maps: torch.Tensor, hw: tuple[int, int], size: int) -> torch.Tensor:
+    """(B, words, S, S): native maps (B, words, Q = h·w) upsampled bicubically to S×S, clamped ≥ 0."""
+    batch, n_words = maps.shape[0], maps.shape[1]
+    up = F.interpolate(
+        maps.reshape(batch * n_words, 1, hw[0], hw[1]),
+        size=(size, size),
+        mode="bicubic",
+        align_corners=False,
+    ).clamp_min(0.0)
+    return up.reshape(batch, n_words, size, size)
+
+
+def frobenius_norm(maps: torch.Tensor) -> torch.Tensor:
+    """‖map‖_F, (B, words), of maps (B, words, S, S): the F of the article's eq. (10)."""
+    return maps.flatten(2).norm(dim=-1)
+
+
+def attention_energy(probabilities: torch.Tensor) -> torch.Tensor:
+    """(B,): Σ_heads mean over pixels and all L token maps of A², for probabilities (B, heads, Q, L).
+
+    The per-layer quantity of Ban et al.'s released r_t code (not the article's eq. (10)).
+    """
+    return probabilities.pow(2).mean(dim=(2, 3)).sum(dim=1)
+
+
+def reduce_layer(
+    probabilities: torch.Tensor, selection: torch.Tensor, hw: tuple[int, int], size: int
+) -> dict[str, torch.Tensor]:
+    """The default reducer (:class:`negprompt.attention.capture.Reducer`): every stored statistic.
+
+    ``probabilities``: (B, heads, Q, L) float32 of one branch in one layer; ``selection``: (B, words, L);
+    ``hw``: the layer's map side (h, w), Q = h·w; ``size``: side S of the stored maps. Returns
+    ``energy`` (B,) and, when there are words, ``mass`` and ``frobenius`` (B, words) and ``maps``
+    (B, words, S, S) float32, on the probabilities' device.
+    """
+    reduced = {"energy": attention_energy(probabilities)}
+    if selection.shape[1] == 0:
+        return reduced
+    native = word_maps(probabilities, selection)
+    reduced["mass"] = attention_mass(native)
+    up = upsample_maps(native, hw, size)
+    reduced["frobenius"] = frobenius_norm(up)
+    reduced["maps"] = up
+    return reduced
+
+
+# ---------------------------------------------------------------- per map
+
+
+def map_coordinates(size: int) -> torch.Tensor:
+    """(S,) float32: the centres of S pixels in [0, 1]."""
+    return (torch.arange(size, dtype=torch.float32) + 0.5) / size
+
+
+def centroid(attention_map: torch.Tensor) -> tuple[float, float]:
+    """(x, y) in [0, 1]: the centre of mass of one map (S, S) (rows are y); NaN for a map summing to ≤ 0."""
+    coords = map_coordinates(attention_map.shape[-1])
+    total = float(attention_map.sum())
+    if not total > 0:
+        return float("nan"), float("nan")
+    cy = float((attention_map.sum(dim=1) * coords).sum() / total)
+    cx = float((attention_map.sum(dim=0) * coords).sum() / total)
+    return cx, cy
+
+
+def spread(attention_map: torch.Tensor, center: tuple[float, float]) -> float:
+    """√(mass-weighted mean squared distance to ``center`` (x, y)) of one map (S, S), in map widths.
+
+    NaN for a map summing to ≤ 0.
+    """
+    coords = map_coordinates(attention_map.shape[-1])
+    total = float(attention_map.sum())
+    if not total > 0:
+        return float("nan")
+    cx, cy = center
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    return float((((yy - cy) ** 2 + (xx - cx) ** 2) * attention_map).sum() / total) ** 0.5
+
+
+# ---------------------------------------------------------------- per capture
+
+
+def summarize(capture: AttentionCapture) -> list[dict]:
+    """Per branch, word, kept step (where the branch ran) and image: mass and Σ_k‖F_k‖_F summed over
+    layers, the per-layer norms, and the centroid and spread of the stored (layer-mean) map."""
+    rows = []
+    for branch, words in capture.index["words"].items():
+        present = capture.present(branch)
+        for word in words:
+            maps = capture.maps(branch, word)  # (steps, B, S, S)
+            frob = capture.frobenius(branch, word)  # (steps, layers, B)
+            mass = capture.mass(branch, word)
+            for s, step in enumerate(capture.index["steps"]):
+                if not bool(present[s]):
+                    continue
+                for b in range(maps.shape[1]):
+                    m = maps[s, b]
+                    cx, cy = centroid(m)
+                    rows.append(
+                        {
+                            "branch": branch,
+                            "word": word,
+                            "step": step,
+                            "image": b,
+                            "mass": float(mass[s, :, b].sum()),
+                            "frobenius_sum": float(frob[s, :, b].sum()),
+                            "frobenius_per_layer": [round(float(x), 6) for x in frob[s, :, b]],
+                            "centroid_x": cx,
+                            "centroid_y": cy,
+                            "spread": spread(m, (cx, cy)),
+                        }
+                    )
+    return rows
