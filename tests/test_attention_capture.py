@@ -259,3 +259,9 @@ def test_attend_writes_image_timeline_maps_and_summary(tiny_sd_dir, tmp_path):
     ]
     index = json.loads((out / "maps.json").read_text())
     assert index["words"] == {"positive": ["woman", "streets"], "negative": ["red", "glasses"]}
+
+
+def test_an_empty_step_selection_names_the_schedule(tiny_sd):
+    settings, components = settings_for(tiny_sd)
+    with pytest.raises(NegpromptError, match="no steps chosen; give step indices in 0–4"):
+        plan_for(settings, CaptureRequest(words={"positive": ["woman"]}, steps=[]), components)

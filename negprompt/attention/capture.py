@@ -179,7 +179,7 @@ def plan_capture(
     if bad_steps:
         raise CaptureError(f"step(s) {bad_steps} outside the schedule; steps are 0–{num_steps - 1}")
     if not steps:
-        raise CaptureError("no steps chosen; give step indices in 0–{num_steps - 1}")
+        raise CaptureError(f"no steps chosen; give step indices in 0–{num_steps - 1}")
     size = request.size or max(latent_side // layer.factor for layer in layers)
     if size < 1:
         raise CaptureError(f"map size must be a positive number of pixels, got {size}")
