@@ -8,11 +8,10 @@ from negprompt.guidance import formulas
 from negprompt.guidance.rules.base import (
     BranchPredictions,
     GuidanceError,
-    Rule,
+    NegativeAsBase,
     RuleSettings,
     Tensor,
     option,
-    single_negative,
 )
 
 
@@ -33,24 +32,15 @@ class APGSettings(RuleSettings):
             raise GuidanceError(f"apg_momentum must be in (−1, 1), got {self.momentum}")
 
 
-class AdaptiveProjected(Rule):
+class AdaptiveProjected(NegativeAsBase):
     name = "apg"
     summary = "Adaptive Projected Guidance: CFG with the update's part parallel to ε_y down-weighted"
     Settings = APGSettings
 
-    def check(self, guidance) -> None:
-        super().check(guidance)
-        single_negative(guidance, self.name, own_scale=False)
-
-    def needs_unconditional(self, guidance, active: frozenset[str]) -> bool:
-        return not ({"positive", "negative"} <= active)
-
     def combine(self, guidance, branches: BranchPredictions, state: dict[str, Tensor]) -> Tensor:
-        negatives = branches.negatives
-        base = branches.eps(negatives[0]) if negatives else branches.unconditional
         settings = guidance.settings
         guided, carried = formulas.projected(
-            base,
+            self.base(branches),
             branches.eps("positive"),
             guidance.scale,
             eta=settings.eta,

@@ -221,6 +221,27 @@ class Rule:
         return contextlib.nullcontext()
 
 
+class NegativeAsBase(Rule):
+    """Rules whose one negative takes the place of the empty prompt as the base (``sd``, ``apg``, …).
+
+    One negative without a scale of its own; ε_∅ is evaluated only at steps where the negative (or
+    the positive) is outside its window and ε_∅ stands in for it.
+    """
+
+    def check(self, guidance: Guidance) -> None:
+        super().check(guidance)
+        single_negative(guidance, self.name, own_scale=False)
+
+    def needs_unconditional(self, guidance: Guidance, active: frozenset[str]) -> bool:
+        return not ({"positive", "negative"} <= active)
+
+    @staticmethod
+    def base(branches: BranchPredictions) -> Tensor:
+        """ε_ỹ of the negative (ε_∅ outside its window, or without a negative), (B, C, H, W)."""
+        negatives = branches.negatives
+        return branches.eps(negatives[0]) if negatives else branches.unconditional
+
+
 def single_negative(guidance: Guidance, rule: str, own_scale: bool) -> None:
     """Checks for rules with at most one negative (and, unless ``own_scale``, no scale of its own)."""
     if len(guidance.negatives) > 1:

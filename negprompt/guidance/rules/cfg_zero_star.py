@@ -17,11 +17,10 @@ import torch
 from negprompt.guidance.rules.base import (
     BranchPredictions,
     GuidanceError,
-    Rule,
+    NegativeAsBase,
     RuleSettings,
     Tensor,
     option,
-    single_negative,
 )
 
 
@@ -51,26 +50,18 @@ class CFGZeroStarSettings(RuleSettings):
             raise GuidanceError(f"cfg_zero_star_zero_steps must be ≥ 0, got {self.zero_steps}")
 
 
-class CFGZeroStar(Rule):
+class CFGZeroStar(NegativeAsBase):
+    """The negative, when given, is the base (it replaces ε_∅ as in rule ``sd``)."""
+
     name = "cfg-zero-star"
     summary = "CFG-Zero*: CFG with the base scaled by s* = ⟨ε_y, ε_base⟩/‖ε_base‖², first steps zeroed"
     Settings = CFGZeroStarSettings
-
-    def check(self, guidance) -> None:
-        super().check(guidance)
-        single_negative(guidance, self.name, own_scale=False)
-
-    def needs_unconditional(self, guidance, active: frozenset[str]) -> bool:
-        # With an active negative, the negative is the base and ε_∅ is not needed (as in rule sd).
-        return not ({"positive", "negative"} <= active)
 
     def combine(self, guidance, branches: BranchPredictions, state: dict[str, Tensor]) -> Tensor:
         eps_cond = branches.eps("positive")
         if branches.step < guidance.settings.zero_steps:
             return torch.zeros_like(eps_cond)
-        negatives = branches.negatives
-        base = branches.eps(negatives[0]) if negatives else branches.unconditional
-        return cfg_zero_star(base, eps_cond, guidance.scale)
+        return cfg_zero_star(self.base(branches), eps_cond, guidance.scale)
 
 
 RULE = CFGZeroStar()
