@@ -21,6 +21,9 @@ RECORDED_DEVICES = tuple(d for d in DEVICE_CHOICES if d != "auto")
 LEGACY_DEVICE, LEGACY_DTYPE = "cpu", "float32"
 
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+
+
 class SettingsError(NegpromptError):
     """Settings that cannot describe a run."""
 
@@ -46,6 +49,9 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        outside = [s for s in self.seeds if not 0 <= s <= MAX_SEED]
+        if outside:
+            raise SettingsError(f"seed {outside[0]} is outside 0–{MAX_SEED} (a 64-bit generator seed)")
         try:
             finite = not isinstance(self.eta, bool) and math.isfinite(self.eta)
         except TypeError:

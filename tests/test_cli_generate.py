@@ -207,3 +207,22 @@ def test_one_window_for_several_negatives_applies_to_each(tiny_sd_dir, tmp_path)
     windows = [term.window for term in settings.guidance.negatives]
     assert [(w.start, w.end) for w in windows] == [(0.3, None), (0.3, None)]
     assert [term.scale for term in settings.guidance.negatives] == [3.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seed", "5-2"], "seed range '5-2' runs backwards; write it low-high, e.g. 2-5"),
+        (["--seed", str(2**64)], f"seed {2**64} is outside 0–{2**64 - 1}"),
+    ],
+)
+def test_seeds_that_cannot_be_meant(tiny_sd_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "never.png"
+    assert_usage_error(generate(tiny_sd_dir, out, *extra), capsys, message, out)
+
+
+def test_a_window_ending_at_step_one_is_not_the_whole_schedule():
+    from negprompt.guidance.windows import Window
+
+    assert Window(0, 1.0).is_full and Window().is_full and Window(0.0, None).is_full
+    assert not Window(0, 1).is_full and not Window(1).is_full

@@ -38,7 +38,8 @@ class Window:
 
     @property
     def is_full(self) -> bool:
-        return self.start in (0, 0.0) and self.end in (None, 1.0)
+        # The end 1.0 (a fraction) is the whole schedule; the end 1 (a step index) is step 0 alone.
+        return self.start == 0 and (self.end is None or (isinstance(self.end, float) and self.end == 1.0))
 
     def resolve(self, num_steps: int) -> tuple[int, int]:
         """The window as step indices [start, end) for a schedule of ``num_steps`` UNet calls."""

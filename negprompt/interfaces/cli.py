@@ -65,8 +65,12 @@ def seed_list(text: str) -> list[int]:
     try:
         for part in text.split(","):
             if "-" in part.strip()[1:]:
-                low, high = part.split("-", 1)
-                seeds.extend(range(int(low), int(high) + 1))
+                low, high = (int(x) for x in part.split("-", 1))
+                if high < low:
+                    raise argparse.ArgumentTypeError(
+                        f"seed range {part.strip()!r} runs backwards; write it low-high, e.g. {high}-{low}"
+                    )
+                seeds.extend(range(low, high + 1))
             else:
                 seeds.append(int(part))
     except ValueError:
