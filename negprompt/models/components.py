@@ -63,9 +63,11 @@ class Components:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Components":
         """Moves (and casts, if ``dtype``) every module in place."""
+        # Only what changes is passed: diffusers warns about float32-only modules whenever a dtype is given.
+        changes = {key: value for key, value in (("device", device), ("dtype", dtype)) if value is not None}
         for part in (self.unet, self.text_encoder, self.vae):
-            if part is not None:
-                part.to(device=device, dtype=dtype)
+            if part is not None and changes:
+                part.to(**changes)
         return self
 
     def eval(self) -> "Components":

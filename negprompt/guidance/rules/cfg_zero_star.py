@@ -42,7 +42,7 @@ class CFGZeroStarSettings(RuleSettings):
     """How many first steps are zeroed."""
 
     rule = "cfg-zero-star"
-    zero_steps: int = option(1, "CFG-Zero*: the first N steps output zero (0: off)", unit="steps")
+    zero_steps: int = option(1, "CFG-Zero*: the first N steps output zero (0: off)")
 
     def validate(self) -> None:
         super().validate()
