@@ -164,6 +164,12 @@ class Session:
             settings=rule_settings,
         )
         height, width = image_size(size, height, width, self.components.default_size)
+        multiple = self.components.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % multiple:
+                raise SettingsError(
+                    f"{name} {value} is not a positive multiple of {multiple} (the model's size factor)"
+                )
         return RunSpec(
             guidance=guidance,
             model=self.model,

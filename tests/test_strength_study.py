@@ -207,3 +207,18 @@ def test_study_bad_spec_exit_code(tmp_path, capsys):
     assert main(["study", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "unknown field 'stepz'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (("negative: glasses,", "negative: " + "glasses " * 80 + ","), "over the tokenizer's limit of 77"),
+        (("size: 32", "size: 30"), "not a positive multiple of"),
+    ],
+)
+def test_a_pair_that_cannot_run_fails_before_any_work(tiny_sd_dir, tmp_path, capsys, edit, message):
+    """Every pair's run and capture are built and checked first: no folder, no spec.json, no result."""
+    spec = write_spec(tmp_path, tiny_sd_dir, GOOD.replace(*edit))
+    assert main(["study", str(spec), "--out", str(tmp_path / "o"), "-q"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -24,8 +24,10 @@ from negprompt.analysis.attention_stats import reduce_layer
 from negprompt.analysis.spec import Pair, SpecError, StudySpec, check_vocabulary
 from negprompt.analysis.strength import strength_curves
 from negprompt.attention.capture import CaptureRequest
-from negprompt.attention.result import capture
+from negprompt.attention.result import capture, plan_for
 from negprompt.attention.tokens import tokenize_words
+from negprompt.models.prompts import check_prompt
+from negprompt.runspec import RunSpec
 from negprompt.session import Session, as_session
 
 RESULTS_FILE = "results.csv"
@@ -100,9 +102,8 @@ def _append(path: Path, rows: list[tuple]) -> None:
         os.fsync(handle.fileno())
 
 
-def run_pair(spec: StudySpec, index: int, pair: Pair, session: Session) -> tuple[list[tuple], int]:
-    """Captures one pair over all seeds (one batched run) and returns its result rows."""
-    components = session.components
+def pair_run(spec: StudySpec, pair: Pair, session: Session) -> tuple[RunSpec, CaptureRequest]:
+    """The run specification of one pair (every seed in one batch, rule sd) and what to capture."""
     settings = session.spec(
         pair.prompt,
         pair.negative,
@@ -113,8 +114,25 @@ def run_pair(spec: StudySpec, index: int, pair: Pair, session: Session) -> tuple
         seeds=spec.seeds,
         size=spec.size,
     )
-    positive_words = list(dict.fromkeys(tokenize_words(components.tokenizer, pair.prompt).words))
+    positive_words = list(dict.fromkeys(tokenize_words(session.components.tokenizer, pair.prompt).words))
     request = CaptureRequest(words={"positive": positive_words, "negative": [pair.word]}, size=spec.map_size)
+    return settings, request
+
+
+def check_study(spec: StudySpec, session: Session) -> None:
+    """Builds and checks every pair's run and capture plan, so that a bad pair fails before any work."""
+    tokenizer = session.components.tokenizer
+    check_vocabulary(spec, tokenizer)
+    for pair in spec.pairs:
+        for text in (pair.prompt, pair.negative):
+            check_prompt(tokenizer, text)
+        settings, request = pair_run(spec, pair, session)
+        plan_for(settings, request, session)
+
+
+def run_pair(spec: StudySpec, index: int, pair: Pair, session: Session) -> tuple[list[tuple], int]:
+    """Captures one pair over all seeds (one batched run) and returns its result rows."""
+    settings, request = pair_run(spec, pair, session)
     result = capture(settings, request, session, trace=False, reducer=reduce_layer)
     curves = strength_curves(result, pair.word, pair.related)
     timesteps = result.index["timesteps"]
@@ -153,8 +171,7 @@ def run_study(
     ``session``: the loaded ``spec.model`` to run on (default: a new session, device auto)."""
     out_dir = Path(out_dir)
     session = as_session(spec.model if session is None else session)
-    components = session.components
-    check_vocabulary(spec, components.tokenizer)
+    check_study(spec, session)
     prepare_directory(spec, out_dir)
     done = completed_pairs(spec, out_dir, session.denoiser_calls(spec.scheduler, spec.steps))
     todo = [(i, p) for i, p in enumerate(spec.pairs) if i not in done]
