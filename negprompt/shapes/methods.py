@@ -180,6 +180,12 @@ def _summarize(name: str, negative: str, word: str, rows: list[dict], base: list
     }
 
 
+def _mean_of_known(values: Sequence[float]) -> float:
+    """Mean over the values that are not NaN; NaN when none is (e.g. no image had the thing to remove)."""
+    known = [v for v in values if not np.isnan(v)]
+    return float(np.mean(known)) if known else float("nan")
+
+
 def ranking(records: list[dict]) -> list[dict]:
     """Mean over negatives per method, best score first."""
     methods = list(dict.fromkeys(r["method"] for r in records))
@@ -187,7 +193,7 @@ def ranking(records: list[dict]) -> list[dict]:
     table = []
     for method in methods:
         mine = [r for r in records if r["method"] == method]
-        table.append({"method": method, **{k: float(np.nanmean([r[k] for r in mine])) for k in keys}})
+        table.append({"method": method, **{k: _mean_of_known([r[k] for r in mine]) for k in keys}})
     return sorted(table, key=lambda r: -r["score"])
 
 

@@ -1,0 +1,91 @@
+"""Every command of the README's "Command line" block runs, shortened (fewer steps, seeds, images).
+
+Shortening only appends options (argparse keeps the last value given), so the command as printed is
+what is parsed first; the study of the built-in spec is replaced by a two-pair spec of the same
+model, and the Stable Diffusion path by the tiny SD (with --device cpu where CUDA is absent).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from negprompt.interfaces.cli import main
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SHORTER = {
+    "generate": ["--steps", "8"],
+    "attend": ["--steps", "8"],
+    "edit": ["--steps", "8", "--seed", "0-1"],
+    "edit-sweep": ["--steps", "6", "--seed", "0", "--start-every", "3"],
+    "bench-methods": ["--steps", "3", "--images", "1", "--negative", "a hat"],
+    "evaluate": ["--steps", "3", "--images", "1"],
+    "train": ["--samples", "16", "--batch-size", "8", "--warmup-steps", "1", "--threads", "1"],
+    "study": [],
+    "report": [],
+}
+SMALL_STUDY = """\
+name: readme
+model: shapes
+steps: 3
+seeds: [0]
+pairs:
+  - {group: noun, prompt: a red circle, negative: a hat}
+  - {group: adjective, prompt: a blue square, negative: striped}
+"""
+
+
+def readme_commands() -> list[list[str]]:
+    """The ``negprompt …`` commands of the README's "Command line" block, as argument lists."""
+    text = README.read_text()
+    block = re.search(r"## Command line\s+```bash\n(.*?)```", text, flags=re.S).group(1)
+    block = block.replace("\\\n", " ")
+    commands = []
+    for line in block.splitlines():
+        line = line.split(" #")[0].strip()
+        for part in filter(None, (p.strip() for p in line.split("&&"))):
+            words = shlex.split(part)
+            assert words[0] == "negprompt", part
+            commands.append(words[1:])
+    return commands
+
+
+def shortened(words: list[str], tiny_sd_dir: Path, spec: Path) -> list[str]:
+    words = [str(tiny_sd_dir) if w == "/path/to/stable-diffusion-v1-5" else w for w in words]
+    command = words[0]
+    if command == "study":
+        words = ["study", str(spec), *words[2:]]
+    if "--from-png" in words:
+        return words
+    extra = list(SHORTER[command])
+    if str(tiny_sd_dir) in words:
+        extra += ["--width", "32", "--height", "32"]
+        if "cuda" in words and not torch.cuda.is_available():
+            extra += ["--device", "cpu"]
+    return words + extra
+
+
+def test_the_readme_has_the_commands_we_check():
+    commands = {words[0] for words in readme_commands()}
+    assert commands == set(SHORTER), commands
+
+
+def test_every_readme_command_runs(tiny_sd_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "readme-study.yaml"
+    spec.write_text(SMALL_STUDY)
+    for words in readme_commands():
+        argv = shortened(words, tiny_sd_dir, spec)
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 0, f"negprompt {shlex.join(argv)} → {code}: {err}"
+    assert (tmp_path / "out" / "again.png").exists() and (tmp_path / "study" / "report.md").exists()
+
+
+@pytest.mark.parametrize("words", [["generate", "x", "--steps", "3"]])
+def test_shortening_only_appends(words, tiny_sd_dir, tmp_path):
+    assert shortened(words, tiny_sd_dir, tmp_path)[: len(words)] == words
