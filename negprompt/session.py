@@ -26,7 +26,7 @@ from negprompt.guidance.rules.base import RuleSettings
 from negprompt.guidance.windows import Window
 from negprompt.models.components import Components
 from negprompt.models.conditioning import Conditioning
-from negprompt.models.loading import BUNDLED_NAME, load_components
+from negprompt.models.loading import load_components
 from negprompt.runspec import Generation, RunSpec, SettingsError
 from negprompt.sampling.loop import Group, StepCallback, UNetCallHook, encode_groups, sample_groups
 from negprompt.sampling.schedule import denoiser_calls, sigma_at, timesteps_of
@@ -59,7 +59,6 @@ class Session:
         else:
             target_device, target_dtype = resolve_device(device), torch_dtype(dtype)
             components = load_components(model, device=target_device, dtype=target_dtype)
-            components.source = str(model or BUNDLED_NAME)
         self.components = components
         self.lock = threading.RLock()
 

@@ -226,3 +226,65 @@ def test_a_window_ending_at_step_one_is_not_the_whole_schedule():
 
     assert Window(0, 1.0).is_full and Window().is_full and Window(0.0, None).is_full
     assert not Window(0, 1).is_full and not Window(1).is_full
+
+
+def test_an_output_that_cannot_be_written_fails_before_any_work(tiny_sd_dir, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    from negprompt import session as session_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(session_module, "load_components", never)
+    assert_usage_error(generate(tiny_sd_dir, blocker / "out.png"), capsys, "is a file, not a folder")
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    assert_usage_error(generate(tiny_sd_dir, folder), capsys, "it is a folder; give a file name")
+    code = main(["attend", "a photo of a cat", "--model", str(tiny_sd_dir), "--out", str(blocker / "maps")])
+    assert_usage_error(code, capsys, "is a file, not a folder")
+
+
+def test_outputs_get_the_mode_of_the_umask(tiny_sd_dir, tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        assert generate(tiny_sd_dir, tmp_path / "m.png") == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.png").stat().st_mode & 0o777 == 0o640
+
+
+def test_from_png_refuses_settings_it_would_ignore(tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "a.png"
+    assert generate(tiny_sd_dir, out) == 0
+    code = main(
+        ["generate", "--from-png", str(out), "--steps", "9", "--dng-lambda", "2", "--out", str(tmp_path / "b.png")]
+    )
+    assert_usage_error(code, capsys, "drop --steps, --dng-lambda", tmp_path / "b.png")
+
+
+def test_a_relative_model_path_is_recorded_absolute(tiny_sd_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_sd_dir.parent)
+    out = tmp_path / "rel.png"
+    assert (
+        main(
+            [
+                "generate",
+                "a photo of a cat",
+                "--model",
+                tiny_sd_dir.name,
+                "--steps",
+                "2",
+                "--size",
+                "32",
+                "-q",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    settings, _ = read_png_settings(out)
+    assert settings.model == str(tiny_sd_dir.resolve())

@@ -143,6 +143,17 @@ def add_rule_options(parser: argparse.ArgumentParser) -> None:
             )
 
 
+def rule_option_flags() -> dict[str, str]:
+    """dest → flag of every rule option on the command line."""
+    from negprompt.guidance.rules import all_rules
+
+    return {
+        rule_option_dest(rule.name, option.name): rule.Settings.flag(option)
+        for rule in all_rules().values()
+        for option in rule.Settings.options()
+    }
+
+
 def rule_option_dest(rule: str, option: str) -> str:
     return f"rule_option__{rule.replace('-', '_')}__{option}"
 
@@ -253,20 +264,57 @@ def settings_from_args(args: argparse.Namespace, session):
 
 # ---------------------------------------------------------------- generate
 
+# Settings a PNG records: with --from-png they come from the PNG, so giving them is an error.
+FROM_PNG_OWN = {
+    "negative_scale": "--negative-scale",
+    "negative_window": "--negative-window",
+    "scale": "--scale",
+    "steps": "--steps",
+    "scheduler": "--scheduler",
+    "seed": "--seed",
+    "size": "--size",
+    "width": "--width",
+    "height": "--height",
+    "model": "--model",
+    "interval": "--interval",
+    "interval_sigma": "--interval-sigma",
+}
+
+
+def options_given(args: argparse.Namespace, options: dict[str, str]) -> list[str]:
+    """The flags of ``options`` (dest → flag) given on the command line, plus --rule/--rescale and rule options."""
+    given = [flag for dest, flag in options.items() if getattr(args, dest, None) is not None]
+    if args.rule != "sd":
+        given.append("--rule")
+    if args.rescale:
+        given.append("--rescale")
+    given += [flag for dest, flag in rule_option_flags().items() if getattr(args, dest, None) is not None]
+    return given
+
 
 def command_generate(args: argparse.Namespace) -> int:
-    from negprompt.interfaces.png import output_paths, read_png_settings, save_generation
+    from negprompt.interfaces.png import check_destination, output_paths, read_png_settings, save_generation
     from negprompt.session import respec
 
     if args.from_png:
         if args.prompt is not None or args.negative:
             raise CommandError("--from-png takes its prompts from the PNG; give no prompt or --negative with it")
+        ignored = options_given(args, FROM_PNG_OWN)
+        if ignored:
+            raise CommandError(
+                f"--from-png regenerates with the PNG's own settings; drop {', '.join(ignored)} "
+                "(only --out, --device, --dtype and -q go with it)"
+            )
         settings, index = read_png_settings(args.from_png)
+        for path in output_paths(args.out, [settings.seeds[index]]):
+            check_destination(path)
         indices = [index]
         session = session_from_args(args, settings)
         settings = respec(settings, session)
     else:
         size_from_args(args)
+        for path in output_paths(args.out, [0] if len(args.seed or [0]) == 1 else args.seed):
+            check_destination(path)
         session = session_from_args(args)
         settings = settings_from_args(args, session)
         indices = None
@@ -298,9 +346,10 @@ def command_attend(args: argparse.Namespace) -> int:
     from negprompt.attention.figures import timeline
     from negprompt.attention.result import capture, plan_for
     from negprompt.attention.tokens import tokenize_words
-    from negprompt.interfaces.png import save_generation, write_atomically
+    from negprompt.interfaces.png import check_destination, save_generation, write_atomically
 
     size_from_args(args)
+    check_destination(args.out, folder=True)
     session = session_from_args(args)
     components = session.components
     settings = settings_from_args(args, session)
@@ -349,8 +398,10 @@ def command_attend(args: argparse.Namespace) -> int:
 def command_study(args: argparse.Namespace) -> int:
     from negprompt.analysis.spec import load_spec
     from negprompt.analysis.study import RESULTS_FILE, run_study
+    from negprompt.interfaces.png import check_destination
 
     spec = load_spec(args.spec)
+    check_destination(args.out, folder=True)
     session = session_from_args(args, model=spec.model)
     done = run_study(spec, args.out, progress=not args.quiet, session=session)
     rate = done.unet_rows / done.seconds if done.seconds > 0 else float("nan")
@@ -376,12 +427,13 @@ def command_edit(args: argparse.Namespace) -> int:
 
     from negprompt.analysis.edit import _check_threshold, comparison_figure, run_edit, summarize
     from negprompt.guidance.windows import Window
-    from negprompt.interfaces.png import save_generation, write_atomically
+    from negprompt.interfaces.png import check_destination, save_generation, write_atomically
 
     if not args.negative or len(args.negative) != 1:
         raise CommandError("edit takes exactly one --negative")
     _check_threshold(args.threshold)
     size_from_args(args)
+    check_destination(args.out, folder=True)
     session = session_from_args(args)
     outcome = run_edit(
         args.prompt or "",
@@ -427,7 +479,9 @@ def command_edit(args: argparse.Namespace) -> int:
 
 def command_demo(args: argparse.Namespace) -> int:
     from negprompt.interfaces.demo import run_demo
+    from negprompt.interfaces.png import check_destination
 
+    check_destination(args.out, folder=True)
     png, js, record = run_demo(args.out, model=session_from_args(args), steps=args.steps, progress=not args.quiet)
     print(f"wrote {png} (no negative / negative / delayed negative, for {len(record['pairs'])} prompts) and {js}")
     print(f"took {record['seconds']:.1f} s")

@@ -22,9 +22,39 @@ SETTINGS_CHUNK = "negprompt"
 INFOTEXT_CHUNK = "parameters"
 
 
+def check_destination(path: str | Path, folder: bool = False) -> None:
+    """Raises :class:`SettingsError` unless ``path`` (a file, or with ``folder`` a folder) can be written.
+
+    Called before any work, so that no run is lost to an output that cannot be written: the path
+    must not be a folder where a file is meant (or the reverse), and its nearest existing ancestor
+    must be a writable folder.
+    """
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        kind, wanted = ("a folder", "a file name") if path.is_dir() else ("a file", "a folder")
+        raise SettingsError(f"cannot write {path}: it is {kind}; give {wanted} for the output")
+    ancestor = path if folder and path.exists() else path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SettingsError(f"cannot write {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SettingsError(f"cannot write {path}: the folder {ancestor} is not writable")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(paths: Sequence[Path], write_one) -> list[Path]:
-    """Writes every file to a temporary name first, then renames them all: all files or none."""
+    """Writes every file to a temporary name first, then renames them all: all files or none.
+
+    The files get the mode the user's umask gives new files (the temporary file is private).
+    """
     temporaries: list[Path] = []
+    mode = 0o666 & ~_umask()
     try:
         for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,6 +62,7 @@ def write_atomically(paths: Sequence[Path], write_one) -> list[Path]:
             os.close(handle)
             temporaries.append(Path(name))
             write_one(path, Path(name))
+            os.chmod(name, mode)
         for temporary, path in zip(temporaries, paths):
             os.replace(temporary, path)
     finally:

@@ -119,11 +119,21 @@ def load_components(
     diffusers_weights = weights if importlib.util.find_spec("accelerate") else {**weights, "low_cpu_mem_usage": False}
     components = Components(
         **family.load(load, weights, diffusers_weights),
-        source=str(source or BUNDLED_NAME),
+        source=source_name(source, root),
         family=family,
         declarations=read_declarations(root),
     )
     return components.eval().to(device)
+
+
+def source_name(source: str | Path | None, root: Path) -> str:
+    """How a run records its model: "shapes", a model id, or a local folder as an absolute path
+    (so that a PNG's settings load from any working directory)."""
+    if source is None or str(source) == BUNDLED_NAME:
+        return BUNDLED_NAME
+    if Path(source).expanduser().exists():
+        return str(root.resolve())
+    return str(source)
 
 
 def read_declarations(root: Path) -> dict:
