@@ -13,6 +13,7 @@ from pathlib import Path
 import diffusers
 import torch
 import transformers
+from safetensors import SafetensorError
 
 from negprompt.errors import NegpromptError
 from negprompt.models.components import Components
@@ -110,7 +111,7 @@ def load_components(
         cls = _class_from(library, name, base)
         try:
             return cls.from_pretrained(str(root / part), **kwargs)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, SafetensorError) as error:  # missing, truncated or corrupted files
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ModelLoadError(f"cannot load {part} from {root / part}: {first_line}") from None
 
