@@ -120,3 +120,20 @@ def test_the_sweep_needs_a_region_finder(tiny_sd):
     settings = SweepSettings((("a photo of a woman", "red glasses"),), (0,), (0,))
     with pytest.raises(RegionFinderError, match="names none"):
         run_sweep(settings, tiny_sd, progress=False)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "-q"],
+        ["evaluate", "--images", "1", "-q"],
+        ["bench-methods", "--images", "1", "-q"],
+        ["edit-sweep", "--pair", "a red circle->a hat", "-q"],
+    ],
+)
+def test_shapes_commands_check_their_output_folder_first(argv, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code = main([*argv, "--out", str(blocker / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "is a file, not a folder" in err, err

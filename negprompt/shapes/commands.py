@@ -26,6 +26,7 @@ from negprompt.interfaces.cli import (
 def command_train(args: argparse.Namespace) -> int:
     import torch
 
+    from negprompt.interfaces.png import check_destination
     from negprompt.shapes.training import META_FILE, TrainConfig, Trainer
 
     if args.threads:
@@ -48,6 +49,7 @@ def command_train(args: argparse.Namespace) -> int:
         init_sha256=init_sha256,
     )
     out = Path(args.out)
+    check_destination(out, folder=True)
     trainer = Trainer(config, out)
     if (out / META_FILE).exists():
         trainer.load_checkpoint()
@@ -63,6 +65,7 @@ def command_train(args: argparse.Namespace) -> int:
 
 def command_edit_sweep(args: argparse.Namespace) -> int:
     from negprompt.analysis.sweep import SweepSettings, check_sweep_settings, run_sweep, summarize_sweep, write_sweep
+    from negprompt.interfaces.png import check_destination
     from negprompt.shapes.regions import ShapesRegions
 
     pairs = []
@@ -71,6 +74,7 @@ def command_edit_sweep(args: argparse.Namespace) -> int:
             raise CommandError(f"--pair {item!r} must look like 'PROMPT->NEGATIVE', e.g. 'a red circle->a hat'")
         prompt, negative = (part.strip() for part in item.split("->", 1))
         pairs.append((prompt, negative))
+    check_destination(args.out, folder=True)
     session = session_from_args(args)
     calls = session.denoiser_calls(args.scheduler, args.steps)
     starts = tuple(range(0, calls, args.start_every))
@@ -96,8 +100,10 @@ def command_edit_sweep(args: argparse.Namespace) -> int:
 
 
 def command_bench_methods(args: argparse.Namespace) -> int:
+    from negprompt.interfaces.png import check_destination
     from negprompt.shapes.methods import bench_methods, write_results
 
+    check_destination(args.out, folder=True)
     records = bench_methods(
         negatives=args.negative or ("a hat", "a sun", "striped", "blurry"),
         images=args.images,
@@ -125,8 +131,10 @@ def command_bench_methods(args: argparse.Namespace) -> int:
 def command_evaluate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from negprompt.interfaces.png import check_destination
     from negprompt.shapes.evaluation import ROWS, evaluate, to_markdown, write_table
 
+    check_destination(args.out, folder=True)
     session = session_from_args(args)
     with tqdm(total=args.images * len(ROWS), disable=args.quiet, unit="img") as bar:
         table = evaluate(
