@@ -192,7 +192,7 @@ class Session:
         callback: StepCallback | None = None,
         unet_hooks: Sequence[UNetCallHook] = (),
         progress: bool = False,
-    ):
+    ) -> Generation:
         """Executes ``spec`` and returns its Generation (with the per-step trace if ``trace``)."""
         return self.run_together([spec], trace=trace, callback=callback, unet_hooks=unet_hooks, progress=progress)[0]
 
@@ -205,13 +205,12 @@ class Session:
         unet_hooks: Sequence[UNetCallHook] = (),
         progress: bool = False,
         max_rows_per_call: int | None = None,
-    ) -> list:
+    ) -> list[Generation]:
         """Runs several specs that differ only in guidance and seeds in ONE batched loop.
 
         Steps the runs have in common (same seeds, prompts and state, e.g. a delayed negative before its
         window opens) are computed once. Returns one Generation per spec, in order.
         """
-
         first = specs[0]
         shared = ("model", "scheduler", "steps", "height", "width", "eta", "device", "dtype")
         for other in specs[1:]:
@@ -268,7 +267,7 @@ class Session:
         callback: StepCallback | None = None,
         progress: bool = False,
         **options: Any,
-    ):
+    ) -> Generation:
         """One image per seed; options are those of :meth:`spec`."""
         return self.run(self.spec(prompt, negative, **options), trace=trace, callback=callback, progress=progress)
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import UNCONDITIONAL, Guidance, StepContext
+from negprompt.guidance.rules.base import Rule
 from negprompt.models.components import Components
 from negprompt.models.conditioning import Conditioning, denoiser_inputs
 from negprompt.sampling.schedule import alpha_bar_at, denoiser_calls
@@ -296,12 +297,14 @@ def sample_groups(
         with ExitStack() as prepared:
             for g, group in enumerate(groups):
                 # A rule may prepare the denoiser (e.g. attention processors) with each branch's inputs.
+                rule = group.guidance.rule_object
+                if type(rule).prepare is Rule.prepare:
+                    continue  # nothing to prepare: no inputs to batch on this hot path
                 branch_inputs = {
                     branch: denoiser_inputs([conditioning[text] for text in prompts])
                     for branch, prompts in step_prompts[g].items()
                 }
                 context = StepContext(step, calls, alpha_bars[step], alpha_bars[step + 1])
-                rule = group.guidance.rule_object
                 prepared.enter_context(rule.prepare(group.guidance, components.unet, context, branch_inputs))
             outputs = [
                 components.unet(
