@@ -84,7 +84,9 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     from negprompt.sampling.schedulers import SCHEDULER_NAMES
 
     parser.add_argument("prompt", nargs="?", default=None, help="the positive prompt (may be empty: unconditional)")
-    parser.add_argument("-n", "--negative", action="append", metavar="TEXT", help="a negative prompt (repeatable)")
+    parser.add_argument(
+        "-n", "--negative", action="append", metavar="TEXT", help="a negative prompt (repeatable; default none)"
+    )
     parser.add_argument(
         "--negative-scale",
         action="append",
@@ -108,14 +110,20 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=seed_list, default=None, help="seed(s): 3, 0,1,2 or 0-7 (default 0)")
     parser.add_argument("--size", type=positive_int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--model", default=None, help="diffusers directory, cached model id, or 'shapes' (default)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar (default: a bar on stderr)")
     more = parser.add_argument_group("more guidance rules and modifiers")
     more.add_argument("--rescale", type=number, default=0.0, help="guidance rescale φ in [0, 1] (default 0: off)")
     more.add_argument(
-        "--interval", default=None, metavar="START:END", help="guide only in these steps; elsewhere ε̂ = ε_y"
+        "--interval",
+        default=None,
+        metavar="START:END",
+        help="guide only in these steps; elsewhere ε̂ = ε_y (default: every step)",
     )
     more.add_argument(
-        "--interval-sigma", default=None, metavar="LO:HI", help="guide only where the noise level σ is in [LO, HI]"
+        "--interval-sigma",
+        default=None,
+        metavar="LO:HI",
+        help="guide only where the noise level σ is in [LO, HI] (default: every step)",
     )
     add_rule_options(parser)
     add_run_options(parser)
@@ -497,7 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate images with negative prompts")
     add_prompt_options(generate)
-    generate.add_argument("-o", "--out", default="negprompt.png", help="output PNG (several seeds: NAME-s<seed>.png)")
+    generate.add_argument(
+        "-o",
+        "--out",
+        default="negprompt.png",
+        help="output PNG (default negprompt.png in the current folder; several seeds: NAME-s<seed>.png beside it)",
+    )
     generate.add_argument("--from-png", metavar="FILE", help="regenerate the image a negprompt PNG was made with")
     generate.set_defaults(handler=command_generate)
 
