@@ -222,3 +222,17 @@ def test_a_pair_that_cannot_run_fails_before_any_work(tiny_sd_dir, tmp_path, cap
     assert main(["study", str(spec), "--out", str(tmp_path / "o"), "-q"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_spec_words_are_split_from_punctuation(tmp_path):
+    from negprompt.analysis.spec import load_spec, prompt_words
+
+    assert prompt_words("Trees, fog. A night sky!") == ["trees", "fog", "a", "night", "sky"]
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        GOOD.replace("negative: red hat}", "negative: 'trees, fog.'}").replace(
+            "negative: glasses, related: woman}", "negative: 'trees, fog', word: trees}"
+        )
+    )
+    spec = load_spec(path)
+    assert [p.word for p in spec.pairs] == ["fog", "trees"]

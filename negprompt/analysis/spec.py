@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,15 @@ TOP_KEYS = {"name", "model", "scheduler", "steps", "scale", "seeds", "size", "ma
 REQUIRED_TOP = {"name", "steps", "seeds", "pairs"}
 PAIR_KEYS = {"group", "prompt", "negative", "word", "related"}
 REQUIRED_PAIR = {"group", "prompt", "negative"}
+WORD = re.compile(r"[^\W_]+")  # a run of letters and digits
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "studies"
+
+
+def prompt_words(text: str) -> list[str]:
+    """The words of a prompt, lower-case, without punctuation ("trees, fog." → trees, fog): a CLIP tokenizer
+    makes punctuation tokens of their own. The run checks each word against the model's tokenizer
+    before any work (``negprompt.analysis.study.check_study``)."""
+    return [w.lower() for w in WORD.findall(text)]
 
 
 class SpecError(NegpromptError):
@@ -153,7 +162,9 @@ def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
         if absent:
             raise SpecError(f"{_where(source, item)}: pair lacks field(s) {', '.join(sorted(absent))}")
         pair = {k: _scalar(v, source, k, str) for k, (_, v) in fields.items()}
-        words = pair["negative"].lower().split()
+        words = prompt_words(pair["negative"])
+        if not words:
+            raise SpecError(f"{_where(source, item)}: the negative prompt {pair['negative']!r} has no word to measure")
         content = [w for w in words if w not in {"a", "an", "the", "and", "with", "of"}] or words
         word = pair.get("word", content[-1]).lower()
         if word not in words:
@@ -161,7 +172,7 @@ def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
                 f"{_where(source, item)}: word {word!r} is not a word of the negative prompt {pair['negative']!r}"
             )
         related = pair.get("related")
-        if related is not None and related.lower() not in pair["prompt"].lower().split():
+        if related is not None and related.lower() not in prompt_words(pair["prompt"]):
             raise SpecError(
                 f"{_where(source, item)}: related word {related!r} is not a word of the prompt {pair['prompt']!r}"
             )
