@@ -301,7 +301,7 @@ def options_given(args: argparse.Namespace, options: dict[str, str]) -> list[str
 
 
 def command_generate(args: argparse.Namespace) -> int:
-    from negprompt.interfaces.png import check_destination, output_paths, read_png_settings, save_generation
+    from negprompt.interfaces.png import check_outputs, read_png_settings, save_generation
     from negprompt.session import respec
 
     if args.from_png:
@@ -314,20 +314,17 @@ def command_generate(args: argparse.Namespace) -> int:
                 "(only --out, --device, --dtype and -q go with it)"
             )
         settings, index = read_png_settings(args.from_png)
-        for path in output_paths(args.out, [settings.seeds[index]]):
-            check_destination(path)
+        check_outputs(args.out, [settings.seeds[index]])
         indices = [index]
         session = session_from_args(args, settings)
         settings = respec(settings, session)
     else:
         size_from_args(args)
-        for path in output_paths(args.out, [0] if len(args.seed or [0]) == 1 else args.seed):
-            check_destination(path)
+        check_outputs(args.out, args.seed or [0])
         session = session_from_args(args)
         settings = settings_from_args(args, session)
         indices = None
     out = Path(args.out)
-    output_paths(out, settings.seeds if indices is None else [settings.seeds[i] for i in indices])
     generation = session.run(settings, progress=not args.quiet)
     written = save_generation(generation, out, indices)
     for path in written:

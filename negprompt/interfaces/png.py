@@ -88,6 +88,14 @@ def output_paths(out: str | Path, seeds: Sequence[int]) -> list[Path]:
     return [out.with_name(f"{out.stem}-s{seed}{out.suffix}") for seed in seeds]
 
 
+def check_outputs(out: str | Path, seeds: Sequence[int]) -> list[Path]:
+    """The PNG paths of an image per seed (see :func:`output_paths`), each checked to be writable."""
+    paths = output_paths(out, seeds)
+    for path in paths:
+        check_destination(path)
+    return paths
+
+
 def save_generation(generation: Generation, out: str | Path, indices: Sequence[int] | None = None) -> list[Path]:
     """Saves images of ``generation`` (all, or those at ``indices``) with their settings."""
     settings = generation.spec
