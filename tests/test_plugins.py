@@ -75,21 +75,22 @@ def test_the_bundled_model_declares_the_shapes_finder():
     bundled = Session().components
     finder = declared_finder(bundled)
     assert isinstance(finder, ShapesRegions) and isinstance(finder, RegionFinder)
-    assert region_source_for(bundled, "hat", "auto", 32)[0] == "detector"
-    assert region_source_for(bundled, "hat", "attention", 32) == ("attention", None)
-    assert region_source_for(bundled, "cat", "auto", 32) == ("attention", None)  # a word it does not know
-    assert region_source_for(bundled, "hat", "auto", 64) == ("attention", None)  # not the world's size
+    assert region_source_for(bundled, "hat", "auto", (32, 32))[0] == "detector"
+    assert region_source_for(bundled, "hat", "attention", (32, 32)) == ("attention", None)
+    assert region_source_for(bundled, "cat", "auto", (32, 32)) == ("attention", None)  # a word it does not know
+    assert region_source_for(bundled, "hat", "auto", (64, 64)) == ("attention", None)  # not the world's size
+    assert region_source_for(bundled, "hat", "auto", (32, 64)) == ("attention", None)  # nor a non-square image
     with pytest.raises(NegpromptError, match=r"only for the bundled world's things \(hat, sun, striped, blurry\)"):
-        region_source_for(bundled, "cat", "detector", 32)
+        region_source_for(bundled, "cat", "detector", (32, 32))
 
 
 def test_in_memory_components_declare_a_finder(tiny_sd):
     from dataclasses import replace
 
     assert declared_finder(tiny_sd) is None
-    assert region_source_for(tiny_sd, "hat", "auto", 32) == ("attention", None)
+    assert region_source_for(tiny_sd, "hat", "auto", (32, 32)) == ("attention", None)
     declaring = replace(tiny_sd, declarations={"region_finder": "shapes"})
-    assert declared_finder(declaring).covers(declaring, "hat", 32) is False  # tiny SD has a VAE
+    assert declared_finder(declaring).covers(declaring, "hat", (32, 32)) is False  # tiny SD has a VAE
     with pytest.raises(RegionFinderError, match="not installed"):
         declared_finder(replace(tiny_sd, declarations={"region_finder": "nowhere"}))
 

@@ -83,10 +83,13 @@ def _check_threshold(threshold: float) -> None:
         raise EditError(f"mask threshold must be in (0, 1), got {threshold!r}")
 
 
-def region_source_for(components: Components, word: str, requested: str, size: int) -> tuple[str, RegionFinder | None]:
+def region_source_for(
+    components: Components, word: str, requested: str, size: tuple[int, int]
+) -> tuple[str, RegionFinder | None]:
     """``"detector"`` with the model's region finder, or ``"attention"`` with None, for ``requested``.
 
-    ``auto`` takes the finder the model declares when it covers ``word`` at ``size``, else attention.
+    ``auto`` takes the finder the model declares when it covers ``word`` in images of ``size`` =
+    (height, width), else attention.
     """
     if requested not in REGION_SOURCES:
         raise EditError(f"unknown region source {requested!r}; choose one of {', '.join(REGION_SOURCES)}")
@@ -166,7 +169,7 @@ def run_edit(
     plain = session.spec(prompt, rule="cfg", **common)
     full = session.spec(prompt, [Term(negative)], **common)
     windowed = session.spec(prompt, [Term(negative, None, window)], **common)
-    source, finder = region_source_for(components, word, region, plain.height)
+    source, finder = region_source_for(components, word, region, (plain.height, plain.width))
     request = CaptureRequest(words={"negative": [word]})
     plan_full = plan_for(full, request, components)  # also checks the word and the window early
     bounds = window.resolve(plan_full.num_steps)

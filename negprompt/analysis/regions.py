@@ -38,8 +38,8 @@ class RegionFinder(Protocol):
     domain: str  # for messages: whose things these are, e.g. "the bundled world"
     things: tuple[str, ...]  # the words it can find
 
-    def covers(self, components: Components, word: str, size: int) -> bool:
-        """Whether it finds ``word`` in ``size``×``size`` images of ``components``."""
+    def covers(self, components: Components, word: str, size: tuple[int, int]) -> bool:
+        """Whether it finds ``word`` in images of ``size`` = (height, width) made by ``components``."""
         ...
 
     def find(self, image: np.ndarray, word: str) -> tuple[np.ndarray, bool]:

@@ -42,8 +42,8 @@ class ShapesRegions:
     domain = "the bundled world"
     things: tuple[str, ...] = WORLD_THINGS
 
-    def covers(self, components: Components, word: str, size: int) -> bool:
-        return word in self.things and size == IMAGE_SIZE and components.vae is None
+    def covers(self, components: Components, word: str, size: tuple[int, int]) -> bool:
+        return word in self.things and size == (IMAGE_SIZE, IMAGE_SIZE) and components.vae is None
 
     def find(self, image: np.ndarray, word: str) -> tuple[np.ndarray, bool]:
         return detector_region(image, word)
