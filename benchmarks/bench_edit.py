@@ -6,10 +6,11 @@ The edit's time includes its measures (region, removal, locality). With ``--regi
 also records the negative word's attention maps, which the three plain generations do not; the
 default ``auto`` uses the detectors on the bundled model and attention elsewhere.
 
-Two edits are timed: one UNet call per step (up to 6 × seeds rows), and the same with each call
-split into chunks of ``2 × seeds`` rows, the size of the separate generations' calls (on a CPU at
-one thread, 48-row calls cost about 10 % more per row than 16-row ones). Chunking needs the
-detector region (attention capture sees one call per step).
+Two edits are timed: the default (one UNet call per generation and step, 2 × seeds rows, so that
+each generation's images equal those it gives alone), and the same with ``--rows-per-call`` set to
+``2 × seeds`` (before each generation got its own calls, this split one 6 × seeds-row call per step
+into the separate generations' size; now it changes nothing but the bookkeeping, and the two
+should time alike).
 
     python benchmarks/bench_edit.py [--model shapes] [--window 0.25:] [--region auto]
 """

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from negprompt.errors import NegpromptError
 
+if TYPE_CHECKING:
+    import torch
+
+# Names only: the command line lists them without importing torch (see docs/architecture.md, instant CLI).
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # each the name of a torch dtype
 
 
 class DeviceError(NegpromptError):
@@ -15,6 +19,8 @@ class DeviceError(NegpromptError):
 
 
 def _mps_available() -> bool:
+    import torch
+
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
 
@@ -24,6 +30,8 @@ def resolve_device(name: str | None = "auto") -> str:
 
     An explicit ``cuda`` or ``mps`` that this machine lacks is a :class:`DeviceError`.
     """
+    import torch
+
     name = "auto" if name is None else str(name)
     if name not in DEVICE_CHOICES:
         raise DeviceError(f"unknown device {name!r}; accepted: {', '.join(DEVICE_CHOICES)}")
@@ -43,6 +51,8 @@ def resolve_device(name: str | None = "auto") -> str:
 
 def available_devices() -> list[str]:
     """The device names :func:`resolve_device` accepts on this machine."""
+    import torch
+
     return ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if _mps_available() else [])
 
 
@@ -51,12 +61,14 @@ def torch_dtype(name: str | None = "float32") -> torch.dtype:
     name = "float32" if name is None else str(name)
     if name not in DTYPES:
         raise DeviceError(f"unknown dtype {name!r}; accepted: {', '.join(DTYPES)}")
-    return DTYPES[name]
+    import torch
+
+    return getattr(torch, name)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """torch dtype → the name :func:`torch_dtype` accepts."""
-    for name, value in DTYPES.items():
-        if value == dtype:
+    for name in DTYPES:
+        if torch_dtype(name) == dtype:
             return name
     raise DeviceError(f"models in {dtype} are not supported; accepted dtypes: {', '.join(DTYPES)}")

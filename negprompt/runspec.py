@@ -4,6 +4,7 @@ and what a run returns."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 from negprompt.devices import DEVICE_CHOICES, DTYPES
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Guidance
+from negprompt.limits import MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS
 from negprompt.models.loading import BUNDLED_NAME
 from negprompt.sampling.loop import StepInfo
 from negprompt.version import __version__
@@ -19,9 +21,6 @@ from negprompt.version import __version__
 RECORDED_DEVICES = tuple(d for d in DEVICE_CHOICES if d != "auto")
 # PNGs written before device and dtype were recorded were all made on the CPU in float32.
 LEGACY_DEVICE, LEGACY_DTYPE = "cpu", "float32"
-
-
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 
 
 class SettingsError(NegpromptError):
@@ -33,7 +32,10 @@ class RunSpec:
     """Every setting of a generation run; a PNG's metadata holds these plus the image's index.
 
     ``device`` (cpu | cuda | mps, never auto) and ``dtype`` (float32 | float16 | bfloat16) are the
-    ones the images were made with: both change pixels, so both are recorded.
+    ones the images were made with: both change pixels, so both are recorded. So is
+    ``rows_per_call``: another split of the UNet's batch sums in another order (float rounding).
+    The images of one spec are computed together, so an image's pixels follow from the whole spec
+    (all its seeds), which its PNG records.
     """
 
     guidance: Guidance
@@ -46,9 +48,23 @@ class RunSpec:
     eta: float = 0.0
     device: str = LEGACY_DEVICE
     dtype: str = LEGACY_DTYPE
+    rows_per_call: int | None = None  # split each UNet call in chunks of so many rows (None: whole calls)
 
     def __post_init__(self) -> None:
+        if isinstance(self.seeds, (str, bytes)) or not hasattr(self.seeds, "__iter__"):
+            raise SettingsError(f"seeds must be a list of whole numbers, got {self.seeds!r}")
+        if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in self.seeds):
+            raise SettingsError(f"seeds must be whole numbers, got {list(self.seeds)!r}")
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        if not 1 <= len(self.seeds) <= MAX_IMAGES:
+            raise SettingsError(f"a run makes 1–{MAX_IMAGES} images (one per seed), got {len(self.seeds)}")
+        for name, value, low, high in (
+            ("steps", self.steps, 1, MAX_STEPS),
+            ("height", self.height, 1, MAX_SIDE),
+            ("width", self.width, 1, MAX_SIDE),
+        ):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+                raise SettingsError(f"{name} must be a whole number in {low}–{high}, got {value!r}")
         outside = [s for s in self.seeds if not 0 <= s <= MAX_SEED]
         if outside:
             raise SettingsError(f"seed {outside[0]} is outside 0–{MAX_SEED} (a 64-bit generator seed)")
@@ -62,9 +78,12 @@ class RunSpec:
             raise SettingsError(f"run device {self.device!r} is not one of {', '.join(RECORDED_DEVICES)}")
         if self.dtype not in DTYPES:
             raise SettingsError(f"run dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        rows = self.rows_per_call
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+            raise SettingsError(f"rows per UNet call must be a positive whole number, got {rows!r}")
 
     def to_json(self) -> dict:
-        return {
+        record = {
             "negprompt_version": __version__,
             "model": self.model,
             "scheduler": self.scheduler,
@@ -77,25 +96,49 @@ class RunSpec:
             "dtype": self.dtype,
             "guidance": self.guidance.to_json(),
         }
+        if self.rows_per_call is not None:
+            record["rows_per_call"] = self.rows_per_call
+        return record
 
     @classmethod
     def from_json(cls, data: dict) -> "RunSpec":
-        """Reads :meth:`to_json`'s dict; older records without device and dtype read as CPU, float32."""
+        """Reads :meth:`to_json`'s dict; older records without device and dtype read as CPU, float32.
+
+        Every field must have its type (a whole number stays a whole number: 2.5 steps is an error,
+        not 2); anything else is a :class:`SettingsError` naming the field.
+        """
+        if not isinstance(data, dict):
+            raise SettingsError(f"settings must be a JSON object, got {type(data).__name__}")
+        missing = [
+            key for key in ("guidance", "model", "scheduler", "steps", "seeds", "height", "width") if key not in data
+        ]
+        if missing:
+            raise SettingsError(f"settings lack the field(s) {', '.join(missing)}")
+        for key in ("steps", "height", "width"):
+            _expect(data, key, int)
+        for key in ("model", "scheduler", "device", "dtype"):
+            _expect(data, key, str)
+        _expect(data, "eta", (int, float))
+        _expect(data, "rows_per_call", int, optional=True)
+        if not isinstance(data["seeds"], list):
+            raise SettingsError(f"settings field 'seeds' must be a list of whole numbers, got {data['seeds']!r}")
         try:
-            return cls(
-                guidance=Guidance.from_json(data["guidance"]),
-                model=data["model"],
-                scheduler=data["scheduler"],
-                steps=int(data["steps"]),
-                seeds=tuple(int(s) for s in data["seeds"]),
-                height=int(data["height"]),
-                width=int(data["width"]),
-                eta=float(data.get("eta", 0.0)),
-                device=str(data.get("device", LEGACY_DEVICE)),
-                dtype=str(data.get("dtype", LEGACY_DTYPE)),
-            )
-        except (KeyError, TypeError) as error:
-            raise SettingsError(f"settings lack or mistype the field {error}") from None
+            guidance = Guidance.from_json(data["guidance"])
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise SettingsError(f"settings field 'guidance' is malformed ({type(error).__name__}: {error})") from None
+        return cls(
+            guidance=guidance,
+            model=data["model"],
+            scheduler=data["scheduler"],
+            steps=data["steps"],
+            seeds=tuple(data["seeds"]),
+            height=data["height"],
+            width=data["width"],
+            eta=float(data.get("eta", 0.0)),
+            device=data.get("device", LEGACY_DEVICE),
+            dtype=data.get("dtype", LEGACY_DTYPE),
+            rows_per_call=data.get("rows_per_call"),
+        )
 
     def infotext(self, index: int) -> str:
         """AUTOMATIC1111-style ``parameters`` text for image ``index`` of the batch."""
@@ -114,8 +157,20 @@ class RunSpec:
         ]
         if self.dtype != LEGACY_DTYPE:
             fields.append(f"Precision: {self.dtype}")
+        if self.rows_per_call is not None:
+            fields.append(f"Rows per call: {self.rows_per_call}")
         lines.append(", ".join(fields))
         return "\n".join(lines)
+
+
+def _expect(data: dict, key: str, kind, optional: bool = False) -> None:
+    """Raises :class:`SettingsError` unless ``data[key]`` (absent is fine) has type ``kind`` (bool never counts)."""
+    if key not in data or (optional and data[key] is None):
+        return
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise SettingsError(f"settings field {key!r} must be {names}, got {value!r}")
 
 
 def _as_text(prompt: str | tuple[str, ...], index: int) -> str:

@@ -24,6 +24,7 @@ from negprompt.devices import dtype_name, resolve_device, torch_dtype
 from negprompt.guidance.plan import Guidance, Term
 from negprompt.guidance.rules.base import RuleSettings
 from negprompt.guidance.windows import Window
+from negprompt.limits import MAX_STEPS
 from negprompt.models.components import Components
 from negprompt.models.conditioning import Conditioning
 from negprompt.models.loading import load_components
@@ -107,6 +108,28 @@ class Session:
         with self.lock:
             return self.components.family.encode(self.components, texts)
 
+    def check_schedule(self, scheduler: str, steps: int) -> None:
+        """Raises :class:`SettingsError` unless ``steps`` is a whole number in 1–1000 and, where the model
+        declares ``max_sigma``, the schedule's first noise level σ is at most that (see docs/training.md)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise SettingsError(f"steps must be a whole number in 1–{MAX_STEPS}, got {steps!r}")
+        limit = self.defaults.get("max_sigma")
+        if limit is None:
+            return
+        base = self.components.scheduler
+
+        def first_sigma(count: int) -> float:
+            return sigma_at(base.alphas_cumprod, timesteps_of(scheduler, base, count)[0])
+
+        first = first_sigma(steps)
+        if first > limit:
+            fewer = next((n for n in range(steps - 1, 0, -1) if first_sigma(n) <= limit), 1)
+            raise SettingsError(
+                f"{steps} steps of {scheduler} start at noise level σ = {first:.0f}, above the {limit:g} this model "
+                f"samples reliably from (its noise schedule's σ grows without bound near the end and the first "
+                f"step multiplies guidance errors by σ); the nearest step count below that starts low enough is {fewer}"
+            )
+
     # ---------------------------------------------------------------- specifications
 
     def spec(
@@ -147,6 +170,7 @@ class Session:
             interval = Window.parse(interval)
         scheduler = scheduler or defaults["scheduler"]
         steps = defaults["steps"] if steps is None else steps
+        self.check_schedule(scheduler, steps)
         if interval_sigma is not None:
             if interval is not None:
                 raise SettingsError("give the guidance interval as steps or as noise levels, not both")
@@ -204,19 +228,20 @@ class Session:
         callback: StepCallback | None = None,
         unet_hooks: Sequence[UNetCallHook] = (),
         progress: bool = False,
-        max_rows_per_call: int | None = None,
     ) -> list[Generation]:
-        """Runs several specs that differ only in guidance and seeds in ONE batched loop.
+        """Runs several specs that differ only in guidance and seeds in one loop.
 
-        Steps the runs have in common (same seeds, prompts and state, e.g. a delayed negative before its
+        Each spec's images equal those of running it alone (one UNet call per spec and step); steps
+        the runs have in common (same seeds, prompts and state, e.g. a delayed negative before its
         window opens) are computed once. Returns one Generation per spec, in order.
         """
         first = specs[0]
-        shared = ("model", "scheduler", "steps", "height", "width", "eta", "device", "dtype")
+        shared = ("model", "scheduler", "steps", "height", "width", "eta", "device", "dtype", "rows_per_call")
         for other in specs[1:]:
             differing = [name for name in shared if getattr(other, name) != getattr(first, name)]
             if differing:
                 raise SettingsError(f"runs batched together must share {', '.join(differing)}")
+        self.check_schedule(first.scheduler, first.steps)
         if (first.device, first.dtype) != (self.device, self.dtype):
             raise SettingsError(
                 f"the run asks for {first.dtype} on {first.device} but this session holds the model in "
@@ -239,7 +264,7 @@ class Session:
                 unet_hooks=unet_hooks,
                 progress=progress,
                 eta=first.eta,
-                max_rows_per_call=max_rows_per_call,
+                max_rows_per_call=first.rows_per_call,
                 conditioning=conditioning,
             )
         generations, start = [], 0

@@ -34,7 +34,7 @@ def test_bundled_model_is_small_safetensors_and_pixel_space(bundled):
     assert bundled.vae is None and bundled.default_size == 32
     defaults = json.loads((BUNDLED_PATH / "negprompt.json").read_text())
     assert defaults == {**DEFAULT_SAMPLING, **DECLARATIONS}  # what `negprompt train` exports
-    assert set(defaults) == {"scheduler", "steps", "scale", "region_finder", "demo_pairs"}
+    assert set(defaults) == {"scheduler", "steps", "scale", "region_finder", "max_sigma", "demo_pairs"}
 
 
 def test_bundled_model_draws_the_named_color_and_shape(bundled):

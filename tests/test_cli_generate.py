@@ -89,7 +89,7 @@ def run_bad(capsys, tmp_path, argv):
 BAD = [
     (["--scheduler", "karras"], "unknown scheduler 'karras'"),
     (["--rule", "magic"], "unknown rule 'magic'"),
-    (["--steps", "0"], "argument --steps: '0' is not a positive integer (1 or more)"),
+    (["--steps", "0"], "argument --steps: '0' steps: give 1–1000"),
     (["--steps", "1001"], "1–1000"),
     (["--scale", "nan"], "guidance scale must be a finite number"),
     (["--scale", "inf"], "finite"),

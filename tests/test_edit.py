@@ -271,3 +271,37 @@ def test_bench_methods_rejects_a_foreign_negative(tiny_shapes_dir, tmp_path, cap
         str(tmp_path / "b"),
     ]
     assert main(argv) == 2 and "world's things" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rows", [None, 4])
+def test_edit_pngs_regenerate_bit_exactly_from_their_metadata(tiny_shapes_dir, tmp_path, rows):
+    """Each generation of an edit has its own UNet calls, so its PNG (settings with every seed of its
+    batch and the rows per call) regenerates the same pixels with ``generate --from-png``."""
+    from negprompt.interfaces.png import read_pixels, read_png_settings
+
+    out = tmp_path / "edit"
+    argv = ["edit", "a red circle", "--negative", "a hat", "--window", "1:", "--model", str(tiny_shapes_dir)]
+    argv += ["--steps", "3", "--seed", "0,1,2", "-q", "--out", str(out)]
+    assert main(argv + ([] if rows is None else ["--rows-per-call", str(rows)])) == 0
+    for name in ("original-s1.png", "full-s2.png", "edited-s0.png"):
+        settings, _ = read_png_settings(out / name)
+        assert settings.rows_per_call == rows
+        again = tmp_path / f"again-{name}"
+        assert main(["generate", "--from-png", str(out / name), "-q", "--out", str(again)]) == 0
+        assert np.array_equal(read_pixels(again), read_pixels(out / name)), name
+
+
+def test_runs_batched_together_equal_each_run_alone(tiny_sd):
+    from negprompt.guidance.plan import Term
+    from negprompt.session import Session
+
+    session = Session(tiny_sd)
+    common = dict(steps=4, scheduler="euler-a", size=32)
+    specs = [
+        session.spec(PROMPT, rule="cfg", seeds=[1, 2], **common),
+        session.spec(PROMPT, [Term(NEGATIVE, None, Window(2))], seeds=[1, 2], **common),
+        session.spec(PROMPT, [NEGATIVE, "blurry"], rule="dual", seeds=[2, 5, 7], **common),
+    ]
+    together = session.run_together(specs)
+    for spec, generation in zip(specs, together):
+        assert np.array_equal(session.run(spec).pixels, generation.pixels)

@@ -52,6 +52,7 @@ def hand_made_capture() -> AttentionCapture:
         "steps": [0, 1],
         "size": size,
         "average_layers": True,
+        "layers": [{"path": "down_blocks.0.attentions.0.transformer_blocks.0.attn2", "side": 4}] * 2,
     }
     return AttentionCapture(tensors, index)
 
@@ -83,6 +84,78 @@ def test_ratio_functions_sum_over_layers():
 
 def test_related_word_is_the_positive_word_whose_map_overlaps():
     assert related_word(hand_made_capture(), "hat") == ["circle"]
+
+
+def ban_activation_ratio(components, settings) -> list[float]:
+    """Ban et al.'s released ``compute_activation_ratio``, written again from its description and hooked
+    on the UNet's attn2 modules directly (no negprompt capture code): per step, E_branch =
+    Σ_{down/up-block layers} Σ_heads mean_{tokens, pixels} clamp(bicubic(A_head,token → latent side), 0)²;
+    r_t = E_negative / E_positive. The mid block is not hooked."""
+    import torch.nn.functional as F
+
+    from negprompt.session import Session
+
+    session = Session(components)
+    energies: list[dict[str, float]] = []
+    steps = session.denoiser_calls(settings.scheduler, settings.steps)
+    layers = [
+        (path, module)
+        for path, module in components.unet.named_modules()
+        if path.endswith("attn2") and path.startswith(("down_blocks", "up_blocks"))
+    ]
+
+    def hook(module, args, kwargs, output):
+        hidden, context = args[0] if args else kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+        heads = module.heads
+        q, k = module.to_q(hidden), module.to_k(context)
+        batch, queries, _ = q.shape
+        q = q.reshape(batch, queries, heads, -1).transpose(1, 2)
+        k = k.reshape(batch, k.shape[1], heads, -1).transpose(1, 2)
+        probs = (q @ k.transpose(-1, -2) * module.scale).softmax(dim=-1)  # (B, heads, Q, L)
+        side = int(queries**0.5)
+        latent = settings.height // components.latent_factor
+        step = len(energies) - 1
+        branches = settings.guidance.branches_at(step, steps)
+        for row, branch in enumerate(branches):
+            maps = probs[row].transpose(1, 2).reshape(-1, 1, side, side)  # (heads·L, 1, h, w)
+            up = F.interpolate(maps, size=(latent, latent), mode="bicubic", align_corners=False).clamp_min(0)
+            per_head = up.pow(2).reshape(heads, -1).mean(dim=1)
+            energies[-1][branch] = energies[-1].get(branch, 0.0) + float(per_head.sum())
+
+    handles = [module.register_forward_hook(hook, with_kwargs=True) for _, module in layers]
+    original_forward = components.unet.forward
+
+    def counting_forward(*args, **kwargs):
+        energies.append({})
+        return original_forward(*args, **kwargs)
+
+    components.unet.forward = counting_forward
+    try:
+        session.run(settings)
+    finally:
+        del components.unet.forward
+        for handle in handles:
+            handle.remove()
+    return [e["negative"] / e["positive"] for e in energies]
+
+
+def test_released_r_t_equals_ban_et_al_compute_activation_ratio(tiny_sd):
+    """The "released" r_t is exactly their code's quantity: per-head bicubic upsampling to the latent
+    side, clamping before squaring, no mid block (the tiny SD has one, with cross-attention)."""
+    from negprompt.attention.capture import CaptureRequest
+    from negprompt.attention.result import capture
+    from negprompt.session import Session
+
+    assert any(p.startswith("mid_block") and p.endswith("attn2") for p, _ in tiny_sd.unet.named_modules())
+    session = Session(tiny_sd)
+    settings = session.spec("a photo of a cat", "red glasses", steps=4, scheduler="ddim", size=32, seeds=[1])
+    request = CaptureRequest(words={"negative": ["glasses"], "positive": ["cat"]})
+    from negprompt.analysis.attention_stats import reduce_layer
+
+    result = capture(settings, request, session, reducer=reduce_layer)
+    ours = strength_curves(result, "glasses", related="cat")["released"][:, 0]
+    theirs = torch.tensor(ban_activation_ratio(tiny_sd, settings), dtype=ours.dtype)
+    torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=0)
 
 
 # ---------------------------------------------------------------- specs

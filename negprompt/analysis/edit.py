@@ -19,7 +19,7 @@ image are the plain image's own, computed once. Each edit is scored:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -179,9 +179,8 @@ def run_edit(
     if max_rows_per_call is not None and max_rows_per_call < 1:
         raise EditError(f"rows per UNet call must be a positive number, got {max_rows_per_call}")
     if source == "detector":  # the detectors give region and removal: no attention maps needed
-        generations = session.run_together(
-            [plain, full, windowed], progress=progress, max_rows_per_call=max_rows_per_call
-        )
+        specs = [replace(spec, rows_per_call=max_rows_per_call) for spec in (plain, full, windowed)]
+        generations = session.run_together(specs, progress=progress)
     else:
         with session.exclusive():
             with capture_attention(components.unet, plan_full, reduce_layer, group=1) as record_full:
@@ -262,7 +261,7 @@ def summarize(outcome: EditOutcome) -> dict:
             value = item.measures
             for key in path:
                 value = value[key]
-            values.append(float(value))
+            values.append(float("nan") if value is None else float(value))  # None: the finder could not read it
         finite = [v for v in values if np.isfinite(v)]
         return float(np.mean(finite)) if finite else float("nan")
 
@@ -279,7 +278,8 @@ def summarize(outcome: EditOutcome) -> dict:
             summary[f"{variant}_{key}"] = mean([variant, key])
     if outcome.region_source == "detector":
         for variant in ("original", "full", "edited"):
-            summary[f"present_{variant}"] = mean([f"present_{variant}"])
+            summary[f"present_{variant}"] = mean([f"present_{variant}"])  # over the readable images
+            summary[f"unreadable_{variant}"] = sum(i.measures[f"present_{variant}"] is None for i in outcome.images)
     else:
         summary["removal_score_full"] = mean(["removal_score_full"])
         summary["removal_score_edited"] = mean(["removal_score_edited"])

@@ -146,7 +146,9 @@ def make_report(folder: str | Path) -> tuple[Path, list[Path]]:
         "",
         "Definitions (see `negprompt/analysis/strength.py`): *article* = Σ_k‖F_neg(i)‖_F / Σ_k‖F_pos(r(i))‖_F "
         "over cross-attention layers k (maps upsampled to a common size); *released* = Σ_layers Σ_heads mean(A²) "
-        "over all token maps of the negative branch divided by the same for the positive branch (Ban et al.'s code).",
+        "over all token maps of the negative branch divided by the same for the positive branch, each head's map "
+        "upsampled bicubically to the map size and clamped ≥ 0 before squaring, mid block left out "
+        "(Ban et al.'s `compute_activation_ratio`).",
         "",
     ]
     figures: list[Path] = []

@@ -8,12 +8,15 @@ over the captured cross-attention layers k. F is the word's head-averaged attent
 (the sum over the word's tokens), upsampled bicubically to the capture's common size S×S and
 clamped ≥ 0 — so layers of every resolution weigh alike, as in Ban et al.'s code.
 
-**Released code** (Ban et al.'s repository): with E = Σ_{layers k} Σ_{heads} mean over all L token
-maps and all pixels of A² (native resolution, not upsampled),
+**Released code** (Ban et al.'s repository, ``compute_activation_ratio``): with
+E = Σ_{layers k} Σ_{heads} mean over all L token maps and all S×S pixels of A², where each head's
+token map is upsampled bicubically to S×S and clamped ≥ 0 before squaring,
 
-    r_t = E_negative-branch / E_positive-branch.
+    r_t = E_negative-branch / E_positive-branch,
 
-It uses every token of each branch's prompt (padding included), not one word.
+summed over the layers of the down and up blocks only: their code does not hook the mid block. It
+uses every token of each branch's prompt (padding included), not one word. S is the capture's map
+size: the latent side by default and in the built-in study specs, as in their code.
 
 Both are computed from an :class:`~negprompt.attention.result.AttentionCapture`; steps where the
 negative branch was not evaluated give NaN.
@@ -79,8 +82,11 @@ def strength_curves(
         chosen = list(related)
     negative = capture.frobenius("negative", negative_word)  # (steps, layers, B)
     positive = torch.stack([capture.frobenius("positive", word)[:, :, b] for b, word in enumerate(chosen)], dim=-1)
+    hooked = [i for i, layer in enumerate(capture.index["layers"]) if not layer["path"].startswith("mid_block.")]
+    if not hooked:
+        raise NegpromptError("the released r_t sums down- and up-block layers, and none was captured")
     return {
         "article": article_ratio(negative, positive),
-        "released": released_ratio(capture.energy("negative"), capture.energy("positive")),
+        "released": released_ratio(capture.energy("negative")[:, hooked], capture.energy("positive")[:, hooked]),
         "related": chosen,
     }

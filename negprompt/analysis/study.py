@@ -55,12 +55,15 @@ def prepare_directory(spec: StudySpec, out_dir: Path) -> None:
                 f"fingerprint {recorded.get('fingerprint')}); use a new --out folder"
             )
         return
-    if out_dir.exists() and any(out_dir.iterdir()):
+    tmp = out_dir / (SPEC_FILE + ".tmp")
+    if out_dir.exists() and any(path != tmp for path in out_dir.iterdir()):  # a torn spec.json.tmp is ours
         raise SpecError(f"{out_dir} is not empty and holds no study; use a new or empty --out folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / (SPEC_FILE + ".tmp")
-    tmp.write_text(json.dumps({"fingerprint": spec.fingerprint(), "spec": spec.to_json()}, indent=2) + "\n")
-    os.replace(tmp, spec_path)
+    try:
+        tmp.write_text(json.dumps({"fingerprint": spec.fingerprint(), "spec": spec.to_json()}, indent=2) + "\n")
+        os.replace(tmp, spec_path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def completed_pairs(spec: StudySpec, out_dir: Path, steps_per_run: int) -> set[int]:

@@ -8,10 +8,10 @@ returns a tensor of that shape and dtype; none mutates its inputs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def cfg(eps_uncond: Tensor, eps_cond: Tensor, scale: float) -> Tensor:
@@ -147,6 +147,8 @@ def projected(
     carried = delta
     if norm_threshold > 0:
         norm = delta.flatten(1).norm(dim=1).view(-1, *([1] * (delta.dim() - 1)))
+        import torch  # here, not at the top: the command line imports the rules, never torch
+
         delta = delta * torch.clamp(norm_threshold / norm.clamp_min(1e-12), max=1.0)
     parallel = _per_sample_dot(delta, eps_cond) / _per_sample_dot(eps_cond, eps_cond).clamp_min(1e-12) * eps_cond
     orthogonal = delta - parallel

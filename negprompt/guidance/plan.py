@@ -23,9 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from negprompt.guidance import formulas, syntax
 from negprompt.guidance.rules import rule_named
@@ -39,6 +37,10 @@ from negprompt.guidance.rules.base import (
     check_number,
 )
 from negprompt.guidance.windows import Window, WindowError
+from negprompt.limits import MAX_SCALE
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["UNCONDITIONAL", "Guidance", "GuidanceError", "StepContext", "Term"]
 
@@ -79,6 +81,11 @@ class Term:
         return cls(prompt, data.get("scale"), Window.from_json(data.get("window")))
 
 
+def _check_scale(value: float | None, what: str) -> None:
+    if value is not None and abs(value) > MAX_SCALE:
+        raise GuidanceError(f"{what} {value:g} is outside ±{MAX_SCALE:g}; guidance scales are used at 1–20")
+
+
 @dataclass(frozen=True)
 class Guidance:
     """A guidance rule with its prompts. ``scale`` is s (or s⁺): the positive prompt's scale.
@@ -109,6 +116,7 @@ class Guidance:
             )
         object.__setattr__(self, "settings", settings)
         check_number(self.scale, "guidance scale")
+        _check_scale(self.scale, "guidance scale")
         check_number(self.rescale, "rescale φ")
         if not 0.0 <= self.rescale <= 1.0:
             raise GuidanceError(f"rescale φ must be in [0, 1], got {self.rescale}")
@@ -117,6 +125,7 @@ class Guidance:
             raise GuidanceError("the positive prompt's scale is the guidance scale; set `scale` instead")
         for term in self.negatives + self.extra_positives:
             check_number(term.scale, f"scale of prompt {term.prompt!r}")
+            _check_scale(term.scale, f"scale of prompt {term.prompt!r}")
         rule.check(self)
 
     @property

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 from negprompt.errors import NegpromptError
+from negprompt.limits import MAX_WEIGHT
 
 EMPHASIS = 1.1
 
@@ -56,7 +57,25 @@ def parse(prompt: str) -> tuple[Node, ...]:
     nodes, position = _parse_sequence(prompt, 0, closers="")
     if position != len(prompt):
         raise PromptSyntaxError(f"unexpected {prompt[position]!r} at character {position + 1} of {prompt!r}")
+    _check_weights(nodes, prompt)
     return nodes
+
+
+def _check_weights(nodes: tuple[Node, ...], prompt: str, weight: float = 1.0) -> None:
+    """Raises :class:`PromptSyntaxError` if a word's effective weight leaves [−MAX_WEIGHT, MAX_WEIGHT]."""
+    for node in nodes:
+        if isinstance(node, Weighted):
+            inner = weight * node.weight
+            if abs(inner) > MAX_WEIGHT:
+                words = render(node.children).strip() or "(nothing)"
+                raise PromptSyntaxError(
+                    f"the weight of {words!r} in {prompt!r} is {inner:g} (nested weights multiplied); "
+                    f"weights must be within ±{MAX_WEIGHT:g}: beyond, the image turns to noise"
+                )
+            _check_weights(node.children, prompt, inner)
+        elif isinstance(node, Edit):
+            _check_weights(node.before, prompt, weight)
+            _check_weights(node.after, prompt, weight)
 
 
 def _parse_sequence(s: str, i: int, closers: str) -> tuple[tuple[Node, ...], int]:

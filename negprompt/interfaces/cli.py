@@ -1,7 +1,9 @@
 """The ``negprompt`` command.
 
 Every error a user can cause ends in one line on stderr, ``negprompt: error: …``, exit code 2,
-and no output file.
+and no output file; it is found before any long work starts, and ``--help`` and the parser's errors
+come without importing torch or diffusers. A failure of the machine during the work (a full disk)
+ends in one line ``negprompt: failed: …`` and exit code 1.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from negprompt.errors import NegpromptError
+from negprompt.limits import MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # the input: a one-line message, nothing written
+EXIT_FAILED = 1  # the machine failed during the work (e.g. a full disk): a one-line message
 COMMANDS_GROUP = "negprompt.commands"  # entry points: register(subparsers) functions of plugins
 
 
@@ -52,6 +56,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def step_count(text: str) -> int:
+    value = whole_number(text)
+    if not 1 <= value <= MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"{text!r} steps: give 1–{MAX_STEPS}")
+    return value
+
+
+def image_side(text: str) -> int:
+    value = whole_number(text)
+    if not 1 <= value <= MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"{text!r} pixels: give 1–{MAX_SIDE}")
+    return value
+
+
 def number(text: str) -> float:
     try:
         return float(text)
@@ -60,7 +78,7 @@ def number(text: str) -> float:
 
 
 def seed_list(text: str) -> list[int]:
-    """``3`` or ``0,1,2`` or ``0-7``."""
+    """``3`` or ``0,1,2`` or ``0-7``: seeds in 0–2⁶⁴−1, at most MAX_IMAGES of them."""
     seeds: list[int] = []
     try:
         for part in text.split(","):
@@ -70,9 +88,16 @@ def seed_list(text: str) -> list[int]:
                     raise argparse.ArgumentTypeError(
                         f"seed range {part.strip()!r} runs backwards; write it low-high, e.g. {high}-{low}"
                     )
-                seeds.extend(range(low, high + 1))
+                bounds = [low, high]
             else:
-                seeds.append(int(part))
+                low = high = int(part)
+                bounds = [low]
+            for seed in bounds:
+                if not 0 <= seed <= MAX_SEED:
+                    raise argparse.ArgumentTypeError(f"seed {seed} is outside 0–{MAX_SEED} (a 64-bit generator seed)")
+            if len(seeds) + high - low + 1 > MAX_IMAGES:
+                raise argparse.ArgumentTypeError(f"seeds {text!r} make over {MAX_IMAGES} images; run them in parts")
+            seeds.extend(range(low, high + 1))
     except ValueError:
         raise argparse.ArgumentTypeError(f"seeds {text!r}: give integers like 3, 0,1,2 or 0-7") from None
     return seeds
@@ -103,12 +128,10 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     rules = "; ".join(f"{rule.name}: {rule.summary}" for rule in all_rules().values())
     parser.add_argument("--rule", default="sd", help=f"guidance rule (default sd) — {rules}")
     parser.add_argument("--scale", type=number, default=None, help="guidance scale s (s⁺); default: the model's")
-    parser.add_argument(
-        "--steps", type=positive_int, default=None, help="inference steps, 1–1000; default: the model's"
-    )
+    parser.add_argument("--steps", type=step_count, default=None, help="inference steps, 1–1000; default: the model's")
     parser.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULER_NAMES)}; default: the model's")
     parser.add_argument("--seed", type=seed_list, default=None, help="seed(s): 3, 0,1,2 or 0-7 (default 0)")
-    parser.add_argument("--size", type=positive_int, default=None, help="image side in pixels (default: the model's)")
+    parser.add_argument("--size", type=image_side, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--model", default=None, help="diffusers directory, cached model id, or 'shapes' (default)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar (default: a bar on stderr)")
     more = parser.add_argument_group("more guidance rules and modifiers")
@@ -186,6 +209,21 @@ def rule_options_from_args(args: argparse.Namespace) -> dict:
     return chosen
 
 
+def add_quiet_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar (default: a bar on stderr)")
+
+
+def add_model_options(parser: argparse.ArgumentParser, scale: bool = True) -> None:
+    """--model, --steps, --scheduler (and --scale) of commands that are not prompt commands."""
+    from negprompt.sampling.schedulers import SCHEDULER_NAMES
+
+    parser.add_argument("--model", default=None, help="diffusers directory, cached model id, or 'shapes' (default)")
+    parser.add_argument("--steps", type=step_count, default=None, help="inference steps, 1–1000 (default: the model's)")
+    parser.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULER_NAMES)} (default: the model's)")
+    if scale:
+        parser.add_argument("--scale", type=number, default=None, help="guidance scale s (default: the model's)")
+
+
 def add_device_options(parser: argparse.ArgumentParser) -> None:
     """--device and --dtype, for every command that loads a model to generate."""
     from negprompt.devices import DEVICE_CHOICES, DTYPES
@@ -202,9 +240,31 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Image shape and device options of the prompt commands (generate, attend, edit)."""
-    parser.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: --size)")
-    parser.add_argument("--height", type=positive_int, default=None, help="image height in pixels (default: --size)")
+    parser.add_argument("--width", type=image_side, default=None, help="image width in pixels (default: --size)")
+    parser.add_argument("--height", type=image_side, default=None, help="image height in pixels (default: --size)")
     add_device_options(parser)
+
+
+def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-overwrite",
+        action="store_true",
+        help="refuse to run if an output file (or a non-empty output folder) exists (default: replace it, "
+        "saying 'replaced')",
+    )
+
+
+def folder_outputs(args: argparse.Namespace) -> list[Path]:
+    """Checks the output folder ``args.out`` before any work; returns the files already in it (to say
+    which get replaced). With --no-overwrite a non-empty folder is an error."""
+    from negprompt.interfaces.outputs import check_destination, refuse_existing
+
+    check_destination(args.out, folder=True)
+    out = Path(args.out)
+    existing = sorted(out.iterdir()) if out.is_dir() else []
+    if args.no_overwrite:
+        refuse_existing(existing)
+    return existing
 
 
 def session_from_args(args: argparse.Namespace, spec=None, model=None):
@@ -213,6 +273,7 @@ def session_from_args(args: argparse.Namespace, spec=None, model=None):
     from negprompt.devices import resolve_device, torch_dtype
     from negprompt.session import Session
 
+    quiet_libraries()
     device = args.device if args.device is not None else (spec.device if spec is not None else "auto")
     dtype = args.dtype if args.dtype is not None else (spec.dtype if spec is not None else "float32")
     resolve_device(device)
@@ -248,6 +309,33 @@ def sigma_range(text: str) -> tuple[float, float]:
     except ValueError:
         raise CommandError(f"--interval-sigma {text!r} must look like LO:HI, e.g. 0.3:5") from None
     return low, high
+
+
+def check_prompt_args(args: argparse.Namespace) -> None:
+    """Checks what the prompt options say on their own, before anything is imported or loaded: rule
+    and scheduler names, options of another rule, sizes, windows, σ-interval, prompt syntax and weights,
+    device and dtype names."""
+    from negprompt.devices import DEVICE_CHOICES, DTYPES
+    from negprompt.guidance import syntax
+    from negprompt.guidance.rules import rule_named
+    from negprompt.guidance.windows import Window
+    from negprompt.sampling.schedulers import SCHEDULER_NAMES
+
+    rule_named(args.rule)
+    if args.scheduler is not None and args.scheduler not in SCHEDULER_NAMES:
+        raise CommandError(f"unknown scheduler {args.scheduler!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
+    rule_options_from_args(args)
+    size_from_args(args)
+    for text in [*(args.negative_window or []), *([args.interval] if args.interval else [])]:
+        Window.parse(text)
+    if args.interval_sigma:
+        sigma_range(args.interval_sigma)
+    for prompt in [args.prompt or "", *(args.negative or [])]:
+        syntax.parse(prompt)
+    if args.device is not None and args.device not in DEVICE_CHOICES:
+        raise CommandError(f"unknown device {args.device!r}; accepted: {', '.join(DEVICE_CHOICES)}")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise CommandError(f"unknown dtype {args.dtype!r}; accepted: {', '.join(DTYPES)}")
 
 
 def settings_from_args(args: argparse.Namespace, session):
@@ -301,8 +389,7 @@ def options_given(args: argparse.Namespace, options: dict[str, str]) -> list[str
 
 
 def command_generate(args: argparse.Namespace) -> int:
-    from negprompt.interfaces.png import check_outputs, read_png_settings, save_generation
-    from negprompt.session import respec
+    from negprompt.interfaces.outputs import check_outputs, report_written
 
     if args.from_png:
         if args.prompt is not None or args.negative:
@@ -311,24 +398,31 @@ def command_generate(args: argparse.Namespace) -> int:
         if ignored:
             raise CommandError(
                 f"--from-png regenerates with the PNG's own settings; drop {', '.join(ignored)} "
-                "(only --out, --device, --dtype and -q go with it)"
+                "(only --out, --no-overwrite, --device, --dtype and -q go with it)"
             )
+        from negprompt.interfaces.png import read_png_settings
+
         settings, index = read_png_settings(args.from_png)
-        check_outputs(args.out, [settings.seeds[index]])
+        paths = check_outputs(args.out, [settings.seeds[index]], overwrite=not args.no_overwrite)
         indices = [index]
+    else:
+        check_prompt_args(args)
+        paths = check_outputs(args.out, args.seed or [0], overwrite=not args.no_overwrite)
+        settings = indices = None
+    existed = [path for path in paths if path.exists()]
+    from negprompt.interfaces.png import save_generation
+    from negprompt.session import respec
+
+    if settings is not None:
         session = session_from_args(args, settings)
         settings = respec(settings, session)
     else:
-        size_from_args(args)
-        check_outputs(args.out, args.seed or [0])
         session = session_from_args(args)
         settings = settings_from_args(args, session)
-        indices = None
-    out = Path(args.out)
     generation = session.run(settings, progress=not args.quiet)
-    written = save_generation(generation, out, indices)
-    for path in written:
-        print(f"wrote {path}")
+    written = save_generation(generation, Path(args.out), indices)
+    for line in report_written(written, existed):
+        print(line)
     return 0
 
 
@@ -351,10 +445,11 @@ def command_attend(args: argparse.Namespace) -> int:
     from negprompt.attention.figures import timeline
     from negprompt.attention.result import capture, plan_for
     from negprompt.attention.tokens import tokenize_words
-    from negprompt.interfaces.png import check_destination, save_generation, write_atomically
+    from negprompt.interfaces.outputs import report_written
+    from negprompt.interfaces.png import save_generation, write_atomically
 
-    size_from_args(args)
-    check_destination(args.out, folder=True)
+    check_prompt_args(args)
+    existed = folder_outputs(args)
     session = session_from_args(args)
     components = session.components
     settings = settings_from_args(args, session)
@@ -392,8 +487,8 @@ def command_attend(args: argparse.Namespace) -> int:
     written += write_atomically(
         [out / "summary.json"], lambda final, tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n")
     )
-    for path in written:
-        print(f"wrote {path}")
+    for line in report_written(written, existed):
+        print(line)
     return 0
 
 
@@ -430,15 +525,19 @@ def command_report(args: argparse.Namespace) -> int:
 def command_edit(args: argparse.Namespace) -> int:
     import json
 
-    from negprompt.analysis.edit import _check_threshold, comparison_figure, run_edit, summarize
     from negprompt.guidance.windows import Window
-    from negprompt.interfaces.png import check_destination, save_generation, write_atomically
+    from negprompt.interfaces.outputs import report_written
 
     if not args.negative or len(args.negative) != 1:
         raise CommandError("edit takes exactly one --negative")
-    _check_threshold(args.threshold)
-    size_from_args(args)
-    check_destination(args.out, folder=True)
+    if not 0 < args.threshold < 1:
+        raise CommandError(f"threshold must be in (0, 1), got {args.threshold}")
+    check_prompt_args(args)
+    Window.parse(args.window)
+    existed = folder_outputs(args)
+    from negprompt.analysis.edit import comparison_figure, run_edit, summarize
+    from negprompt.interfaces.png import save_generation, write_atomically
+
     session = session_from_args(args)
     outcome = run_edit(
         args.prompt or "",
@@ -469,8 +568,8 @@ def command_edit(args: argparse.Namespace) -> int:
     written += write_atomically(
         [out / "edit.json"], lambda final, tmp: tmp.write_text(json.dumps(record, indent=1, default=float) + "\n")
     )
-    for path in written:
-        print(f"wrote {path}")
+    for line in report_written(written, existed):
+        print(line)
     summary = record["summary"]
     print(
         f"UNet rows: {summary['unet_batch_rows']} in one run vs {summary['unet_batch_rows_if_separate']} for three separate runs; "
@@ -508,18 +607,27 @@ def build_parser() -> argparse.ArgumentParser:
         default="negprompt.png",
         help="output PNG (default negprompt.png in the current folder; several seeds: NAME-s<seed>.png beside it)",
     )
-    generate.add_argument("--from-png", metavar="FILE", help="regenerate the image a negprompt PNG was made with")
+    generate.add_argument(
+        "--from-png",
+        metavar="FILE",
+        help="regenerate the image a negprompt PNG was made with, from its own settings (default: off)",
+    )
+    add_overwrite_option(generate)
     generate.set_defaults(handler=command_generate)
 
     attend = commands.add_parser("attend", help="capture cross-attention maps and draw the heat-map timeline")
     add_prompt_options(attend)
-    attend.add_argument("--out", default="attend", help="output folder")
+    attend.add_argument("--out", default="attend", help="output folder (default attend/ in the current folder)")
     attend.add_argument(
         "--words", type=word_list, default=None, help="positive words to map, comma-separated (default: all)"
     )
     attend.add_argument("--negative-words", type=word_list, default=None, help="negative words to map (default: all)")
     attend.add_argument(
-        "--layers", type=word_list, default=None, help="layers: map sides (16) or module paths/prefixes"
+        "--layers",
+        type=word_list,
+        default=None,
+        help="layers: map sides in latent pixels (16) or module paths/prefixes, comma-separated (default: all "
+        "cross-attention layers)",
     )
     attend.add_argument(
         "--capture-steps", type=step_list, default=None, help="steps to keep: 0-9 or 0,5,10 (default all)"
@@ -528,9 +636,17 @@ def build_parser() -> argparse.ArgumentParser:
     attend.add_argument(
         "--map-size", type=positive_int, default=None, help="side of stored maps (default: largest layer's)"
     )
-    attend.add_argument("--memory-limit", type=number, default=1024.0, help="MiB the capture may store")
-    attend.add_argument("--image", type=int, default=0, help="which image of the batch the timeline shows")
-    attend.add_argument("--columns", type=positive_int, default=10, help="steps shown in the timeline")
+    attend.add_argument(
+        "--memory-limit", type=number, default=1024.0, help="MiB the capture may store (default 1024 MiB)"
+    )
+    attend.add_argument(
+        "--image",
+        type=non_negative_int,
+        default=0,
+        help="which image of the batch the timeline shows, from 0 (default 0)",
+    )
+    attend.add_argument("--columns", type=positive_int, default=10, help="steps shown in the timeline (default 10)")
+    add_overwrite_option(attend)
     attend.set_defaults(handler=command_attend)
 
     edit = commands.add_parser("edit", help="no negative / negative at all steps / negative in a window, compared")
@@ -539,21 +655,33 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument(
         "--word", default=None, help="the negative's word whose region is edited (default: its last content word)"
     )
-    edit.add_argument("--threshold", type=number, default=0.5, help="attention-mask threshold in (0, 1)")
-    edit.add_argument("--region", default="auto", help="region source: auto, attention or detector (bundled model)")
+    edit.add_argument(
+        "--threshold",
+        type=number,
+        default=0.5,
+        help="attention-mask threshold in (0, 1), a fraction of the map's maximum (default 0.5)",
+    )
+    edit.add_argument(
+        "--region",
+        default="auto",
+        help="region source: auto, attention or detector (detector: models that declare a region finder, "
+        "as the bundled one; default auto: the detector where there is one)",
+    )
     edit.add_argument(
         "--rows-per-call",
         type=positive_int,
         default=None,
-        help="split each step's UNet call into chunks of this many rows (detector region only; faster on CPUs)",
+        help="split each step's UNet call into chunks of this many rows (detector region only; faster on CPUs; "
+        "recorded in the PNGs; default: one call per generation and step)",
     )
-    edit.add_argument("--out", default="edit", help="output folder")
+    edit.add_argument("--out", default="edit", help="output folder (default edit/ in the current folder)")
+    add_overwrite_option(edit)
     edit.set_defaults(handler=command_edit)
 
     study = commands.add_parser("study", help="run a strength study (r_t curves); resumes where it stopped")
     study.add_argument("spec", help="a YAML spec, or a built-in one: shapes, ban2024-sd2")
-    study.add_argument("--out", required=True, help="results folder")
-    study.add_argument("-q", "--quiet", action="store_true")
+    study.add_argument("--out", required=True, help="results folder (a rerun resumes it)")
+    add_quiet_option(study)
     add_device_options(study)
     study.set_defaults(handler=command_study)
 
@@ -562,10 +690,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=command_report)
 
     demo = commands.add_parser("demo", help="the bundled model with no / a / a delayed negative, in one figure")
-    demo.add_argument("--out", default="demo", help="output folder (demo.png, demo.json)")
+    demo.add_argument("--out", default="demo", help="output folder for demo.png and demo.json (default demo/)")
     demo.add_argument("--model", default=None, help="model (default: the bundled one)")
-    demo.add_argument("--steps", type=positive_int, default=None)
-    demo.add_argument("-q", "--quiet", action="store_true")
+    demo.add_argument("--steps", type=step_count, default=None, help="inference steps, 1–1000 (default: the model's)")
+    add_quiet_option(demo)
     add_device_options(demo)
     demo.set_defaults(handler=command_demo)
 
@@ -607,7 +735,6 @@ def quiet_libraries() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        quiet_libraries()
         return args.handler(args)
     except NegpromptError as error:
         message = str(error).splitlines()[0] if str(error) else error.__class__.__name__
@@ -616,6 +743,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("negprompt: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # the machine, not the input: a full disk, a vanished folder, an I/O error
+        where = f": {error.filename}" if error.filename else ""
+        print(
+            f"negprompt: failed: {error.strerror or error}{where}; no half-written file is kept "
+            "(study and train resume where they stopped)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

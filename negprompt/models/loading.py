@@ -107,13 +107,20 @@ def load_components(
         _check_safetensors(root / part, part)
 
     def load(part: str, base: type, **kwargs):
-        library, name = index[part]
-        cls = _class_from(library, name, base)
+        entry = index[part]
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
+            raise ModelLoadError(f'{index_file}: "{part}" must be [library, class name], got {entry!r}')
+        cls = _class_from(*entry, base)
         try:
             return cls.from_pretrained(str(root / part), **kwargs)
-        except (OSError, ValueError, SafetensorError) as error:  # missing, truncated or corrupted files
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ModelLoadError(f"cannot load {part} from {root / part}: {first_line}") from None
+        except (OSError, ValueError, SafetensorError, KeyError, TypeError, AttributeError) as error:
+            # Missing, truncated or corrupted files: the libraries' loaders fail in all these ways
+            # (a tokenizer.json without its keys raises KeyError, a config of the wrong shape TypeError).
+            text = str(error).strip()
+            first_line = f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+            raise ModelLoadError(
+                f"cannot load {part} from {root / part} (damaged or foreign file?): {first_line}"
+            ) from None
 
     weights = dict(use_safetensors=True, local_files_only=True, torch_dtype=dtype)
     # Without accelerate, diffusers warns on every load that it falls back to this; say it ourselves.

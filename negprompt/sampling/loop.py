@@ -1,7 +1,9 @@
 """The one denoising loop of negprompt.
 
-Each step evaluates every branch the guidance needs at that step in ONE batched UNet call, combines
-the branch predictions with the guidance rule and advances the scheduler. Branches are named
+Each step evaluates every branch the guidance needs at that step in one batched UNet call per group
+of images (groups in the same state share it), combines the branch predictions with the guidance
+rule and advances the scheduler. A group's call is laid out as when the group runs alone, so its
+images are bit-identical whatever else runs beside it. Branches are named
 (``positive``, ``negative``, ``unconditional`` …), never found by their position in the batch.
 
 The loop encodes no prompt: it is given each prompt text's encoded
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import UNCONDITIONAL, Guidance, StepContext
 from negprompt.guidance.rules.base import Rule
+from negprompt.limits import MAX_STEPS
 from negprompt.models.components import Components
 from negprompt.models.conditioning import Conditioning, denoiser_inputs
 from negprompt.sampling.schedule import alpha_bar_at, denoiser_calls
@@ -34,9 +37,6 @@ from negprompt.sampling.schedule import alpha_bar_at, denoiser_calls
 
 class SamplingError(NegpromptError):
     """Settings the sampler cannot run with."""
-
-
-MAX_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -127,8 +127,8 @@ class Group:
 class RowBlock:
     """Rows [start, stop) of a UNet call hold the prediction of ``branch`` for the images of ``group``.
 
-    Two groups whose images are in the same state (same seeds, same latents, same prompts) share
-    rows: their predictions are computed once.
+    Two groups whose images are in the same state (same seeds, latents, branches and prompts) share
+    a call: its blocks name both groups.
     """
 
     group: int
@@ -206,17 +206,21 @@ def sample_groups(
     *,
     conditioning: Mapping[str, Conditioning],
 ) -> SampleOutput:
-    """The denoising loop for several groups of images at once, one batched UNet call per step.
+    """The denoising loop for several groups of images at once, one batched UNet call per group and step.
 
     ``conditioning`` maps every prompt text the plans evaluate to its encoded conditioning (see
     :func:`encode_groups`); the UNet gets them batched as ``encoder_hidden_states`` and, when the
     family provides them, ``added_cond_kwargs``.
 
-    ``max_rows_per_call`` splits that call into chunks of at most so many rows: the UNet treats rows
-    independently, so the images agree up to float rounding (CPU kernels sum in another order for
-    another batch size; measured ≤ 2e-5), and on a CPU very large batches cost more per row. It is
-    a setting to record with the output, and cannot be combined with ``unet_hooks``, which see one
-    call per step.
+    Each group's call holds only its own rows, in the order it has when run alone: CPU kernels sum
+    in another order for another batch size (one level in one pixel), so a shared call would make an
+    image depend on its neighbours. Groups in the same state at a step (e.g. a delayed negative
+    before its window opens and the plain run) share one call.
+
+    ``max_rows_per_call`` splits each call into chunks of at most so many rows: the images agree up
+    to float rounding (measured ≤ 2e-5), and on a CPU very large batches cost more per row. It is
+    a setting to record with the output (``RunSpec.rows_per_call``), and cannot be combined with
+    ``unet_hooks``, which see whole calls.
 
     All groups share the schedule. Images come out in group order. ``scheduler`` is consumed (its
     state advances); pass a fresh one per call. ``num_steps`` is given to ``scheduler.set_timesteps``;
@@ -266,61 +270,45 @@ def sample_groups(
     rows = 0
     for step, t in enumerate(tqdm(timesteps, disable=not progress, unit="step", leave=False)):
         model_input = scheduler.scale_model_input(latents, t)
-        blocks: list[RowBlock] = []
-        inputs: list[torch.Tensor] = []
-        row_conditioning: list[Conditioning] = []  # one per row of the call
-        computed: dict[tuple, list[tuple[int, int]]] = {}  # (prompts, seeds) → [(group, start row)]
-        step_prompts: list[dict[str, tuple[str, ...]]] = [{} for _ in groups]  # per group: branch → prompts
+        context = StepContext(step, calls, alpha_bars[step], alpha_bars[step + 1])
+        predictions_of: dict[int, dict[str, torch.Tensor]] = {}
+        # One UNet call per group (its rows branch-major, as when it runs alone), so an image never
+        # depends on the other groups of the run; groups in the same state share one call.
         for g, group in enumerate(groups):
-            for branch in plans[g][step]:
-                prompts = _branch_prompts(group, branch, step, calls)
-                step_prompts[g][branch] = prompts
-                key = (prompts, group.seeds)
-                shared = next(
-                    (
-                        row
-                        for other, row in computed.get(key, [])
-                        if torch.equal(latents[slices[other]], latents[slices[g]])
-                    ),
-                    None,
-                )
-                if shared is None:
-                    shared = sum(x.shape[0] for x in inputs)
-                    inputs.append(model_input[slices[g]])
-                    row_conditioning += [conditioning[text] for text in prompts]
-                    computed.setdefault(key, []).append((g, shared))
-                blocks.append(RowBlock(g, branch, shared, shared + len(group.seeds)))
-        for hook in unet_hooks:
-            hook.before_unet_call(step, float(t), blocks)
-        batch = torch.cat(inputs)
-        chunk = max_rows_per_call or batch.shape[0]
-        with ExitStack() as prepared:
-            for g, group in enumerate(groups):
-                # A rule may prepare the denoiser (e.g. attention processors) with each branch's inputs.
-                rule = group.guidance.rule_object
-                if type(rule).prepare is Rule.prepare:
-                    continue  # nothing to prepare: no inputs to batch on this hot path
-                branch_inputs = {
-                    branch: denoiser_inputs([conditioning[text] for text in prompts])
-                    for branch, prompts in step_prompts[g].items()
-                }
-                context = StepContext(step, calls, alpha_bars[step], alpha_bars[step + 1])
-                prepared.enter_context(rule.prepare(group.guidance, components.unet, context, branch_inputs))
-            outputs = [
-                components.unet(
-                    batch[i : i + chunk], t, **denoiser_inputs(row_conditioning[i : i + chunk]), return_dict=False
-                )[0]
-                for i in range(0, batch.shape[0], chunk)
+            if g in predictions_of:
+                continue  # shares the call of an earlier group
+            prompts = {branch: _branch_prompts(group, branch, step, calls) for branch in plans[g][step]}
+            prepares = type(group.guidance.rule_object).prepare is not Rule.prepare
+            sharing = [g] + [
+                other
+                for other in range(g + 1, len(groups))
+                if not prepares
+                and other not in predictions_of
+                and _same_state(groups, plans, slices, latents, step, calls, g, other)
             ]
-        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        rows += output.shape[0]
+            predicted = _call_denoiser(
+                components,
+                group,
+                prompts,
+                model_input[slices[g]],
+                t,
+                step,
+                context,
+                sharing,
+                conditioning,
+                unet_hooks,
+                max_rows_per_call,
+                prepares,
+            )
+            rows += len(group.seeds) * len(prompts)
+            for member in sharing:
+                predictions_of[member] = predicted
 
         guided_parts = []
         for g, group in enumerate(groups):
-            predictions = {b.branch: output[b.start : b.stop] for b in blocks if b.group == g}
+            predictions = predictions_of[g]
             state_before = {k: v.clone() for k, v in states[g].items()}
             guided = group.guidance.combine(predictions, step, calls, states[g])
-            context = StepContext(step, calls, alpha_bars[step], alpha_bars[step + 1])
             group.guidance.update_state(states[g], predictions, guided, context)
             guided_parts.append(guided)
             if callback is not None or trace is not None:
@@ -343,12 +331,69 @@ def sample_groups(
         latents = scheduler.step(guided_all, t, latents, **step_kwargs, return_dict=False)[0]
 
     return SampleOutput(
-        images=decode(components, latents),
+        images=np.concatenate([decode(components, latents[part]) for part in slices]),  # per group, as alone
         latents=latents,
         trace=trace,
         unet_batch_rows=rows,
         num_steps=calls,
     )
+
+
+def _same_state(groups, plans, slices, latents, step: int, calls: int, g: int, other: int) -> bool:
+    """Whether group ``other`` evaluates the same branches with the same prompts, seeds and latents as ``g``."""
+    if groups[g].seeds != groups[other].seeds or plans[g][step] != plans[other][step]:
+        return False
+    if type(groups[other].guidance.rule_object).prepare is not Rule.prepare:
+        return False
+    same_prompts = all(
+        _branch_prompts(groups[g], b, step, calls) == _branch_prompts(groups[other], b, step, calls)
+        for b in plans[g][step]
+    )
+    return same_prompts and torch.equal(latents[slices[g]], latents[slices[other]])
+
+
+def _call_denoiser(
+    components: Components,
+    group: Group,
+    prompts: Mapping[str, tuple[str, ...]],
+    model_input: torch.Tensor,
+    t: torch.Tensor,
+    step: int,
+    context: StepContext,
+    sharing: Sequence[int],
+    conditioning: Mapping[str, Conditioning],
+    unet_hooks: Sequence[UNetCallHook],
+    max_rows_per_call: int | None,
+    prepares: bool,
+) -> dict[str, torch.Tensor]:
+    """One group's UNet call: rows branch-major (branch 0 for every image, then branch 1 …), split in
+    chunks of ``max_rows_per_call``; the rule's ``prepare`` hook is entered around it. Hooks are told
+    the layout, with one block per group in ``sharing`` (the groups that use this call's result).
+    Returns each branch's prediction, (B, C, h, w)."""
+    count = len(group.seeds)
+    blocks = [
+        RowBlock(member, branch, b * count, (b + 1) * count) for member in sharing for b, branch in enumerate(prompts)
+    ]
+    for hook in unet_hooks:
+        hook.before_unet_call(step, float(t), blocks)
+    batch = model_input.repeat(len(prompts), *([1] * (model_input.dim() - 1)))
+    row_conditioning = [conditioning[text] for texts in prompts.values() for text in texts]
+    chunk = max_rows_per_call or batch.shape[0]
+    with ExitStack() as prepared:
+        if prepares:  # a rule may prepare the denoiser (e.g. attention processors) with each branch's inputs
+            branch_inputs = {
+                branch: denoiser_inputs([conditioning[text] for text in texts]) for branch, texts in prompts.items()
+            }
+            rule = group.guidance.rule_object
+            prepared.enter_context(rule.prepare(group.guidance, components.unet, context, branch_inputs))
+        outputs = [
+            components.unet(
+                batch[i : i + chunk], t, **denoiser_inputs(row_conditioning[i : i + chunk]), return_dict=False
+            )[0]
+            for i in range(0, batch.shape[0], chunk)
+        ]
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return {branch: output[b * count : (b + 1) * count] for b, branch in enumerate(prompts)}
 
 
 def sample(

@@ -10,30 +10,20 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
-
 from negprompt.errors import NegpromptError
 
-SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
-    "ddim": (DDIMScheduler, {}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler-a": (EulerAncestralDiscreteScheduler, {}),
-    "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "unipc": (UniPCMultistepScheduler, {}),
-    "ddpm": (DDPMScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "lms": (LMSDiscreteScheduler, {}),
+# name → (diffusers scheduler class name, settings over the model's config). Class names, not
+# classes: the command line lists the names without importing diffusers.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
 }
 SCHEDULER_NAMES = ("default", *SCHEDULERS)
 
@@ -44,8 +34,8 @@ class SchedulerError(NegpromptError):
 
 def scheduler_name_of(scheduler: Any) -> str:
     """The name under which ``scheduler``'s class is known here (or its class name)."""
-    for name, (cls, _) in SCHEDULERS.items():
-        if type(scheduler) is cls:
+    for name, (class_name, _) in SCHEDULERS.items():
+        if type(scheduler).__name__ == class_name and type(scheduler).__module__.startswith("diffusers."):
             return name
     return type(scheduler).__name__
 
@@ -56,7 +46,10 @@ def make_scheduler(name: str, base: Any) -> Any:
         return type(base).from_config(base.config)
     if name not in SCHEDULERS:
         raise SchedulerError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
-    cls, overrides = SCHEDULERS[name]
+    import diffusers
+
+    class_name, overrides = SCHEDULERS[name]
+    cls = getattr(diffusers, class_name)
     overrides = dict(overrides)
     if "clip_sample" in inspect.signature(cls.__init__).parameters and "clip_sample" not in base.config:
         # A config that never mentions clipping comes from a latent model (SD's PNDM config):

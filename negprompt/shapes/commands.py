@@ -13,6 +13,8 @@ from pathlib import Path
 from negprompt.interfaces.cli import (
     CommandError,
     add_device_options,
+    add_model_options,
+    add_quiet_option,
     non_negative_int,
     number,
     positive_int,
@@ -159,17 +161,25 @@ def register(commands: argparse._SubParsersAction) -> None:
     sweep = commands.add_parser("edit-sweep", help="removal vs locality for every start step (bundled model)")
     sweep.add_argument("--pair", action="append", required=True, help="'PROMPT->NEGATIVE' (repeatable)")
     sweep.add_argument("--seed", type=seed_list, default=None, help="seeds (default 0-99)")
-    sweep.add_argument("--start-every", type=positive_int, default=2, help="try every k-th start step")
     sweep.add_argument(
-        "--early", type=positive_int, action="append", default=None, help="early-only window ends (probe)"
+        "--start-every", type=positive_int, default=2, help="try every k-th start step, in steps (default 2)"
     )
-    sweep.add_argument("--steps", type=positive_int, default=None)
-    sweep.add_argument("--scheduler", default=None)
-    sweep.add_argument("--scale", type=number, default=None)
-    sweep.add_argument("--tau", type=number, default=0.02, help="automatic start: map-motion threshold")
-    sweep.add_argument("--model", default=None)
-    sweep.add_argument("--out", default="edit-sweep")
-    sweep.add_argument("-q", "--quiet", action="store_true")
+    sweep.add_argument(
+        "--early",
+        type=positive_int,
+        action="append",
+        default=None,
+        help="end step of an early-only window [0, END) to probe, repeatable (default: none)",
+    )
+    add_model_options(sweep)
+    sweep.add_argument(
+        "--tau",
+        type=number,
+        default=0.02,
+        help="automatic start: map-motion threshold, mean absolute change of the maps per step (default 0.02)",
+    )
+    sweep.add_argument("--out", default="edit-sweep", help="output folder (default edit-sweep/)")
+    add_quiet_option(sweep)
     add_device_options(sweep)
     sweep.set_defaults(handler=command_edit_sweep)
 
@@ -180,43 +190,56 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="a negative of the world (default: a hat, a sun, striped, blurry)",
     )
-    bench.add_argument("--images", type=positive_int, default=200, help="images per cell")
-    bench.add_argument("--model", default=None)
-    bench.add_argument("--steps", type=positive_int, default=None)
-    bench.add_argument("--scheduler", default=None)
-    bench.add_argument("--scale", type=number, default=None)
-    bench.add_argument("--out", default="bench-methods")
-    bench.add_argument("-q", "--quiet", action="store_true")
+    bench.add_argument("--images", type=positive_int, default=200, help="images per cell (default 200)")
+    add_model_options(bench)
+    bench.add_argument("--out", default="bench-methods", help="output folder (default bench-methods/)")
+    add_quiet_option(bench)
     add_device_options(bench)
     bench.set_defaults(handler=command_bench_methods)
 
     evaluate = commands.add_parser("evaluate", help="score a shapes-world model against ground truth")
-    evaluate.add_argument("--out", default="evaluation", help="output folder (evaluation.md, evaluation.json)")
-    evaluate.add_argument("--model", default=None)
-    evaluate.add_argument("--images", type=positive_int, default=200, help="images per row")
-    evaluate.add_argument("--steps", type=positive_int, default=None)
-    evaluate.add_argument("--scheduler", default=None)
-    evaluate.add_argument("--scale", type=number, default=None)
-    evaluate.add_argument("-q", "--quiet", action="store_true")
+    evaluate.add_argument(
+        "--out", default="evaluation", help="output folder for evaluation.md and .json (default evaluation/)"
+    )
+    evaluate.add_argument("--images", type=positive_int, default=200, help="images per row (default 200)")
+    add_model_options(evaluate)
+    add_quiet_option(evaluate)
     add_device_options(evaluate)
     evaluate.set_defaults(handler=command_evaluate)
 
     train = commands.add_parser("train", help="train the shapes-world model (resumes from --out)")
     train.add_argument("--out", required=True, help="training folder (checkpoints, log, exported model)")
-    train.add_argument("--samples", type=positive_int, default=160_000, help="training examples in all")
-    train.add_argument("--batch-size", type=positive_int, default=32)
-    train.add_argument("--lr", type=number, default=8e-4, help="peak learning rate")
-    train.add_argument("--seed", type=non_negative_int, default=0)
     train.add_argument(
-        "--thing-weight", type=number, default=1.0, help="loss weight of hat/sun/stripe pixels (1 = plain loss)"
+        "--samples", type=positive_int, default=160_000, help="training examples in all (default 160000)"
     )
-    train.add_argument("--warmup-steps", type=non_negative_int, default=300, help="linear learning-rate warm-up")
+    train.add_argument("--batch-size", type=positive_int, default=32, help="examples per step (default 32)")
+    train.add_argument("--lr", type=number, default=8e-4, help="peak learning rate (default 8e-4)")
+    train.add_argument("--seed", type=non_negative_int, default=0, help="seed of weights and data (default 0)")
+    train.add_argument(
+        "--thing-weight",
+        type=number,
+        default=1.0,
+        help="loss weight of hat/sun/stripe pixels, × the plain loss (default 1: plain loss)",
+    )
+    train.add_argument(
+        "--warmup-steps",
+        type=non_negative_int,
+        default=300,
+        help="linear learning-rate warm-up, in optimizer steps (default 300)",
+    )
     train.add_argument(
         "--init-from",
         default=None,
-        help="fine-tune: start from this exported model ('shapes' = the bundled one) instead of random weights",
+        help="fine-tune: start from this exported model ('shapes' = the bundled one) (default: random weights)",
     )
-    train.add_argument("--max-minutes", type=number, default=None, help="stop (resumably) after this long")
-    train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    train.add_argument("-q", "--quiet", action="store_true")
+    train.add_argument(
+        "--max-minutes",
+        type=number,
+        default=None,
+        help="stop (resumably) after this many minutes (default: run to the end)",
+    )
+    train.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's, one per core)"
+    )
+    add_quiet_option(train)
     train.set_defaults(handler=command_train)

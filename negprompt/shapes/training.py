@@ -44,8 +44,13 @@ DEFAULT_SAMPLING = {"scheduler": "euler-a", "steps": 20, "scale": 14.0}
 # (negprompt.analysis.regions; the entry point of negprompt.shapes.regions) and the demo's rows of
 # (prompt, negative). At scale 14 unnamed suns and stripes are rare and hats common (about a third of
 # plain images), so most rows remove a hat; "blurry" shows what a quality negative does.
+# "max_sigma": the cosine schedule's σ grows without bound near t = 1000 (σ = 13 at 20 steps' first
+# timestep, 36 at 50, 80 at 100, 214 at 200 with leading spacing) and the first step multiplies the
+# guided ε's error by σ: at σ ≤ 36 none of 16 images broke, at σ 80–107 (100–125 steps) 2–5 of 16 came
+# out flat red or white (docs/training.md). Runs whose first σ exceeds 40 are refused.
 DECLARATIONS = {
     "region_finder": REGION_FINDER,
+    "max_sigma": 40.0,
     "demo_pairs": [
         ["a red circle", "a hat"],
         ["a blue square", "a hat"],
@@ -144,6 +149,14 @@ def weights_sha256(model_dir: str | Path) -> str:
         for path in sorted((Path(model_dir) / part).glob("*.safetensors")):
             digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a training-log line; a line torn by a crash or a full disk counts as never written."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def load_weights_from_model_dir(model_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
@@ -283,8 +296,7 @@ class Trainer:
         self.step = int(meta["step"])
         log_path = self.out_dir / LOG_FILE
         if log_path.exists():  # drop log lines written after the checkpoint (they will be redone)
-            lines = [line for line in log_path.read_text().splitlines() if line.strip()]
-            kept = [line for line in lines if json.loads(line)["step"] <= self.step]
+            kept = [line for line in log_path.read_text().splitlines() if _logged_step(line) <= self.step]
             log_path.write_text("".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------ the loop
@@ -296,14 +308,28 @@ class Trainer:
         on_checkpoint: Callable[["Trainer"], None] | None = None,
     ) -> list[dict]:
         """Trains from ``self.step`` to the end of the sample budget (or ``max_seconds``)."""
-        cfg = self.config
         # Tiny gradients become subnormal floats, which make CPU backward passes several times
-        # slower (measured here: 6.7 s instead of 1.6 s per batch); flush them to zero.
+        # slower (measured here: 6.7 s instead of 1.6 s per batch); flush them to zero while training
+        # only: the setting is the processor's, global to the process, and off by default.
         torch.set_flush_denormal(True)
+        try:
+            return self._train(progress, max_seconds, on_checkpoint)
+        finally:
+            torch.set_flush_denormal(False)
+
+    def _train(
+        self,
+        progress: bool,
+        max_seconds: float | None,
+        on_checkpoint: Callable[["Trainer"], None] | None,
+    ) -> list[dict]:
+        cfg = self.config
         log: list[dict] = []
         self.unet.train()
         self.text_encoder.train()
         started = time.monotonic()
+        if self.step == 0:  # a fresh start: lines of an attempt that never reached a checkpoint go
+            (self.out_dir / LOG_FILE).unlink(missing_ok=True)
         bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True)
         running = []
         while self.step < cfg.total_steps:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from negprompt.guidance import formulas
 from negprompt.guidance.rules.base import (
@@ -10,9 +11,11 @@ from negprompt.guidance.rules.base import (
     GuidanceError,
     NegativeAsBase,
     RuleSettings,
-    Tensor,
     option,
 )
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclass(frozen=True)

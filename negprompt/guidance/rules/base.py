@@ -15,13 +15,12 @@ import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import MISSING, Field, asdict, dataclass, fields
-from typing import Any, ClassVar, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from negprompt.errors import NegpromptError
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:  # rules are declared without importing torch (the command line lists their options)
+    from torch import Tensor
 UNCONDITIONAL = "unconditional"
 
 

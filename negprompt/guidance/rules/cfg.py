@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from negprompt.guidance import formulas
-from negprompt.guidance.rules.base import BranchPredictions, GuidanceError, Rule, Tensor
+from negprompt.guidance.rules.base import BranchPredictions, GuidanceError, Rule
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class CFG(Rule):

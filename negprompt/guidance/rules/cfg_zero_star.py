@@ -11,17 +11,18 @@ step does no denoising (x̂₀ = x_t/√ᾱ_t): set ``zero_steps`` to 0 to keep 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from negprompt.guidance.rules.base import (
     BranchPredictions,
     GuidanceError,
     NegativeAsBase,
     RuleSettings,
-    Tensor,
     option,
 )
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def optimized_scale(eps_cond: Tensor, eps_base: Tensor, eps: float = 1e-8) -> Tensor:
@@ -60,7 +61,7 @@ class CFGZeroStar(NegativeAsBase):
     def combine(self, guidance, branches: BranchPredictions, state: dict[str, Tensor]) -> Tensor:
         eps_cond = branches.eps("positive")
         if branches.step < guidance.settings.zero_steps:
-            return torch.zeros_like(eps_cond)
+            return eps_cond.new_zeros(eps_cond.shape)
         return cfg_zero_star(self.base(branches), eps_cond, guidance.scale)
 
 

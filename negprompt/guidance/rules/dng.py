@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from negprompt.guidance import formulas
 from negprompt.guidance.rules.base import (
@@ -16,10 +15,12 @@ from negprompt.guidance.rules.base import (
     Rule,
     RuleSettings,
     StepContext,
-    Tensor,
     option,
     single_negative,
 )
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class DynamicNegative(Rule):
 
     def new_state(self, guidance, batch_size: int) -> dict[str, Tensor]:
         prior = guidance.settings.prior
+        import torch  # here: the command line imports the rules, never torch
+
         return {"dng_log_odds": torch.full((batch_size,), math.log(prior / (1 - prior)), dtype=torch.float64)}
 
     def combine(self, guidance, branches: BranchPredictions, state: dict[str, Tensor]) -> Tensor:
@@ -99,6 +102,8 @@ class DynamicNegative(Rule):
 
 def posterior(settings: DNGSettings, state: Mapping[str, Tensor]) -> Tensor:
     """p(ỹ | x_t) per image, (B,), clamped to [p_min, p_max]."""
+    import torch
+
     return torch.sigmoid(state["dng_log_odds"]).clamp(settings.p_min, settings.p_max)
 
 

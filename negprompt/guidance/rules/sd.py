@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from negprompt.guidance import formulas
-from negprompt.guidance.rules.base import BranchPredictions, NegativeAsBase, Tensor
+from negprompt.guidance.rules.base import BranchPredictions, NegativeAsBase
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class StableDiffusionNegative(NegativeAsBase):
