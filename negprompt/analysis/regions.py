@@ -42,8 +42,9 @@ class RegionFinder(Protocol):
         """Whether it finds ``word`` in images of ``size`` = (height, width) made by ``components``."""
         ...
 
-    def find(self, image: np.ndarray, word: str) -> tuple[np.ndarray, bool]:
-        """The thing's region in ``image`` (H, W, 3 in [0, 1]) as an (H, W) bool mask, and whether it is there."""
+    def find(self, image: np.ndarray, word: str) -> tuple[np.ndarray, bool | None]:
+        """The thing's region in ``image`` (H, W, 3 in [0, 1]) as an (H, W) bool mask, and whether it is there:
+        True, False, or None where the finder cannot read this image (tables count those apart)."""
         ...
 
 

@@ -176,17 +176,22 @@ def run_sweep(
 def summarize_sweep(rows: list[dict]) -> dict:
     """Per variant: removal rate (among images whose plain version holds the thing) and locality."""
 
+    # A finder may not read an image (present None): such images are counted, never guessed.
     def select(kind: str, start: int | None = None) -> list[dict]:
         return [
-            r for r in rows if r["variant"] == kind and (start is None or r["start"] == start) and r["plain_present"]
+            r
+            for r in rows
+            if r["variant"] == kind and (start is None or r["start"] == start) and r["plain_present"] is True
         ]
 
     def stats(chosen: list[dict]) -> dict:
-        if not chosen:
-            return {"n": 0}
+        readable = [r for r in chosen if r["present"] is not None]
+        if not readable:
+            return {"n": 0, "unreadable": len(chosen)}
         return {
-            "n": len(chosen),
-            "removal_rate": float(np.mean([not r["present"] for r in chosen])),
+            "n": len(readable),
+            "unreadable": len(chosen) - len(readable),
+            "removal_rate": float(np.mean([not r["present"] for r in readable])),
             "ssim_outside": float(np.nanmean([r["ssim_outside"] for r in chosen])),
             "psnr_outside": float(np.nanmean([min(r["psnr_outside"], 60.0) for r in chosen])),
             "changed_outside": float(np.nanmean([r["changed_outside"] for r in chosen])),
@@ -198,15 +203,18 @@ def summarize_sweep(rows: list[dict]) -> dict:
     scored = {s: v["removal_rate"] * v["ssim_outside"] for s, v in fixed.items() if v["n"]}
     best = max(scored, key=scored.get) if scored else None
     seeds_total = len({(r["prompt"], r["negative"], r["seed"]) for r in rows})
-    absent = [r for r in rows if r["variant"] == "none" and not r["plain_present"]]
+    absent = [r for r in rows if r["variant"] == "none" and r["plain_present"] is False]
     appear = {}
     for k in sorted({r["start"] for r in rows if r["variant"] == "early"}):
-        early = [r for r in rows if r["variant"] == "early" and r["start"] == k]
+        early = [r for r in rows if r["variant"] == "early" and r["start"] == k and r["present"] is not None]
         appear[k] = float(np.mean([r["present"] for r in early])) if early else float("nan")
-    plain_rate = float(np.mean([r["plain_present"] for r in rows if r["variant"] == "none"]))
+    plain = [r["plain_present"] for r in rows if r["variant"] == "none"]
+    readable_plain = [p for p in plain if p is not None]
+    plain_rate = float(np.mean(readable_plain)) if readable_plain else float("nan")
     return {
         "images": seeds_total,
-        "plain_present_rate": plain_rate,
+        "plain_present_rate": plain_rate,  # over the readable plain images
+        "plain_unreadable": len(plain) - len(readable_plain),
         "fixed_starts": fixed,
         "best_fixed_start": best,
         "best_score": scored.get(best) if best is not None else None,
@@ -276,23 +284,25 @@ def write_sweep(rows: list[dict], summary: dict, out_dir: str | Path) -> list[Pa
     lines = [
         f"# Delayed negatives: start sweep on {summary['images']} images",
         "",
-        f"The thing was present in {summary['plain_present_rate']:.0%} of the plain images; rates below are among those.",
+        f"The thing was present in {summary['plain_present_rate']:.0%} of the readable plain images "
+        f"({summary['plain_unreadable']} unreadable to the region finder); rates below are among those, over the "
+        "readable edited images (unreadable ones in their own column).",
         "",
         "![removal vs locality](sweep.png)",
         "",
-        "| variant | images | removal rate | SSIM outside | PSNR outside (dB, capped 60) | changed pixels outside |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | images | unreadable | removal rate | SSIM outside | PSNR outside (dB, capped 60) | changed pixels outside |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s, v in fixed.items():
         if v["n"]:
             mark = " **(best)**" if s == best else ""
             lines.append(
-                f"| start {s}{mark} | {v['n']} | {v['removal_rate']:.0%} | {v['ssim_outside']:.3f} | {v['psnr_outside']:.1f} | {v['changed_outside']:.1%} |"
+                f"| start {s}{mark} | {v['n']} | {v['unreadable']} | {v['removal_rate']:.0%} | {v['ssim_outside']:.3f} | {v['psnr_outside']:.1f} | {v['changed_outside']:.1%} |"
             )
     auto = summary["auto"]
     if auto["n"]:
         lines.append(
-            f"| automatic (mean start {auto['mean_start']:.1f}) | {auto['n']} | {auto['removal_rate']:.0%} | {auto['ssim_outside']:.3f} | {auto['psnr_outside']:.1f} | {auto['changed_outside']:.1%} |"
+            f"| automatic (mean start {auto['mean_start']:.1f}) | {auto['n']} | {auto['unreadable']} | {auto['removal_rate']:.0%} | {auto['ssim_outside']:.3f} | {auto['psnr_outside']:.1f} | {auto['changed_outside']:.1%} |"
         )
     lines += ["", "## Reverse activation: the negative only in the first steps", ""]
     lines.append(f"Thing present with no negative: {summary['plain_present_rate']:.1%} of images.")

@@ -10,7 +10,9 @@ Steps for one (32, 32, 3) image:
 1. background: the border's median color is moved onto the world's gray by a per-channel
    offset (undoes a global color shift); the hat is also looked for after a per-channel gain
    instead (undoes a global color scaling);
-2. hat: near-black, colorless pixels (colorless, so dark colored things are never taken for it);
+2. hat: near-black, colorless pixels (colorless, so dark colored things are never taken for it)
+   whose region rises at least HAT_MIN_RISE rows above the object (a dark outline around the
+   object, as over-sharpening models draw, does not);
 3. sun: bright, saturated pixels of the sun's hue;
 4. blurry: the median spread (second moment) of the step profiles across the image's edges;
 5. color: majority hue of the bright saturated pixels that are not the sun's;
@@ -20,7 +22,12 @@ Steps for one (32, 32, 3) image:
 7. shape: the circle, square or triangle template, placed from the object's bounding box and
    blurred like the image, that best matches the object's coverage (hat and sun pixels ignored);
 8. striped: how much lighter the object's color is in some stripe phases (row mod 6) than in
-   others, measured by an index that ignores how much of each pixel the object covers.
+   others, measured by an index that ignores how much of each pixel the object covers;
+9. unreadable: in a washed-out image (the object's chroma below MIN_OBJECT_CONTRAST of its palette
+   color's) color, shape, hat and stripes are :data:`UNREADABLE` rather than guessed.
+
+The stress suite (``negprompt/shapes/stress.py``, docs/detectors.md) checks every rule on rendered
+scenes perturbed the way model images look.
 
 ``detect`` returns a :class:`Detection`; ``_features`` also returns the measured quantities.
 """
@@ -30,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from negprompt.shapes.scene import (
     BACKGROUND,
@@ -57,6 +65,9 @@ HAT_MAX_VALUE = 100.0  # hat core: max channel below this (hat 25, blurred core 
 HAT_MAX_CHROMA = 40.0  # ... and channel spread below this (colorless: noise σ 6 gives ≤ ~20,
 # a ±15 cast ≤ 30; dark saturated colors, e.g. navy (5, 10, 60), stay out)
 HAT_MIN_PIXELS = 6  # core pixels: with a hat 20–43 (a hat covers ~40 pixels), without one 0
+HAT_MIN_RISE = 5  # with an object, the dark region must reach this many rows above its top, over
+# its columns: hats 4–16 (≥ 5 in 645 of 648 stress images), dark outlines of 1–2 px 1–4
+# (docs/detectors.md)
 HAT_REGION_MAX_VALUE = 130.0  # region: core + connected pixels below this (≈ half-way from the
 # hat to the object or the gray; swept 100–160 for the best IoU with the true region)
 
@@ -89,37 +100,63 @@ EDGE_RADIUS = 2  # an edge's profile: the 2·2 + 1 steps around its largest (str
 EDGE_MIN_CONTRAST = 60.0  # an edge: color distance across its profile above this (≥ 70 here)
 EDGE_MAX_REVERSAL = 0.1  # profile steps against the edge's direction: at most this × contrast
 # (looser lets stripe double edges in: blurred images then read as low as 0.03)
+MIN_OBJECT_CONTRAST = 0.565  # the object's chroma over its palette color's (_object_contrast): below,
+# the image is washed out beyond what the detectors were validated on, and color, shape, hat and
+# stripes are UNREADABLE. Stress suite: clean 0.82–1, blur σ 1.6 ≥ 0.67, colour gains ≥ 0.72, 30 %
+# towards gray 0.575–0.70 (read), 45 % towards gray 0.45–0.554 (unreadable) (docs/detectors.md)
+WASHED_MIN_CHROMA = 30.0  # pixels with at least this chroma may be a washed-out object
 BLURRY_MIN_EDGE_SPREAD = 0.9  # px², see _edge_spread: sharp 0–0.67 (0.74 with noise σ 10),
 # blurred (σ 1.2) 0.95–1.49; sharp images softened by σ 0.5 read ≤ 0.78, by σ 0.7 ≤ 0.88
 # (≤ 1.1 with noise σ 6: the one overlap, ~5 % of those called blurry)
+
+
+ATTRIBUTES = ("shape", "color", "hat", "sun", "striped", "blurry")
+
+
+class _Unreadable:
+    """What a detector answers where the image lies outside what it was validated on."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNREADABLE"
+
+    def __bool__(self) -> bool:
+        raise TypeError("an unreadable attribute is neither true nor false; test `is UNREADABLE` first")
+
+
+UNREADABLE = _Unreadable()
 
 
 @dataclass(frozen=True)
 class Detection:
     """The attributes read from one image and the region of each noun (bool (32, 32) masks).
 
+    Each attribute may be :data:`UNREADABLE` where the image lies outside what the detectors were
+    validated on (a washed-out image: color, shape, hat and stripes); tables count those apart.
     ``regions`` has "object" (its visible pixels: not those under the hat), "hat" and "sun";
     a mask is empty when its thing is absent.
     """
 
-    shape: str | None
-    color: str | None
-    hat: bool
-    sun: bool
-    striped: bool
-    blurry: bool
+    shape: str | None | _Unreadable
+    color: str | None | _Unreadable
+    hat: bool | _Unreadable
+    sun: bool | _Unreadable
+    striped: bool | _Unreadable
+    blurry: bool | _Unreadable
     regions: dict[str, np.ndarray] = field(repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        """The attribute values (no masks), JSON-ready."""
-        return dict(
-            shape=self.shape,
-            color=self.color,
-            hat=self.hat,
-            sun=self.sun,
-            striped=self.striped,
-            blurry=self.blurry,
-        )
+        """The attribute values (no masks), JSON-ready; an unreadable one is "unreadable"."""
+        return {name: "unreadable" if self.unreadable(name) else getattr(self, name) for name in ATTRIBUTES}
+
+    def unreadable(self, attribute: str) -> bool:
+        return getattr(self, attribute) is UNREADABLE
 
 
 # ------------------------------------------------------------------ helpers
@@ -150,6 +187,7 @@ def _hue_of(rgb: tuple[int, int, int]) -> float:
 
 
 _COLOR_HUES = {name: _hue_of(rgb) for name, rgb in COLORS.items()}
+_PALETTE_CHROMA = {name: float(max(rgb) - min(rgb)) for name, rgb in COLORS.items()}  # max − min
 _COLOR_CHROMAS = {  # norm of each palette color's deviation from gray, mean removed
     name: float(np.linalg.norm(np.subtract(rgb, np.mean(rgb)))) for name, rgb in COLORS.items()
 }
@@ -184,47 +222,20 @@ def _background_corrections(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return image - shift, image * gain
 
 
+_EDGES = ndimage.generate_binary_structure(2, 1)  # 4-neighbourhood: pixels touch through edges
+_SQUARE = np.ones((3, 3), dtype=bool)  # 8-neighbourhood: also through corners
+_STRIPE_BRIDGE = np.ones((STRIPE_PERIOD // 2 + 2, 1), dtype=bool)  # a column of 5 pixels
+
+
 def _label(mask: np.ndarray, diagonal: bool = False) -> tuple[np.ndarray, int]:
-    """Connected components of a 2-D boolean mask: (H, W) labels 1…n (0 outside) and n.
-
-    Pixels touch through edges, and also through corners if ``diagonal``. Runs of each row are
-    joined with the overlapping (or, diagonally, adjacent) runs of the row above (union-find).
-    """
-    h, w = mask.shape
-    padded = np.zeros((h, w + 2), dtype=np.int8)
-    padded[:, 1:-1] = mask
-    edges = np.diff(padded, axis=1)
-    run_row, run_start = np.nonzero(edges == 1)
-    run_stop = np.nonzero(edges == -1)[1]  # row-major order: pairs up with the starts
-    n = len(run_row)
-    parent = list(range(n))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    reach = int(diagonal)
-    above = 0  # first run of the previous row that may still touch the current one
-    for i in range(n):
-        while above < i and run_row[above] < run_row[i] - 1:
-            above += 1
-        j = above
-        while j < i and run_row[j] == run_row[i] - 1:
-            if run_start[j] < run_stop[i] + reach and run_start[i] < run_stop[j] + reach:
-                parent[root(i)] = root(j)
-            j += 1
-    roots = [root(i) for i in range(n)]
-    ids = {r: k + 1 for k, r in enumerate(dict.fromkeys(roots))}
-    labels = np.zeros((h, w), dtype=np.int32)
-    for r, a, b, i in zip(run_row, run_start, run_stop, roots):
-        labels[r, a:b] = ids[i]
-    return labels, len(ids)
+    """Connected components of a 2-D boolean mask: (H, W) labels 1…n (0 outside), in raster order
+    of their first pixel, and n. Pixels touch through edges, and also through corners if ``diagonal``."""
+    labels, count = ndimage.label(mask, structure=_SQUARE if diagonal else _EDGES)
+    return labels, int(count)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest edge-connected component of the mask (the mask itself if empty)."""
+    """The largest edge-connected component of the mask (the mask itself if empty; ties: the first)."""
     labels, count = _label(mask)
     if count == 0:
         return mask
@@ -240,43 +251,46 @@ def _grow(core: np.ndarray, allowed: np.ndarray) -> np.ndarray:
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """The mask plus the outside pixels not edge-connected to the image border."""
-    labels, _ = _label(~mask)
-    outside = np.unique(_border(labels))
-    return mask | ((labels > 0) & ~np.isin(labels, outside[outside > 0]))
-
-
-def _shifted(mask: np.ndarray, fill: bool) -> list[np.ndarray]:
-    """The mask's nine 3 × 3-neighborhood shifts, pixels beyond the border set to ``fill``."""
-    h, w = mask.shape
-    padded = np.full((h + 2, w + 2), fill)
-    padded[1:-1, 1:-1] = mask
-    return [padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)]
+    return ndimage.binary_fill_holes(mask, structure=_EDGES)
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:
     """3 × 3 binary erosion (beyond the border counts as outside)."""
-    return np.logical_and.reduce(_shifted(mask, False))
+    return ndimage.binary_erosion(mask, structure=_SQUARE, border_value=0)
 
 
 def _dilate(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
-    """3 × 3 binary dilation, repeated."""
-    for _ in range(iterations):
-        mask = np.logical_or.reduce(_shifted(mask, False))
-    return mask
+    """3 × 3 binary dilation, repeated ``iterations`` (≥ 1) times."""
+    return ndimage.binary_dilation(mask, structure=_SQUARE, iterations=iterations)
 
 
 def _open2(mask: np.ndarray) -> np.ndarray:
     """2 × 2 binary opening: the union of the 2 × 2 blocks that lie wholly inside the mask."""
-    blocks = mask[:-1, :-1] & mask[1:, :-1] & mask[:-1, 1:] & mask[1:, 1:]
-    out = np.zeros_like(mask)
-    out[:-1, :-1] |= blocks
-    out[1:, :-1] |= blocks
-    out[:-1, 1:] |= blocks
-    out[1:, 1:] |= blocks
-    return out
+    return ndimage.binary_opening(mask, structure=np.ones((2, 2), dtype=bool))
 
 
 # ------------------------------------------------------------------ object and shape
+
+
+def _object_contrast(hue: np.ndarray, chroma: np.ndarray, sun_hued: np.ndarray) -> float:
+    """The most saturated non-sun pixels' chroma over the chroma of the palette color nearest their hue
+    (1 for a drawn object, lower for a washed-out one); NaN when there is no such object."""
+    candidates = ~sun_hued & (chroma >= WASHED_MIN_CHROMA)
+    if int(candidates.sum()) < OBJECT_MIN_PIXELS:
+        return float("nan")
+    peak = float(np.percentile(chroma[candidates], 95))
+    strongest = candidates & (chroma >= 0.8 * peak)
+    names = list(_COLOR_HUES)
+    distances = np.stack([_hue_distance(hue[strongest], _COLOR_HUES[n]) for n in names])
+    nearest = names[int(np.bincount(distances.argmin(axis=0), minlength=len(names)).argmax())]
+    return peak / _PALETTE_CHROMA[nearest]
+
+
+def _rise_above(region: np.ndarray, obj: np.ndarray) -> int:
+    """Rows by which ``region``, within the object's columns, reaches above the object's top row."""
+    columns = obj.any(axis=0)
+    rows = np.flatnonzero((region & columns[None, :]).any(axis=1))
+    return int(np.flatnonzero(obj.any(axis=1))[0] - rows[0]) if len(rows) else 0
 
 
 def _phase_chroma(chroma: np.ndarray, interior: np.ndarray) -> np.ndarray:
@@ -304,16 +318,21 @@ def _object_mask(chroma: np.ndarray, own_hue: np.ndarray, reference: float) -> n
     of the object in rows of the same stripe phase, measured in the interior of a rough mask
     (chroma above a fraction of ``reference``, the vivid pixels' chroma).
     """
-    rough = own_hue & (chroma > OBJECT_ROUGH_FRACTION * reference)
-    rough = _largest_component(_open2(rough))
+    rough = _open2(own_hue & (chroma > OBJECT_ROUGH_FRACTION * reference))
+    rough &= _largest_component(_bridge_stripes(rough))
     if not rough.any():
         return rough
     interior = _erode(rough)
     full = _phase_chroma(chroma, interior if interior.any() else rough)
     mask = own_hue & (chroma >= OBJECT_MIN_COVERAGE * full[_ROW_PHASE])
     mask &= chroma > OBJECT_FLOOR_FRACTION * reference
-    mask = _open2(mask)
-    return _fill_holes(_largest_component(mask))
+    return _fill_holes(_largest_component(_bridge_stripes(_open2(mask))))
+
+
+def _bridge_stripes(mask: np.ndarray) -> np.ndarray:
+    """The mask with vertical gaps of up to STRIPE_PERIOD // 2 + 1 rows closed: a sharpened striped
+    object's light rows lose their color and would cut it into bars (its convex shapes have no such gaps)."""
+    return ndimage.binary_closing(mask, structure=_STRIPE_BRIDGE)
 
 
 def _object_coverage(chroma: np.ndarray, own_hue: np.ndarray, obj: np.ndarray) -> np.ndarray:
@@ -488,8 +507,6 @@ def _features(image: np.ndarray) -> dict:
     _, scaled_chroma, scaled_value = _hsv(scaled)
     hat_core = (value < HAT_MAX_VALUE) & (chroma < HAT_MAX_CHROMA)
     hat_core |= (scaled_value < HAT_MAX_VALUE) & (scaled_chroma < HAT_MAX_CHROMA)
-    hat = int(hat_core.sum()) >= HAT_MIN_PIXELS
-    hat_region = _grow(hat_core, value < HAT_REGION_MAX_VALUE) if hat else _empty_mask()
 
     sun_hued = _hue_distance(hue, _SUN_HUE) <= SUN_HUE_TOLERANCE
     sun_core = sun_hued & (chroma > SUN_MIN_CHROMA) & (value > SUN_MIN_VALUE)
@@ -509,30 +526,47 @@ def _features(image: np.ndarray) -> dict:
         dist = np.stack([_hue_distance(hue[vivid], _COLOR_HUES[n]) for n in names])
         color = names[int(np.bincount(dist.argmin(axis=0), minlength=len(names)).argmax())]
 
-    shape, shape_scores, stripe_contrast, obj = None, {}, 0.0, _empty_mask()
+    obj, own_hue, reference = _empty_mask(), None, 0.0
     if color is not None:
         own_hue = _hue_distance(hue, _COLOR_HUES[color]) <= OBJECT_HUE_TOLERANCE
         reference = float(np.percentile(chroma[vivid], 90))
         obj = _object_mask(chroma, own_hue & ~sun_region, reference)
-        if int(obj.sum()) >= OBJECT_MIN_PIXELS:
-            coverage = _object_coverage(chroma, own_hue, obj)
-            care = ~_dilate(hat_region) & ~sun_region
-            shape_scores = _shape_scores(coverage, obj, care, blurry)
-            shape = min(shape_scores, key=shape_scores.get)
-            object_color = np.median(img[vivid & (chroma >= reference)], axis=0)
-            stripe_contrast = _stripe_contrast(img, object_color, _COLOR_CHROMAS[color], obj, hat_region)
-        else:  # a few stray vivid pixels, no object: no color either
+        if int(obj.sum()) < OBJECT_MIN_PIXELS:  # a few stray vivid pixels, no object: no color either
             obj, color = _empty_mask(), None
 
+    hat_region = _grow(hat_core, value < HAT_REGION_MAX_VALUE) if hat_core.sum() >= HAT_MIN_PIXELS else _empty_mask()
+    hat_rise = _rise_above(hat_region, obj) if color is not None else IMAGE_SIZE
+    # A hat's crown rises above the object; the dark outline an over-sharpening model draws around
+    # the object hugs it and rises at most a few rows (see HAT_MIN_RISE).
+    hat = bool(hat_region.any()) and hat_rise >= HAT_MIN_RISE
+    if not hat:
+        hat_region = _empty_mask()
+
+    shape, shape_scores, stripe_contrast = None, {}, 0.0
+    if color is not None:
+        coverage = _object_coverage(chroma, own_hue, obj)
+        care = ~_dilate(hat_region) & ~sun_region
+        shape_scores = _shape_scores(coverage, obj, care, blurry)
+        shape = min(shape_scores, key=shape_scores.get)
+        object_color = np.median(img[vivid & (chroma >= reference)], axis=0)
+        stripe_contrast = _stripe_contrast(img, object_color, _COLOR_CHROMAS[color], obj, hat_region)
+
+    object_contrast = _object_contrast(hue, chroma, sun_hued)
+    washed_out = bool(object_contrast < MIN_OBJECT_CONTRAST)  # NaN (no object) compares False
+    striped = stripe_contrast >= STRIPE_MIN_CONTRAST
+    if washed_out:
+        shape = color = hat = striped = UNREADABLE
     return dict(
         shape=shape,
         color=color,
         hat=hat,
         sun=sun,
-        striped=stripe_contrast >= STRIPE_MIN_CONTRAST,
+        striped=striped,
         blurry=blurry,
+        object_contrast=object_contrast,
         regions=dict(object=obj, hat=hat_region, sun=sun_region),
         hat_pixels=int(hat_core.sum()),
+        hat_rise=hat_rise,
         sun_pixels=int(sun_core.sum()),
         color_pixels=int(vivid.sum()),
         shape_scores=shape_scores,

@@ -73,16 +73,25 @@ def row_prompts(row: Row, count: int) -> tuple[list[str], list[tuple[str, str]]]
     return [row.template.format(color=c, shape=s) for c, s in chosen], chosen
 
 
-def score_images(pixels: np.ndarray, named: Sequence[tuple[str, str]]) -> dict[str, float]:
-    """Fraction of images where each attribute is found (color/shape: the named one)."""
+def score_images(pixels: np.ndarray, named: Sequence[tuple[str, str]]) -> tuple[dict[str, float], dict[str, int]]:
+    """Per attribute: the fraction of the readable images where it is found (color/shape: the named one),
+    and how many images the detectors could not read for it (``UNREADABLE``: not counted in the fraction;
+    NaN when none was readable)."""
     hits = {a: 0 for a in ATTRIBUTES}
+    unreadable = {a: 0 for a in ATTRIBUTES}
     for image, (color, shape) in zip(to_uint8(pixels), named):
         found = detect(image)
-        hits["color"] += found.color == color
-        hits["shape"] += found.shape == shape
-        for attribute in ("hat", "sun", "striped", "blurry"):
-            hits[attribute] += bool(getattr(found, attribute))
-    return {a: hits[a] / len(named) for a in ATTRIBUTES}
+        for attribute in ATTRIBUTES:
+            if found.unreadable(attribute):
+                unreadable[attribute] += 1
+            elif attribute in ("color", "shape"):
+                hits[attribute] += getattr(found, attribute) == {"color": color, "shape": shape}[attribute]
+            else:
+                hits[attribute] += bool(getattr(found, attribute))
+    rates = {
+        a: hits[a] / (len(named) - unreadable[a]) if len(named) > unreadable[a] else float("nan") for a in ATTRIBUTES
+    }
+    return rates, unreadable
 
 
 def evaluate(
@@ -118,7 +127,7 @@ def evaluate(
             pixels.append(session.run(settings).pixels)
             if on_batch is not None:
                 on_batch(chunk.stop - chunk.start)
-        rates = score_images(np.concatenate(pixels), named)
+        rates, unreadable = score_images(np.concatenate(pixels), named)
         checks = {t.describe(): t.holds(rates[t.attribute]) for t in row.targets}
         results.append(
             {
@@ -126,7 +135,8 @@ def evaluate(
                 "prompt": row.template,
                 "negative": row.negative,
                 "images": images,
-                "rates": rates,
+                "rates": rates,  # over the readable images of each attribute
+                "unreadable": unreadable,
                 "targets": checks,
                 "passed": all(checks.values()),
             }
@@ -152,14 +162,23 @@ def to_markdown(table: dict) -> str:
         "|---|---|---|" + "---:|" * len(ATTRIBUTES) + "---|---|",
     ]
     for r in table["rows"]:
-        rates = " | ".join(f"{r['rates'][a]:.0%}" for a in ATTRIBUTES)
+        rates = " | ".join(_cell(r["rates"][a], r.get("unreadable", {}).get(a, 0)) for a in ATTRIBUTES)
         targets = "; ".join(f"{name} {'✓' if ok else '✗'}" for name, ok in r["targets"].items())
         lines.append(
             f"| {r['row']} | {r['prompt']} | {r['negative'] or '—'} | {rates} | {targets} | {'yes' if r['passed'] else 'no'} |"
         )
     lines.append("")
-    lines.append("color and shape: the named one was found; other columns: the thing was found at all.")
+    lines.append(
+        "color and shape: the named one was found; other columns: the thing was found at all. Rates are over the "
+        "images the detectors could read; images they declared unreadable (washed out, docs/detectors.md) are "
+        "counted in brackets."
+    )
     return "\n".join(lines) + "\n"
+
+
+def _cell(rate: float, unreadable: int) -> str:
+    text = "—" if np.isnan(rate) else f"{rate:.0%}"
+    return text + (f" ({unreadable} unreadable)" if unreadable else "")
 
 
 def write_table(table: dict, out_dir: str | Path) -> tuple[Path, Path]:

@@ -74,6 +74,15 @@ def _negative_terms(method: Method, negative: str, scale: float) -> list[Term] |
     return [Term(negative, own, method.window or Window())]
 
 
+def _read(found, attribute: str, named: str | None = None) -> bool | None:
+    """Whether ``attribute`` was found (color, shape: is the ``named`` one), or None where the detectors
+    cannot read the image for it."""
+    if found.unreadable(attribute):
+        return None
+    value = getattr(found, attribute)
+    return value == named if named is not None else bool(value)
+
+
 def _measure(pixels: np.ndarray, named: Sequence[tuple[str, str]], plain: np.ndarray, word: str) -> list[dict]:
     rows = []
     for image, reference, (color, shape) in zip(pixels, plain, named):
@@ -83,9 +92,9 @@ def _measure(pixels: np.ndarray, named: Sequence[tuple[str, str]], plain: np.nda
         changed = changed_pixels(reference, image)
         rows.append(
             {
-                "color_ok": found.color == color,
-                "shape_ok": found.shape == shape,
-                **{thing: bool(getattr(found, thing)) for thing in THINGS},
+                "color_ok": _read(found, "color", color),
+                "shape_ok": _read(found, "shape", shape),
+                **{thing: _read(found, thing) for thing in THINGS},
                 "changed_outside": float(changed[outside].mean()) if outside.any() else float(changed.mean()),
             }
         )
@@ -156,22 +165,30 @@ def _rows_alone(settings, num_steps: int) -> int:
     return sum(len(guidance.branches_at(step, num_steps)) for step in range(num_steps)) * len(settings.seeds)
 
 
+def _rate(values: Sequence[bool | None]) -> float:
+    """Mean over the readable values (None: the detectors could not read that image); NaN if none is."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else float("nan")
+
+
 def _summarize(name: str, negative: str, word: str, rows: list[dict], base: list[dict], unet_per_image: float) -> dict:
-    had = [i for i, r in enumerate(base) if r[word]]
-    removal = float(np.mean([not rows[i][word] for i in had])) if had else float("nan")
-    preservation = float(np.mean([r["color_ok"] and r["shape_ok"] for r in rows]))
+    had = [i for i, r in enumerate(base) if r[word] is True]
+    removal = _rate([None if rows[i][word] is None else not rows[i][word] for i in had])
+    both = [None if r["color_ok"] is None or r["shape_ok"] is None else r["color_ok"] and r["shape_ok"] for r in rows]
+    preservation = _rate(both)
     others = [t for t in THINGS if t != word]
-    collateral = float(np.mean([abs(np.mean([r[t] for r in rows]) - np.mean([r[t] for r in base])) for t in others]))
+    collateral = float(np.nanmean([abs(_rate([r[t] for r in rows]) - _rate([r[t] for r in base])) for t in others]))
     changed = float(np.mean([r["changed_outside"] for r in rows]))
     return {
         "negative": negative,
         "method": name,
         "images": len(rows),
+        "unreadable": sum(any(r[k] is None for k in ("color_ok", "shape_ok", word)) for r in rows),
         "had_thing": len(had),
-        "present_rate": float(np.mean([r[word] for r in rows])),
+        "present_rate": _rate([r[word] for r in rows]),
         "removal": removal,
-        "color": float(np.mean([r["color_ok"] for r in rows])),
-        "shape": float(np.mean([r["shape_ok"] for r in rows])),
+        "color": _rate([r["color_ok"] for r in rows]),
+        "shape": _rate([r["shape_ok"] for r in rows]),
         "preservation": preservation,
         "collateral_attributes": collateral,
         "changed_outside": changed,
@@ -216,7 +233,8 @@ def write_results(records: list[dict], out_dir: str | Path, settings: dict) -> l
         "# Negative-prompt methods, measured on the bundled shapes world",
         "",
         f"Settings: {', '.join(f'{k} {v}' for k, v in settings.items())}. Every cell uses the same prompts "
-        "(all color × shape combinations) and seeds; the plain image is the reference. Score = removal × "
+        "(all color × shape combinations) and seeds; the plain image is the reference. Rates are over the images "
+        "the detectors could read (unreadable ones, washed out, are counted apart). Score = removal × "
         "preservation × (1 − collateral attribute change); see `negprompt/shapes/methods.py`.",
         "",
         "## Ranking (mean over negatives)",
@@ -233,12 +251,12 @@ def write_results(records: list[dict], out_dir: str | Path, settings: dict) -> l
         "",
         "## Per negative",
         "",
-        "| negative | method | had it | present | removal | color | shape | collateral | changed px | score |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| negative | method | unreadable | had it | present | removal | color | shape | collateral | changed px | score |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         lines.append(
-            f"| {r['negative']} | {r['method']} | {r['had_thing']} | {r['present_rate']:.0%} | {r['removal']:.0%} | {r['color']:.0%} | "
+            f"| {r['negative']} | {r['method']} | {r['unreadable']} | {r['had_thing']} | {r['present_rate']:.0%} | {r['removal']:.0%} | {r['color']:.0%} | "
             f"{r['shape']:.0%} | {r['collateral_attributes']:.1%} | {r['changed_outside']:.1%} | {r['score']:.3f} |"
         )
     lines += ["", "![removal vs preservation](methods.png)", ""]

@@ -19,14 +19,15 @@ NAME = "shapes"  # the entry point's name, which a model's negprompt.json names
 WORLD_THINGS = NOUNS + ADJECTIVES
 
 
-def detector_region(image: np.ndarray, word: str) -> tuple[np.ndarray, bool]:
-    """The thing's region in ``image`` (H, W, 3 in [0, 1]) as an (H, W) bool mask, and whether the detectors find it.
+def detector_region(image: np.ndarray, word: str) -> tuple[np.ndarray, bool | None]:
+    """The thing's region in ``image`` (H, W, 3 in [0, 1]) as an (H, W) bool mask, and whether the detectors find it
+    (None: they cannot read it in this image, see ``negprompt.shapes.detectors.UNREADABLE``).
 
     A noun's region is its detected pixels and ``striped``'s the object's, each dilated by one pixel;
     ``blurry``'s is the whole image.
     """
     found = detect(to_uint8(image))
-    present = bool(getattr(found, word))
+    present = None if found.unreadable(word) else bool(getattr(found, word))
     if word in NOUNS:
         region = found.regions.get(word, np.zeros(image.shape[:2], bool))
     elif word == "striped":
@@ -45,5 +46,5 @@ class ShapesRegions:
     def covers(self, components: Components, word: str, size: tuple[int, int]) -> bool:
         return word in self.things and size == (IMAGE_SIZE, IMAGE_SIZE) and components.vae is None
 
-    def find(self, image: np.ndarray, word: str) -> tuple[np.ndarray, bool]:
+    def find(self, image: np.ndarray, word: str) -> tuple[np.ndarray, bool | None]:
         return detector_region(image, word)
