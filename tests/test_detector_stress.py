@@ -94,3 +94,15 @@ def test_sweep_edit_and_method_summaries_count_unreadable_images_apart():
     ]
     cell = _summarize("m", "a hat", "hat", after, reference, 40.0)
     assert cell["unreadable"] == 1 and cell["removal"] == 0.5 and cell["preservation"] == 0.5
+
+
+def test_a_yellow_fringe_around_a_blue_object_is_not_a_sun():
+    """Over-sharpening draws the object's complement around it; for blue that is the sun's yellow."""
+    from negprompt.shapes.stress import _blend, _object_ring
+
+    rng = np.random.default_rng(2)
+    for _ in range(10):
+        scene = sample_scene(rng, color="blue", sun=False, blurry=False)
+        image = _blend(render(scene).image.astype(float), _object_ring(scene, 0, 1), (250, 215, 40), 0.8)
+        found = detect(np.clip(np.round(image), 0, 255).astype(np.uint8))
+        assert found.sun is False and found.color == "blue"

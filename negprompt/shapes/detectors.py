@@ -68,6 +68,7 @@ HAT_MIN_PIXELS = 6  # core pixels: with a hat 20–43 (a hat covers ~40 pixels),
 HAT_MIN_RISE = 5  # with an object, the dark region must reach this many rows above its top, over
 # its columns: hats 4–16 (≥ 5 in 645 of 648 stress images), dark outlines of 1–2 px 1–4
 # (docs/detectors.md)
+HAT_MIN_RISE_BLURRY = 2  # in a blurry image: the bundled model's hats on blurred squares rise 3–4 (the audit)
 HAT_REGION_MAX_VALUE = 130.0  # region: core + connected pixels below this (≈ half-way from the
 # hat to the object or the gray; swept 100–160 for the best IoU with the true region)
 
@@ -510,6 +511,9 @@ def _features(image: np.ndarray) -> dict:
 
     sun_hued = _hue_distance(hue, _SUN_HUE) <= SUN_HUE_TOLERANCE
     sun_core = sun_hued & (chroma > SUN_MIN_CHROMA) & (value > SUN_MIN_VALUE)
+    # Only solid parts count (2 × 2 blocks): the disc has them, the thin yellow fringe an over-sharpening
+    # model draws around a blue object (its complement) has not (the audit, docs/detectors.md).
+    sun_core = _open2(sun_core)
     sun = int(sun_core.sum()) >= SUN_MIN_PIXELS
     sun_region = _empty_mask()
     if sun:
@@ -534,11 +538,15 @@ def _features(image: np.ndarray) -> dict:
         if int(obj.sum()) < OBJECT_MIN_PIXELS:  # a few stray vivid pixels, no object: no color either
             obj, color = _empty_mask(), None
 
-    hat_region = _grow(hat_core, value < HAT_REGION_MAX_VALUE) if hat_core.sum() >= HAT_MIN_PIXELS else _empty_mask()
+    # The region grows from the core through dark pixels, never into the object (a model's dark shades
+    # of a green or blue object would let it flood the object: the audit, docs/detectors.md).
+    allowed = (value < HAT_REGION_MAX_VALUE) & ~obj
+    hat_region = _grow(hat_core & ~obj, allowed) if hat_core.sum() >= HAT_MIN_PIXELS else _empty_mask()
     hat_rise = _rise_above(hat_region, obj) if color is not None else IMAGE_SIZE
     # A hat's crown rises above the object; the dark outline an over-sharpening model draws around
     # the object hugs it and rises at most a few rows (see HAT_MIN_RISE).
-    hat = bool(hat_region.any()) and hat_rise >= HAT_MIN_RISE
+    # A blurred image has no crisp outline to mistake for a hat, and models draw smaller hats there.
+    hat = bool(hat_region.any()) and hat_rise >= (HAT_MIN_RISE_BLURRY if blurry else HAT_MIN_RISE)
     if not hat:
         hat_region = _empty_mask()
 
@@ -549,7 +557,12 @@ def _features(image: np.ndarray) -> dict:
         shape_scores = _shape_scores(coverage, obj, care, blurry)
         shape = min(shape_scores, key=shape_scores.get)
         object_color = np.median(img[vivid & (chroma >= reference)], axis=0)
-        stripe_contrast = _stripe_contrast(img, object_color, _COLOR_CHROMAS[color], obj, hat_region)
+        # Stripes are measured inside the object: its outermost pixels carry the outlines and halos of
+        # over-sharpened model images, which vary row by row (docs/detectors.md, the audit).
+        inside = _erode(obj)
+        stripe_contrast = _stripe_contrast(
+            img, object_color, _COLOR_CHROMAS[color], inside if inside.any() else obj, hat_region
+        )
 
     object_contrast = _object_contrast(hue, chroma, sun_hued)
     washed_out = bool(object_contrast < MIN_OBJECT_CONTRAST)  # NaN (no object) compares False
