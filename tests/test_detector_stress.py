@@ -106,3 +106,42 @@ def test_a_yellow_fringe_around_a_blue_object_is_not_a_sun():
         image = _blend(render(scene).image.astype(float), _object_ring(scene, 0, 1), (250, 215, 40), 0.8)
         found = detect(np.clip(np.round(image), 0, 255).astype(np.uint8))
         assert found.sun is False and found.color == "blue"
+
+
+def test_two_suns_are_an_impossible_scene_and_one_sun_with_a_hat_is_not():
+    from negprompt.shapes.stress import double_sun
+
+    rng = np.random.default_rng(4)
+    for _ in range(10):
+        scene = sample_scene(rng, sun=True, hat=True, blurry=False)
+        two = detect(np.clip(np.round(double_sun(scene, rng)), 0, 255).astype(np.uint8))
+        one = detect(render(scene).image)
+        assert (two.suns, two.impossible) == (2, True)
+        assert (one.suns, one.hats, one.impossible) == (1, 1, False)
+
+
+def test_compositional_rows_name_one_thing_and_negate_another(tiny_shapes_dir):
+    """Every ordered pair of the world's removable things is a row with the model issue's targets,
+    and the evaluation computes them (impossible scenes included) over readable images."""
+    from negprompt.session import Session
+    from negprompt.shapes.evaluation import COMPOSITIONAL, ROWS, evaluate
+
+    pairs = {(row.template, row.negative) for row in COMPOSITIONAL}
+    assert len(COMPOSITIONAL) == 12 and len(pairs) == 12 and set(COMPOSITIONAL) <= set(ROWS)
+    hat_minus_sun = next(row for row in COMPOSITIONAL if row.name == "hat − sun")
+    assert hat_minus_sun.template.endswith("with a hat") and hat_minus_sun.negative == "a sun"
+    assert {t.describe() for t in hat_minus_sun.targets} == {
+        "color ≥ 90%",
+        "shape ≥ 90%",
+        "hat ≥ 90%",
+        "sun ≤ 10%",
+        "impossible ≤ 2%",
+    }
+    table = evaluate(Session(str(tiny_shapes_dir)), images=2, batch=2, rows=COMPOSITIONAL[:1], steps=2)
+    row = table["rows"][0]
+    assert (
+        set(row["rates"])
+        == set(row["unreadable"])
+        == {"color", "shape", "hat", "sun", "striped", "blurry", "impossible"}
+    )
+    assert row["images"] == 2 and "impossible ≤ 2%" in row["targets"]

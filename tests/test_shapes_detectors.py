@@ -105,7 +105,7 @@ def test_detection_api():
     assert len(batch) == 3 and all(isinstance(d, Detection) for d in batch)
     assert [d.to_dict() for d in batch] == [detect(image).to_dict() for image in images]
     out = json.loads(json.dumps(batch[0].to_dict()))
-    assert set(out) == set(ATTRIBUTES)
+    assert set(out) == set(ATTRIBUTES) | {"impossible"}  # the scene attributes, and two suns or hats
     assert set(batch[0].regions) == {"object", "hat", "sun"}
     with pytest.raises(ValueError):
         detect(images[0][:16])
@@ -115,7 +115,9 @@ def test_detection_api():
 
 def test_blank_background_holds_nothing():
     detection = detect(np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 200, dtype=np.uint8))
-    assert detection.to_dict() == dict(shape=None, color=None, hat=False, sun=False, striped=False, blurry=False)
+    assert detection.to_dict() == dict(
+        shape=None, color=None, hat=False, sun=False, striped=False, blurry=False, impossible=False
+    )
     assert not any(mask.any() for mask in detection.regions.values())
 
 

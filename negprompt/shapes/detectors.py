@@ -111,7 +111,7 @@ BLURRY_MIN_EDGE_SPREAD = 0.9  # px², see _edge_spread: sharp 0–0.67 (0.74 wit
 # (≤ 1.1 with noise σ 6: the one overlap, ~5 % of those called blurry)
 
 
-ATTRIBUTES = ("shape", "color", "hat", "sun", "striped", "blurry")
+ATTRIBUTES = ("shape", "color", "hat", "sun", "striped", "blurry", "impossible")
 
 
 class _Unreadable:
@@ -151,6 +151,18 @@ class Detection:
     striped: bool | _Unreadable
     blurry: bool | _Unreadable
     regions: dict[str, np.ndarray] = field(repr=False, compare=False)
+    suns: int | _Unreadable = 0  # separate sun discs
+    hats: int | _Unreadable = 0  # separate hats
+
+    @property
+    def impossible(self) -> bool | _Unreadable:
+        """A scene the world never draws: two suns or two hats (UNREADABLE if the hats cannot be read
+        and there are not two suns)."""
+        if self.suns is not UNREADABLE and self.suns >= 2:
+            return True
+        if self.hats is UNREADABLE or self.suns is UNREADABLE:
+            return UNREADABLE
+        return self.hats >= 2
 
     def to_dict(self) -> dict:
         """The attribute values (no masks), JSON-ready; an unreadable one is "unreadable"."""
@@ -285,6 +297,22 @@ def _object_contrast(hue: np.ndarray, chroma: np.ndarray, sun_hued: np.ndarray) 
     distances = np.stack([_hue_distance(hue[strongest], _COLOR_HUES[n]) for n in names])
     nearest = names[int(np.bincount(distances.argmin(axis=0), minlength=len(names)).argmax())]
     return peak / _PALETTE_CHROMA[nearest]
+
+
+def _count_blobs(region: np.ndarray, core: np.ndarray, min_pixels: int) -> int:
+    """Separate (8-connected) parts of ``region`` holding at least ``min_pixels`` of ``core``."""
+    labels, count = _label(region, diagonal=True)
+    if count == 0:
+        return 0
+    return int((np.bincount(labels[core & region], minlength=count + 1)[1:] >= min_pixels).sum())
+
+
+def _count_hats(region: np.ndarray, core: np.ndarray, obj: np.ndarray, min_rise: int) -> int:
+    """Separate parts of the hat region that are hats each: enough core pixels and rising ``min_rise``
+    rows above the object (a dark outline below or beside the object is a part, but no hat)."""
+    labels, count = _label(region, diagonal=True)
+    parts = (labels == k for k in range(1, count + 1))
+    return sum(int((core & part).sum()) >= HAT_MIN_PIXELS and _rise_above(part, obj) >= min_rise for part in parts)
 
 
 def _rise_above(region: np.ndarray, obj: np.ndarray) -> int:
@@ -515,6 +543,7 @@ def _features(image: np.ndarray) -> dict:
     # model draws around a blue object (its complement) has not (the audit, docs/detectors.md).
     sun_core = _open2(sun_core)
     sun = int(sun_core.sum()) >= SUN_MIN_PIXELS
+    suns = _count_blobs(sun_core, sun_core, SUN_MIN_PIXELS)
     sun_region = _empty_mask()
     if sun:
         half = SUN_REGION_FRACTION * float(np.median(chroma[sun_core]))
@@ -546,9 +575,15 @@ def _features(image: np.ndarray) -> dict:
     # A hat's crown rises above the object; the dark outline an over-sharpening model draws around
     # the object hugs it and rises at most a few rows (see HAT_MIN_RISE).
     # A blurred image has no crisp outline to mistake for a hat, and models draw smaller hats there.
-    hat = bool(hat_region.any()) and hat_rise >= (HAT_MIN_RISE_BLURRY if blurry else HAT_MIN_RISE)
+    min_rise = HAT_MIN_RISE_BLURRY if blurry else HAT_MIN_RISE
+    hat = bool(hat_region.any()) and hat_rise >= min_rise
     if not hat:
         hat_region = _empty_mask()
+    hats = (
+        _count_hats(hat_region, hat_core, obj, min_rise)
+        if color is not None
+        else _count_blobs(hat_region, hat_core, HAT_MIN_PIXELS)
+    )
 
     shape, shape_scores, stripe_contrast = None, {}, 0.0
     if color is not None:
@@ -568,7 +603,7 @@ def _features(image: np.ndarray) -> dict:
     washed_out = bool(object_contrast < MIN_OBJECT_CONTRAST)  # NaN (no object) compares False
     striped = stripe_contrast >= STRIPE_MIN_CONTRAST
     if washed_out:
-        shape = color = hat = striped = UNREADABLE
+        shape = color = hat = striped = hats = UNREADABLE
     return dict(
         shape=shape,
         color=color,
@@ -578,6 +613,8 @@ def _features(image: np.ndarray) -> dict:
         blurry=blurry,
         object_contrast=object_contrast,
         regions=dict(object=obj, hat=hat_region, sun=sun_region),
+        suns=suns,
+        hats=hats,
         hat_pixels=int(hat_core.sum()),
         hat_rise=hat_rise,
         sun_pixels=int(sun_core.sum()),
@@ -603,6 +640,8 @@ def detect(image: np.ndarray) -> Detection:
         striped=f["striped"],
         blurry=f["blurry"],
         regions=f["regions"],
+        suns=f["suns"],
+        hats=f["hats"],
     )
 
 

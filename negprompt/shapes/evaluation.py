@@ -22,7 +22,7 @@ from negprompt.session import Session, as_session
 from negprompt.shapes.detectors import detect
 from negprompt.shapes.scene import COLORS, SHAPES
 
-ATTRIBUTES = ("color", "shape", "hat", "sun", "striped", "blurry")
+ATTRIBUTES = ("color", "shape", "hat", "sun", "striped", "blurry", "impossible")
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,34 @@ ROWS: tuple[Row, ...] = (
     Row("negative blurry", "a {color} {shape}", "blurry", KEPT + (Target("blurry", 0.0, 0.10),)),
     Row("negative striped", "a {color} {shape}", "striped", KEPT + (Target("striped", 0.0, 0.10),)),
 )
+
+# Compositional rows (the model issue's targets): one removable thing named, another negated. The
+# negated one must go (≤ 10 %), the named one stay (≥ 90 %), color and shape hold (≥ 90 %), and
+# scenes the world never draws (two suns, two hats) stay rare (≤ 2 %).
+NAMING = {
+    "hat": ("a {color} {shape} with a hat", "a hat"),
+    "sun": ("a {color} {shape} with a sun", "a sun"),
+    "striped": ("a striped {color} {shape}", "striped"),
+    "blurry": ("a blurry {color} {shape}", "blurry"),
+}
+COMPOSITIONAL: tuple[Row, ...] = tuple(
+    Row(
+        f"{named} − {negated}",
+        NAMING[named][0],
+        NAMING[negated][1],
+        (
+            Target("color", 0.90),
+            Target("shape", 0.90),
+            Target(named, 0.90),
+            Target(negated, 0.0, 0.10),
+            Target("impossible", 0.0, 0.02),
+        ),
+    )
+    for named in NAMING
+    for negated in NAMING
+    if named != negated
+)
+ROWS = ROWS + COMPOSITIONAL
 
 
 def row_prompts(row: Row, count: int) -> tuple[list[str], list[tuple[str, str]]]:
@@ -169,7 +197,8 @@ def to_markdown(table: dict) -> str:
         )
     lines.append("")
     lines.append(
-        "color and shape: the named one was found; other columns: the thing was found at all. Rates are over the "
+        "color and shape: the named one was found; other columns: the thing was found at all; impossible: two "
+        "suns or two hats. Rates are over the "
         "images the detectors could read; images they declared unreadable (washed out, docs/detectors.md) are "
         "counted in brackets."
     )

@@ -179,7 +179,8 @@ VARIANTS: tuple[Variant, ...] = (
 
 def truth_of(variant: Variant, scene: Scene) -> dict[str, object]:
     """What the perturbed image shows: the scene's attributes, changed where the variant changes them."""
-    truth = {name: getattr(scene, name) for name in ATTRIBUTES}
+    truth = {name: getattr(scene, name) for name in ATTRIBUTES if name != "impossible"}
+    truth["impossible"] = variant.name == "two suns"  # the only scene here the world never draws
     if variant.family == "ghost hat":
         truth["hat"] = False  # a quarter-opacity shadow of a hat is not a hat
     if variant.family == "blur near the threshold":
