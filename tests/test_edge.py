@@ -155,6 +155,13 @@ HEAVY = ("torch", "diffusers", "transformers", "numpy", "PIL")
         ["generate", "x", "--scheduler", "karras"],
         ["edit", "x", "-n", "y", "--threshold", "2"],
         ["nosuchcommand"],
+        # an output under a file: every command checks its destination before importing the model code
+        ["demo", "--out", "/dev/null/demo"],
+        ["study", "shapes", "--out", "/dev/null/study"],
+        ["train", "--out", "/dev/null/train"],
+        ["evaluate", "--out", "/dev/null/evaluation"],
+        ["bench-methods", "--out", "/dev/null/methods"],
+        ["edit-sweep", "--pair", "a red circle->a hat", "--out", "/dev/null/sweep"],
     ],
 )
 def test_help_and_usage_errors_import_neither_torch_nor_diffusers(argv):

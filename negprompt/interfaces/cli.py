@@ -445,8 +445,8 @@ def command_attend(args: argparse.Namespace) -> int:
     from negprompt.attention.figures import timeline
     from negprompt.attention.result import capture, plan_for
     from negprompt.attention.tokens import tokenize_words
-    from negprompt.interfaces.outputs import report_written
-    from negprompt.interfaces.png import save_generation, write_atomically
+    from negprompt.interfaces.outputs import report_written, write_atomically
+    from negprompt.interfaces.png import save_generation
 
     check_prompt_args(args)
     existed = folder_outputs(args)
@@ -497,11 +497,12 @@ def command_attend(args: argparse.Namespace) -> int:
 
 def command_study(args: argparse.Namespace) -> int:
     from negprompt.analysis.spec import load_spec
-    from negprompt.analysis.study import RESULTS_FILE, run_study
-    from negprompt.interfaces.png import check_destination
+    from negprompt.interfaces.outputs import check_destination
 
     spec = load_spec(args.spec)
-    check_destination(args.out, folder=True)
+    check_destination(args.out, folder=True)  # before the heavy imports: a bad path answers at once
+    from negprompt.analysis.study import RESULTS_FILE, run_study
+
     session = session_from_args(args, model=spec.model)
     done = run_study(spec, args.out, progress=not args.quiet, session=session)
     rate = done.unet_rows / done.seconds if done.seconds > 0 else float("nan")
@@ -536,7 +537,8 @@ def command_edit(args: argparse.Namespace) -> int:
     Window.parse(args.window)
     existed = folder_outputs(args)
     from negprompt.analysis.edit import comparison_figure, run_edit, summarize
-    from negprompt.interfaces.png import save_generation, write_atomically
+    from negprompt.interfaces.outputs import write_atomically
+    from negprompt.interfaces.png import save_generation
 
     session = session_from_args(args)
     outcome = run_edit(
@@ -582,10 +584,11 @@ def command_edit(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace) -> int:
-    from negprompt.interfaces.demo import run_demo
-    from negprompt.interfaces.png import check_destination
+    from negprompt.interfaces.outputs import check_destination
 
-    check_destination(args.out, folder=True)
+    check_destination(args.out, folder=True)  # before the heavy imports: a bad path answers at once
+    from negprompt.interfaces.demo import run_demo
+
     png, js, record = run_demo(args.out, model=session_from_args(args), steps=args.steps, progress=not args.quiet)
     print(f"wrote {png} (no negative / negative / delayed negative, for {len(record['pairs'])} prompts) and {js}")
     print(f"took {record['seconds']:.1f} s")

@@ -19,7 +19,7 @@ from negprompt.api import Generation, to_uint8
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
-from negprompt.interfaces.png import write_atomically
+from negprompt.interfaces.outputs import write_atomically
 from negprompt.session import Session, as_session
 
 # The bundled model's pairs (its negprompt.json declares the same): at its default scale (14) unnamed

@@ -15,12 +15,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from negprompt.api import Generation, RunSpec, SettingsError, to_uint8
-from negprompt.interfaces.outputs import (  # noqa: F401 (check_destination, check_outputs: re-exported)
-    check_destination,
-    check_outputs,
-    output_paths,
-    write_atomically,
-)
+from negprompt.interfaces.outputs import output_paths, write_atomically
 
 SETTINGS_CHUNK = "negprompt"
 INFOTEXT_CHUNK = "parameters"

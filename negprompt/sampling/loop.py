@@ -267,29 +267,38 @@ def sample_groups(
         step_kwargs["generator"] = generators
 
     trace: list[StepInfo] | None = [] if keep_trace else None
+    # Rules that prepare the denoiser (e.g. attention processors) never share a call with another group.
+    prepares_denoiser = [type(group.guidance.rule_object).prepare is not Rule.prepare for group in groups]
     rows = 0
     for step, t in enumerate(tqdm(timesteps, disable=not progress, unit="step", leave=False)):
         model_input = scheduler.scale_model_input(latents, t)
         context = StepContext(step, calls, alpha_bars[step], alpha_bars[step + 1])
         predictions_of: dict[int, dict[str, torch.Tensor]] = {}
+        # Each group's branches (in plan order) with every image's prompt at this step.
+        layouts = [
+            {branch: _branch_prompts(group, branch, step, calls) for branch in plans[g][step]}
+            for g, group in enumerate(groups)
+        ]
         # One UNet call per group (its rows branch-major, as when it runs alone), so an image never
         # depends on the other groups of the run; groups in the same state share one call.
         for g, group in enumerate(groups):
             if g in predictions_of:
                 continue  # shares the call of an earlier group
-            prompts = {branch: _branch_prompts(group, branch, step, calls) for branch in plans[g][step]}
-            prepares = type(group.guidance.rule_object).prepare is not Rule.prepare
+            prepares = prepares_denoiser[g]
             sharing = [g] + [
                 other
                 for other in range(g + 1, len(groups))
                 if not prepares
+                and not prepares_denoiser[other]
                 and other not in predictions_of
-                and _same_state(groups, plans, slices, latents, step, calls, g, other)
+                and groups[other].seeds == group.seeds
+                and list(layouts[other].items()) == list(layouts[g].items())
+                and torch.equal(latents[slices[other]], latents[slices[g]])
             ]
             predicted = _call_denoiser(
                 components,
                 group,
-                prompts,
+                layouts[g],
                 model_input[slices[g]],
                 t,
                 step,
@@ -300,7 +309,7 @@ def sample_groups(
                 max_rows_per_call,
                 prepares,
             )
-            rows += len(group.seeds) * len(prompts)
+            rows += len(group.seeds) * len(layouts[g])
             for member in sharing:
                 predictions_of[member] = predicted
 
@@ -337,19 +346,6 @@ def sample_groups(
         unet_batch_rows=rows,
         num_steps=calls,
     )
-
-
-def _same_state(groups, plans, slices, latents, step: int, calls: int, g: int, other: int) -> bool:
-    """Whether group ``other`` evaluates the same branches with the same prompts, seeds and latents as ``g``."""
-    if groups[g].seeds != groups[other].seeds or plans[g][step] != plans[other][step]:
-        return False
-    if type(groups[other].guidance.rule_object).prepare is not Rule.prepare:
-        return False
-    same_prompts = all(
-        _branch_prompts(groups[g], b, step, calls) == _branch_prompts(groups[other], b, step, calls)
-        for b in plans[g][step]
-    )
-    return same_prompts and torch.equal(latents[slices[g]], latents[slices[other]])
 
 
 def _call_denoiser(

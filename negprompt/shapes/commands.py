@@ -26,9 +26,11 @@ from negprompt.interfaces.cli import (
 
 
 def command_train(args: argparse.Namespace) -> int:
+    from negprompt.interfaces.outputs import check_destination
+
+    check_destination(args.out, folder=True)  # before the heavy imports: a bad path answers at once
     import torch
 
-    from negprompt.interfaces.png import check_destination
     from negprompt.shapes.training import META_FILE, TrainConfig, Trainer
 
     if args.threads:
@@ -51,7 +53,6 @@ def command_train(args: argparse.Namespace) -> int:
         init_sha256=init_sha256,
     )
     out = Path(args.out)
-    check_destination(out, folder=True)
     trainer = Trainer(config, out)
     if (out / META_FILE).exists():
         trainer.load_checkpoint()
@@ -66,9 +67,7 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def command_edit_sweep(args: argparse.Namespace) -> int:
-    from negprompt.analysis.sweep import SweepSettings, check_sweep_settings, run_sweep, summarize_sweep, write_sweep
-    from negprompt.interfaces.png import check_destination
-    from negprompt.shapes.regions import ShapesRegions
+    from negprompt.interfaces.outputs import check_destination
 
     pairs = []
     for item in args.pair:
@@ -76,7 +75,10 @@ def command_edit_sweep(args: argparse.Namespace) -> int:
             raise CommandError(f"--pair {item!r} must look like 'PROMPT->NEGATIVE', e.g. 'a red circle->a hat'")
         prompt, negative = (part.strip() for part in item.split("->", 1))
         pairs.append((prompt, negative))
-    check_destination(args.out, folder=True)
+    check_destination(args.out, folder=True)  # before the heavy imports: a bad path answers at once
+    from negprompt.analysis.sweep import SweepSettings, check_sweep_settings, run_sweep, summarize_sweep, write_sweep
+    from negprompt.shapes.regions import ShapesRegions
+
     session = session_from_args(args)
     calls = session.denoiser_calls(args.scheduler, args.steps)
     starts = tuple(range(0, calls, args.start_every))
@@ -102,10 +104,11 @@ def command_edit_sweep(args: argparse.Namespace) -> int:
 
 
 def command_bench_methods(args: argparse.Namespace) -> int:
-    from negprompt.interfaces.png import check_destination
+    from negprompt.interfaces.outputs import check_destination
+
+    check_destination(args.out, folder=True)  # before the heavy imports: a bad path answers at once
     from negprompt.shapes.methods import bench_methods, write_results
 
-    check_destination(args.out, folder=True)
     records = bench_methods(
         negatives=args.negative or ("a hat", "a sun", "striped", "blurry"),
         images=args.images,
@@ -131,12 +134,13 @@ def command_bench_methods(args: argparse.Namespace) -> int:
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
+    from negprompt.interfaces.outputs import check_destination
+
+    check_destination(args.out, folder=True)  # before the heavy imports: a bad path answers at once
     from tqdm.auto import tqdm
 
-    from negprompt.interfaces.png import check_destination
     from negprompt.shapes.evaluation import ROWS, evaluate, to_markdown, write_table
 
-    check_destination(args.out, folder=True)
     session = session_from_args(args)
     with tqdm(total=args.images * len(ROWS), disable=args.quiet, unit="img") as bar:
         table = evaluate(
