@@ -6,7 +6,7 @@ shape, color, then H (hat), S (sun), T (striped), B (blurry) for the things foun
 unreadable attribute. A person looks at each sheet and records, per image and attribute, whether
 they agree (docs/audit/audit.md).
 
-    python scripts/audit_sheet.py --images 40 --out docs/audit [--rows "negative blurry" ...]
+    python scripts/audit_sheet.py --images 40 --out docs/audit [--rows "negative blurry" ...] [--model DIR]
 """
 
 from __future__ import annotations
@@ -61,8 +61,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=40, help="images per row (default 40)")
     parser.add_argument("--out", default="docs/audit", help="folder for the sheets (default docs/audit)")
     parser.add_argument("--rows", nargs="*", default=None, help="row names (default: every evaluation row)")
+    parser.add_argument("--model", default="shapes", help="model folder (default: the bundled model)")
     args = parser.parse_args()
-    session = Session()
+    session = Session(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     detections = {}
@@ -80,7 +81,7 @@ def main() -> None:
         pixels = session.run(spec).pixels[: args.images]
         prompts = prompts[: args.images]
         canvas, records = sheet(pixels, f"{row.name}: {row.template}  − {row.negative or 'none'}")
-        name = row.name.replace(" ", "-")
+        name = row.name.replace(" − ", "-without-").replace(" ", "-")
         canvas.save(out / f"{name}.png")
         detections[row.name] = [{**r, "prompt": p} for r, p in zip(records, prompts)]
         print(f"wrote {out / name}.png")

@@ -145,3 +145,24 @@ def test_compositional_rows_name_one_thing_and_negate_another(tiny_shapes_dir):
         == {"color", "shape", "hat", "sun", "striped", "blurry", "impossible"}
     )
     assert row["images"] == 2 and "impossible ≤ 2%" in row["targets"]
+
+
+def test_a_light_band_on_a_sharp_plain_object_is_not_stripes():
+    """An over-sharpening model lightens a band of rows under the brim or at the base (the audit of the
+    negative "blurry"); one band is not stripes, however light. Rendered stripes still are."""
+    from negprompt.shapes.detectors import STRIPE_MIN_CONTRAST, _features
+
+    rng = np.random.default_rng(4)
+    contrasts = []
+    for _ in range(8):
+        scene = sample_scene(rng, striped=False, blurry=False, hat=False, sun=False)
+        rendering = render(scene)
+        image = rendering.image.astype(float)
+        inside = rendering.regions["object"] > 0.99
+        for row in np.flatnonzero(inside.any(axis=1))[-3:-1]:  # two rows above the base
+            image[row, inside[row]] += 0.45 * (255 - image[row, inside[row]])
+        features = _features(np.clip(image, 0, 255).astype(np.uint8))
+        contrasts.append(features["stripe_contrast"])
+        assert not features["blurry"] and features["striped"] is False
+        assert detect(render(scene.__class__(**{**scene.to_dict(), "striped": True})).image).striped
+    assert max(contrasts) > STRIPE_MIN_CONTRAST  # the blurred-image threshold alone would have said striped

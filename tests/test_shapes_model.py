@@ -17,7 +17,7 @@ from negprompt.models.prompts import check_prompt
 from negprompt.sampling.loop import sample
 from negprompt.sampling.schedulers import make_scheduler
 from negprompt.shapes.model import ShapesModelConfig, build_tokenizer
-from negprompt.shapes.scene import VOCABULARY
+from negprompt.shapes.scene import VOCABULARY, WORLDS, sample_example
 from negprompt.shapes.training import DECLARATIONS, DEFAULT_SAMPLING, TrainConfig, Trainer, batch_of_examples
 
 TINY = ShapesModelConfig(unet_widths=(16, 32), head_dim=8, text_width=32, text_layers=1, text_heads=2)
@@ -155,3 +155,52 @@ def test_resume_with_another_loss_setting_is_recorded(tmp_path):
 def test_train_refuses_bad_settings(tmp_path, capsys, flag, message):
     code = main(["train", "--out", str(tmp_path / "run"), "-q", *flag])
     assert_usage_error(code, capsys, message, tmp_path / "run")
+
+
+def test_world_v2_puts_the_sun_top_right_and_names_nouns_in_either_order():
+    examples = [sample_example(3, index, WORLDS["v2"]) for index in range(400)]
+    suns = [scene for scene, _, _ in examples if scene.sun]
+    assert len(suns) > 100 and {scene.sun_side for scene in suns} == {"right"}
+    captions = [caption for _, _, caption in examples]
+    assert any("with a hat and a sun" in c for c in captions) and any("with a sun and a hat" in c for c in captions)
+    # v1's stream is what the first training saw: both corners, hat always named first
+    v1 = [sample_example(3, index) for index in range(400)]
+    assert {scene.sun_side for scene, _, _ in v1 if scene.sun} == {"left", "right"}
+    assert not any("with a sun and a hat" in c for _, _, c in v1)
+    # a caption never names something absent, in either world
+    for scene, _, caption in examples + v1:
+        for thing in ("hat", "sun", "striped", "blurry"):
+            assert thing not in caption.split() or getattr(scene, thing)
+
+
+def test_world_v2_names_present_things_more_often():
+    def named_share(world):
+        named = present = 0
+        for index in range(600):
+            scene, _, caption = sample_example(5, index, world)
+            for thing in ("hat", "sun"):
+                if getattr(scene, thing):
+                    present += 1
+                    named += thing in caption.split()
+        return named / present
+
+    assert named_share(WORLDS["v2"]) > named_share(WORLDS["v1"]) + 0.15
+
+
+def test_training_world_is_recorded_and_checked(tmp_path, capsys):
+    config = tiny_config(world="v2")
+    assert TrainConfig.from_dict(config.to_dict()).world == "v2"
+    legacy = config.to_dict()
+    del legacy["world"]  # checkpoints written before the field: trained on v1
+    assert TrainConfig.from_dict(legacy).world == "v1"
+    with pytest.raises(NegpromptError, match="unknown world version 'v9'; known: v1, v2"):
+        tiny_config(world="v9")
+    pixels_v1, captions_v1, _ = batch_of_examples(11, 0, 16)
+    pixels_v2, captions_v2, _ = batch_of_examples(11, 0, 16, WORLDS["v2"])
+    assert captions_v1 != captions_v2 or not torch.equal(pixels_v1, pixels_v2)
+    code = main(["train", "--out", str(tmp_path / "run"), "-q", "--world", "v9"])
+    assert_usage_error(code, capsys, "--world", tmp_path / "run")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # the CLI writes its choices out (no import of the world at start-up)
+        main(["train", "--help"])
+    assert "{" + ",".join(WORLDS) + "}" in capsys.readouterr().out

@@ -22,8 +22,8 @@ from negprompt.guidance.windows import Window
 from negprompt.interfaces.outputs import write_atomically
 from negprompt.session import Session, as_session
 
-# The bundled model's pairs (its negprompt.json declares the same): at its default scale (14) unnamed
-# suns and stripes are rare and hats common, so most rows remove a hat; "blurry" shows a quality negative.
+# The bundled model's pairs (its negprompt.json declares the same): most rows remove a hat, the thing
+# whose removal is easiest to see; "blurry" shows a quality negative.
 DEMO_PAIRS = (
     ("a red circle", "a hat"),
     ("a blue square", "a hat"),

@@ -51,6 +51,7 @@ def command_train(args: argparse.Namespace) -> int:
         thing_weight=args.thing_weight,
         init_from=None if init_from is None else str(init_from),
         init_sha256=init_sha256,
+        world=args.world,
     )
     out = Path(args.out)
     trainer = Trainer(config, out)
@@ -235,6 +236,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--init-from",
         default=None,
         help="fine-tune: start from this exported model ('shapes' = the bundled one) (default: random weights)",
+    )
+    train.add_argument(
+        "--world",
+        choices=("v1", "v2", "v3"),
+        default="v1",
+        help="version of the shapes world the examples come from: v1 (first training), v2 (sun always "
+        "top right, present things named with probability 0.8, nouns in either order) or v3 (as v2, named "
+        "with probability 0.65): the fine-tunes that keep things apart (default v1)",
     )
     train.add_argument(
         "--max-minutes",

@@ -96,6 +96,10 @@ SHAPE_BOTTOM_STEPS = (-1.0, -0.5, 0.0, 0.5)  # template bottom offsets from the 
 STRIPE_MIN_PHASE_PIXELS = 4  # a stripe phase's rows need this many object pixels to count
 STRIPE_MIN_CONTRAST = 0.2  # see _stripe_contrast: striped 0.34–1.11 (blurred ones lowest),
 # plain 0–0.13 (noise); ≈ the geometric mean of the two bounds
+STRIPE_MIN_CONTRAST_SHARP = 0.6  # in a sharp image: rendered stripes read ≥ 0.75 there (one of 200
+# colour-gain scenes 0.39–0.6), the model's real stripes 1.7–4.6, while the row-by-row lightness of an
+# over-sharpened plain object (halos, a light band under the brim) read 0.22–0.56 (the audit of the
+# negative "blurry", docs/audit/first-model/audit.md)
 
 EDGE_RADIUS = 2  # an edge's profile: the 2·2 + 1 steps around its largest (stripes are 3 px)
 EDGE_MIN_CONTRAST = 60.0  # an edge: color distance across its profile above this (≥ 70 here)
@@ -601,7 +605,7 @@ def _features(image: np.ndarray) -> dict:
 
     object_contrast = _object_contrast(hue, chroma, sun_hued)
     washed_out = bool(object_contrast < MIN_OBJECT_CONTRAST)  # NaN (no object) compares False
-    striped = stripe_contrast >= STRIPE_MIN_CONTRAST
+    striped = stripe_contrast >= (STRIPE_MIN_CONTRAST if blurry else STRIPE_MIN_CONTRAST_SHARP)
     if washed_out:
         shape = color = hat = striped = hats = UNREADABLE
     return dict(

@@ -10,6 +10,14 @@ removable things that appear at random when a caption does not name them:
 Captions name a random subset of what is present, never something absent, either as a sentence
 ("a blurry red circle with a hat") or as a fragment naming one or two things ("a hat",
 "striped", "blurry", "a sun", "a red shape").
+
+Versions of the world (``WORLDS``): ``v1``, on which the bundled model was first trained, puts
+the sun in either top corner and names each present thing with probability ½, hat before sun;
+``v2``, of the fine-tune that keeps things apart (docs/training.md), always puts the sun top right
+(with a random side the model hedged under guidance and drew both suns), names present things
+with probability 0.8 (so a caption's silence about a thing more often means it is absent) and
+the nouns in either order; ``v3``, its last stage, names them with probability 0.65 (at 0.8 the
+model drew an unnamed hat in only 12 % of plain images: too little variety for a negative to act on).
 """
 
 from __future__ import annotations
@@ -40,6 +48,30 @@ ADJECTIVES = ("striped", "blurry")
 # Probability that each removable thing is present in a scene.
 PRESENCE = {"hat": 0.45, "sun": 0.45, "striped": 0.4, "blurry": 0.35}
 
+
+@dataclass(frozen=True)
+class World:
+    """What varies between versions of the world: the sun's corners and how captions name things."""
+
+    name: str
+    sun_sides: tuple[str, ...] = ("left", "right")
+    name_extra: float = 0.5  # probability that a sentence names each present hat / sun / stripes / blur
+    shuffle_nouns: bool = False  # "with a sun and a hat" as well as "with a hat and a sun"
+
+
+WORLDS = {
+    "v1": World("v1"),
+    "v2": World("v2", sun_sides=("right",), name_extra=0.8, shuffle_nouns=True),
+    "v3": World("v3", sun_sides=("right",), name_extra=0.65, shuffle_nouns=True),
+}
+
+
+def world_named(name: str) -> World:
+    if name not in WORLDS:
+        raise ValueError(f"unknown world version {name!r}; known: {', '.join(WORLDS)}")
+    return WORLDS[name]
+
+
 # Words of every caption the world writes; the bundled tokenizer's vocabulary.
 VOCABULARY = ("a", "with", "and", "shape", *COLORS, *SHAPES, *NOUNS, *ADJECTIVES)
 
@@ -62,8 +94,9 @@ class Scene:
         return asdict(self)
 
 
-def sample_scene(rng: np.random.Generator, **fixed) -> Scene:
+def sample_scene(rng: np.random.Generator, world: World = WORLDS["v1"], **fixed) -> Scene:
     """Draws a random scene; keyword arguments fix attributes (e.g. ``hat=False``)."""
+    sides = world.sun_sides
     values = dict(
         shape=SHAPES[rng.integers(len(SHAPES))],
         color=list(COLORS)[rng.integers(len(COLORS))],
@@ -71,7 +104,8 @@ def sample_scene(rng: np.random.Generator, **fixed) -> Scene:
         size=float(rng.uniform(6.0, 8.0)),
         hat=bool(rng.random() < PRESENCE["hat"]),
         sun=bool(rng.random() < PRESENCE["sun"]),
-        sun_side="left" if rng.random() < 0.5 else "right",
+        # v1 drew this number for the side; kept so that v1's stream stays what it was
+        sun_side=sides[int(rng.random() * len(sides))],
         striped=bool(rng.random() < PRESENCE["striped"]),
         blurry=bool(rng.random() < PRESENCE["blurry"]),
     )
@@ -188,10 +222,9 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Rendering:
 SENTENCE_PROBABILITY = 0.7  # otherwise a fragment
 NAME_COLOR = 0.8
 NAME_SHAPE = 0.8
-NAME_EXTRA = 0.5  # each present hat / sun / stripes / blur
 
 
-def sentence(scene: Scene, named: set[str]) -> str:
+def sentence(scene: Scene, named: set[str], nouns_reversed: bool = False) -> str:
     """The caption sentence naming exactly ``named`` (a subset of the scene's attributes)."""
     words = ["a"]
     words += [adj for adj in ("blurry", "striped") if adj in named]
@@ -199,6 +232,8 @@ def sentence(scene: Scene, named: set[str]) -> str:
         words.append(scene.color)
     words.append(scene.shape if "shape" in named else "shape")
     nouns = [n for n in ("hat", "sun") if n in named]
+    if nouns_reversed:
+        nouns.reverse()
     if nouns:
         words += ["with", "a", nouns[0]]
         for noun in nouns[1:]:
@@ -221,16 +256,17 @@ def present_things(scene: Scene) -> list[str]:
     return [t for t in (*ADJECTIVES, *NOUNS) if getattr(scene, t)]
 
 
-def sample_caption(scene: Scene, rng: np.random.Generator) -> str:
+def sample_caption(scene: Scene, rng: np.random.Generator, world: World = WORLDS["v1"]) -> str:
     """A caption naming a random subset of what the scene holds (never anything absent)."""
     present = present_things(scene)
     if rng.random() < SENTENCE_PROBABILITY:
-        named = {t for t in present if rng.random() < NAME_EXTRA}
+        named = {t for t in present if rng.random() < world.name_extra}
         if rng.random() < NAME_COLOR:
             named.add("color")
         if rng.random() < NAME_SHAPE:
             named.add("shape")
-        return sentence(scene, named)
+        reverse = world.shuffle_nouns and bool(rng.random() < 0.5)
+        return sentence(scene, named, nouns_reversed=reverse)
     items = ["color", "shape", *present]
     # Removable things are what negatives name: give their fragments more weight.
     weights = np.array([1.0, 1.0] + [2.0] * len(present))
@@ -239,8 +275,8 @@ def sample_caption(scene: Scene, rng: np.random.Generator) -> str:
     return " and ".join(_fragment_of(scene, items[i]) for i in sorted(chosen))
 
 
-def sample_example(seed: int, index: int) -> tuple[Scene, Rendering, str]:
+def sample_example(seed: int, index: int, world: World = WORLDS["v1"]) -> tuple[Scene, Rendering, str]:
     """The ``index``-th training example of the stream drawn from ``seed`` (resumable)."""
     rng = np.random.default_rng([seed, index])
-    scene = sample_scene(rng)
-    return scene, render(scene), sample_caption(scene, rng)
+    scene = sample_scene(rng, world)
+    return scene, render(scene), sample_caption(scene, rng, world)

@@ -34,16 +34,16 @@ from negprompt.shapes.model import (
     build_unet,
 )
 from negprompt.shapes.regions import NAME as REGION_FINDER
-from negprompt.shapes.scene import sample_example
+from negprompt.shapes.scene import WORLDS, World, sample_example, world_named
 
-# The bundled model's negprompt.json. Scale 14: chosen on seeds 0–95 after the fine-tune
-# (docs/training.md): at 5 the negative "a hat" left a hat in 34 % of images, at 14 in 9 %; at 20 in
-# 4 %, but there the negative "blurry" broke shapes (80 % right).
-DEFAULT_SAMPLING = {"scheduler": "euler-a", "steps": 20, "scale": 14.0}
+# The bundled model's negprompt.json. Scale 5: chosen after the fine-tune that keeps things apart
+# (docs/training.md; 24 images per evaluation row at scales 5, 7.5, 10, 14): every compositional row
+# held at 5, while at 10–14 the negative "blurry" over-sharpened striped objects (shapes 75–88 %). The
+# model before it needed 14 for the negative "a hat" to remove enough hats.
+DEFAULT_SAMPLING = {"scheduler": "euler-a", "steps": 20, "scale": 5.0}
 # What else the exported model's negprompt.json declares: the region finder of the world's things
 # (negprompt.analysis.regions; the entry point of negprompt.shapes.regions) and the demo's rows of
-# (prompt, negative). At scale 14 unnamed suns and stripes are rare and hats common (about a third of
-# plain images), so most rows remove a hat; "blurry" shows what a quality negative does.
+# (prompt, negative). Most rows remove a hat; "blurry" shows what a quality negative does.
 # "max_sigma": the cosine schedule's σ grows without bound near t = 1000 (σ = 13 at 20 steps' first
 # timestep, 36 at 50, 80 at 100, 214 at 200 with leading spacing) and the first step multiplies the
 # guided ε's error by σ: at σ ≤ 36 none of 16 images broke, at σ 80–107 (100–125 steps) 2–5 of 16 came
@@ -85,6 +85,7 @@ class TrainConfig:
     # a random initialisation: a fine-tune. Recorded with the file hash of its weights.
     init_from: str | None = None
     init_sha256: str | None = None
+    world: str = "v1"  # the version of the shapes world the examples come from (scene.WORLDS)
     model: ShapesModelConfig = field(default_factory=ShapesModelConfig)
 
     def __post_init__(self) -> None:
@@ -92,6 +93,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise NegpromptError(f"training {name.replace('_', ' ')} must be a positive number, got {value}")
+        if self.world not in WORLDS:
+            raise NegpromptError(f"unknown world version {self.world!r}; known: {', '.join(WORLDS)}")
 
     @property
     def total_steps(self) -> int:
@@ -106,6 +109,7 @@ class TrainConfig:
         data.setdefault("thing_weight", 1.0)  # checkpoints from before the field trained without it
         data.setdefault("init_from", None)
         data.setdefault("init_sha256", None)
+        data.setdefault("world", "v1")  # checkpoints from before the field were trained on v1
         model = ShapesModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.pop("model").items()})
         return cls(model=model, **data)
 
@@ -122,7 +126,9 @@ def learning_rate_at(step: int, config: TrainConfig) -> float:
 THING_REGIONS = ("hat", "sun", "striped")
 
 
-def batch_of_examples(seed: int, start: int, count: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+def batch_of_examples(
+    seed: int, start: int, count: int, world: World = WORLDS["v1"]
+) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """Examples ``start … start+count−1`` of the stream.
 
     Returns images (count, 3, 32, 32) in [−1, 1], captions, and the coverage (count, 1, 32, 32) in
@@ -130,7 +136,7 @@ def batch_of_examples(seed: int, start: int, count: int) -> tuple[torch.Tensor, 
     """
     images, captions, things = [], [], []
     for index in range(start, start + count):
-        _, rendering, caption = sample_example(seed, index)
+        _, rendering, caption = sample_example(seed, index, world)
         images.append(rendering.image)
         captions.append(caption)
         coverage = np.zeros(rendering.image.shape[:2])
@@ -336,7 +342,9 @@ class Trainer:
             lr = learning_rate_at(self.step, cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            pixels, captions, things = batch_of_examples(cfg.seed, self.step * cfg.batch_size, cfg.batch_size)
+            pixels, captions, things = batch_of_examples(
+                cfg.seed, self.step * cfg.batch_size, cfg.batch_size, world_named(cfg.world)
+            )
             # Noise, timesteps and caption dropout of step k come from a generator seeded by (seed, k):
             # a resumed run draws exactly what an uninterrupted one would.
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
