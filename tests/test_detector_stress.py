@@ -166,3 +166,20 @@ def test_a_light_band_on_a_sharp_plain_object_is_not_stripes():
         assert not features["blurry"] and features["striped"] is False
         assert detect(render(scene.__class__(**{**scene.to_dict(), "striped": True})).image).striped
     assert max(contrasts) > STRIPE_MIN_CONTRAST  # the blurred-image threshold alone would have said striped
+
+
+def test_a_small_striped_object_is_read_as_striped():
+    """A small object's eroded interior can hold only three adjacent stripe phases, all light or all dark
+    (a small sharpened triangle of the second audit): then the stripes are measured on the whole object."""
+    from negprompt.shapes.scene import Scene
+
+    missed = []
+    for shape in ("triangle", "circle", "square"):
+        for size in (4.0, 4.5, 5.0, 5.5):
+            for cy in (17.0, 18.0, 19.0, 20.0, 21.0):
+                scene = Scene(shape, "blue", (16.0, cy), size, False, False, "right", True, False)
+                plain = Scene(shape, "blue", (16.0, cy), size, False, False, "right", False, False)
+                assert not detect(render(plain).image).striped
+                if not detect(render(scene).image).striped:
+                    missed.append((shape, size, cy))
+    assert missed == []

@@ -478,8 +478,8 @@ def _stripe_contrast(
     lift_sum = np.bincount(phase, weights=lift, minlength=STRIPE_PERIOD)
     weight = np.bincount(phase, weights=chroma, minlength=STRIPE_PERIOD)
     phases = np.flatnonzero((count >= STRIPE_MIN_PHASE_PIXELS) & (weight > 0))
-    if len(phases) < 3:
-        return 0.0
+    if len(phases) < 4:  # three adjacent phases can all be light (or dark): no period to fit, no reading
+        return float("nan")  # (the caller falls back to the whole object, or says 0)
     index, weight = lift_sum[phases] / weight[phases], weight[phases]
     angle = 2 * np.pi * phases / STRIPE_PERIOD
     design = np.stack([np.ones_like(angle), np.cos(angle), np.sin(angle)], axis=1)
@@ -598,10 +598,13 @@ def _features(image: np.ndarray) -> dict:
         object_color = np.median(img[vivid & (chroma >= reference)], axis=0)
         # Stripes are measured inside the object: its outermost pixels carry the outlines and halos of
         # over-sharpened model images, which vary row by row (docs/detectors.md, the audit).
-        inside = _erode(obj)
-        stripe_contrast = _stripe_contrast(
-            img, object_color, _COLOR_CHROMAS[color], inside if inside.any() else obj, hat_region
-        )
+        # A small object's interior may leave too few stripe phases to fit (a small sharpened striped
+        # triangle of the second audit, docs/audit/audit.md): then the whole object is measured.
+        stripe_contrast = _stripe_contrast(img, object_color, _COLOR_CHROMAS[color], _erode(obj), hat_region)
+        if np.isnan(stripe_contrast):
+            stripe_contrast = _stripe_contrast(img, object_color, _COLOR_CHROMAS[color], obj, hat_region)
+        if np.isnan(stripe_contrast):
+            stripe_contrast = 0.0
 
     object_contrast = _object_contrast(hue, chroma, sun_hued)
     washed_out = bool(object_contrast < MIN_OBJECT_CONTRAST)  # NaN (no object) compares False
