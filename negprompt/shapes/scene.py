@@ -53,23 +53,16 @@ PRESENCE = {"hat": 0.45, "sun": 0.45, "striped": 0.4, "blurry": 0.35}
 class World:
     """What varies between versions of the world: the sun's corners and how captions name things."""
 
-    name: str
     sun_sides: tuple[str, ...] = ("left", "right")
     name_extra: float = 0.5  # probability that a sentence names each present hat / sun / stripes / blur
     shuffle_nouns: bool = False  # "with a sun and a hat" as well as "with a hat and a sun"
 
 
 WORLDS = {
-    "v1": World("v1"),
-    "v2": World("v2", sun_sides=("right",), name_extra=0.8, shuffle_nouns=True),
-    "v3": World("v3", sun_sides=("right",), name_extra=0.65, shuffle_nouns=True),
+    "v1": World(),
+    "v2": World(sun_sides=("right",), name_extra=0.8, shuffle_nouns=True),
+    "v3": World(sun_sides=("right",), name_extra=0.65, shuffle_nouns=True),
 }
-
-
-def world_named(name: str) -> World:
-    if name not in WORLDS:
-        raise ValueError(f"unknown world version {name!r}; known: {', '.join(WORLDS)}")
-    return WORLDS[name]
 
 
 # Words of every caption the world writes; the bundled tokenizer's vocabulary.

@@ -34,7 +34,7 @@ from negprompt.shapes.model import (
     build_unet,
 )
 from negprompt.shapes.regions import NAME as REGION_FINDER
-from negprompt.shapes.scene import WORLDS, World, sample_example, world_named
+from negprompt.shapes.scene import WORLDS, World, sample_example
 
 # The bundled model's negprompt.json. Scale 5: chosen after the fine-tune that keeps things apart
 # (docs/training.md; 24 images per evaluation row at scales 5, 7.5, 10, 14): every compositional row
@@ -343,7 +343,10 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             pixels, captions, things = batch_of_examples(
-                cfg.seed, self.step * cfg.batch_size, cfg.batch_size, world_named(cfg.world)
+                cfg.seed,
+                self.step * cfg.batch_size,
+                cfg.batch_size,
+                WORLDS[cfg.world],  # checked by TrainConfig
             )
             # Noise, timesteps and caption dropout of step k come from a generator seeded by (seed, k):
             # a resumed run draws exactly what an uninterrupted one would.
