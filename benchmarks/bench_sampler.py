@@ -20,10 +20,10 @@ import time
 
 import torch
 from common import write_result
-from diffusers import StableDiffusionPipeline
 
 from negprompt.guidance.plan import Guidance, Term
 from negprompt.guidance.windows import Window
+from negprompt.models.peers import diffusers_pipeline
 from negprompt.models.tiny_sd import build_tiny_sd
 from negprompt.sampling.loop import sample
 from negprompt.sampling.schedulers import make_scheduler
@@ -64,17 +64,7 @@ def main() -> None:
         scheduler = make_scheduler(args.scheduler, components.scheduler)
         return lambda: sample(components, guidance, scheduler, seeds, args.steps, args.size, args.size)
 
-    pipe = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        scheduler=make_scheduler(args.scheduler, components.scheduler),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(components, make_scheduler(args.scheduler, components.scheduler))
 
     def theirs():
         pipe.scheduler = make_scheduler(args.scheduler, components.scheduler)

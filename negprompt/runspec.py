@@ -3,6 +3,7 @@ and what a run returns."""
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class RunSpec:
     device: str = LEGACY_DEVICE
     dtype: str = LEGACY_DTYPE
     rows_per_call: int | None = None  # split each UNet call in chunks of so many rows (None: whole calls)
+    embeddings: tuple[tuple[str, str, str], ...] = ()  # textual inversions loaded: (token, file name, sha256[:10])
 
     def __post_init__(self) -> None:
         if isinstance(self.seeds, (str, bytes)) or not hasattr(self.seeds, "__iter__"):
@@ -78,6 +80,12 @@ class RunSpec:
             raise SettingsError(f"run device {self.device!r} is not one of {', '.join(RECORDED_DEVICES)}")
         if self.dtype not in DTYPES:
             raise SettingsError(f"run dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if isinstance(self.embeddings, (str, bytes)) or any(
+            not isinstance(e, (tuple, list)) or len(e) != 3 or not all(isinstance(x, str) for x in e)
+            for e in self.embeddings
+        ):
+            raise SettingsError(f"embeddings must be (token, file, sha256) triples, got {self.embeddings!r}")
+        object.__setattr__(self, "embeddings", tuple(tuple(e) for e in self.embeddings))
         rows = self.rows_per_call
         if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
             raise SettingsError(f"rows per UNet call must be a positive whole number, got {rows!r}")
@@ -98,6 +106,8 @@ class RunSpec:
         }
         if self.rows_per_call is not None:
             record["rows_per_call"] = self.rows_per_call
+        if self.embeddings:
+            record["embeddings"] = [{"token": t, "file": f, "sha256": h} for t, f, h in self.embeddings]
         return record
 
     @classmethod
@@ -122,6 +132,11 @@ class RunSpec:
         _expect(data, "rows_per_call", int, optional=True)
         if not isinstance(data["seeds"], list):
             raise SettingsError(f"settings field 'seeds' must be a list of whole numbers, got {data['seeds']!r}")
+        embeddings = data.get("embeddings") or []
+        if not isinstance(embeddings, list) or not all(
+            isinstance(e, dict) and {"token", "file", "sha256"} <= set(e) for e in embeddings
+        ):
+            raise SettingsError("settings field 'embeddings' must be a list of {token, file, sha256} objects")
         try:
             guidance = Guidance.from_json(data["guidance"])
         except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -138,6 +153,7 @@ class RunSpec:
             device=data.get("device", LEGACY_DEVICE),
             dtype=data.get("dtype", LEGACY_DTYPE),
             rows_per_call=data.get("rows_per_call"),
+            embeddings=tuple((e["token"], e["file"], e["sha256"]) for e in embeddings),
         )
 
     def infotext(self, index: int) -> str:
@@ -153,12 +169,17 @@ class RunSpec:
             f"Seed: {self.seeds[index]}",
             f"Size: {self.width}x{self.height}",
             f"Model: {self.model}",
+            *_second_prompts(g, index),
             *g.infotext_fields(),
         ]
         if self.dtype != LEGACY_DTYPE:
             fields.append(f"Precision: {self.dtype}")
         if self.rows_per_call is not None:
             fields.append(f"Rows per call: {self.rows_per_call}")
+        if self.embeddings:  # AUTOMATIC1111's field for textual-inversion embeddings
+            fields.append(
+                'TI hashes: "' + ", ".join(f"{token}: {digest}" for token, _, digest in self.embeddings) + '"'
+            )
         lines.append(", ".join(fields))
         return "\n".join(lines)
 
@@ -175,6 +196,18 @@ def _expect(data: dict, key: str, kind, optional: bool = False) -> None:
 
 def _as_text(prompt: str | tuple[str, ...], index: int) -> str:
     return prompt if isinstance(prompt, str) else prompt[index]
+
+
+def _second_prompts(guidance: Guidance, index: int) -> list[str]:
+    """Infotext fields of the second text encoder's prompts (SDXL), quoted as AUTOMATIC1111 quotes values."""
+    named = [("Prompt 2", guidance.positive)] + [
+        (f"Negative {i} prompt 2", term) for i, term in enumerate(guidance.negatives, start=1)
+    ]
+    return [
+        f"{name}: {json.dumps(_as_text(term.prompt_2, index), ensure_ascii=False)}"
+        for name, term in named
+        if term.prompt_2 is not None
+    ]
 
 
 @dataclass

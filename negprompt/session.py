@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from negprompt.devices import dtype_name, resolve_device, torch_dtype
-from negprompt.guidance.plan import Guidance, Term
+from negprompt.guidance.plan import Guidance, MicroConditions, Term
 from negprompt.guidance.rules.base import RuleSettings
 from negprompt.guidance.windows import Window
 from negprompt.limits import MAX_STEPS
 from negprompt.models.components import Components
-from negprompt.models.conditioning import Conditioning
+from negprompt.models.conditioning import Conditioning, PromptInput
+from negprompt.models.embeddings import Embedding, EmbeddingError, add_embedding, check_embedding_source, file_digest
 from negprompt.models.loading import load_components
 from negprompt.runspec import Generation, RunSpec, SettingsError
 from negprompt.sampling.loop import Group, StepCallback, UNetCallHook, encode_groups, sample_groups
@@ -84,7 +85,7 @@ class Session:
     def defaults(self) -> dict[str, Any]:
         """Default steps, scale and scheduler of the model (its ``negprompt.json``, else diffusers'),
         with whatever else the model declares there (see ``Components.declarations``)."""
-        return {**FALLBACK_DEFAULTS, **self.components.declarations}
+        return {**FALLBACK_DEFAULTS, **self.components.family.default_sampling, **self.components.declarations}
 
     def __repr__(self) -> str:
         return f"Session({self.model!r}, {self.components.family.name}, device={self.device!r}, dtype={self.dtype!r})"
@@ -104,9 +105,16 @@ class Session:
         return denoiser_calls(scheduler, self.components.scheduler, steps)
 
     def encode(self, texts: Sequence[str]) -> dict[str, Conditioning]:
-        """Each distinct text encoded alone by the model family's adapter."""
+        """Each distinct text encoded alone by the model family's adapter (as a positive prompt at the
+        model's default size, for SDXL)."""
         with self.lock:
-            return self.components.family.encode(self.components, texts)
+            components = self.components
+            if not components.family.size_conditioned:
+                return components.family.encode(components, texts)
+            side = components.default_size
+            inputs = {text: PromptInput(text, size_conditions=(side, side, 0, 0, side, side)) for text in texts}
+            encoded = components.family.encode(components, inputs.values())
+            return {text: encoded[item] for text, item in inputs.items()}
 
     def check_schedule(self, scheduler: str, steps: int) -> None:
         """Raises :class:`SettingsError` unless ``steps`` is a whole number in 1–1000 and, where the model
@@ -154,6 +162,14 @@ class Session:
         interval: Window | str | None = None,
         interval_sigma: tuple[float, float] | None = None,
         rule_settings: RuleSettings | Mapping[str, Any] | None = None,
+        prompt_2: str | Sequence[str] | None = None,
+        negative_2: str | Sequence[str | None] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
     ) -> RunSpec:
         """A run on this session's model, with its defaults filled in.
 
@@ -162,7 +178,31 @@ class Session:
         ``rule_settings``: the rule's options (its Settings dataclass or a mapping of option names,
         e.g. ``{"strength": 3}`` for ``dng``). ``interval`` limits guidance to a window of steps; ``interval_sigma`` = (σ_lo, σ_hi) to the
         steps whose noise level σ = √((1 − ᾱ)/ᾱ) lies in that range (converted to steps here).
+
+        SDXL only (an error on other models), named as in diffusers' ``StableDiffusionXLPipeline``:
+        ``prompt_2``/``negative_2`` (the second text encoder's prompts; default the first's), the
+        positive's micro-conditions ``original_size``, ``crops_coords_top_left``, ``target_size``
+        (default: the image size, (0, 0)) and the negatives' ``negative_…`` ones (each default: the
+        positive's). Sizes are (height, width), the crop corner (top, left).
         """
+        micro = _micro(original_size, crops_coords_top_left, target_size)
+        negative_micro = _micro(negative_original_size, negative_crops_coords_top_left, negative_target_size)
+        sdxl_options = [
+            name
+            for name, value in (
+                ("prompt_2", prompt_2),
+                ("negative_2", negative_2),
+                ("micro-conditions", micro),
+                ("negative micro-conditions", negative_micro),
+            )
+            if value is not None
+        ]
+        family = self.components.family
+        if sdxl_options and not (family.second_prompt and family.size_conditioned):
+            raise SettingsError(
+                f"{', '.join(sdxl_options)}: SDXL option(s), but {self.model} is {family.description}; "
+                "give them for SDXL models only"
+            )
         defaults = self.defaults
         if isinstance(positive_window, str):
             positive_window = Window.parse(positive_window)
@@ -178,8 +218,14 @@ class Session:
         prompt_value = prompt if isinstance(prompt, str) else tuple(prompt)
         guidance = Guidance(
             rule=rule,
-            positive=Term(prompt_value, None, positive_window or Window()),
-            negatives=negative_terms(negative, negative_scales, negative_windows),
+            positive=Term(
+                prompt_value,
+                None,
+                positive_window or Window(),
+                prompt_2 if prompt_2 is None or isinstance(prompt_2, str) else tuple(prompt_2),
+                micro,
+            ),
+            negatives=negative_terms(negative, negative_scales, negative_windows, negative_2, negative_micro),
             scale=defaults["scale"] if scale is None else scale,
             extra_positives=tuple(extra_positives),
             rescale=rescale,
@@ -204,7 +250,21 @@ class Session:
             eta=eta,
             device=self.device,
             dtype=self.dtype,
+            embeddings=tuple((e.token, e.file, e.sha256) for e in self.components.embeddings.values()),
         )
+
+    def load_embedding(self, token: str, path: str | Path) -> Embedding:
+        """Loads a textual-inversion embedding (safetensors) into every text encoder, used by ``token`` in
+        any prompt (see :mod:`negprompt.models.embeddings`). Loading the same file under the same token
+        again does nothing."""
+        with self.lock:
+            loaded = self.components.embeddings.get(token)
+            if loaded is not None:
+                digest = file_digest(check_embedding_source(token, path))
+                if digest == loaded.sha256:
+                    return loaded
+                raise EmbeddingError(f"token {token!r} already names the embedding {loaded.file} ({loaded.sha256})")
+            return add_embedding(self.components, token, path)
 
     # ---------------------------------------------------------------- running
 
@@ -242,6 +302,14 @@ class Session:
             if differing:
                 raise SettingsError(f"runs batched together must share {', '.join(differing)}")
         self.check_schedule(first.scheduler, first.steps)
+        loaded = {(e.token, e.sha256) for e in self.components.embeddings.values()}
+        for spec in specs:
+            for token, file, digest in spec.embeddings:
+                if (token, digest) not in loaded:
+                    raise SettingsError(
+                        f"the run uses the embedding {token!r} ({file}, sha256 {digest}), which this session has not "
+                        f"loaded; load it first (--embedding {token}={file})"
+                    )
         if (first.device, first.dtype) != (self.device, self.dtype):
             raise SettingsError(
                 f"the run asks for {first.dtype} on {first.device} but this session holds the model in "
@@ -251,7 +319,7 @@ class Session:
         with self.lock:
             components = self.components
             scheduler = make_scheduler(first.scheduler, components.scheduler)
-            conditioning = encode_groups(components, groups, scheduler, first.steps)
+            conditioning = encode_groups(components, groups, scheduler, first.steps, first.height, first.width)
             output = sample_groups(
                 components,
                 groups,
@@ -328,14 +396,22 @@ def negative_terms(
     negatives: str | Sequence[str | Term] | None,
     scales: Sequence[float | None] | None = None,
     windows: Sequence[Window | str | None] | None = None,
+    seconds: str | Sequence[str | None] | None = None,
+    micro: MicroConditions | None = None,
 ) -> tuple[Term, ...]:
-    """Terms from negative prompt texts with optional per-negative scales and windows.
+    """Terms from negative prompt texts with optional per-negative scales, windows and (SDXL) second
+    prompts, and the negatives' micro-conditions.
 
-    One scale or one window given for several negatives applies to every negative (as one
-    ``--negative-window`` would be read); otherwise give one per negative, in order.
+    One scale, window or second prompt given for several negatives applies to every negative (as one
+    ``--negative-window`` would be read); otherwise give one per negative, in order. A second prompt
+    or micro-conditions without a negative make an empty negative that carries them (as diffusers
+    takes ``negative_prompt_2`` or ``negative_original_size`` without a ``negative_prompt``).
     """
+    seconds = [seconds] if isinstance(seconds, str) else seconds
     if negatives is None:
-        return ()
+        if seconds is None and micro is None:
+            return ()
+        negatives = ""
     items = [negatives] if isinstance(negatives, str) else list(negatives)
     count = len(items)
 
@@ -352,15 +428,18 @@ def negative_terms(
         return values
 
     terms = []
-    for item, scale, window in zip(
-        items, per_negative(scales, "negative scales"), per_negative(windows, "negative windows")
+    for item, scale, window, second in zip(
+        items,
+        per_negative(scales, "negative scales"),
+        per_negative(windows, "negative windows"),
+        per_negative(seconds, "second negative prompts"),
     ):
         if isinstance(item, Term):
             terms.append(item)
             continue
         if isinstance(window, str):
             window = Window.parse(window)
-        terms.append(Term(item, scale, window or Window()))
+        terms.append(Term(item, scale, window or Window(), second, micro))
     return tuple(terms)
 
 
@@ -382,6 +461,22 @@ def interval_from_sigmas(sigmas: tuple[float, float], scheduler: str, steps: int
     if not inside:
         raise SettingsError(f"no step of this schedule has a noise level σ in [{low}, {high}]")
     return Window(inside[0], inside[-1] + 1)
+
+
+def _micro(original: Any, crop: Any, target: Any) -> MicroConditions | None:
+    """Micro-conditions from the three optional values, None when none is given."""
+    if original is None and crop is None and target is None:
+        return None
+    try:
+        return MicroConditions(
+            None if original is None else tuple(original),
+            None if crop is None else tuple(crop),
+            None if target is None else tuple(target),
+        )
+    except TypeError:
+        raise SettingsError(
+            f"micro-conditions must be pairs of whole numbers, got {original!r}, {crop!r}, {target!r}"
+        ) from None
 
 
 def respec(spec: RunSpec, session: Session) -> RunSpec:

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny Stable Diffusion and a tiny shapes-world model built from configs (random weights, no downloads)."""
+"""Shared fixtures: a tiny Stable Diffusion, a tiny SDXL and a tiny shapes-world model built from configs (random weights, no downloads)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,23 @@ def tiny_sd_dir(tmp_path_factory, tiny_sd):
 
     folder = tmp_path_factory.mktemp("tiny-sd")
     save_components(tiny_sd, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    from negprompt.models.tiny_sd import build_tiny_sdxl
+
+    return build_tiny_sdxl(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory, tiny_sdxl):
+    """The tiny SDXL saved as a diffusers directory (StableDiffusionXLPipeline, safetensors)."""
+    from negprompt.models.saving import save_components
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    save_components(tiny_sdxl, folder)
     return folder
 
 

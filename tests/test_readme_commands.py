@@ -54,15 +54,19 @@ def readme_commands() -> list[list[str]]:
     return commands
 
 
-def shortened(words: list[str], tiny_sd_dir: Path, spec: Path) -> list[str]:
-    words = [str(tiny_sd_dir) if w == "/path/to/stable-diffusion-v1-5" else w for w in words]
+def shortened(words: list[str], tiny_sd_dir: Path, spec: Path, stand_ins: dict[str, str] | None = None) -> list[str]:
+    """The command with the tiny models in place of real checkpoints (``stand_ins``: placeholder → path,
+    also inside ``TOKEN=placeholder``), shortened."""
+    stand_ins = {"/path/to/stable-diffusion-v1-5": str(tiny_sd_dir), **(stand_ins or {})}
+    for placeholder, path in stand_ins.items():
+        words = [w.replace(placeholder, path) for w in words]
     command = words[0]
     if command == "study":
         words = ["study", str(spec), *words[2:]]
     if "--from-png" in words:
         return words
     extra = list(SHORTER[command])
-    if str(tiny_sd_dir) in words:
+    if any(path in words for path in stand_ins.values()):
         extra += ["--width", "32", "--height", "32"]
         if "cuda" in words and not torch.cuda.is_available():
             extra += ["--device", "cpu"]
@@ -74,12 +78,20 @@ def test_the_readme_has_the_commands_we_check():
     assert commands == set(SHORTER), commands
 
 
-def test_every_readme_command_runs(tiny_sd_dir, tmp_path, monkeypatch, capsys):
+def test_every_readme_command_runs(tiny_sd_dir, tiny_sdxl_dir, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import save_file
+
     monkeypatch.chdir(tmp_path)
     spec = tmp_path / "readme-study.yaml"
     spec.write_text(SMALL_STUDY)
+    embedding = tmp_path / "easynegative-xl.safetensors"  # the tiny SDXL's widths: 32 and 32
+    save_file({"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 32)}, str(embedding))
+    stand_ins = {
+        "/path/to/stable-diffusion-xl-base-1.0": str(tiny_sdxl_dir),
+        "/path/to/easynegative-xl.safetensors": str(embedding),
+    }
     for words in readme_commands():
-        argv = shortened(words, tiny_sd_dir, spec)
+        argv = shortened(words, tiny_sd_dir, spec, stand_ins)
         code = main(argv)
         err = capsys.readouterr().err
         assert code == 0, f"negprompt {shlex.join(argv)} → {code}: {err}"

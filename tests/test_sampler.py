@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import UNCONDITIONAL, Guidance, Term
 from negprompt.guidance.windows import Window
+from negprompt.models.peers import diffusers_pipeline
 from negprompt.sampling.loop import sample
 from negprompt.sampling.schedulers import SCHEDULERS, make_scheduler
 
@@ -22,17 +22,7 @@ def ours(components, guidance, scheduler="default", steps=6, seeds=SEEDS, **kwar
 
 
 def diffusers_images(components, scheduler, steps=6, seeds=SEEDS, scale=7.5):
-    pipe = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        scheduler=make_scheduler(scheduler, components.scheduler),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(components, make_scheduler(scheduler, components.scheduler))
     return pipe(
         [PROMPT] * len(seeds),
         negative_prompt=[NEGATIVE] * len(seeds),

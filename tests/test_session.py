@@ -8,7 +8,6 @@ import threading
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from helpers import assert_usage_error
 from PIL import Image
 
@@ -18,11 +17,13 @@ from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Guidance, Term
 from negprompt.interfaces.cli import main
 from negprompt.models.components import Components
-from negprompt.models.conditioning import Conditioning, ConditioningError, denoiser_inputs
+from negprompt.models.conditioning import Conditioning, ConditioningError, PromptInput, denoiser_inputs
 from negprompt.models.families import UnsupportedModelError, family_for_index
 from negprompt.models.loading import load_components
+from negprompt.models.peers import diffusers_pipeline
 from negprompt.models.pixel import PixelFamily
 from negprompt.models.stable_diffusion import StableDiffusionFamily
+from negprompt.models.stable_diffusion_xl import StableDiffusionXLFamily
 from negprompt.runspec import RunSpec, SettingsError
 from negprompt.sampling.loop import Group, SamplingError, encode_groups, sample_groups
 from negprompt.sampling.schedule import alpha_bar_at, denoiser_calls, sigma_at
@@ -61,8 +62,8 @@ class TimeIdsFamily(StableDiffusionFamily):
 
     def encode(self, components, texts):
         return {
-            text: Conditioning(c.hidden_states, extra={"time_ids": torch.full((1, 6), float(len(text)))})
-            for text, c in super().encode(components, texts).items()
+            item: Conditioning(c.hidden_states, extra={"time_ids": torch.full((1, 6), float(len(item.text)))})
+            for item, c in super().encode(components, texts).items()
         }
 
 
@@ -92,7 +93,7 @@ def test_loop_refuses_missing_conditioning_and_bad_rows_per_call(tiny_sd):
     guidance = Guidance(positive=Term(PROMPT), negatives=(Term(NEGATIVE),))
     groups = [Group(guidance, (0,))]
     scheduler = make_scheduler("ddim", tiny_sd.scheduler)
-    partial = {k: v for k, v in encode_groups(tiny_sd, groups, scheduler, 2).items() if k != NEGATIVE}
+    partial = {k: v for k, v in encode_groups(tiny_sd, groups, scheduler, 2).items() if k.text != NEGATIVE}
     with pytest.raises(SamplingError, match="no conditioning given for the prompt.*'glasses'"):
         sample_groups(tiny_sd, groups, make_scheduler("ddim", tiny_sd.scheduler), 2, 32, 32, conditioning=partial)
     full = encode_groups(tiny_sd, groups, scheduler, 2)
@@ -112,10 +113,11 @@ def test_family_is_chosen_from_model_index(tiny_sd_dir):
     assert isinstance(family_for_index(index), StableDiffusionFamily)
     assert isinstance(family_for_index({**index, "_class_name": "StableDiffusionPipeline"}), StableDiffusionFamily)
     assert isinstance(family_for_index({**index, "vae": [None, None]}), PixelFamily)
+    assert isinstance(family_for_index({**index, "_class_name": "StableDiffusionXLPipeline"}), StableDiffusionXLFamily)
     with pytest.raises(
-        UnsupportedModelError, match="StableDiffusionXLPipeline with a VAE.*supported: Stable Diffusion"
+        UnsupportedModelError, match="StableDiffusion3Pipeline with a VAE.*supported: Stable Diffusion 1.x/2.x.*XL"
     ):
-        family_for_index({**index, "_class_name": "StableDiffusionXLPipeline"})
+        family_for_index({**index, "_class_name": "StableDiffusion3Pipeline"})
 
 
 def test_unsupported_family_is_refused_when_loading(tiny_sd_dir, tmp_path):
@@ -124,8 +126,11 @@ def test_unsupported_family_is_refused_when_loading(tiny_sd_dir, tmp_path):
     model = tmp_path / "xl"
     shutil.copytree(tiny_sd_dir, model)
     index = json.loads((model / "model_index.json").read_text())
-    (model / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    (model / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
     with pytest.raises(NegpromptError, match="cannot run; supported"):
+        load_components(model)
+    (model / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(NegpromptError, match="lacks the part.*text_encoder_2, tokenizer_2"):
         load_components(model)
 
 
@@ -307,17 +312,7 @@ def test_non_square_run_equals_diffusers_pipeline(tiny_sd):
     mine = Session(tiny_sd).generate(
         PROMPT, NEGATIVE, height=height, width=width, seeds=seeds, steps=5, scheduler="ddim", scale=7.5
     )
-    pipe = StableDiffusionPipeline(
-        vae=tiny_sd.vae,
-        text_encoder=tiny_sd.text_encoder,
-        tokenizer=tiny_sd.tokenizer,
-        unet=tiny_sd.unet,
-        scheduler=make_scheduler("ddim", tiny_sd.scheduler),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(tiny_sd, make_scheduler("ddim", tiny_sd.scheduler))
     theirs = pipe(
         [PROMPT] * 2,
         negative_prompt=[NEGATIVE] * 2,
@@ -352,9 +347,11 @@ def test_encode_groups_encodes_each_prompt_of_the_plan_once_alone(tiny_sd):
     delayed = Guidance(positive=Term(("a cat", "a dog")), negatives=(Term(NEGATIVE, window=Window(2)),))
     scheduler = make_scheduler("ddim", tiny_sd.scheduler)
     conditioning = encode_groups(tiny_sd, [Group(delayed, (0, 1))], scheduler, 4)
-    assert sorted(conditioning) == sorted(["", NEGATIVE, "a cat", "a dog"])  # unconditional before the window opens
+    # unconditional before the window opens; plain inputs only (no second prompt, size conditions or zeros)
+    assert sorted(c.text for c in conditioning) == sorted(["", NEGATIVE, "a cat", "a dog"])
+    assert all(c.is_plain for c in conditioning)
     assert all(c.hidden_states.shape[0] == 1 and c.pooled is None and not c.extra for c in conditioning.values())
     alone = encode_groups(tiny_sd, [Group(Guidance(rule="cfg", positive=Term("a dog")), (5,))], scheduler, 4)
-    assert sorted(alone) == ["", "a dog"] and torch.equal(
-        alone["a dog"].hidden_states, conditioning["a dog"].hidden_states
+    assert sorted(c.text for c in alone) == ["", "a dog"] and torch.equal(
+        alone[PromptInput("a dog")].hidden_states, conditioning[PromptInput("a dog")].hidden_states
     )

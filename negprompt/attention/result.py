@@ -22,6 +22,8 @@ from negprompt.attention.capture import (
     capture_attention,
     plan_capture,
 )
+from negprompt.attention.tokens import tokenize_words
+from negprompt.guidance import syntax
 from negprompt.guidance.plan import UNCONDITIONAL
 from negprompt.models.components import Components
 from negprompt.runspec import RunSpec
@@ -103,12 +105,33 @@ def branch_prompts(settings: RunSpec) -> dict[str, list[str]]:
     return prompts
 
 
+def check_second_prompts(settings: RunSpec, request: CaptureRequest, components: Components) -> None:
+    """With two text encoders (SDXL) a key position holds both encoders' tokens at that position: the
+    captured branches' second prompts must put the same words at the same positions as their first."""
+    batch = len(settings.seeds)
+    terms = settings.guidance.terms
+    for branch in request.words:
+        term = terms.get(branch)
+        if term is None or term.prompt_2 is None:
+            continue
+        for first, second in zip(term.prompts_for(batch), term.second_texts_at(0, settings.steps, batch)):
+            one = tokenize_words(components.tokenizer, syntax.plain_text(first))
+            two = tokenize_words(components.tokenizer_2, syntax.plain_text(second or first))
+            if (one.words, one.positions) != (two.words, two.positions):
+                raise CaptureError(
+                    f"the {branch} branch's prompt_2 {second!r} puts other words at the key positions than its prompt "
+                    f"{first!r}; attention maps words to positions, so capture it with the same text for both encoders"
+                )
+
+
 def plan_for(settings: RunSpec, request: CaptureRequest, model: Session | Components) -> CapturePlan:
     """The capture plan of a run (raises before sampling if the request cannot be met)."""
     components = model.components if isinstance(model, Session) else model
     calls = denoiser_calls(settings.scheduler, components.scheduler, settings.steps)
     factor = components.latent_factor
     latent_hw = (settings.height // factor, settings.width // factor)
+    if components.tokenizer_2 is not None:
+        check_second_prompts(settings, request, components)
     return plan_capture(components.unet, components.tokenizer, branch_prompts(settings), request, calls, latent_hw)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from negprompt.errors import NegpromptError
+from negprompt.models.embeddings import embedding_base, expand_embeddings
 
 
 class WordError(NegpromptError):
@@ -54,8 +55,16 @@ def _is_bpe(tokenizer: Any) -> bool:
 
 
 def tokenize_words(tokenizer: Any, prompt: str) -> TokenizedPrompt:
-    """Splits ``prompt`` into words and maps each to its token positions."""
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    """Splits ``prompt`` into words and maps each to its token positions.
+
+    A textual-inversion embedding is one word, named by its token, over all its vectors' positions.
+    """
+    ids = tokenizer(
+        expand_embeddings(tokenizer, prompt),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+    ).input_ids
     tokens = tuple(tokenizer.convert_ids_to_tokens(ids))
     special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     start = 0 if ids and ids[0] == tokenizer.bos_token_id else -1
@@ -63,15 +72,30 @@ def tokenize_words(tokenizer: Any, prompt: str) -> TokenizedPrompt:
     words: list[str] = []
     positions: list[tuple[int, ...]] = []
     current: list[int] = []
+    words_in_progress = ""  # the embedding token whose vectors ``current`` holds, if any
     for position in range(start + 1, end):
         if ids[position] in special:
             continue
+        embedding = embedding_base(tokenizer, tokens[position])
+        if embedding is not None:  # an embedding's vectors: one word, ended by any token that does not continue it
+            name, continues = embedding[0].lower(), embedding[1]
+            if current and not (continues and words_in_progress == name):
+                words.append(words_in_progress or tokenizer.decode([ids[p] for p in current]).strip().lower())
+                positions.append(tuple(current))
+                current = []
+            current.append(position)
+            words_in_progress = name
+            continue
+        if words_in_progress:
+            words.append(words_in_progress)
+            positions.append(tuple(current))
+            current, words_in_progress = [], ""
         current.append(position)
         if _is_word_end(tokens[position], tokenizer):
             words.append(tokenizer.decode([ids[p] for p in current]).strip().lower())
             positions.append(tuple(current))
             current = []
-    if current:  # a word cut by truncation
-        words.append(tokenizer.decode([ids[p] for p in current]).strip().lower())
+    if current:  # an embedding before the end token, or a word cut by truncation
+        words.append(words_in_progress or tokenizer.decode([ids[p] for p in current]).strip().lower())
         positions.append(tuple(current))
     return TokenizedPrompt(prompt, tokens, tuple(words), tuple(positions), max(start, 0), end)

@@ -42,43 +42,147 @@ from negprompt.limits import MAX_SCALE
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["UNCONDITIONAL", "Guidance", "GuidanceError", "StepContext", "Term"]
+__all__ = ["UNCONDITIONAL", "Guidance", "GuidanceError", "MicroConditions", "StepContext", "Term"]
 
 # Keys the first PNG format wrote into one shared settings object; each belongs to one rule.
 LEGACY_SETTING_PREFIXES = ("dng_", "apg_")
 
 
+Size = tuple[int, int]
+
+
+def _size_pair(value: object, what: str, minimum: int) -> Size | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, (str, bytes))
+        or not hasattr(value, "__len__")
+        or len(value) != 2  # type: ignore[arg-type]
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in value)  # type: ignore[union-attr]
+    ):
+        kind = "positive whole numbers" if minimum > 0 else "whole numbers ≥ 0"
+        raise GuidanceError(f"{what} must be two {kind} (height, width or top, left), got {value!r}")
+    return (int(value[0]), int(value[1]))  # type: ignore[index]
+
+
+@dataclass(frozen=True)
+class MicroConditions:
+    """SDXL's size micro-conditions of one prompt (Podell et al. 2023, §2.2), each (height, width) or
+    (top, left); None fields take the positive prompt's value, and the positive's take the image size
+    (original and target) and (0, 0) (crop)."""
+
+    original_size: Size | None = None
+    crops_coords_top_left: Size | None = None
+    target_size: Size | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "original_size", _size_pair(self.original_size, "original size", 1))
+        object.__setattr__(self, "target_size", _size_pair(self.target_size, "target size", 1))
+        object.__setattr__(
+            self, "crops_coords_top_left", _size_pair(self.crops_coords_top_left, "crop top-left corner", 0)
+        )
+
+    def resolve(self, height: int, width: int, fallback: MicroConditions | None = None) -> tuple[int, ...]:
+        """The six time ids (original h, w, crop top, left, target h, w), missing values from ``fallback``
+        (resolved first) and then the image size."""
+        base = (height, width, 0, 0, height, width) if fallback is None else fallback.resolve(height, width)
+        parts = (self.original_size, self.crops_coords_top_left, self.target_size)
+        return tuple(v for i, part in enumerate(parts) for v in (part if part is not None else base[2 * i : 2 * i + 2]))
+
+    def describe(self) -> str:
+        """``original 512,512; crop 0,0; target 1024,1024`` ((height, width) and (top, left); given fields only)."""
+        named = (("original", self.original_size), ("crop", self.crops_coords_top_left), ("target", self.target_size))
+        return "; ".join(f"{name} {v[0]},{v[1]}" for name, v in named if v is not None)
+
+    def to_json(self) -> dict:
+        return {
+            key: list(value)
+            for key, value in (
+                ("original_size", self.original_size),
+                ("crops_coords_top_left", self.crops_coords_top_left),
+                ("target_size", self.target_size),
+            )
+            if value is not None
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> MicroConditions:
+        unknown = set(data) - {"original_size", "crops_coords_top_left", "target_size"}
+        if unknown:
+            raise GuidanceError(f"unknown micro-condition(s) {', '.join(sorted(unknown))}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
 @dataclass(frozen=True)
 class Term:
-    """One prompt of the guidance: its text (one for all images, or one per image), scale, window."""
+    """One prompt of the guidance: its text (one for all images, or one per image), scale, window.
+
+    SDXL only: ``prompt_2``, the second text encoder's prompt (None: the same as ``prompt``), and
+    ``micro``, the prompt's size micro-conditions. Both belong to the branch, so they follow its window.
+    """
 
     prompt: str | tuple[str, ...]
     scale: float | None = None  # None: the rule's default (see the module docstring)
     window: Window = field(default_factory=Window)
+    prompt_2: str | tuple[str, ...] | None = None
+    micro: MicroConditions | None = None
 
     def texts_at(self, step: int, num_steps: int, batch_size: int) -> list[str]:
         """Each image's prompt at ``step``: AUTOMATIC1111 edits applied, weights kept."""
         return [syntax.text_at(p, step, num_steps) for p in self.prompts_for(batch_size)]
 
+    def second_texts_at(self, step: int, num_steps: int, batch_size: int) -> list[str | None]:
+        """Each image's ``prompt_2`` at ``step`` (None where the term has none)."""
+        if self.prompt_2 is None:
+            return [None] * batch_size
+        return [syntax.text_at(p, step, num_steps) for p in _per_image(self.prompt_2, batch_size)]
+
     def has_text_at(self, step: int, num_steps: int) -> bool:
         prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        if self.prompt_2 is not None:
+            prompts += [self.prompt_2] if isinstance(self.prompt_2, str) else list(self.prompt_2)
         return any(syntax.plain_text(syntax.text_at(p, step, num_steps)).strip() for p in prompts)
 
+    def has_input_at(self, step: int, num_steps: int) -> bool:
+        """Whether the branch differs from the empty prompt at ``step``: a text, or micro-conditions of its own."""
+        return self.micro is not None or self.has_text_at(step, num_steps)
+
     def prompts_for(self, batch_size: int) -> list[str]:
-        if isinstance(self.prompt, str):
-            return [self.prompt] * batch_size
-        if len(self.prompt) != batch_size:
-            raise GuidanceError(f"{len(self.prompt)} prompts given for a batch of {batch_size} images")
-        return list(self.prompt)
+        return _per_image(self.prompt, batch_size)
+
+    @property
+    def all_prompts(self) -> list[str]:
+        """Every prompt text of the term (both encoders'), for checks."""
+        texts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        if self.prompt_2 is not None:
+            texts += [self.prompt_2] if isinstance(self.prompt_2, str) else list(self.prompt_2)
+        return texts
 
     def to_json(self) -> dict:
         prompt = self.prompt if isinstance(self.prompt, str) else list(self.prompt)
-        return {"prompt": prompt, "scale": self.scale, "window": self.window.to_json()}
+        data = {"prompt": prompt, "scale": self.scale, "window": self.window.to_json()}
+        if self.prompt_2 is not None:
+            data["prompt_2"] = self.prompt_2 if isinstance(self.prompt_2, str) else list(self.prompt_2)
+        if self.micro is not None:
+            data["micro"] = self.micro.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping) -> Term:
         prompt = data["prompt"] if isinstance(data["prompt"], str) else tuple(data["prompt"])
-        return cls(prompt, data.get("scale"), Window.from_json(data.get("window")))
+        prompt_2 = data.get("prompt_2")
+        if prompt_2 is not None and not isinstance(prompt_2, str):
+            prompt_2 = tuple(prompt_2)
+        micro = MicroConditions.from_json(data["micro"]) if data.get("micro") is not None else None
+        return cls(prompt, data.get("scale"), Window.from_json(data.get("window")), prompt_2, micro)
+
+
+def _per_image(prompt: str | tuple[str, ...], batch_size: int) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt] * batch_size
+    if len(prompt) != batch_size:
+        raise GuidanceError(f"{len(prompt)} prompts given for a batch of {batch_size} images")
+    return list(prompt)
 
 
 def _check_scale(value: float | None, what: str) -> None:
@@ -153,7 +257,7 @@ class Guidance:
         """Raises if a window or the interval does not fit a schedule of ``num_steps`` UNet calls."""
         for term in self.terms.values():
             term.window.resolve(num_steps)
-            for prompt in [term.prompt] if isinstance(term.prompt, str) else term.prompt:
+            for prompt in term.all_prompts:
                 late = sorted(s for s in syntax.switch_steps(prompt, num_steps) if s >= num_steps)
                 if late:
                     raise WindowError(
@@ -170,7 +274,7 @@ class Guidance:
         return {
             name
             for name, term in self.terms.items()
-            if term.window.contains(step, num_steps) and (name == "positive" or term.has_text_at(step, num_steps))
+            if term.window.contains(step, num_steps) and (name == "positive" or term.has_input_at(step, num_steps))
         }
 
     def branches_at(self, step: int, num_steps: int) -> list[str]:
@@ -232,8 +336,12 @@ class Guidance:
                 fields.append(f"Negative {i} scale: {term.scale}")
             if not term.window.is_full:
                 fields.append(f"Negative {i} window: {term.window.describe()}")
+            if term.micro is not None:
+                fields.append(f'Negative {i} size conditions: "{term.micro.describe()}"')
         if not self.positive.window.is_full:
             fields.append(f"Positive window: {self.positive.window.describe()}")
+        if self.positive.micro is not None:
+            fields.append(f'Size conditions: "{self.positive.micro.describe()}"')
         if self.rescale:
             fields.append(f"Guidance rescale: {self.rescale}")
         if self.interval is not None:

@@ -150,6 +150,69 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     )
     add_rule_options(parser)
     add_run_options(parser)
+    add_sdxl_options(parser)
+
+
+SDXL_SIZE_OPTIONS = (
+    "original_size",
+    "crops_coords_top_left",
+    "target_size",
+    "negative_original_size",
+    "negative_crops_coords_top_left",
+    "negative_target_size",
+)
+
+
+def size_condition(text: str) -> tuple[int, int]:
+    """``H,W`` (or ``TOP,LEFT``): two whole numbers ≥ 0."""
+    try:
+        first, second = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be two whole numbers like 1024,1024 (height,width)") from None
+    if first < 0 or second < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be two whole numbers ≥ 0")
+    return first, second
+
+
+def embedding_option(text: str) -> tuple[str, str]:
+    token, sep, path = text.partition("=")
+    if not sep or not token or not path:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must look like TOKEN=FILE.safetensors, e.g. easynegative=en.safetensors"
+        )
+    return token, path
+
+
+def add_sdxl_options(parser: argparse.ArgumentParser) -> None:
+    """Textual-inversion embeddings (any model) and SDXL's second prompts and micro-conditions."""
+    parser.add_argument(
+        "--embedding",
+        action="append",
+        type=embedding_option,
+        metavar="TOKEN=FILE",
+        help="load a textual-inversion embedding (safetensors) used by TOKEN in any prompt (repeatable; default none)",
+    )
+    group = parser.add_argument_group("SDXL only (named as in diffusers' StableDiffusionXLPipeline)")
+    group.add_argument(
+        "--prompt-2", default=None, metavar="TEXT", help="the second text encoder's prompt (default: the prompt)"
+    )
+    group.add_argument(
+        "--negative-2",
+        action="append",
+        metavar="TEXT",
+        help="the second text encoder's negative, one for all or one per --negative (default: the negative)",
+    )
+    for dest in SDXL_SIZE_OPTIONS:
+        corner = "crops" in dest
+        negative = dest.startswith("negative")
+        default = "the positive's" if negative else ("0,0" if corner else "the image size")
+        group.add_argument(
+            "--" + dest.replace("_", "-"),
+            type=size_condition,
+            default=None,
+            metavar="TOP,LEFT" if corner else "H,W",
+            help=f"micro-condition{' of the negatives' if negative else ''} (default {default})",
+        )
 
 
 def add_rule_options(parser: argparse.ArgumentParser) -> None:
@@ -280,7 +343,11 @@ def session_from_args(args: argparse.Namespace, spec=None, model=None):
     torch_dtype(dtype)
     if model is None:
         model = spec.model if spec is not None else getattr(args, "model", None)
-    return Session(model, device=device, dtype=dtype)
+    check_embedding_args(args)
+    session = Session(model, device=device, dtype=dtype)
+    for token, path in getattr(args, "embedding", None) or []:
+        session.load_embedding(token, path)
+    return session
 
 
 def size_from_args(args: argparse.Namespace) -> dict:
@@ -330,12 +397,37 @@ def check_prompt_args(args: argparse.Namespace) -> None:
         Window.parse(text)
     if args.interval_sigma:
         sigma_range(args.interval_sigma)
-    for prompt in [args.prompt or "", *(args.negative or [])]:
+    for prompt in [args.prompt or "", *(args.negative or []), args.prompt_2 or "", *(args.negative_2 or [])]:
         syntax.parse(prompt)
+    for name in ("original_size", "target_size", "negative_original_size", "negative_target_size"):
+        value = getattr(args, name, None)
+        if value is not None and min(value) < 1:
+            raise CommandError(
+                f"--{name.replace('_', '-')} {value[0]},{value[1]}: sizes must be positive (height,width)"
+            )
+    check_embedding_args(args)
     if args.device is not None and args.device not in DEVICE_CHOICES:
         raise CommandError(f"unknown device {args.device!r}; accepted: {', '.join(DEVICE_CHOICES)}")
     if args.dtype is not None and args.dtype not in DTYPES:
         raise CommandError(f"unknown dtype {args.dtype!r}; accepted: {', '.join(DTYPES)}")
+
+
+def check_embedding_args(args: argparse.Namespace) -> None:
+    """Each --embedding names a safetensors file that exists, by a token of the right form."""
+    from negprompt.models.embeddings import check_embedding_source
+
+    for token, path in getattr(args, "embedding", None) or []:
+        check_embedding_source(token, path)
+
+
+def sdxl_from_args(args: argparse.Namespace) -> dict:
+    """The SDXL keywords of :meth:`Session.spec` that were given."""
+    given = {name: getattr(args, name) for name in SDXL_SIZE_OPTIONS if getattr(args, name, None) is not None}
+    if args.prompt_2 is not None:
+        given["prompt_2"] = args.prompt_2
+    if args.negative_2:
+        given["negative_2"] = args.negative_2
+    return given
 
 
 def settings_from_args(args: argparse.Namespace, session):
@@ -355,6 +447,7 @@ def settings_from_args(args: argparse.Namespace, session):
         interval=args.interval,
         interval_sigma=sigma_range(args.interval_sigma) if args.interval_sigma else None,
         rule_settings=rule_options_from_args(args),
+        **sdxl_from_args(args),
     )
 
 
@@ -374,6 +467,9 @@ FROM_PNG_OWN = {
     "model": "--model",
     "interval": "--interval",
     "interval_sigma": "--interval-sigma",
+    "prompt_2": "--prompt-2",
+    "negative_2": "--negative-2",
+    **{name: "--" + name.replace("_", "-") for name in SDXL_SIZE_OPTIONS},
 }
 
 
@@ -398,7 +494,7 @@ def command_generate(args: argparse.Namespace) -> int:
         if ignored:
             raise CommandError(
                 f"--from-png regenerates with the PNG's own settings; drop {', '.join(ignored)} "
-                "(only --out, --no-overwrite, --device, --dtype and -q go with it)"
+                "(only --out, --no-overwrite, --device, --dtype, --embedding and -q go with it)"
             )
         from negprompt.interfaces.png import read_png_settings
 
@@ -531,6 +627,10 @@ def command_edit(args: argparse.Namespace) -> int:
 
     if not args.negative or len(args.negative) != 1:
         raise CommandError("edit takes exactly one --negative")
+    if sdxl_from_args(args):
+        raise CommandError(
+            "edit takes no --prompt-2, --negative-2 or micro-conditions; use generate with --negative-window for them"
+        )
     if not 0 < args.threshold < 1:
         raise CommandError(f"threshold must be in (0, 1), got {args.threshold}")
     check_prompt_args(args)

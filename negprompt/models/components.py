@@ -18,6 +18,10 @@ class Components:
     given it follows from the parts: Stable Diffusion with a VAE, the pixel family without.
     ``declarations``: what the model says of itself in its ``negprompt.json`` (default steps, scale
     and scheduler; a region finder; demo prompts), read when it is loaded.
+    ``text_encoder_2``/``tokenizer_2``: SDXL's second text encoder (with projection) and its tokenizer.
+    ``pipeline_options``: the settings of ``model_index.json`` that are not parts, e.g. SDXL's
+    ``force_zeros_for_empty_prompt``. ``embeddings``: textual-inversion embeddings loaded into the
+    tokenizers, by token (see :mod:`negprompt.models.embeddings`).
     """
 
     unet: Any  # diffusers.UNet2DConditionModel
@@ -28,12 +32,16 @@ class Components:
     source: str = "in memory"
     family: Any = None  # negprompt.models.family.ModelFamily
     declarations: dict[str, Any] = field(default_factory=dict)
+    text_encoder_2: Any | None = None  # transformers.CLIPTextModelWithProjection (SDXL)
+    tokenizer_2: Any | None = None
+    pipeline_options: dict[str, Any] = field(default_factory=dict)
+    embeddings: dict[str, Any] = field(default_factory=dict)  # token → negprompt.models.embeddings.Embedding
 
     def __post_init__(self) -> None:
         if self.family is None:
             from negprompt.models.families import family_for_parts
 
-            self.family = family_for_parts(self.vae is not None)
+            self.family = family_for_parts(self)
 
     @property
     def latent_factor(self) -> int:
@@ -65,13 +73,18 @@ class Components:
         """Moves (and casts, if ``dtype``) every module in place."""
         # Only what changes is passed: diffusers warns about float32-only modules whenever a dtype is given.
         changes = {key: value for key, value in (("device", device), ("dtype", dtype)) if value is not None}
-        for part in (self.unet, self.text_encoder, self.vae):
-            if part is not None and changes:
+        for part in self.modules:
+            if changes:
                 part.to(**changes)
         return self
 
+    @property
+    def modules(self) -> list[Any]:
+        """The parts with weights."""
+        return [p for p in (self.unet, self.text_encoder, self.text_encoder_2, self.vae) if p is not None]
+
     def eval(self) -> "Components":
-        for part in (self.unet, self.text_encoder, self.vae):
+        for part in self.modules:
             if part is not None:
                 part.eval().requires_grad_(False)
         return self

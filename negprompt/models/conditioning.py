@@ -16,6 +16,34 @@ class ConditioningError(NegpromptError):
 
 
 @dataclass(frozen=True)
+class PromptInput:
+    """Everything one row of a denoiser call is conditioned on, as the family's adapter encodes it.
+
+    text: the prompt (AUTOMATIC1111 syntax resolved for the step, weights kept);
+    text_2: the second text encoder's prompt (SDXL's ``prompt_2``), None → ``text``;
+    size_conditions: SDXL's micro-conditions (original height, width, crop top, left, target
+    height, width), None for families without them;
+    zeros_when_empty: an empty input is encoded as zeros (SDXL's ``force_zeros_for_empty_prompt``,
+    set for negative and unconditional rows only).
+    """
+
+    text: str
+    text_2: str | None = None
+    size_conditions: tuple[int, int, int, int, int, int] | None = None
+    zeros_when_empty: bool = False
+
+    @property
+    def is_plain(self) -> bool:
+        """Only a text: what every family can encode."""
+        return self.text_2 is None and self.size_conditions is None and not self.zeros_when_empty
+
+
+def as_input(item: PromptInput | str) -> PromptInput:
+    """A bare text as the input of a family without second prompts or size conditions."""
+    return item if isinstance(item, PromptInput) else PromptInput(item)
+
+
+@dataclass(frozen=True)
 class Conditioning:
     """What the denoiser is conditioned on for one prompt.
 

@@ -9,8 +9,9 @@ from negprompt.errors import NegpromptError
 from negprompt.models.family import ModelFamily
 from negprompt.models.pixel import PixelFamily
 from negprompt.models.stable_diffusion import StableDiffusionFamily
+from negprompt.models.stable_diffusion_xl import StableDiffusionXLFamily
 
-FAMILIES: tuple[ModelFamily, ...] = (StableDiffusionFamily(), PixelFamily())
+FAMILIES: tuple[ModelFamily, ...] = (StableDiffusionFamily(), StableDiffusionXLFamily(), PixelFamily())
 
 
 class UnsupportedModelError(NegpromptError):
@@ -30,6 +31,9 @@ def family_for_index(index: Mapping[str, Any]) -> ModelFamily:
     )
 
 
-def family_for_parts(has_vae: bool) -> ModelFamily:
-    """The family of parts built in memory: Stable Diffusion with a VAE, the pixel family without."""
-    return FAMILIES[0] if has_vae else FAMILIES[1]
+def family_for_parts(parts: Any) -> ModelFamily:
+    """The family of parts built in memory: SDXL with a second text encoder, else Stable Diffusion
+    with a VAE, the pixel family without."""
+    if getattr(parts, "text_encoder_2", None) is not None:
+        return FAMILIES[1]
+    return FAMILIES[0] if parts.vae is not None else FAMILIES[2]

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 
-from negprompt.models.conditioning import Conditioning
+from negprompt.models.conditioning import Conditioning, ConditioningError, PromptInput, as_input
 from negprompt.models.prompts import encode_prompts
 
 
@@ -27,6 +27,9 @@ class Parts(Protocol):
     tokenizer: Any
     scheduler: Any
     vae: Any | None
+    text_encoder_2: Any | None  # SDXL
+    tokenizer_2: Any | None
+    pipeline_options: dict[str, Any]  # model_index.json's settings, e.g. force_zeros_for_empty_prompt
 
     @property
     def device(self) -> torch.device: ...
@@ -42,6 +45,10 @@ class ModelFamily:
     description: ClassVar[str] = "a model"
     pipeline_classes: ClassVar[tuple[str, ...]] = ()  # model_index.json ``_class_name`` values it reads
     has_vae: ClassVar[bool] = False
+    size_conditioned: ClassVar[bool] = False  # conditioned on image-size micro-conditions (SDXL)
+    second_prompt: ClassVar[bool] = False  # a second text encoder with a prompt of its own (SDXL)
+    default_sampling: ClassVar[dict[str, Any]] = {}  # the family's pipeline defaults (e.g. SDXL's scale 5)
+    saved_pipeline_class: ClassVar[str | None] = None  # ``_class_name`` it is saved under (None: negprompt's)
 
     def matches(self, index: Mapping[str, Any]) -> bool:
         """Whether a model directory with this ``model_index.json`` belongs to the family."""
@@ -69,13 +76,20 @@ class ModelFamily:
 
     # ---------------------------------------------------------------- prompts
 
-    def encode(self, components: Parts, texts: Iterable[str]) -> dict[str, Conditioning]:
-        """Each distinct text encoded once, alone (its conditioning never depends on a batch), on the UNet's device."""
-        device = components.device
-        return {
-            text: Conditioning(encode_prompts(components.tokenizer, components.text_encoder, [text]).to(device))
-            for text in sorted(set(texts))
-        }
+    def zeros_empty_negatives(self, components: Parts) -> bool:
+        """Whether an empty negative is encoded as zeros (SDXL's ``force_zeros_for_empty_prompt``)."""
+        return False
+
+    def encode(self, components: Parts, inputs: Iterable[PromptInput | str]) -> dict[PromptInput | str, Conditioning]:
+        """Each distinct input (a :class:`PromptInput` or a bare text) encoded once, alone (its conditioning
+        never depends on a batch), on the UNet's device; keyed as given."""
+        return {item: self.encode_one(components, as_input(item)).to(components.device) for item in set(inputs)}
+
+    def encode_one(self, components: Parts, item: PromptInput) -> Conditioning:
+        """One input's conditioning: the text encoder's last hidden states (SD 1.x/2.x, the bundled model)."""
+        if item.text_2 is not None or item.size_conditions is not None:
+            raise ConditioningError(f"{self.description} has one text encoder and no size conditions; got {item!r}")
+        return Conditioning(encode_prompts(components.tokenizer, components.text_encoder, [item.text]))
 
     # ---------------------------------------------------------------- geometry
 

@@ -130,6 +130,7 @@ def load_components(
         source=source_name(source, root),
         family=family,
         declarations=read_declarations(root),
+        pipeline_options={k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)},
     )
     return components.eval().to(device)
 

@@ -9,6 +9,7 @@ import torch
 
 from negprompt.errors import NegpromptError
 from negprompt.guidance import syntax
+from negprompt.models.embeddings import expand_embeddings
 
 
 class PromptError(NegpromptError):
@@ -30,7 +31,7 @@ def check_prompt(tokenizer: Any, prompt: str) -> list[int]:
     Errors: a word unknown to a word-level tokenizer (the message lists the vocabulary); a prompt
     longer than the tokenizer's ``model_max_length`` (the message names the words that would be cut).
     """
-    prompt = syntax.plain_text(prompt)
+    prompt = expand_embeddings(tokenizer, syntax.plain_text(prompt))
     ids = tokenizer(prompt, truncation=False, add_special_tokens=True, verbose=False).input_ids
     vocabulary = _word_level_vocabulary(tokenizer)
     if vocabulary is not None and tokenizer.unk_token_id in ids:
@@ -54,7 +55,7 @@ def _weighted_tokens(tokenizer: Any, prompt: str) -> tuple[list[int], list[float
     chunks = syntax.resolve(syntax.parse(prompt), 0, 1)
     ids, weights = [tokenizer.bos_token_id], [1.0]
     for text, weight in chunks:
-        piece = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+        piece = tokenizer(expand_embeddings(tokenizer, text), add_special_tokens=False, verbose=False).input_ids
         ids += piece
         weights += [weight] * len(piece)
     ids.append(tokenizer.eos_token_id)
@@ -72,19 +73,20 @@ def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) ->
     (``(word:1.3)``) is tokenized chunk by chunk; each token's hidden state is multiplied by its
     weight and the result rescaled to the unweighted mean, as AUTOMATIC1111 does (unless that
     rescale factor is not in (0.1, 10): then the weighted states are kept as they are).
+    A loaded multi-vector textual-inversion token stands for all its vectors (see
+    :mod:`negprompt.models.embeddings`).
     """
+    if not any(syntax.has_syntax(p) for p in prompts):
+        return encode_prompt_batch(tokenizer, text_encoder, prompts)
+    return torch.cat([encode_prompt(tokenizer, text_encoder, p)[0] for p in prompts])
+
+
+def encode_prompt_batch(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """Last hidden states of prompts without AUTOMATIC1111 syntax, encoded in one batch: (N, L, D)."""
     for prompt in prompts:
         check_prompt(tokenizer, prompt)
-    weighted = [syntax.has_syntax(p) for p in prompts]
-    if any(weighted):
-        return torch.cat(
-            [
-                _encode_weighted(tokenizer, text_encoder, p) if w else encode_prompts(tokenizer, text_encoder, [p])
-                for p, w in zip(prompts, weighted)
-            ]
-        )
     tokens = tokenizer(
-        list(prompts),
+        [expand_embeddings(tokenizer, p) for p in prompts],
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
@@ -99,12 +101,47 @@ def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) ->
     return hidden.to(dtype=text_encoder.dtype)
 
 
-def _encode_weighted(tokenizer: Any, text_encoder: Any, prompt: str) -> torch.Tensor:
-    ids, weights = _weighted_tokens(tokenizer, prompt)
+def encode_prompt(
+    tokenizer: Any, text_encoder: Any, prompt: str, penultimate: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One prompt's hidden states (1, L, D), of the last layer or, with ``penultimate``, of the one before
+    it (SDXL's), and the encoder's pooled projection (1, P) when it has one (``text_embeds``), else None.
+
+    Weights of AUTOMATIC1111 syntax scale the hidden states as :func:`encode_prompts` says; the pooled
+    projection is the encoder's, unweighted.
+    """
+    check_prompt(tokenizer, prompt)
+    if not penultimate and not syntax.has_syntax(prompt):
+        return encode_prompt_batch(tokenizer, text_encoder, [prompt]), None
+    if syntax.has_syntax(prompt):
+        ids, weights = _weighted_tokens(tokenizer, prompt)
+        mask = None
+    else:
+        tokens = tokenizer(
+            [expand_embeddings(tokenizer, prompt)],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        ids, weights = tokens.input_ids[0].tolist(), None
+        mask = tokens.attention_mask if getattr(text_encoder.config, "use_attention_mask", False) else None
     device = text_encoder.device
     with torch.no_grad():
-        hidden = text_encoder(torch.tensor([ids], device=device))[0]
-    scale = torch.tensor(weights, device=device, dtype=hidden.dtype)[None, :, None]
+        output = text_encoder(
+            torch.tensor([ids], device=device),
+            attention_mask=None if mask is None else mask.to(device),
+            output_hidden_states=penultimate,
+        )
+    hidden = output.hidden_states[-2] if penultimate else output[0]
+    pooled = output[0] if output[0].ndim == 2 else None
+    if weights is not None:
+        hidden = _apply_weights(hidden, weights)
+    return hidden.to(dtype=text_encoder.dtype), None if pooled is None else pooled.to(dtype=text_encoder.dtype)
+
+
+def _apply_weights(hidden: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    scale = torch.tensor(weights, device=hidden.device, dtype=hidden.dtype)[None, :, None]
     original_mean = hidden.mean()
     hidden = hidden * scale
     ratio = original_mean / hidden.mean()
@@ -112,4 +149,4 @@ def _encode_weighted(tokenizer: Any, text_encoder: Any, prompt: str) -> torch.Te
     # SD: the ratio was inf and the images NaN); then keep the weighted embedding unrescaled.
     if torch.isfinite(ratio) and 0.1 < float(ratio) < 10.0:
         hidden = hidden * ratio
-    return hidden.to(dtype=text_encoder.dtype)
+    return hidden

@@ -25,16 +25,22 @@ def save_components(components: Components, folder: str | Path) -> Path:
     """Saves every part of ``components`` under ``folder`` and writes the model index."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    index: dict[str, object] = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__}
-    for name in ("unet", "text_encoder", "vae"):
+    class_name = components.family.saved_pipeline_class or PIPELINE_CLASS
+    index: dict[str, object] = {"_class_name": class_name, "_diffusers_version": diffusers.__version__}
+    index.update(components.pipeline_options)
+    names = ("unet", "text_encoder", "vae") + (("text_encoder_2",) if components.text_encoder_2 is not None else ())
+    for name in names:
         part = getattr(components, name)
         if part is None:
             index[name] = [None, None]
             continue
         part.save_pretrained(folder / name, safe_serialization=True)
         index[name] = [_library_of(part), part.__class__.__name__]
-    components.tokenizer.save_pretrained(str(folder / "tokenizer"))
-    index["tokenizer"] = [_library_of(components.tokenizer), components.tokenizer.__class__.__name__]
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = getattr(components, name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder / name))
+            index[name] = [_library_of(tokenizer), tokenizer.__class__.__name__]
     components.scheduler.save_pretrained(folder / "scheduler")
     index["scheduler"] = ["diffusers", components.scheduler.__class__.__name__]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -27,11 +27,11 @@ import torch
 from tqdm.auto import tqdm
 
 from negprompt.errors import NegpromptError
-from negprompt.guidance.plan import UNCONDITIONAL, Guidance, StepContext
+from negprompt.guidance.plan import UNCONDITIONAL, Guidance, MicroConditions, StepContext
 from negprompt.guidance.rules.base import Rule
 from negprompt.limits import MAX_STEPS
 from negprompt.models.components import Components
-from negprompt.models.conditioning import Conditioning, denoiser_inputs
+from negprompt.models.conditioning import Conditioning, PromptInput, denoiser_inputs
 from negprompt.sampling.schedule import alpha_bar_at, denoiser_calls
 
 
@@ -153,40 +153,87 @@ def _validate(components: Components, groups: Sequence[Group], num_steps: int, h
             raise SamplingError(f"{name} {value} is not a positive multiple of {multiple} (the model's size factor)")
 
 
-def _branch_prompts(group: Group, branch: str, step: int, num_steps: int) -> tuple[str, ...]:
-    """Each image's prompt for ``branch`` at ``step`` (AUTOMATIC1111 prompt edits applied)."""
+@dataclass(frozen=True)
+class RowInputs:
+    """What, besides the prompt texts, decides a row's conditioning in this run: the image size and
+    what the model family conditions on (see :class:`~negprompt.models.conditioning.PromptInput`)."""
+
+    height: int
+    width: int
+    size_conditioned: bool = False  # SDXL: micro-conditions (time ids) per row
+    zeros_when_empty: bool = False  # SDXL's force_zeros_for_empty_prompt, for negative and ∅ rows
+
+    @classmethod
+    def of(cls, components: Components, height: int | None = None, width: int | None = None) -> RowInputs:
+        family, side = components.family, components.default_size
+        return cls(
+            side if height is None else height,
+            side if width is None else width,
+            family.size_conditioned,
+            family.zeros_empty_negatives(components),
+        )
+
+
+def _branch_prompts(
+    group: Group, branch: str, step: int, num_steps: int, rows: RowInputs | None = None
+) -> tuple[PromptInput, ...]:
+    """Each image's conditioning input for ``branch`` at ``step`` (AUTOMATIC1111 prompt edits applied)."""
+    count = len(group.seeds)
+    rows = rows or RowInputs(0, 0)
+    positive = group.guidance.positive
     if branch == UNCONDITIONAL:
-        return ("",) * len(group.seeds)
-    return tuple(group.guidance.terms[branch].texts_at(step, num_steps, len(group.seeds)))
+        texts, seconds, micro = [""] * count, [None] * count, None  # ∅ keeps the positive's size conditions
+    else:
+        term = group.guidance.terms[branch]
+        texts, seconds = term.texts_at(step, num_steps, count), term.second_texts_at(step, num_steps, count)
+        micro = term.micro if term is not positive else None
+    size = None
+    if rows.size_conditioned:  # a negative's own micro-conditions, each missing one the positive's
+        own = micro or positive.micro or MicroConditions()
+        size = own.resolve(rows.height, rows.width, positive.micro if micro else None)
+    zeros = rows.zeros_when_empty and not branch.startswith("positive")
+    return tuple(PromptInput(t, s, size, zeros) for t, s in zip(texts, seconds))
 
 
-def _plan_texts(groups: Sequence[Group], plans: Sequence[Sequence[Sequence[str]]], calls: int) -> set[str]:
-    """Prompt texts of the branches ``plans[g][step]`` evaluates."""
+def _plan_texts(
+    groups: Sequence[Group], plans: Sequence[Sequence[Sequence[str]]], calls: int, rows: RowInputs | None = None
+) -> set[PromptInput]:
+    """Conditioning inputs of the branches ``plans[g][step]`` evaluates."""
     return {
         t
         for g, group in enumerate(groups)
         for step, branches in enumerate(plans[g])
         for b in branches
-        for t in _branch_prompts(group, b, step, calls)
+        for t in _branch_prompts(group, b, step, calls, rows)
     }
 
 
-def needed_prompts(groups: Sequence[Group], num_calls: int) -> list[str]:
-    """Every distinct prompt text the groups' plans evaluate over ``num_calls`` denoiser calls, sorted."""
+def needed_prompts(groups: Sequence[Group], num_calls: int, rows: RowInputs | None = None) -> list[PromptInput]:
+    """Every distinct conditioning input the groups' plans evaluate over ``num_calls`` denoiser calls, sorted."""
     for group in groups:
         group.guidance.validate(num_calls)
     plans = [[group.guidance.branches_at(step, num_calls) for step in range(num_calls)] for group in groups]
-    return sorted(_plan_texts(groups, plans, num_calls))
+    return sorted(_plan_texts(groups, plans, num_calls, rows), key=_input_order)
+
+
+def _input_order(item: PromptInput) -> tuple:
+    return (item.text, item.text_2 or "", item.size_conditions or (), item.zeros_when_empty)
 
 
 def encode_groups(
-    components: Components, groups: Sequence[Group], scheduler: Any, num_steps: int
-) -> dict[str, Conditioning]:
-    """The conditioning :func:`sample_groups` needs: each prompt of the plans encoded once, alone, by the
-    model family's adapter (so an image's conditioning never depends on its batch)."""
+    components: Components,
+    groups: Sequence[Group],
+    scheduler: Any,
+    num_steps: int,
+    height: int | None = None,
+    width: int | None = None,
+) -> dict[PromptInput, Conditioning]:
+    """The conditioning :func:`sample_groups` needs for images of ``height`` × ``width`` (default: the
+    model's size): each input of the plans encoded once, alone, by the model family's adapter (so an
+    image's conditioning never depends on its batch)."""
     _validate_steps(num_steps)
     calls = denoiser_calls("default", scheduler, num_steps)
-    return components.family.encode(components, needed_prompts(groups, calls))
+    return components.family.encode(components, needed_prompts(groups, calls, RowInputs.of(components, height, width)))
 
 
 @torch.inference_mode()
@@ -204,7 +251,7 @@ def sample_groups(
     eta: float = 0.0,
     max_rows_per_call: int | None = None,
     *,
-    conditioning: Mapping[str, Conditioning],
+    conditioning: Mapping[PromptInput, Conditioning],
 ) -> SampleOutput:
     """The denoising loop for several groups of images at once, one batched UNet call per group and step.
 
@@ -242,10 +289,11 @@ def sample_groups(
     states = [group.guidance.new_state(len(group.seeds)) for group in groups]
     alpha_bars = [float(_alpha_bar(scheduler, t)) for t in timesteps] + [1.0]
 
-    missing = sorted(_plan_texts(groups, plans, calls) - set(conditioning))
+    rows_inputs = RowInputs.of(components, height, width)
+    missing = sorted(_plan_texts(groups, plans, calls, rows_inputs) - set(conditioning), key=_input_order)
     if missing:
         raise SamplingError(
-            f"no conditioning given for the prompt(s) {', '.join(map(repr, missing))}; "
+            f"no conditioning given for the prompt(s) {', '.join(repr(m.text) for m in missing)}; "
             "encode every prompt of the plan (see encode_groups)"
         )
 
@@ -276,7 +324,7 @@ def sample_groups(
         predictions_of: dict[int, dict[str, torch.Tensor]] = {}
         # Each group's branches (in plan order) with every image's prompt at this step.
         layouts = [
-            {branch: _branch_prompts(group, branch, step, calls) for branch in plans[g][step]}
+            {branch: _branch_prompts(group, branch, step, calls, rows_inputs) for branch in plans[g][step]}
             for g, group in enumerate(groups)
         ]
         # One UNet call per group (its rows branch-major, as when it runs alone), so an image never
@@ -351,13 +399,13 @@ def sample_groups(
 def _call_denoiser(
     components: Components,
     group: Group,
-    prompts: Mapping[str, tuple[str, ...]],
+    prompts: Mapping[str, tuple[PromptInput, ...]],
     model_input: torch.Tensor,
     t: torch.Tensor,
     step: int,
     context: StepContext,
     sharing: Sequence[int],
-    conditioning: Mapping[str, Conditioning],
+    conditioning: Mapping[PromptInput, Conditioning],
     unet_hooks: Sequence[UNetCallHook],
     max_rows_per_call: int | None,
     prepares: bool,
@@ -405,13 +453,13 @@ def sample(
     unet_hooks: Sequence[UNetCallHook] = (),
     progress: bool = False,
     eta: float = 0.0,
-    conditioning: Mapping[str, Conditioning] | None = None,
+    conditioning: Mapping[PromptInput, Conditioning] | None = None,
 ) -> SampleOutput:
     """One group: one image per seed under one guidance (see :func:`sample_groups`); its prompts are
     encoded first by :func:`encode_groups` unless ``conditioning`` is given."""
     groups = [Group(guidance, tuple(int(s) for s in seeds))]
     if conditioning is None:
-        conditioning = encode_groups(components, groups, scheduler, num_steps)
+        conditioning = encode_groups(components, groups, scheduler, num_steps, height, width)
     return sample_groups(
         components,
         groups,

@@ -1,0 +1,40 @@
+"""The benchmark scripts run: the GPU one says clearly that it needs CUDA, the SDXL one on a tiny run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def benchmarks_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+
+def test_bench_gpu_without_cuda_exits_with_a_clear_message(benchmarks_on_path, monkeypatch, capsys, tmp_path):
+    import bench_gpu
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--out", str(tmp_path / "gpu.json")])
+    assert bench_gpu.main() == 2
+    err = capsys.readouterr().err
+    assert "no CUDA GPU here" in err and "bench_sdxl.py" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "gpu.json").exists()
+
+
+def test_bench_sdxl_tiny_run_writes_its_ratios(benchmarks_on_path, monkeypatch, tmp_path):
+    import bench_sdxl
+
+    out = tmp_path / "sdxl.json"
+    argv = ["bench_sdxl.py", "--size", "32", "--steps", "2", "--batch", "1", "--repeats", "1", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_sdxl.main()
+    result = json.loads(out.read_text())
+    assert set(result["ratios"]) == set(result["targets"]) and all(v > 0 for v in result["ratios"].values())
+    assert result["settings"]["preset"] == "tiny" and result["median_seconds"]["diffusers"] > 0
