@@ -153,15 +153,18 @@ def test_sdxl_directory_loads_and_gives_the_same_images(tiny_sdxl, tiny_sdxl_dir
     assert np.array_equal(session.run(spec).pixels, memory.run(spec).pixels)
 
 
-def test_bfloat16_on_cpu_stays_near_float32(tiny_sdxl_dir):
-    """bfloat16 keeps 8 bits of mantissa: on the tiny SDXL (6 steps) images stay within 0.1 of float32."""
+@pytest.mark.parametrize("dtype, largest", [("float16", 0.01), ("bfloat16", 0.05)])
+def test_half_precision_on_cpu_stays_near_float32(tiny_sdxl_dir, dtype, largest):
+    """Measured on the tiny SDXL (6 steps, 32×48): float16 differs from float32 by at most 0.0018 (mean
+    0.0003), bfloat16 (8 bits of mantissa) by 0.019 (mean 0.0027); the bounds leave room for other CPUs."""
     spec_args = dict(steps=6, seeds=[5], size=(HEIGHT, WIDTH))
     full = Session(str(tiny_sdxl_dir), device="cpu", dtype="float32")
-    half = Session(str(tiny_sdxl_dir), device="cpu", dtype="bfloat16")
+    half = Session(str(tiny_sdxl_dir), device="cpu", dtype=dtype)
     a = full.run(full.spec(PROMPT, NEGATIVE, **spec_args)).pixels
     b = half.run(half.spec(PROMPT, NEGATIVE, **spec_args)).pixels
-    assert half.components.text_encoder_2.dtype == torch.bfloat16 and np.isfinite(b).all()
-    assert np.abs(a - b).max() <= 0.1 and np.abs(a - b).mean() <= 0.02
+    parts = half.components
+    assert {parts.unet.dtype, parts.text_encoder_2.dtype, parts.vae.dtype} == {getattr(torch, dtype)}  # VAE restored
+    assert np.isfinite(b).all() and np.abs(a - b).max() <= largest and np.abs(a - b).mean() <= largest / 10
 
 
 def test_float16_vae_decodes_in_float32_and_is_restored(tiny_sdxl_dir):
@@ -293,3 +296,23 @@ def test_attend_timeline_and_strength_study_run_on_sdxl(tiny_sdxl_dir, tmp_path,
     assert main(["study", str(spec), "--out", str(study), "-q"]) == 0, capsys.readouterr().err
     assert main(["report", str(study)]) == 0, capsys.readouterr().err
     assert (study / "report.md").exists()
+
+
+def test_negative_2_takes_automatic1111_weights_and_edits(tiny_sdxl):
+    """negative_2 is a prompt like any other: weights scale the second encoder's states only, and a
+    prompt edit switches its text at the given step."""
+    from negprompt.sampling.loop import Group, encode_groups
+
+    def negative_rows(negative_2: str, steps: int = 4) -> dict:
+        spec = Session(tiny_sdxl).spec(PROMPT, NEGATIVE, negative_2=negative_2, steps=steps, size=32)
+        scheduler = make_scheduler("default", tiny_sdxl.scheduler)
+        encoded = encode_groups(tiny_sdxl, [Group(spec.guidance, (0,))], scheduler, steps, 32, 32)
+        return {key.text_2: c for key, c in encoded.items() if key.text == NEGATIVE}
+
+    width_1 = tiny_sdxl.text_encoder.config.hidden_size
+    plain = negative_rows("a dog")["a dog"].hidden_states
+    weighted = negative_rows("a (dog:1.5)")["a (dog:1.5)"].hidden_states
+    assert torch.equal(weighted[..., :width_1], plain[..., :width_1])  # encoder 1 reads the negative, unweighted
+    assert not torch.allclose(weighted[..., width_1:], plain[..., width_1:])
+    edited = negative_rows("[a dog:a hat:2]")
+    assert set(edited) == {"a dog", "a hat"}  # before and after step 2
