@@ -232,6 +232,7 @@ class Session:
             interval=interval,
             settings=rule_settings,
         )
+        guidance.rule_object.check_denoiser(self.components.unet)
         height, width = image_size(size, height, width, self.components.default_size)
         multiple = self.components.size_multiple
         for name, value in (("height", height), ("width", width)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import textwrap
 
 import pytest
@@ -193,6 +194,7 @@ pairs:
             "<spec>:10: word 'hat' is not a word of the negative",
         ),
         (("pairs:", "pairs: [\n"), "not valid YAML"),
+        (("steps: 3", "steps: 3\nrule: cfg"), "<spec>:5: field 'rule' must be one of sd, nag, vsf"),
     ],
 )
 def test_spec_validation_names_the_line_and_field(edit, message):
@@ -309,3 +311,16 @@ def test_spec_words_are_split_from_punctuation(tmp_path):
     )
     spec = load_spec(path)
     assert [p.word for p in spec.pairs] == ["fog", "trees"]
+
+
+def test_a_study_of_nag_records_the_negative_read_inside_attention(tiny_sd_dir, tmp_path, capsys):
+    sd_spec = parse_spec(GOOD)
+    assert "rule" not in sd_spec.to_json()  # specs without the field keep their fingerprint
+    spec = write_spec(tmp_path, tiny_sd_dir, GOOD.replace("steps: 3", "steps: 3\nrule: nag"))
+    assert main(["study", str(spec), "--out", str(tmp_path / "nag"), "-q"]) == 0, capsys.readouterr().err
+    with open(tmp_path / "nag" / RESULTS_FILE, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    ratios = [float(r["r_t"]) for r in rows]
+    assert rows and all(math.isfinite(v) and v > 0 for v in ratios)
+    assert main(["report", str(tmp_path / "nag")]) == 0
+    assert "rule nag" in (tmp_path / "nag" / "report.md").read_text()

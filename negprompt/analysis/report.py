@@ -142,7 +142,7 @@ def make_report(folder: str | Path) -> tuple[Path, list[Path]]:
         f"# Negative strength r_t — study `{spec['name']}`",
         "",
         f"Model `{spec['model']}`, scheduler `{spec['scheduler']}`, {spec['steps']} steps ({steps_total} UNet calls), "
-        f"scale {spec['scale']}, {len(spec['seeds'])} seeds, {len({r['pair'] for r in rows})} of {len(spec['pairs'])} pairs done.",
+        f"scale {spec['scale']}, rule {spec.get('rule', 'sd')}, {len(spec['seeds'])} seeds, {len({r['pair'] for r in rows})} of {len(spec['pairs'])} pairs done.",
         "",
         "Definitions (see `negprompt/analysis/strength.py`): *article* = Σ_k‖F_neg(i)‖_F / Σ_k‖F_pos(r(i))‖_F "
         "over cross-attention layers k (maps upsampled to a common size); *released* = Σ_layers Σ_heads mean(A²) "

@@ -27,7 +27,8 @@ import yaml
 
 from negprompt.errors import NegpromptError
 
-TOP_KEYS = {"name", "model", "scheduler", "steps", "scale", "seeds", "size", "map_size", "pairs"}
+TOP_KEYS = {"name", "model", "scheduler", "steps", "scale", "seeds", "size", "map_size", "pairs", "rule"}
+STUDY_RULES = ("sd", "nag", "vsf")  # rules with one negative whose attention the capture records
 REQUIRED_TOP = {"name", "steps", "seeds", "pairs"}
 PAIR_KEYS = {"group", "prompt", "negative", "word", "related"}
 REQUIRED_PAIR = {"group", "prompt", "negative"}
@@ -71,11 +72,14 @@ class StudySpec:
     scale: float = 7.5
     size: int | None = None
     map_size: int | None = None
+    rule: str = "sd"  # how the negative acts: rule (9), or inside attention (nag, vsf)
     source: str = field(default="", compare=False)
 
     def to_json(self) -> dict:
         data = asdict(self)
         data.pop("source")
+        if self.rule == "sd":  # specs written before the field keep their fingerprint
+            data.pop("rule")
         for pair in data["pairs"]:
             pair.pop("line")
         data["seeds"] = list(self.seeds)
@@ -135,9 +139,15 @@ def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
         ("scale", float),
         ("size", int),
         ("map_size", int),
+        ("rule", str),
     ):
         if key in top:
             values[key] = _scalar(top[key][1], source, key, kind)
+    if values.get("rule", "sd") not in STUDY_RULES:
+        raise SpecError(
+            f"{_where(source, top['rule'][1])}: field 'rule' must be one of {', '.join(STUDY_RULES)}, "
+            f"got {values['rule']!r}"
+        )
     if not 1 <= values["steps"] <= 1000:
         raise SpecError(f"{_where(source, top['steps'][1])}: field 'steps' must be in 1–1000")
     seeds_node = top["seeds"][1]
@@ -194,7 +204,7 @@ def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
 
 
 def load_spec(path: str | Path) -> StudySpec:
-    """A spec file, or the name of a built-in spec (``shapes``, ``ban2024-sd2``)."""
+    """A spec file, or the name of a built-in spec (``shapes``, ``shapes-nag``, ``ban2024-sd2``)."""
     path = Path(path)
     if not path.exists() and (BUILTIN_DIR / f"{path.name}.yaml").exists():
         path = BUILTIN_DIR / f"{path.name}.yaml"

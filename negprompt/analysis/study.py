@@ -106,11 +106,11 @@ def _append(path: Path, rows: list[tuple]) -> None:
 
 
 def pair_run(spec: StudySpec, pair: Pair, session: Session) -> tuple[RunSpec, CaptureRequest]:
-    """The run specification of one pair (every seed in one batch, rule sd) and what to capture."""
+    """The run specification of one pair (every seed in one batch, the spec's rule) and what to capture."""
     settings = session.spec(
         pair.prompt,
         pair.negative,
-        rule="sd",
+        rule=spec.rule,
         scale=spec.scale,
         steps=spec.steps,
         scheduler=spec.scheduler,

@@ -304,6 +304,23 @@ class AttentionRecorder:
             reduced = self.reducer(part, plan.selection[branch].to(part.device), (h, w), plan.size)
             self._store(path, branch, slot, layer, reduced)
 
+    def record_context(self, path: str, branch: str, probabilities: torch.Tensor, heads: int) -> None:
+        """Takes one layer's probabilities (B·heads, Q, L) of a context that is no row of the call: a
+        negative read inside the positive's pass (NAG, VSF), recorded as the branch ``branch``."""
+        if self._slot is None or branch not in self.plan.branches:
+            return
+        plan = self.plan
+        layer = self._layer_slot[path]
+        factor = plan.layers[layer].factor
+        h, w = plan.latent_hw[0] // factor, plan.latent_hw[1] // factor
+        probs = probabilities.detach().float().reshape(-1, heads, h * w, probabilities.shape[-1])
+        if probs.shape[0] != plan.batch_size:
+            raise CaptureError(f"capture planned for {plan.batch_size} images, the context has {probs.shape[0]}")
+        self.tensors[f"present.{branch}"][self._slot] = True
+        self._layers_seen.add(path)
+        reduced = self.reducer(probs, plan.selection[branch].to(probs.device), (h, w), plan.size)
+        self._store(path, branch, self._slot, layer, reduced)
+
     def _store(self, path: str, branch: str, slot: int, layer: int, reduced: Mapping[str, torch.Tensor]) -> None:
         """Copies what the reducer returned into the stored tensors (maps: kept for the layer mean)."""
         for name, value in reduced.items():
@@ -328,12 +345,26 @@ class AttentionRecorder:
 
 
 class CaptureProcessor:
-    """Wraps a layer's original processor: same output, plus the probabilities for the recorder."""
+    """Wraps a layer's original processor: same output, plus the probabilities for the recorder.
+
+    A processor that reads a context without rows of its own (NAG, VSF: see
+    ``negprompt.guidance.attention_processors``) calls :meth:`observe_context`, and calls this one on
+    the whole batch, since ``observes_attention`` is set.
+    """
+
+    observes_attention = True
 
     def __init__(self, original: Any, recorder: AttentionRecorder, path: str) -> None:
         self.original = original
         self.recorder = recorder
         self.path = path
+
+    def observe_context(self, attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor, branch: str) -> None:
+        """Records the attention of ``hidden_states`` (B, Q, C) on ``context`` (B, L, D) as the branch ``branch``."""
+        if self.recorder._slot is not None:
+            self.recorder.record_context(
+                self.path, branch, attention_probabilities(attn, hidden_states, context), attn.heads
+            )
 
     def __call__(
         self,

@@ -153,3 +153,47 @@ def projected(
     parallel = _per_sample_dot(delta, eps_cond) / _per_sample_dot(eps_cond, eps_cond).clamp_min(1e-12) * eps_cond
     orthogonal = delta - parallel
     return eps_cond + (scale - 1) * (orthogonal + eta * parallel), carried
+
+
+# ---------------------------------------------------------------- inside attention layers
+# These act on one cross-attention layer's tensors, not on predictions: Z (B, Q, C) attention outputs
+# before the output projection; q (B, heads, Q, d), k and v (B, heads, L, d).
+
+
+def nag(z_positive: Tensor, z_negative: Tensor, phi: float, tau: float, alpha: float) -> Tensor:
+    """Normalized Attention Guidance (Chen et al. 2025, §3), per token of one cross-attention layer:
+
+    Z̃ = φZ⁺ − (φ − 1)Z⁻ (extrapolation away from the negative context's output), then the per-token L1
+    norm ratio r = ‖Z̃‖₁/‖Z⁺‖₁ is clipped to τ (Z̃ ← Z̃·min(r, τ)/r), then Ẑ = αZ̃ + (1 − α)Z⁺.
+    φ = 1 or α = 0 gives Z⁺. Shapes (B, Q, C) → (B, Q, C).
+    """
+    extrapolated = phi * z_positive - (phi - 1.0) * z_negative
+    norm_positive = z_positive.abs().sum(dim=-1, keepdim=True)
+    norm_extrapolated = extrapolated.abs().sum(dim=-1, keepdim=True)
+    ratio = norm_extrapolated / norm_positive
+    clipped = ratio.clamp(max=tau)
+    normalized = extrapolated * (clipped / ratio).nan_to_num(nan=1.0, posinf=1.0)
+    return alpha * normalized + (1.0 - alpha) * z_positive
+
+
+def vsf_attention(
+    query: Tensor, key: Tensor, value: Tensor, key_negative: Tensor, value_negative: Tensor, scale: float, offset: float
+) -> Tensor:
+    """Value Sign Flip (VSF, 2025): the negative's tokens join the keys, their values with the sign flipped
+    and scaled by λ, in one attention pass:
+
+    Z = softmax([q·Kᵀ/√d, q·K⁻ᵀ/√d + b]) · [V; −λV⁻],
+
+    with b (``offset``) added to the negative keys' scaled logits. Shapes: q (B, H, Q, d), K/V (B, H, L, d),
+    K⁻/V⁻ (B, H, L⁻, d) → Z (B, H, Q, d).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    keys = torch.cat([key, key_negative], dim=2)
+    values = torch.cat([value, -scale * value_negative], dim=2)
+    bias = None
+    if offset:
+        bias = torch.zeros(1, key.shape[2] + key_negative.shape[2], dtype=query.dtype, device=query.device)
+        bias[:, key.shape[2] :] = offset  # (1, L + L⁻), broadcast over queries: added after the 1/√d scale
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias)

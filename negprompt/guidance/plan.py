@@ -286,10 +286,21 @@ class Guidance:
         active = self.active_terms(step, num_steps)
         if not self.guided_at(step, num_steps):
             return ["positive"] if "positive" in active else [UNCONDITIONAL]
-        names = [UNCONDITIONAL] if self.rule_object.needs_unconditional(self, frozenset(active)) else []
-        names += [n for n in self.terms if n.startswith("negative") and n in active]
+        rule = self.rule_object
+        names = [UNCONDITIONAL] if rule.needs_unconditional(self, frozenset(active)) else []
+        if rule.negatives_as_rows(self):
+            names += [n for n in self.terms if n.startswith("negative") and n in active]
         names += [n for n in self.terms if n.startswith("positive") and n in active]
         return names
+
+    def contexts_at(self, step: int, num_steps: int) -> list[str]:
+        """Active negatives the rule reads inside attention layers without denoiser rows (NAG, VSF)."""
+        rule = self.rule_object
+        if not rule.negatives_as_contexts(self) or not self.guided_at(step, num_steps):
+            return []
+        rows = set(self.branches_at(step, num_steps))
+        active = self.active_terms(step, num_steps)
+        return [n for n in self.terms if n.startswith("negative") and n in active and n not in rows]
 
     # ------------------------------------------------------------ state and combination
 

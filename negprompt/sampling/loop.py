@@ -212,8 +212,14 @@ def needed_prompts(groups: Sequence[Group], num_calls: int, rows: RowInputs | No
     """Every distinct conditioning input the groups' plans evaluate over ``num_calls`` denoiser calls, sorted."""
     for group in groups:
         group.guidance.validate(num_calls)
-    plans = [[group.guidance.branches_at(step, num_calls) for step in range(num_calls)] for group in groups]
+    plans = [[_needed_branches(group, step, num_calls) for step in range(num_calls)] for group in groups]
     return sorted(_plan_texts(groups, plans, num_calls, rows), key=_input_order)
+
+
+def _needed_branches(group: Group, step: int, num_steps: int) -> list[str]:
+    """Branches whose conditioning a step needs: the denoiser's rows and the rule's attention contexts."""
+    guidance = group.guidance
+    return guidance.branches_at(step, num_steps) + guidance.contexts_at(step, num_steps)
 
 
 def _input_order(item: PromptInput) -> tuple:
@@ -279,6 +285,10 @@ def sample_groups(
             f"max_rows_per_call must be a positive number of rows and cannot be combined with unet_hooks, "
             f"got {max_rows_per_call!r} with {len(unet_hooks)} hook(s)"
         )
+    if max_rows_per_call is not None and any(
+        type(group.guidance.rule_object).prepare is not Rule.prepare for group in groups
+    ):
+        raise SamplingError("max_rows_per_call cannot split the calls of a rule that prepares the denoiser (NAG, VSF)")
     device, dtype = components.device, components.dtype
     scheduler.set_timesteps(num_steps, device=device)
     timesteps = scheduler.timesteps
@@ -286,11 +296,13 @@ def sample_groups(
     for group in groups:
         group.guidance.validate(calls)
     plans = [[group.guidance.branches_at(step, calls) for step in range(calls)] for group in groups]
+    contexts = [[group.guidance.contexts_at(step, calls) for step in range(calls)] for group in groups]
     states = [group.guidance.new_state(len(group.seeds)) for group in groups]
     alpha_bars = [float(_alpha_bar(scheduler, t)) for t in timesteps] + [1.0]
 
     rows_inputs = RowInputs.of(components, height, width)
-    missing = sorted(_plan_texts(groups, plans, calls, rows_inputs) - set(conditioning), key=_input_order)
+    needed = [[rows_of + extra for rows_of, extra in zip(p, c)] for p, c in zip(plans, contexts)]
+    missing = sorted(_plan_texts(groups, needed, calls, rows_inputs) - set(conditioning), key=_input_order)
     if missing:
         raise SamplingError(
             f"no conditioning given for the prompt(s) {', '.join(repr(m.text) for m in missing)}; "
@@ -347,6 +359,7 @@ def sample_groups(
                 components,
                 group,
                 layouts[g],
+                {branch: _branch_prompts(group, branch, step, calls, rows_inputs) for branch in contexts[g][step]},
                 model_input[slices[g]],
                 t,
                 step,
@@ -400,6 +413,7 @@ def _call_denoiser(
     components: Components,
     group: Group,
     prompts: Mapping[str, tuple[PromptInput, ...]],
+    context_prompts: Mapping[str, tuple[PromptInput, ...]],
     model_input: torch.Tensor,
     t: torch.Tensor,
     step: int,
@@ -425,8 +439,9 @@ def _call_denoiser(
     chunk = max_rows_per_call or batch.shape[0]
     with ExitStack() as prepared:
         if prepares:  # a rule may prepare the denoiser (e.g. attention processors) with each branch's inputs
-            branch_inputs = {
-                branch: denoiser_inputs([conditioning[text] for text in texts]) for branch, texts in prompts.items()
+            branch_inputs = {  # the rows' branches in row order, then the attention contexts
+                branch: denoiser_inputs([conditioning[text] for text in texts])
+                for branch, texts in {**prompts, **context_prompts}.items()
             }
             rule = group.guidance.rule_object
             prepared.enter_context(rule.prepare(group.guidance, components.unet, context, branch_inputs))

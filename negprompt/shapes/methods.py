@@ -9,7 +9,8 @@ in one batched loop per chunk, beside the plain image (no negative). With the de
 - **collateral**: mean absolute change, against the plain images, of the rates of the world's
   other removable things (neither prompt named them), and the share of pixels changed outside the
   thing's region (the plain image's, from the detectors);
-- **cost**: UNet evaluations (branch × step) per image.
+- **cost**: UNet evaluations (branch × step) per image (NAG and VSF add attention work inside the
+  positive's pass, which this count does not show: ``benchmarks/bench_attention_negatives.py`` times it).
 
 Score for the ranking: removal × preservation × (1 − collateral attribute change), a single number
 that rewards taking the thing out while keeping what was asked for and leaving the rest alone.
@@ -62,6 +63,8 @@ METHODS: tuple[Method, ...] = (
     Method("perp-neg", "perp-neg", negative_scale=1.0),
     Method("dng λ=5", "dng"),
     Method("apg η=0", "apg"),
+    Method("nag φ=5", "nag"),  # inside attention: the negative is no denoiser row
+    Method("vsf λ=4", "vsf"),
 )
 
 

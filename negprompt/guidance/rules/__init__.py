@@ -11,7 +11,7 @@ from importlib import import_module, metadata
 
 from negprompt.guidance.rules.base import GuidanceError, Rule
 
-RULE_MODULES = ("cfg", "sd", "dual", "weighted", "perp_neg", "dng", "apg", "cfg_zero_star")
+RULE_MODULES = ("cfg", "sd", "dual", "weighted", "perp_neg", "dng", "apg", "cfg_zero_star", "nag", "vsf")
 RULES: dict[str, Rule] = {
     rule.name: rule for rule in (import_module(f"{__name__}.{module}").RULE for module in RULE_MODULES)
 }

@@ -191,6 +191,18 @@ class Rule:
         """Whether ε_∅ must be evaluated at a step whose active terms are ``active``."""
         return True
 
+    def check_denoiser(self, denoiser: Any) -> None:
+        """Raises :class:`GuidanceError` if the rule cannot act on this denoiser (checked before a run)."""
+
+    def negatives_as_rows(self, guidance: Guidance) -> bool:
+        """Whether active negatives are denoiser rows (every rule of CFG's family); rules that act inside
+        attention (NAG, VSF) say no and get them as contexts in :meth:`prepare`."""
+        return True
+
+    def negatives_as_contexts(self, guidance: Guidance) -> bool:
+        """Whether :meth:`prepare` is given the active negatives' conditioning even when they are not rows."""
+        return False
+
     def new_state(self, guidance: Guidance, batch_size: int) -> dict[str, Tensor]:
         """State carried across steps (e.g. a posterior, a momentum), fresh for a run."""
         return {}
@@ -216,6 +228,9 @@ class Rule:
 
         ``conditioning``: each branch evaluated at this step, by name → its denoiser inputs for the
         group's images (``encoder_hidden_states`` (B, L, D) and, if the family has them, ``added_cond_kwargs``).
+        The call's rows come first, in row order (branch-major: rows b·B … (b + 1)·B hold the b-th
+        branch for the B images), then the attention contexts (:meth:`negatives_as_contexts`), which
+        are not rows.
         """
         return contextlib.nullcontext()
 
@@ -249,3 +264,71 @@ def single_negative(guidance: Guidance, rule: str, own_scale: bool) -> None:
         )
     if not own_scale and guidance.negatives and guidance.negatives[0].scale is not None:
         raise GuidanceError(f"rule {rule!r} has one scale (s); a negative's own scale needs rule 'dual' or 'weighted'")
+
+
+class NegativeInAttention(Rule):
+    """Rules whose one negative acts inside the cross-attention layers of the positive branch (NAG, VSF).
+
+    The negative is no denoiser row: :meth:`prepare` installs processors that read its context. At
+    scale s = 1 a step is one pass (the positive's rows only); at s ≠ 1 it is CFG around the guided
+    positive, ε̂ = ε_∅ + s(ε_y′ − ε_∅), eq. (1), ε_∅ unchanged. Outside the negative's window the
+    positive runs plain. Subclasses give :meth:`neutral` and :meth:`combine_in_attention`.
+    """
+
+    def check(self, guidance: Guidance) -> None:
+        super().check(guidance)
+        single_negative(guidance, self.name, own_scale=False)
+        if not guidance.negatives:
+            raise GuidanceError(f"rule {self.name!r} needs a negative prompt")
+
+    def needs_unconditional(self, guidance: Guidance, active: frozenset[str]) -> bool:
+        return guidance.scale != 1 or "positive" not in active
+
+    def negatives_as_rows(self, guidance: Guidance) -> bool:
+        return False
+
+    def negatives_as_contexts(self, guidance: Guidance) -> bool:
+        return True
+
+    def combine(self, guidance: Guidance, branches: BranchPredictions, state: dict[str, Tensor]) -> Tensor:
+        positive = branches.eps("positive")
+        if guidance.scale == 1:
+            return positive
+        from negprompt.guidance import formulas
+
+        return formulas.cfg(branches.unconditional, positive, guidance.scale)
+
+    def check_denoiser(self, denoiser: Any) -> None:
+        from negprompt.guidance.attention_processors import cross_attention_paths
+
+        if not cross_attention_paths(denoiser):
+            raise GuidanceError(
+                f"rule {self.name!r} acts in cross-attention layers, and this model's denoiser has none"
+            )
+
+    def neutral(self, settings: Any) -> bool:
+        """Whether the settings leave the attention output unchanged (then nothing is installed)."""
+        raise NotImplementedError
+
+    def combine_in_attention(self, settings: Any) -> Any:
+        """The attention combination (see :mod:`negprompt.guidance.attention_processors`)."""
+        raise NotImplementedError
+
+    def prepare(
+        self, guidance: Guidance, denoiser: Any, context: StepContext, conditioning: Mapping[str, Any]
+    ) -> contextlib.AbstractContextManager[None]:
+        negative = next((name for name in conditioning if name.startswith("negative")), None)
+        if negative is None or "positive" not in conditioning or self.neutral(guidance.settings):
+            return contextlib.nullcontext()
+        from negprompt.guidance.attention_processors import negative_in_attention
+
+        rows = [name for name in conditioning if not name.startswith("negative")]  # contexts come last
+        count = conditioning["positive"]["encoder_hidden_states"].shape[0]
+        first = rows.index("positive") * count
+        return negative_in_attention(
+            denoiser,
+            slice(first, first + count),
+            conditioning[negative]["encoder_hidden_states"],
+            self.combine_in_attention(guidance.settings),
+            negative,
+        )

@@ -20,7 +20,12 @@ class CFG(Rule):
         if guidance.negatives:
             raise GuidanceError("rule 'cfg' takes no negative prompt; use 'sd', 'dual' or 'weighted'")
 
+    def needs_unconditional(self, guidance, active: frozenset[str]) -> bool:
+        return guidance.scale != 1 or "positive" not in active  # s = 1: ε̂ = ε_y, one pass
+
     def combine(self, guidance, branches: BranchPredictions, state: dict[str, Tensor]) -> Tensor:
+        if guidance.scale == 1:
+            return branches.eps("positive")
         return formulas.cfg(branches.unconditional, branches.eps("positive"), guidance.scale)
 
 
