@@ -51,6 +51,7 @@ class RunSpec:
     dtype: str = LEGACY_DTYPE
     rows_per_call: int | None = None  # split each UNet call in chunks of so many rows (None: whole calls)
     embeddings: tuple[tuple[str, str, str], ...] = ()  # textual inversions loaded: (token, file name, sha256[:10])
+    embedded_guidance: float | None = None  # w given to a guidance-distilled model as an input (None: it takes none)
 
     def __post_init__(self) -> None:
         if isinstance(self.seeds, (str, bytes)) or not hasattr(self.seeds, "__iter__"):
@@ -86,6 +87,9 @@ class RunSpec:
         ):
             raise SettingsError(f"embeddings must be (token, file, sha256) triples, got {self.embeddings!r}")
         object.__setattr__(self, "embeddings", tuple(tuple(e) for e in self.embeddings))
+        w = self.embedded_guidance
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0):
+            raise SettingsError(f"embedded guidance must be a finite number ≥ 0, got {w!r}")
         rows = self.rows_per_call
         if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
             raise SettingsError(f"rows per UNet call must be a positive whole number, got {rows!r}")
@@ -106,6 +110,8 @@ class RunSpec:
         }
         if self.rows_per_call is not None:
             record["rows_per_call"] = self.rows_per_call
+        if self.embedded_guidance is not None:
+            record["embedded_guidance"] = self.embedded_guidance
         if self.embeddings:
             record["embeddings"] = [{"token": t, "file": f, "sha256": h} for t, f, h in self.embeddings]
         return record
@@ -130,6 +136,7 @@ class RunSpec:
             _expect(data, key, str)
         _expect(data, "eta", (int, float))
         _expect(data, "rows_per_call", int, optional=True)
+        _expect(data, "embedded_guidance", (int, float), optional=True)
         if not isinstance(data["seeds"], list):
             raise SettingsError(f"settings field 'seeds' must be a list of whole numbers, got {data['seeds']!r}")
         embeddings = data.get("embeddings") or []
@@ -154,6 +161,7 @@ class RunSpec:
             dtype=data.get("dtype", LEGACY_DTYPE),
             rows_per_call=data.get("rows_per_call"),
             embeddings=tuple((e["token"], e["file"], e["sha256"]) for e in embeddings),
+            embedded_guidance=data.get("embedded_guidance"),
         )
 
     def infotext(self, index: int) -> str:
@@ -176,6 +184,8 @@ class RunSpec:
             fields.append(f"Precision: {self.dtype}")
         if self.rows_per_call is not None:
             fields.append(f"Rows per call: {self.rows_per_call}")
+        if self.embedded_guidance is not None:
+            fields.append(f"Embedded guidance: {self.embedded_guidance}")
         if self.embeddings:  # AUTOMATIC1111's field for textual-inversion embeddings
             fields.append(
                 'TI hashes: "' + ", ".join(f"{token}: {digest}" for token, _, digest in self.embeddings) + '"'

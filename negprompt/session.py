@@ -170,6 +170,7 @@ class Session:
         negative_original_size: tuple[int, int] | None = None,
         negative_crops_coords_top_left: tuple[int, int] | None = None,
         negative_target_size: tuple[int, int] | None = None,
+        embedded_guidance: float | None = None,
     ) -> RunSpec:
         """A run on this session's model, with its defaults filled in.
 
@@ -184,6 +185,10 @@ class Session:
         positive's micro-conditions ``original_size``, ``crops_coords_top_left``, ``target_size``
         (default: the image size, (0, 0)) and the negatives' ``negative_…`` ones (each default: the
         positive's). Sizes are (height, width), the crop corner (top, left).
+
+        ``embedded_guidance``: the guidance scale w a guidance-distilled model takes as an input
+        (default: its ``negprompt.json``'s ``embedded_guidance``); an error for other models. ``scale``
+        stays the CFG scale s around it (such models declare s = 1: one pass per step).
         """
         micro = _micro(original_size, crops_coords_top_left, target_size)
         negative_micro = _micro(negative_original_size, negative_crops_coords_top_left, negative_target_size)
@@ -252,7 +257,26 @@ class Session:
             device=self.device,
             dtype=self.dtype,
             embeddings=tuple((e.token, e.file, e.sha256) for e in self.components.embeddings.values()),
+            embedded_guidance=self._embedded_guidance(embedded_guidance),
         )
+
+    def _embedded_guidance(self, given: float | None) -> float | None:
+        """The w of a guidance-distilled model (given, else declared), or None for other models."""
+        takes_it = getattr(self.components.unet.config, "time_cond_proj_dim", None) is not None
+        if not takes_it:
+            if given is not None:
+                raise SettingsError(
+                    f"embedded guidance {given} given, but {self.model} takes no guidance scale as an input "
+                    "(only guidance-distilled models do); use --scale"
+                )
+            return None
+        value = given if given is not None else self.defaults.get("embedded_guidance")
+        if value is None:
+            raise SettingsError(
+                f"{self.model} takes the guidance scale as an input (guidance-distilled) and declares no default: "
+                "give --embedded-guidance"
+            )
+        return float(value)
 
     def load_embedding(self, token: str, path: str | Path) -> Embedding:
         """Loads a textual-inversion embedding (safetensors) into every text encoder, used by ``token`` in
@@ -297,7 +321,18 @@ class Session:
         window opens) are computed once. Returns one Generation per spec, in order.
         """
         first = specs[0]
-        shared = ("model", "scheduler", "steps", "height", "width", "eta", "device", "dtype", "rows_per_call")
+        shared = (
+            "model",
+            "scheduler",
+            "steps",
+            "height",
+            "width",
+            "eta",
+            "device",
+            "dtype",
+            "rows_per_call",
+            "embedded_guidance",
+        )
         for other in specs[1:]:
             differing = [name for name in shared if getattr(other, name) != getattr(first, name)]
             if differing:
@@ -334,6 +369,7 @@ class Session:
                 progress=progress,
                 eta=first.eta,
                 max_rows_per_call=first.rows_per_call,
+                embedded_guidance=first.embedded_guidance,
                 conditioning=conditioning,
             )
         generations, start = [], 0

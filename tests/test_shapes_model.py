@@ -204,3 +204,60 @@ def test_training_world_is_recorded_and_checked(tmp_path, capsys):
     with pytest.raises(SystemExit):  # the CLI writes its choices out (no import of the world at start-up)
         main(["train", "--help"])
     assert "{" + ",".join(WORLDS) + "}" in capsys.readouterr().out
+
+
+def test_guidance_distillation_student_starts_as_the_teacher_and_learns_cfg(tmp_path):
+    """A student with a guidance input starts as the teacher's ε_y, trains resumably towards the teacher's
+    CFG output, and exports a model that takes w as an input (scale 1, w declared)."""
+    from negprompt.session import Session
+
+    teacher_trainer = Trainer(tiny_config(samples=16), tmp_path / "teacher")
+    teacher_trainer.run(progress=False)
+    teacher_dir = teacher_trainer.export(tmp_path / "teacher-model")
+    student_model = ShapesModelConfig(**{**TINY.to_dict(), "guidance_embedding_dim": 16})
+    config = tiny_config(
+        distill_from=str(teacher_dir), model=student_model, samples=8 * 6, guidance_max=6.0, learning_rate=3e-4
+    )
+    student = Trainer(config, tmp_path / "student")
+    teacher = load_components(teacher_dir)
+    for key, value in teacher.unet.state_dict().items():
+        assert torch.equal(student.unet.state_dict()[key], value), key
+    assert not student.unet.time_embedding.cond_proj.weight.any()  # the guidance input starts at zero
+
+    pixels, captions, things = batch_of_examples(0, 10_000, 8)
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return float(student.distillation_loss(pixels, captions, torch.Generator().manual_seed(5), things))
+
+    before = held_out()
+    student.run(progress=False, max_seconds=0.0)  # one step, then a checkpoint
+    resumed = Trainer(config, tmp_path / "student")
+    resumed.load_checkpoint()
+    resumed.run(progress=False)
+    straight = Trainer(config, tmp_path / "straight")
+    straight.run(progress=False)
+    for key, value in straight.unet.state_dict().items():
+        assert torch.equal(value, resumed.unet.state_dict()[key]), key
+    student = resumed
+    assert held_out() < before
+    folder = student.export(tmp_path / "student-model")
+    declared = json.loads((folder / "negprompt.json").read_text())
+    assert declared["scale"] == 1.0 and declared["embedded_guidance"] == DEFAULT_SAMPLING["scale"]
+    session = Session(str(folder))
+    run = session.run(session.spec("a red circle", steps=3, seeds=[0]))
+    assert run.spec.embedded_guidance == DEFAULT_SAMPLING["scale"] and run.unet_batch_rows == 3  # one pass a step
+    with pytest.raises(NegpromptError, match="guidance input"):
+        TrainConfig(distill_from=str(teacher_dir), model=TINY)
+
+
+def test_train_refuses_a_bad_guidance_range_at_once(tmp_path, capsys):
+    from helpers import assert_usage_error
+
+    from negprompt.interfaces.cli import main
+
+    out = tmp_path / "student"
+    code = main(["train", "--out", str(out), "--distill-from", "shapes", "--guidance-range", "1-10"])
+    assert_usage_error(code, capsys, "--guidance-range '1-10' must look like LO:HI", out)
+    code = main(["train", "--out", str(out), "--distill-from", "shapes", "--guidance-range", "5:2"])
+    assert_usage_error(code, capsys, "guidance range must be 0 ≤ low < high", out)

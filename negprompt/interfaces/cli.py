@@ -137,6 +137,13 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     more = parser.add_argument_group("more guidance rules and modifiers")
     more.add_argument("--rescale", type=number, default=0.0, help="guidance rescale φ in [0, 1] (default 0: off)")
     more.add_argument(
+        "--embedded-guidance",
+        type=number,
+        default=None,
+        metavar="W",
+        help="guidance scale w given as an input to a guidance-distilled model (default: the model's)",
+    )
+    more.add_argument(
         "--interval",
         default=None,
         metavar="START:END",
@@ -370,12 +377,17 @@ def size_pair(args: argparse.Namespace, session):
     return (size["height"] or default, size["width"] or default)
 
 
-def sigma_range(text: str) -> tuple[float, float]:
+def number_range(text: str, flag: str, example: str) -> tuple[float, float]:
+    """``LO:HI`` given to ``flag`` as two numbers; a one-line error shows ``example``."""
     try:
         low, high = (float(part) for part in text.split(":"))
     except ValueError:
-        raise CommandError(f"--interval-sigma {text!r} must look like LO:HI, e.g. 0.3:5") from None
+        raise CommandError(f"{flag} {text!r} must look like LO:HI, e.g. {example}") from None
     return low, high
+
+
+def sigma_range(text: str) -> tuple[float, float]:
+    return number_range(text, "--interval-sigma", "0.3:5")
 
 
 def check_prompt_args(args: argparse.Namespace) -> None:
@@ -447,6 +459,7 @@ def settings_from_args(args: argparse.Namespace, session):
         interval=args.interval,
         interval_sigma=sigma_range(args.interval_sigma) if args.interval_sigma else None,
         rule_settings=rule_options_from_args(args),
+        embedded_guidance=args.embedded_guidance,
         **sdxl_from_args(args),
     )
 
@@ -468,6 +481,7 @@ FROM_PNG_OWN = {
     "interval": "--interval",
     "interval_sigma": "--interval-sigma",
     "prompt_2": "--prompt-2",
+    "embedded_guidance": "--embedded-guidance",
     "negative_2": "--negative-2",
     **{name: "--" + name.replace("_", "-") for name in SDXL_SIZE_OPTIONS},
 }

@@ -87,3 +87,18 @@ def denoiser_inputs(rows: Sequence[Conditioning]) -> dict[str, Any]:
     if names:
         inputs["added_cond_kwargs"] = {name: torch.cat([a[name] for a in added]) for name in sorted(names)}
     return inputs
+
+
+def guidance_embedding(scale: float, dim: int) -> torch.Tensor:
+    """The guidance scale w as a model input, (1, dim): sinusoidal features of 1000·w (half sines, half
+    cosines, frequencies 10000^(−k/(dim/2 − 1))), the form guidance-distilled UNets take as
+    ``timestep_cond`` (Meng et al. 2023 condition the student on w; diffusers' LCM pipeline embeds w so)."""
+    import math
+
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / max(1, half - 1))
+    angles = 1000.0 * float(scale) * frequencies
+    embedding = torch.cat([angles.sin(), angles.cos()])
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros(1, dtype=torch.float64)])
+    return embedding[None].float()

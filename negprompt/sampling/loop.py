@@ -31,7 +31,7 @@ from negprompt.guidance.plan import UNCONDITIONAL, Guidance, MicroConditions, St
 from negprompt.guidance.rules.base import Rule
 from negprompt.limits import MAX_STEPS
 from negprompt.models.components import Components
-from negprompt.models.conditioning import Conditioning, PromptInput, denoiser_inputs
+from negprompt.models.conditioning import Conditioning, PromptInput, denoiser_inputs, guidance_embedding
 from negprompt.sampling.schedule import alpha_bar_at, denoiser_calls
 
 
@@ -258,6 +258,7 @@ def sample_groups(
     max_rows_per_call: int | None = None,
     *,
     conditioning: Mapping[PromptInput, Conditioning],
+    embedded_guidance: float | None = None,
 ) -> SampleOutput:
     """The denoising loop for several groups of images at once, one batched UNet call per group and step.
 
@@ -275,6 +276,10 @@ def sample_groups(
     a setting to record with the output (``RunSpec.rows_per_call``), and cannot be combined with
     ``unet_hooks``, which see whole calls.
 
+    ``embedded_guidance``: the guidance scale w given to a guidance-distilled UNet (one whose config
+    has ``time_cond_proj_dim``) with every row, as ``timestep_cond``; such a UNet needs it, others
+    refuse it.
+
     All groups share the schedule. Images come out in group order. ``scheduler`` is consumed (its
     state advances); pass a fresh one per call. ``num_steps`` is given to ``scheduler.set_timesteps``;
     the loop runs one UNet call per entry of ``scheduler.timesteps`` and windows count those calls.
@@ -290,6 +295,7 @@ def sample_groups(
     ):
         raise SamplingError("max_rows_per_call cannot split the calls of a rule that prepares the denoiser (NAG, VSF)")
     device, dtype = components.device, components.dtype
+    guidance_input = _guidance_input(components, embedded_guidance)
     scheduler.set_timesteps(num_steps, device=device)
     timesteps = scheduler.timesteps
     calls = len(timesteps)
@@ -369,6 +375,7 @@ def sample_groups(
                 unet_hooks,
                 max_rows_per_call,
                 prepares,
+                guidance_input,
             )
             rows += len(group.seeds) * len(layouts[g])
             for member in sharing:
@@ -409,6 +416,22 @@ def sample_groups(
     )
 
 
+def _guidance_input(components: Components, embedded_guidance: float | None) -> dict[str, torch.Tensor]:
+    """``timestep_cond`` (1, dim) for a UNet that takes the guidance scale as an input, else {}."""
+    dim = getattr(components.unet.config, "time_cond_proj_dim", None)
+    if dim is None:
+        if embedded_guidance is not None:
+            raise SamplingError(
+                f"embedded guidance {embedded_guidance} given, but this model takes no guidance scale as an input"
+            )
+        return {}
+    if embedded_guidance is None:
+        raise SamplingError(
+            "this model takes the guidance scale as an input (guidance-distilled): give embedded guidance"
+        )
+    return {"timestep_cond": guidance_embedding(embedded_guidance, dim).to(components.device, components.dtype)}
+
+
 def _call_denoiser(
     components: Components,
     group: Group,
@@ -423,6 +446,7 @@ def _call_denoiser(
     unet_hooks: Sequence[UNetCallHook],
     max_rows_per_call: int | None,
     prepares: bool,
+    guidance_input: Mapping[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """One group's UNet call: rows branch-major (branch 0 for every image, then branch 1 …), split in
     chunks of ``max_rows_per_call``; the rule's ``prepare`` hook is entered around it. Hooks are told
@@ -447,7 +471,14 @@ def _call_denoiser(
             prepared.enter_context(rule.prepare(group.guidance, components.unet, context, branch_inputs))
         outputs = [
             components.unet(
-                batch[i : i + chunk], t, **denoiser_inputs(row_conditioning[i : i + chunk]), return_dict=False
+                batch[i : i + chunk],
+                t,
+                **denoiser_inputs(row_conditioning[i : i + chunk]),
+                **{
+                    name: value.expand(len(row_conditioning[i : i + chunk]), -1)
+                    for name, value in guidance_input.items()
+                },
+                return_dict=False,
             )[0]
             for i in range(0, batch.shape[0], chunk)
         ]

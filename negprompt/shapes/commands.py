@@ -17,6 +17,7 @@ from negprompt.interfaces.cli import (
     add_quiet_option,
     non_negative_int,
     number,
+    number_range,
     positive_int,
     seed_list,
     session_from_args,
@@ -29,8 +30,10 @@ def command_train(args: argparse.Namespace) -> int:
     from negprompt.interfaces.outputs import check_destination
 
     check_destination(args.out, folder=True)  # before the heavy imports: a bad path answers at once
+    low, high = number_range(args.guidance_range, "--guidance-range", "1:10")
     import torch
 
+    from negprompt.shapes.model import ShapesModelConfig
     from negprompt.shapes.training import META_FILE, TrainConfig, Trainer
 
     if args.threads:
@@ -42,6 +45,14 @@ def command_train(args: argparse.Namespace) -> int:
 
         init_from = resolve_model_path(args.init_from)
         init_sha256 = weights_sha256(init_from)
+    distill_from, distill_sha256, model = None, None, ShapesModelConfig()
+    if args.distill_from is not None:
+        from negprompt.models.loading import resolve_model_path
+        from negprompt.shapes.training import weights_sha256
+
+        distill_from = resolve_model_path(args.distill_from)
+        distill_sha256 = weights_sha256(distill_from)
+        model = ShapesModelConfig(guidance_embedding_dim=args.guidance_dim)
     config = TrainConfig(
         seed=args.seed,
         samples=args.samples,
@@ -52,6 +63,11 @@ def command_train(args: argparse.Namespace) -> int:
         init_from=None if init_from is None else str(init_from),
         init_sha256=init_sha256,
         world=args.world,
+        distill_from=None if distill_from is None else str(distill_from),
+        distill_sha256=distill_sha256,
+        guidance_min=low,
+        guidance_max=high,
+        model=model,
     )
     out = Path(args.out)
     trainer = Trainer(config, out)
@@ -244,6 +260,24 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="version of the shapes world the examples come from: v1 (first training), v2 (sun always "
         "top right, present things named with probability 0.8, nouns in either order) or v3 (as v2, named "
         "with probability 0.65): the fine-tunes that keep things apart (default v1)",
+    )
+    train.add_argument(
+        "--distill-from",
+        default=None,
+        help="guidance distillation: a student taking the guidance scale as an input learns this exported "
+        "model's CFG output in one pass ('shapes' = the bundled one) (default: no distillation)",
+    )
+    train.add_argument(
+        "--guidance-range",
+        default="1:10",
+        metavar="LO:HI",
+        help="with --distill-from: the guidance scales w the student learns, uniform (default 1:10)",
+    )
+    train.add_argument(
+        "--guidance-dim",
+        type=positive_int,
+        default=64,
+        help="with --distill-from: width of the student's guidance embedding (default 64)",
     )
     train.add_argument(
         "--max-minutes",

@@ -31,6 +31,7 @@ class ShapesModelConfig:
     pooled_text_embedding: bool = True  # attention-pooled text added to the time embedding
     full_res_self_attention: bool = False  # cross-attention only at the highest resolution
     full_res_attention: bool = False  # attention layers at the highest resolution too
+    guidance_embedding_dim: int = 0  # > 0: the UNet takes the guidance scale as an input (a distilled student)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +76,7 @@ def build_unet(config: ShapesModelConfig) -> UNet2DConditionModel:
         only_cross_attention=(not config.full_res_self_attention,) + (False,) * (levels - 1),
         addition_embed_type="text" if config.pooled_text_embedding else None,
         addition_embed_type_num_heads=config.text_heads,
+        time_cond_proj_dim=config.guidance_embedding_dim or None,
     )
 
 

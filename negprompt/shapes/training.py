@@ -86,6 +86,13 @@ class TrainConfig:
     init_from: str | None = None
     init_sha256: str | None = None
     world: str = "v1"  # the version of the shapes world the examples come from (scene.WORLDS)
+    # Guidance distillation (Meng et al. 2023, stage one): a student that takes the guidance scale w
+    # as an input learns the teacher's ε_∅ + w(ε_y − ε_∅) in one pass, w uniform in the range. The
+    # student starts from the teacher's weights (its guidance input at zero); recorded with the hash.
+    distill_from: str | None = None
+    distill_sha256: str | None = None
+    guidance_min: float = 1.0
+    guidance_max: float = 10.0
     model: ShapesModelConfig = field(default_factory=ShapesModelConfig)
 
     def __post_init__(self) -> None:
@@ -95,6 +102,17 @@ class TrainConfig:
                 raise NegpromptError(f"training {name.replace('_', ' ')} must be a positive number, got {value}")
         if self.world not in WORLDS:
             raise NegpromptError(f"unknown world version {self.world!r}; known: {', '.join(WORLDS)}")
+        if self.distill_from is not None:
+            if self.model.guidance_embedding_dim <= 0:
+                raise NegpromptError(
+                    "a distilled student needs a guidance input: give the model a guidance embedding width"
+                )
+            if self.init_from is not None:
+                raise NegpromptError("distillation starts from the teacher's weights: give no --init-from with it")
+        if not (math.isfinite(self.guidance_min) and math.isfinite(self.guidance_max)) or not (
+            0 <= self.guidance_min < self.guidance_max
+        ):
+            raise NegpromptError(f"guidance range must be 0 ≤ low < high, got {self.guidance_min}:{self.guidance_max}")
 
     @property
     def total_steps(self) -> int:
@@ -110,6 +128,13 @@ class TrainConfig:
         data.setdefault("init_from", None)
         data.setdefault("init_sha256", None)
         data.setdefault("world", "v1")  # checkpoints from before the field were trained on v1
+        for key, default in (
+            ("distill_from", None),
+            ("distill_sha256", None),
+            ("guidance_min", 1.0),
+            ("guidance_max", 10.0),
+        ):
+            data.setdefault(key, default)
         model = ShapesModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.pop("model").items()})
         return cls(model=model, **data)
 
@@ -179,6 +204,29 @@ def load_weights_from_model_dir(model_dir: str | Path, unet: torch.nn.Module, te
             raise NegpromptError(f"--init-from {model_dir}: weights do not fit this model config ({first})") from None
 
 
+def load_teacher(model_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> Components:
+    """The frozen teacher of a distillation; its weights are copied into the student, whose guidance
+    input (``time_embedding.cond_proj``) starts at zero, so the student starts as the teacher's ε_y."""
+    try:
+        teacher = load_components(model_dir)
+    except ModelLoadError as error:
+        raise NegpromptError(f"--distill-from {model_dir}: not an exported model ({error})") from None
+    try:
+        text_encoder.load_state_dict(teacher.text_encoder.state_dict())
+        missing, unexpected = unet.load_state_dict(teacher.unet.state_dict(), strict=False)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise NegpromptError(f"--distill-from {model_dir}: weights do not fit this model config ({first})") from None
+    if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
+        raise NegpromptError(
+            f"--distill-from {model_dir}: the student must be the teacher plus a guidance input "
+            f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})"
+        )
+    with torch.no_grad():
+        unet.time_embedding.cond_proj.weight.zero_()
+    return teacher.eval()
+
+
 class Trainer:
     """Owns the model, its EMA and the optimizer; ``run`` trains until the sample budget is spent."""
 
@@ -191,6 +239,9 @@ class Trainer:
         self.unet = build_unet(config.model)
         if config.init_from is not None:  # before the folder exists: a bad source leaves nothing behind
             load_weights_from_model_dir(config.init_from, self.unet, self.text_encoder)
+        self.teacher: Components | None = None
+        if config.distill_from is not None:
+            self.teacher = load_teacher(config.distill_from, self.unet, self.text_encoder)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.scheduler = build_scheduler()
         self.modules = {"unet": self.unet, "text": self.text_encoder}
@@ -218,6 +269,8 @@ class Trainer:
         learned last (measured: after 64 k samples "with a hat" changed nothing while colors
         were right in 100 % of images).
         """
+        if self.teacher is not None:
+            return self.distillation_loss(pixels, captions, generator, things)
         batch = pixels.shape[0]
         drop = torch.rand(batch, generator=generator) < self.config.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
@@ -237,6 +290,44 @@ class Trainer:
             snr = self.snr[timesteps]
             per_sample = per_sample * torch.clamp(snr, max=self.config.min_snr_gamma) / snr
         return per_sample.mean()
+
+    def distillation_loss(
+        self, pixels: torch.Tensor, captions: list[str], generator: torch.Generator, things: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The student's one-pass ε(x_t, y, w) against the teacher's ε_∅ + w(ε_y − ε_∅) (eq. (1)), w uniform in
+        [guidance_min, guidance_max] per example; the same noise, timesteps and caption dropout as :meth:`loss_on`."""
+        from negprompt.models.conditioning import guidance_embedding
+
+        cfg, teacher = self.config, self.teacher
+        assert teacher is not None
+        batch = pixels.shape[0]
+        drop = torch.rand(batch, generator=generator) < cfg.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        noise = torch.randn(pixels.shape, generator=generator)
+        scales = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(batch, generator=generator)
+        noisy = self.scheduler.add_noise(pixels, noise, timesteps)
+
+        def ids(texts: list[str]) -> torch.Tensor:
+            return self.tokenizer(
+                texts, padding="max_length", max_length=self.tokenizer.model_max_length, return_tensors="pt"
+            ).input_ids
+
+        with torch.no_grad():
+            both = torch.cat([ids(captions), ids([""] * batch)])
+            text = teacher.text_encoder(both).last_hidden_state
+            eps = teacher.unet(torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), text).sample
+            eps_cond, eps_uncond = eps.chunk(2)
+            target = eps_uncond + scales[:, None, None, None] * (eps_cond - eps_uncond)
+        dim = cfg.model.guidance_embedding_dim
+        embedded = torch.cat([guidance_embedding(float(w), dim) for w in scales])
+        predicted = self.unet(
+            noisy, timesteps, self.text_encoder(ids(captions)).last_hidden_state, timestep_cond=embedded
+        )
+        squared = (predicted.sample - target).pow(2)
+        if things is not None and cfg.thing_weight != 1.0:
+            squared = squared * (1.0 + (cfg.thing_weight - 1.0) * things)
+        return squared.mean()
 
     def _update_ema(self) -> None:
         decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
@@ -406,5 +497,8 @@ class Trainer:
         components = self.ema_components()
         components.scheduler = make_scheduler(DEFAULT_SAMPLING["scheduler"], components.scheduler)
         folder = save_components(components, folder)
-        (folder / DECLARATIONS_FILE).write_text(json.dumps({**DEFAULT_SAMPLING, **DECLARATIONS}, indent=2) + "\n")
+        sampling = dict(DEFAULT_SAMPLING)
+        if self.config.distill_from is not None:  # one pass per step: CFG's scale 1, w given to the model
+            sampling.update(scale=1.0, embedded_guidance=DEFAULT_SAMPLING["scale"])
+        (folder / DECLARATIONS_FILE).write_text(json.dumps({**sampling, **DECLARATIONS}, indent=2) + "\n")
         return folder
