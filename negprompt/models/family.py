@@ -1,10 +1,11 @@
 """Model families as adapters: what differs between Stable Diffusion, the bundled pixel model, SDXL …
 
-A family knows which parts a model directory holds, how to encode a prompt into a
+A family knows which parts a model directory holds, how to encode one row's
+:class:`~negprompt.models.conditioning.PromptInput` into a
 :class:`~negprompt.models.conditioning.Conditioning`, the latent geometry and how latents become
-images. The sampling loop sees only the UNet, the scheduler and conditionings; a new family (e.g.
-SDXL with two text encoders, pooled embeddings and time ids) is one new module listed in
-:mod:`negprompt.models.families`.
+images. The sampling loop sees only the UNet, the scheduler and conditionings; a new family is one
+new module listed in :mod:`negprompt.models.families` (SDXL's, with two text encoders, pooled
+embeddings and time ids, is :mod:`negprompt.models.stable_diffusion_xl`).
 """
 
 from __future__ import annotations
