@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Regenerates every result committed in docs/ and benchmarks/results/ from the bundled model
 # (about 1.5–2 hours on 2 CPU cores). Each step's wall time goes to docs/timings.txt.
-#   bash scripts/docs_results.sh [step …]     steps: evaluate study study-nag sweep methods methods-scale1 sampler benchmarks
+#   bash scripts/docs_results.sh [step …]     steps: evaluate study study-nag sweep methods methods-scale1 methods-distilled sampler benchmarks
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NP=.venv/bin/negprompt
 PY=.venv/bin/python
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(evaluate study study-nag sweep methods methods-scale1 sampler benchmarks)
+[ ${#steps[@]} -eq 0 ] && steps=(evaluate study study-nag sweep methods methods-scale1 methods-distilled sampler benchmarks)
 
 timed() {  # timed NAME COMMAND…
     local name=$1 start end
@@ -40,6 +40,10 @@ for step in "${steps[@]}"; do
         timed bench-methods-scale1 $NP bench-methods --images 200 --negative "a hat" --scale 1 \
             --out docs/methods/scale-1 -q
         ;;
+    methods-distilled)  # the guidance-distilled model: one pass a step, no ε_∅ for a plain negative to replace
+        timed bench-methods-distilled $NP bench-methods --model shapes-distilled --images 200 --negative "a hat" \
+            --scale 1 --out docs/methods/distilled -q
+        ;;
     sampler) timed bench-sampler $PY benchmarks/bench_sampler.py ;;
     benchmarks)
         timed bench-attention $PY benchmarks/bench_attention.py
@@ -47,6 +51,6 @@ for step in "${steps[@]}"; do
         timed bench-edit $PY benchmarks/bench_edit.py
         timed bench-attention-negatives $PY benchmarks/bench_attention_negatives.py
         ;;
-    *) echo "unknown step $step (evaluate study study-nag sweep methods methods-scale1 sampler benchmarks)" >&2 && exit 2 ;;
+    *) echo "unknown step $step (evaluate study study-nag sweep methods methods-scale1 methods-distilled sampler benchmarks)" >&2 && exit 2 ;;
     esac
 done

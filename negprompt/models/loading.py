@@ -21,6 +21,11 @@ from negprompt.models.families import family_for_index
 
 BUNDLED_NAME = "shapes"
 BUNDLED_PATH = Path(__file__).resolve().parent.parent / "assets" / "shapes-model"
+DISTILLED_NAME = "shapes-distilled"  # the bundled model guidance-distilled: scale as an input, one pass a step
+BUNDLED_MODELS = {
+    BUNDLED_NAME: BUNDLED_PATH,
+    DISTILLED_NAME: BUNDLED_PATH.parent / "shapes-distilled",
+}
 DECLARATIONS_FILE = "negprompt.json"  # optional: default sampling and what else the model declares
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
@@ -30,11 +35,13 @@ class ModelLoadError(NegpromptError):
 
 
 def resolve_model_path(source: str | Path | None) -> Path:
-    """The local directory for ``source``: None/"shapes" → the bundled model; a path; or a cached id."""
-    if source is None or str(source) == BUNDLED_NAME:
-        if not (BUNDLED_PATH / "model_index.json").exists():
-            raise ModelLoadError(f"the bundled model is missing from {BUNDLED_PATH}; reinstall negprompt")
-        return BUNDLED_PATH
+    """The local directory for ``source``: None/"shapes" → the bundled model ("shapes-distilled": its
+    guidance-distilled student); a path; or a cached id."""
+    if source is None or str(source) in BUNDLED_MODELS:
+        bundled = BUNDLED_MODELS[str(source or BUNDLED_NAME)]
+        if not (bundled / "model_index.json").exists():
+            raise ModelLoadError(f"the bundled model is missing from {bundled}; reinstall negprompt")
+        return bundled
     path = Path(source).expanduser()
     if path.exists():
         if path.is_file():
@@ -57,7 +64,7 @@ def resolve_model_path(source: str | Path | None) -> Path:
             ) from None
     raise ModelLoadError(
         f"no model at {text!r}: give a diffusers directory, a model id in the local Hugging Face cache, "
-        f"or {BUNDLED_NAME!r} for the bundled model"
+        f"or {BUNDLED_NAME!r} for the bundled model ({DISTILLED_NAME!r}: its guidance-distilled student)"
     )
 
 
@@ -136,10 +143,10 @@ def load_components(
 
 
 def source_name(source: str | Path | None, root: Path) -> str:
-    """How a run records its model: "shapes", a model id, or a local folder as an absolute path
-    (so that a PNG's settings load from any working directory)."""
-    if source is None or str(source) == BUNDLED_NAME:
-        return BUNDLED_NAME
+    """How a run records its model: "shapes" (or "shapes-distilled"), a model id, or a local folder as an
+    absolute path (so that a PNG's settings load from any working directory)."""
+    if source is None or str(source) in BUNDLED_MODELS:
+        return str(source or BUNDLED_NAME)
     if Path(source).expanduser().exists():
         return str(root.resolve())
     return str(source)
