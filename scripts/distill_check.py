@@ -6,7 +6,7 @@ at scale 1 with embedded guidance w (one pass). Printed and written as JSON: the
 percentile of |Δ| per image in [0, 1] (beside the mean |Δ| of the teacher's unguided pass, what the student
 started as), and how often the detectors read the same colour, shape, hat and sun in both images.
 
-    python scripts/distill_check.py --student runs/distill/model --out docs/training/distill-check.json
+    python scripts/distill_check.py --student shapes-distilled --images 24 --out docs/training/distill-check.json
 """
 
 from __future__ import annotations
