@@ -5,6 +5,11 @@ appended in one write followed by fsync once all its seeds are done, so after Ct
 power loss the file holds whole pairs plus at most one torn tail, which the next run drops before
 going on with the first missing pair. ``DIR/spec.json`` records the spec; a directory made for
 another spec is refused and left untouched.
+
+Launched as several processes (``accelerate launch``, docs/distributed.md), each process computes its
+share of the pairs into its own shard (:mod:`negprompt.jobs`) and the main process writes
+``results.csv`` from them at the end: byte for byte the one-process file. A folder that holds shards
+goes on as a sharded job with any number of processes (``negprompt merge DIR`` writes the file alone).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from negprompt.analysis.strength import strength_curves
 from negprompt.attention.capture import CaptureRequest
 from negprompt.attention.result import capture, plan_for
 from negprompt.attention.tokens import tokenize_words
+from negprompt.jobs import ONE_PROCESS, SHARDS_FOLDER, Job, Workers
 from negprompt.models.prompts import check_prompt
 from negprompt.runspec import RunSpec
 from negprompt.session import Session, as_session
@@ -93,14 +99,19 @@ def completed_pairs(spec: StudySpec, out_dir: Path, steps_per_run: int) -> set[i
     return done
 
 
-def _append(path: Path, rows: list[tuple]) -> None:
+def _csv_text(rows: list[tuple]) -> str:
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    if not path.exists():
-        writer.writerow(COLUMNS)
-    writer.writerows(rows)
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+HEADER = _csv_text([COLUMNS])
+
+
+def _append(path: Path, rows: list[tuple]) -> None:
+    text = ("" if path.exists() else HEADER) + _csv_text(rows)
     with open(path, "a") as handle:
-        handle.write(buffer.getvalue())
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -162,20 +173,39 @@ def run_pair(spec: StudySpec, index: int, pair: Pair, session: Session) -> tuple
     return rows, result.generation.unet_batch_rows
 
 
+def study_job(spec: StudySpec, out_dir: Path, workers: Workers = ONE_PROCESS) -> Job:
+    """The study as a job of one unit per pair."""
+    return Job(out_dir, "study", {"spec": spec.to_json()}, [len(spec.seeds)] * len(spec.pairs), workers)
+
+
+def finish_study(out_dir: str | Path, payloads: list[str]) -> list[Path]:
+    """``results.csv`` from the pairs' rows in pair order (written whole, then renamed)."""
+    path = Path(out_dir) / RESULTS_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(HEADER + "".join(payloads))
+    os.replace(tmp, path)
+    return [path]
+
+
 def run_study(
     spec: StudySpec,
     out_dir: str | Path,
     progress: bool = True,
     on_pair_done: Callable[[int], None] | None = None,
     session: Session | None = None,
+    workers: Workers = ONE_PROCESS,
 ) -> StudyProgress:
-    """Runs the pairs not yet in ``out_dir``'s results; returns what this run did.
+    """Runs the pairs not yet in ``out_dir``'s results; returns what this run (this process) did.
 
-    ``session``: the loaded ``spec.model`` to run on (default: a new session, device auto)."""
+    ``session``: the loaded ``spec.model`` to run on (default: a new session, device auto).
+    ``workers``: this process's place when launched as several (:func:`negprompt.jobs.current_workers`)."""
     out_dir = Path(out_dir)
     session = as_session(spec.model if session is None else session)
     check_study(spec, session)
-    prepare_directory(spec, out_dir)
+    with workers.main_first():
+        prepare_directory(spec, out_dir)
+    if workers.count > 1 or (out_dir / SHARDS_FOLDER).exists():
+        return _run_sharded(spec, out_dir, progress, on_pair_done, session, workers)
     done = completed_pairs(spec, out_dir, session.denoiser_calls(spec.scheduler, spec.steps))
     todo = [(i, p) for i, p in enumerate(spec.pairs) if i not in done]
     started = time.monotonic()
@@ -191,4 +221,29 @@ def run_study(
         if on_pair_done is not None:
             on_pair_done(index)
     bar.close()
+    return StudyProgress(len(spec.pairs), len(spec.pairs), time.monotonic() - started, rows_evaluated)
+
+
+def _run_sharded(
+    spec: StudySpec,
+    out_dir: Path,
+    progress: bool,
+    on_pair_done: Callable[[int], None] | None,
+    session: Session,
+    workers: Workers,
+) -> StudyProgress:
+    started = time.monotonic()
+    rows_evaluated = 0
+
+    def compute(index: int) -> str:
+        nonlocal rows_evaluated
+        rows, unet_rows = run_pair(spec, index, spec.pairs[index], session)
+        rows_evaluated += unet_rows
+        if on_pair_done is not None:
+            on_pair_done(index)
+        return _csv_text(rows)
+
+    payloads = study_job(spec, out_dir, workers).run(compute, progress)
+    if payloads is not None:
+        finish_study(out_dir, payloads)
     return StudyProgress(len(spec.pairs), len(spec.pairs), time.monotonic() - started, rows_evaluated)

@@ -43,7 +43,7 @@ from negprompt.attention.tokens import tokenize_words
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
-from negprompt.session import as_session
+from negprompt.session import Session, as_session
 
 DEFAULT_TAU = 0.02
 
@@ -90,87 +90,106 @@ def _score(finder: RegionFinder, plain: np.ndarray, other: np.ndarray, word: str
     }
 
 
+def sweep_units(settings: SweepSettings) -> list[tuple[int, tuple[int, ...]]]:
+    """The sweep's units of work, in order: (pair index, a chunk of ``settings.batch`` seeds)."""
+    chunks = [settings.seeds[i : i + settings.batch] for i in range(0, len(settings.seeds), settings.batch)]
+    return [(index, seeds) for index in range(len(settings.pairs)) for seeds in chunks]
+
+
+def sweep_unit(
+    settings: SweepSettings, session: Session, finder: RegionFinder, pair: int, seeds: Sequence[int]
+) -> list[dict]:
+    """The rows of one pair over ``seeds``: one batched run of the plain image and every variant, then
+    one of the automatic starts."""
+    components = session.components
+    prompt, negative = settings.pairs[pair]
+    seeds = list(seeds)
+    rows: list[dict] = []
+    word = negative_word(negative, None)
+    content = [w for w in dict.fromkeys(tokenize_words(components.tokenizer, prompt).words) if w not in FUNCTION_WORDS]
+    common = dict(steps=settings.steps, scheduler=settings.scheduler, scale=settings.scale)
+    plain = session.spec(prompt, rule="cfg", seeds=seeds, **common)
+    variants = [
+        ("start", s, session.spec(prompt, [Term(negative, None, Window(s))], seeds=seeds, **common))
+        for s in settings.starts
+    ]
+    variants += [
+        ("early", k, session.spec(prompt, [Term(negative, None, Window(0, k))], seeds=seeds, **common))
+        for k in settings.early_ends
+    ]
+    request = CaptureRequest(words={"positive": content})
+    with session.exclusive():
+        with capture_attention(
+            components.unet, plan_for(plain, request, components), reduce_layer, group=0
+        ) as recorder:
+            generations = session.run_together([plain] + [v[2] for v in variants], unet_hooks=[recorder])
+    maps = [recorder.tensors["maps.positive"][:, 0, :, w].float() for w in range(len(content))]
+    auto = automatic_start(maps, settings.tau)
+    # Second pass: one group per distinct automatic start, all in one batched run.
+    distinct = sorted(set(auto))
+    members = {start: [i for i, s in enumerate(auto) if s == start] for start in distinct}
+    auto_settings = [
+        session.spec(prompt, [Term(negative, None, Window(start))], seeds=[seeds[i] for i in members[start]], **common)
+        for start in distinct
+    ]
+    auto_runs = {start: (members[start], g) for start, g in zip(distinct, session.run_together(auto_settings))}
+    for i, seed in enumerate(seeds):
+        base = generations[0].pixels[i]
+        _, plain_present = finder.find(base, word)
+        row_common = {
+            "prompt": prompt,
+            "negative": negative,
+            "word": word,
+            "seed": seed,
+            "plain_present": plain_present,
+        }
+        rows.append({**row_common, "variant": "none", "start": -1, **_score(finder, base, base, word)})
+        for (kind, value, _), generation in zip(variants, generations[1:]):
+            rows.append(
+                {
+                    **row_common,
+                    "variant": kind,
+                    "start": value,
+                    **_score(finder, base, generation.pixels[i], word),
+                }
+            )
+        members, generation = auto_runs[auto[i]]
+        rows.append(
+            {
+                **row_common,
+                "variant": "auto",
+                "start": auto[i],
+                **_score(finder, base, generation.pixels[members.index(i)], word),
+            }
+        )
+    return rows
+
+
 def run_sweep(
     settings: SweepSettings, model=None, progress: bool = True, finder: RegionFinder | None = None
 ) -> list[dict]:
     """One row per (pair, seed, variant) with the region finder's verdict and the locality measures.
 
-    ``finder`` None: the one the model declares (an error if it declares none).
+    ``finder`` None: the one the model declares (an error if it declares none). One process; the
+    command ``negprompt edit-sweep`` runs the same units as a job (:mod:`negprompt.jobs`).
     """
     session = as_session(model)
-    components = session.components
-    finder = finder or declared_finder(components)
-    if finder is None:
-        raise RegionFinderError("the start sweep scores with a region finder; this model's negprompt.json names none")
+    finder = finder or sweep_finder(session)
     rows: list[dict] = []
-    chunks = [settings.seeds[i : i + settings.batch] for i in range(0, len(settings.seeds), settings.batch)]
     bar = tqdm(total=len(settings.pairs) * len(settings.seeds), unit="img", disable=not progress)
-    for prompt, negative in settings.pairs:
-        word = negative_word(negative, None)
-        content = [
-            w for w in dict.fromkeys(tokenize_words(components.tokenizer, prompt).words) if w not in FUNCTION_WORDS
-        ]
-        common = dict(steps=settings.steps, scheduler=settings.scheduler, scale=settings.scale)
-        for seeds in chunks:
-            plain = session.spec(prompt, rule="cfg", seeds=seeds, **common)
-            variants = [
-                ("start", s, session.spec(prompt, [Term(negative, None, Window(s))], seeds=seeds, **common))
-                for s in settings.starts
-            ]
-            variants += [
-                ("early", k, session.spec(prompt, [Term(negative, None, Window(0, k))], seeds=seeds, **common))
-                for k in settings.early_ends
-            ]
-            request = CaptureRequest(words={"positive": content})
-            with session.exclusive():
-                with capture_attention(
-                    components.unet, plan_for(plain, request, components), reduce_layer, group=0
-                ) as recorder:
-                    generations = session.run_together([plain] + [v[2] for v in variants], unet_hooks=[recorder])
-            maps = [recorder.tensors["maps.positive"][:, 0, :, w].float() for w in range(len(content))]
-            auto = automatic_start(maps, settings.tau)
-            # Second pass: one group per distinct automatic start, all in one batched run.
-            distinct = sorted(set(auto))
-            members = {start: [i for i, s in enumerate(auto) if s == start] for start in distinct}
-            auto_settings = [
-                session.spec(
-                    prompt, [Term(negative, None, Window(start))], seeds=[seeds[i] for i in members[start]], **common
-                )
-                for start in distinct
-            ]
-            auto_runs = {start: (members[start], g) for start, g in zip(distinct, session.run_together(auto_settings))}
-            for i, seed in enumerate(seeds):
-                base = generations[0].pixels[i]
-                _, plain_present = finder.find(base, word)
-                row_common = {
-                    "prompt": prompt,
-                    "negative": negative,
-                    "word": word,
-                    "seed": seed,
-                    "plain_present": plain_present,
-                }
-                rows.append({**row_common, "variant": "none", "start": -1, **_score(finder, base, base, word)})
-                for (kind, value, _), generation in zip(variants, generations[1:]):
-                    rows.append(
-                        {
-                            **row_common,
-                            "variant": kind,
-                            "start": value,
-                            **_score(finder, base, generation.pixels[i], word),
-                        }
-                    )
-                members, generation = auto_runs[auto[i]]
-                rows.append(
-                    {
-                        **row_common,
-                        "variant": "auto",
-                        "start": auto[i],
-                        **_score(finder, base, generation.pixels[members.index(i)], word),
-                    }
-                )
-            bar.update(len(seeds))
+    for pair, seeds in sweep_units(settings):
+        rows += sweep_unit(settings, session, finder, pair, seeds)
+        bar.update(len(seeds))
     bar.close()
     return rows
+
+
+def sweep_finder(session: Session) -> RegionFinder:
+    """The region finder the model declares; an error if it declares none."""
+    finder = declared_finder(session.components)
+    if finder is None:
+        raise RegionFinderError("the start sweep scores with a region finder; this model's negprompt.json names none")
+    return finder
 
 
 def summarize_sweep(rows: list[dict]) -> dict:

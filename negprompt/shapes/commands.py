@@ -93,9 +93,13 @@ def command_edit_sweep(args: argparse.Namespace) -> int:
         prompt, negative = (part.strip() for part in item.split("->", 1))
         pairs.append((prompt, negative))
     check_destination(args.out, folder=True)  # before the heavy imports: a bad path answers at once
-    from negprompt.analysis.sweep import SweepSettings, check_sweep_settings, run_sweep, summarize_sweep, write_sweep
+    from dataclasses import asdict
+
+    from negprompt.analysis.sweep import SweepSettings, check_sweep_settings, sweep_unit, sweep_units
+    from negprompt.jobs import Job, current_workers
     from negprompt.shapes.regions import ShapesRegions
 
+    workers = current_workers(args.device)  # before the model: each process gets its own GPU
     session = session_from_args(args)
     calls = session.denoiser_calls(args.scheduler, args.steps)
     starts = tuple(range(0, calls, args.start_every))
@@ -110,11 +114,32 @@ def command_edit_sweep(args: argparse.Namespace) -> int:
         args.tau,
     )
     check_sweep_settings(settings, calls)
-    rows = run_sweep(settings, session, progress=not args.quiet, finder=ShapesRegions())
-    summary = summarize_sweep(rows)
-    for path in write_sweep(rows, summary, args.out):
-        print(f"wrote {path}")
+    units, finder = sweep_units(settings), ShapesRegions()
+    job = Job(
+        Path(args.out),
+        "edit-sweep",
+        {"sweep": asdict(settings), **run_identity(session)},
+        [len(seeds) for _, seeds in units],
+        workers,
+    )
+    payloads = job.run(lambda u: sweep_unit(settings, session, finder, *units[u]), progress=not args.quiet)
+    if payloads is not None:
+        for path in finish_edit_sweep(Path(args.out), job.record(), payloads):
+            print(f"wrote {path}")
     return 0
+
+
+def finish_edit_sweep(out_dir: Path, record: dict, payloads: list) -> list[Path]:
+    """The sweep's merge: its table, summary and plot from the units' rows."""
+    from negprompt.analysis.sweep import summarize_sweep, write_sweep
+
+    rows = [row for payload in payloads for row in payload]
+    return write_sweep(rows, summarize_sweep(rows), out_dir)
+
+
+def run_identity(session) -> dict:
+    """What a job's results depend on beyond its own settings: the model, its dtype and device kind."""
+    return {"model": session.model, "dtype": session.dtype, "device": session.device.split(":")[0]}
 
 
 # ---------------------------------------------------------------- bench-methods
@@ -124,27 +149,46 @@ def command_bench_methods(args: argparse.Namespace) -> int:
     from negprompt.interfaces.outputs import check_destination
 
     check_destination(args.out, folder=True)  # before the heavy imports: a bad path answers at once
-    from negprompt.shapes.methods import bench_methods, write_results
+    from dataclasses import asdict
 
-    records = bench_methods(
-        negatives=args.negative or ("a hat", "a sun", "striped", "blurry"),
-        images=args.images,
-        model=session_from_args(args),
-        steps=args.steps,
-        scheduler=args.scheduler,
-        scale=args.scale,
-        progress=not args.quiet,
+    from negprompt.jobs import Job, current_workers
+    from negprompt.shapes.methods import BenchSettings, bench_unit
+
+    settings = BenchSettings(
+        tuple(args.negative or BenchSettings.negatives), args.images, args.steps, args.scheduler, args.scale
     )
-    settings = {
-        "model": args.model or "shapes",
-        "images per cell": args.images,
-        "steps": args.steps or "default",
-        "scheduler": args.scheduler or "default",
-        "scale": args.scale or "default",
-    }
-    for path in write_results(records, args.out, settings):
-        print(f"wrote {path}")
+    settings.check()
+    workers = current_workers(args.device)  # before the model: each process gets its own GPU
+    session = session_from_args(args)
+    units = settings.units()
+    job = Job(
+        Path(args.out),
+        "bench-methods",
+        {"bench": asdict(settings), "shown_model": args.model or "shapes", **run_identity(session)},
+        [stop - start for _, start, stop in units],
+        workers,
+    )
+    payloads = job.run(lambda u: bench_unit(settings, session, *units[u]), progress=not args.quiet)
+    if payloads is not None:
+        for path in finish_bench_methods(Path(args.out), job.record(), payloads):
+            print(f"wrote {path}")
     return 0
+
+
+def finish_bench_methods(out_dir: Path, record: dict, payloads: list) -> list[Path]:
+    """The benchmark's merge: its table, summary and plot from the units' measures."""
+    from negprompt.shapes.methods import BenchSettings, summarize_bench, write_results
+
+    bench = record["settings"]["bench"]
+    settings = BenchSettings(**{**bench, "negatives": tuple(bench["negatives"])})
+    shown = {
+        "model": record["settings"]["shown_model"],
+        "images per cell": settings.images,
+        "steps": settings.steps or "default",
+        "scheduler": settings.scheduler or "default",
+        "scale": settings.scale or "default",
+    }
+    return write_results(summarize_bench(settings, payloads), out_dir, shown)
 
 
 # ---------------------------------------------------------------- evaluate
@@ -154,24 +198,46 @@ def command_evaluate(args: argparse.Namespace) -> int:
     from negprompt.interfaces.outputs import check_destination
 
     check_destination(args.out, folder=True)  # before the heavy imports: a bad path answers at once
-    from tqdm.auto import tqdm
+    import time
 
-    from negprompt.shapes.evaluation import ROWS, evaluate, to_markdown, write_table
+    from negprompt.jobs import Job, current_workers
+    from negprompt.shapes.evaluation import ROWS, evaluation_unit, evaluation_units
 
+    workers = current_workers(args.device)  # before the model: each process gets its own GPU
     session = session_from_args(args)
-    with tqdm(total=args.images * len(ROWS), disable=args.quiet, unit="img") as bar:
-        table = evaluate(
-            session,
-            images=args.images,
-            steps=args.steps,
-            scheduler=args.scheduler,
-            scale=args.scale,
-            on_batch=bar.update,
-        )
-    md, js = write_table(table, args.out)
-    print(to_markdown(table))
-    print(f"wrote {md} and {js}")
+    started = time.monotonic()
+    units = evaluation_units(args.images)
+    settings = {
+        "images": args.images,
+        "steps": args.steps,
+        "scheduler": args.scheduler,
+        "scale": args.scale,
+        "batches": [list(unit) for unit in units],
+        **run_identity(session),
+    }
+    job = Job(Path(args.out), "evaluate", settings, [stop - start for _, start, stop in units], workers)
+    payloads = job.run(
+        lambda u: evaluation_unit(
+            session, ROWS[units[u][0]], args.images, *units[u][1:], args.steps, args.scheduler, args.scale
+        ),
+        progress=not args.quiet,
+    )
+    if payloads is not None:
+        for path in finish_evaluate(Path(args.out), job.record(), payloads):
+            print(f"wrote {path}")
+        print(f"{time.monotonic() - started:.0f} s on this process")
     return 0
+
+
+def finish_evaluate(out_dir: Path, record: dict, payloads: list) -> list[Path]:
+    """The evaluation's merge: the table (Markdown, printed too, and JSON) from the images' detector reads."""
+    from negprompt.shapes.evaluation import ROWS, evaluation_table, to_markdown, write_table
+
+    settings = record["settings"]
+    units = [tuple(unit) for unit in settings["batches"]]
+    table = evaluation_table(settings["model"], settings["images"], ROWS, units, payloads)
+    print(to_markdown(table))
+    return list(write_table(table, out_dir))
 
 
 # ---------------------------------------------------------------- registration
@@ -202,7 +268,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument("--out", default="edit-sweep", help="output folder (default edit-sweep/)")
     add_quiet_option(sweep)
     add_device_options(sweep)
-    sweep.set_defaults(handler=command_edit_sweep)
+    sweep.set_defaults(handler=command_edit_sweep, finish=finish_edit_sweep)
 
     bench = commands.add_parser("bench-methods", help="rank negative-prompt rules against ground truth (bundled model)")
     bench.add_argument(
@@ -216,7 +282,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--out", default="bench-methods", help="output folder (default bench-methods/)")
     add_quiet_option(bench)
     add_device_options(bench)
-    bench.set_defaults(handler=command_bench_methods)
+    bench.set_defaults(handler=command_bench_methods, finish=finish_bench_methods)
 
     evaluate = commands.add_parser("evaluate", help="score a shapes-world model against ground truth")
     evaluate.add_argument(
@@ -226,7 +292,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_model_options(evaluate)
     add_quiet_option(evaluate)
     add_device_options(evaluate)
-    evaluate.set_defaults(handler=command_evaluate)
+    evaluate.set_defaults(handler=command_evaluate, finish=finish_evaluate)
 
     train = commands.add_parser("train", help="train the shapes-world model (resumes from --out)")
     train.add_argument("--out", required=True, help="training folder (checkpoints, log, exported model)")

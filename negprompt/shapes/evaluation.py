@@ -101,61 +101,79 @@ def row_prompts(row: Row, count: int) -> tuple[list[str], list[tuple[str, str]]]
     return [row.template.format(color=c, shape=s) for c, s in chosen], chosen
 
 
-def score_images(pixels: np.ndarray, named: Sequence[tuple[str, str]]) -> tuple[dict[str, float], dict[str, int]]:
-    """Per attribute: the fraction of the readable images where it is found (color/shape: the named one),
-    and how many images the detectors could not read for it (``UNREADABLE``: not counted in the fraction;
-    NaN when none was readable)."""
-    hits = {a: 0 for a in ATTRIBUTES}
-    unreadable = {a: 0 for a in ATTRIBUTES}
+def read_images(pixels: np.ndarray, named: Sequence[tuple[str, str]]) -> list[dict[str, bool | None]]:
+    """Per image and attribute: found (color/shape: the named one), or None where the detectors cannot
+    read the image for it (``UNREADABLE``)."""
+    reads = []
     for image, (color, shape) in zip(to_uint8(pixels), named):
         found = detect(image)
+        read: dict[str, bool | None] = {}
         for attribute in ATTRIBUTES:
             if found.unreadable(attribute):
-                unreadable[attribute] += 1
+                read[attribute] = None
             elif attribute in ("color", "shape"):
-                hits[attribute] += getattr(found, attribute) == {"color": color, "shape": shape}[attribute]
+                read[attribute] = bool(getattr(found, attribute) == {"color": color, "shape": shape}[attribute])
             else:
-                hits[attribute] += bool(getattr(found, attribute))
+                read[attribute] = bool(getattr(found, attribute))
+        reads.append(read)
+    return reads
+
+
+def rates_of(reads: Sequence[dict[str, bool | None]]) -> tuple[dict[str, float], dict[str, int]]:
+    """Per attribute: the fraction of the readable images where it is found, and how many images the
+    detectors could not read for it (not counted in the fraction; NaN when none was readable)."""
+    unreadable = {a: sum(r[a] is None for r in reads) for a in ATTRIBUTES}
+    hits = {a: sum(r[a] is True for r in reads) for a in ATTRIBUTES}
     rates = {
-        a: hits[a] / (len(named) - unreadable[a]) if len(named) > unreadable[a] else float("nan") for a in ATTRIBUTES
+        a: hits[a] / (len(reads) - unreadable[a]) if len(reads) > unreadable[a] else float("nan") for a in ATTRIBUTES
     }
     return rates, unreadable
 
 
-def evaluate(
-    model: Session | Components,
-    images: int = 200,
-    batch: int = 48,
-    rows: Sequence[Row] = ROWS,
+def score_images(pixels: np.ndarray, named: Sequence[tuple[str, str]]) -> tuple[dict[str, float], dict[str, int]]:
+    """:func:`rates_of` the images' :func:`read_images`."""
+    return rates_of(read_images(pixels, named))
+
+
+def evaluation_units(images: int, batch: int = 48, rows: Sequence[Row] = ROWS) -> list[tuple[int, int, int]]:
+    """The units of work, in order: (row index, first image, end image) of ``batch`` images."""
+    return [(r, start, min(images, start + batch)) for r in range(len(rows)) for start in range(0, images, batch)]
+
+
+def evaluation_unit(
+    session: Session,
+    row: Row,
+    images: int,
+    start: int,
+    stop: int,
     steps: int | None = None,
     scheduler: str | None = None,
     scale: float | None = None,
-    on_batch: Callable[[int], None] | None = None,
 ) -> dict:
-    """Runs every row and returns the table (fractions per attribute, targets, pass/fail)."""
-    session = as_session(model)
+    """Images [start, stop) of one row: what the detectors read in each, and the settings used."""
+    prompts, named = row_prompts(row, images)
+    settings = session.spec(
+        tuple(prompts[start:stop]),
+        None if row.negative is None else [Term(row.negative)],
+        rule="sd" if row.negative else "cfg",
+        steps=steps,
+        scheduler=scheduler,
+        scale=scale,
+        seeds=range(start, stop),
+    )
+    reads = read_images(session.run(settings).pixels, named[start:stop])
+    used = {"steps": settings.steps, "scheduler": settings.scheduler, "scale": settings.guidance.scale}
+    return {"reads": reads, "settings": used}
+
+
+def evaluation_table(
+    model: str, images: int, rows: Sequence[Row], units: Sequence[tuple[int, int, int]], payloads: Sequence[dict]
+) -> dict:
+    """The table (fractions per attribute, targets, pass/fail) from the units' payloads in unit order."""
     results = []
-    started = time.monotonic()
-    settings_used = None
-    for row in rows:
-        prompts, named = row_prompts(row, images)
-        pixels = []
-        for start in range(0, images, batch):
-            chunk = slice(start, min(images, start + batch))
-            settings = session.spec(
-                tuple(prompts[chunk]),
-                None if row.negative is None else [Term(row.negative)],
-                rule="sd" if row.negative else "cfg",
-                steps=steps,
-                scheduler=scheduler,
-                scale=scale,
-                seeds=range(chunk.start, chunk.stop),
-            )
-            settings_used = settings
-            pixels.append(session.run(settings).pixels)
-            if on_batch is not None:
-                on_batch(chunk.stop - chunk.start)
-        rates, unreadable = score_images(np.concatenate(pixels), named)
+    for index, row in enumerate(rows):
+        reads = [read for (r, _, _), p in zip(units, payloads) if r == index for read in p["reads"]]
+        rates, unreadable = rates_of(reads)
         checks = {t.describe(): t.holds(rates[t.attribute]) for t in row.targets}
         results.append(
             {
@@ -169,22 +187,38 @@ def evaluate(
                 "passed": all(checks.values()),
             }
         )
-    assert settings_used is not None
-    return {
-        "model": session.model,
-        "steps": settings_used.steps,
-        "scheduler": settings_used.scheduler,
-        "scale": settings_used.guidance.scale,
-        "seconds": round(time.monotonic() - started, 1),
-        "rows": results,
-    }
+    return {"model": model, **payloads[-1]["settings"], "rows": results}
+
+
+def evaluate(
+    model: Session | Components,
+    images: int = 200,
+    batch: int = 48,
+    rows: Sequence[Row] = ROWS,
+    steps: int | None = None,
+    scheduler: str | None = None,
+    scale: float | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict:
+    """Runs every row and returns the table (fractions per attribute, targets, pass/fail, seconds taken).
+
+    One process; the command ``negprompt evaluate`` runs the same units as a job (:mod:`negprompt.jobs`)."""
+    session = as_session(model)
+    started = time.monotonic()
+    payloads, units = [], evaluation_units(images, batch, rows)
+    for r, start, stop in units:
+        payloads.append(evaluation_unit(session, rows[r], images, start, stop, steps, scheduler, scale))
+        if on_batch is not None:
+            on_batch(stop - start)
+    table = evaluation_table(session.model, images, rows, units, payloads)
+    return {**table, "seconds": round(time.monotonic() - started, 1)}
 
 
 def to_markdown(table: dict) -> str:
     lines = [
         f"Model `{table['model']}`, scheduler `{table['scheduler']}`, {table['steps']} steps, "
-        f"scale {table['scale']}, seeds 0–{table['rows'][0]['images'] - 1} in every row "
-        f"({table['seconds']:.0f} s).",
+        f"scale {table['scale']}, seeds 0–{table['rows'][0]['images'] - 1} in every row"
+        + (f" ({table['seconds']:.0f} s)." if "seconds" in table else "."),
         "",
         "| row | prompt | negative | " + " | ".join(ATTRIBUTES) + " | targets | pass |",
         "|---|---|---|" + "---:|" * len(ATTRIBUTES) + "---|---|",

@@ -104,6 +104,84 @@ def _measure(pixels: np.ndarray, named: Sequence[tuple[str, str]], plain: np.nda
     return rows
 
 
+@dataclass(frozen=True)
+class BenchSettings:
+    """What a method benchmark runs: every method on ``images`` prompts and seeds per negative."""
+
+    negatives: tuple[str, ...] = ("a hat", "a sun", "striped", "blurry")
+    images: int = 200
+    steps: int | None = None
+    scheduler: str | None = None
+    scale: float | None = None  # None: the model's default
+    batch: int = 24
+
+    def check(self) -> None:
+        for negative in self.negatives:
+            if negative.split()[-1] not in THINGS:
+                raise NegpromptError(
+                    f"negative {negative!r}: bench-methods scores the world's things: {', '.join(THINGS)}"
+                )
+
+    def units(self) -> list[tuple[int, int, int]]:
+        """The units of work, in order: (negative index, first image, end image) of ``batch`` images."""
+        return [
+            (n, start, min(self.images, start + self.batch))
+            for n in range(len(self.negatives))
+            for start in range(0, self.images, self.batch)
+        ]
+
+
+def bench_unit(
+    settings: BenchSettings, session, negative: int, start: int, stop: int, methods: Sequence[Method] = METHODS
+) -> dict:
+    """Every method on images [start, stop) of one negative, in one batched run: per method the
+    measures of each image and the UNet rows the method needs alone."""
+    text = settings.negatives[negative]
+    word = text.split()[-1]
+    scale = settings.scale if settings.scale is not None else float(session.defaults["scale"])
+    prompts, named = row_prompts(Row("bench", "a {color} {shape}"), settings.images)
+    specs = [
+        session.spec(
+            tuple(prompts[start:stop]),
+            _negative_terms(method, text, scale),
+            rule=method.rule or "cfg",
+            steps=settings.steps,
+            scheduler=settings.scheduler,
+            scale=scale,
+            seeds=range(start, stop),
+            rescale=method.rescale,
+            interval=method.interval,
+            rule_settings=method.settings,
+        )
+        for method in methods
+    ]
+    generations = session.run_together(specs)
+    plain = generations[0].pixels
+    return {
+        "measures": {m.name: _measure(g.pixels, named[start:stop], plain, word) for m, g in zip(methods, generations)},
+        "unet_rows": {m.name: _rows_alone(spec, g.num_steps) for m, spec, g in zip(methods, specs, generations)},
+    }
+
+
+def summarize_bench(
+    settings: BenchSettings, payloads: Sequence[dict], methods: Sequence[Method] = METHODS
+) -> list[dict]:
+    """One record per (negative, method) from the units' payloads (in unit order)."""
+    records = []
+    for n, negative in enumerate(settings.negatives):
+        mine = [p for (index, _, _), p in zip(settings.units(), payloads) if index == n]
+        per_method = {m.name: [row for p in mine for row in p["measures"][m.name]] for m in methods}
+        base = per_method[methods[0].name]
+        for method in methods:
+            rows = sum(p["unet_rows"][method.name] for p in mine)
+            records.append(
+                _summarize(
+                    method.name, negative, negative.split()[-1], per_method[method.name], base, rows / settings.images
+                )
+            )
+    return records
+
+
 def bench_methods(
     negatives: Sequence[str] = ("a hat", "a sun", "striped", "blurry"),
     images: int = 200,
@@ -115,51 +193,18 @@ def bench_methods(
     batch: int = 24,
     progress: bool = True,
 ) -> list[dict]:
-    """One record per (negative, method) with every measure."""
+    """One record per (negative, method) with every measure (one process; the command
+    ``negprompt bench-methods`` runs the same units as a job, :mod:`negprompt.jobs`)."""
     session = as_session(model)
-    scale = scale if scale is not None else float(session.defaults["scale"])
-    records = []
+    settings = BenchSettings(tuple(negatives), images, steps, scheduler, scale, batch)
+    settings.check()
+    payloads = []
     bar = tqdm(total=len(negatives) * images * len(methods), unit="img", disable=not progress)
-    for negative in negatives:
-        word = negative.split()[-1]
-        if word not in THINGS:
-            raise NegpromptError(f"negative {negative!r}: bench-methods scores the world's things: {', '.join(THINGS)}")
-        prompts, named = row_prompts(Row("bench", "a {color} {shape}"), images)
-        per_method: dict[str, list[dict]] = {m.name: [] for m in methods}
-        rows_per_method = {m.name: 0 for m in methods}
-        for start in range(0, images, batch):
-            chunk = slice(start, min(images, start + batch))
-            settings_list = []
-            for method in methods:
-                settings = session.spec(
-                    tuple(prompts[chunk]),
-                    _negative_terms(method, negative, scale),
-                    rule=method.rule or "cfg",
-                    steps=steps,
-                    scheduler=scheduler,
-                    scale=scale,
-                    seeds=range(chunk.start, chunk.stop),
-                    rescale=method.rescale,
-                    interval=method.interval,
-                    rule_settings=method.settings,
-                )
-                settings_list.append(settings)
-            generations = session.run_together(settings_list)
-            plain = generations[0].pixels
-            for method, settings, generation in zip(methods, settings_list, generations):
-                per_method[method.name] += _measure(generation.pixels, named[chunk], plain, word)
-                # Cost of the method alone (the joint run shares some rows between methods).
-                rows_per_method[method.name] += _rows_alone(settings, generation.num_steps)
-                bar.update(chunk.stop - chunk.start)
-        base = per_method[methods[0].name]
-        for method in methods:
-            records.append(
-                _summarize(
-                    method.name, negative, word, per_method[method.name], base, rows_per_method[method.name] / images
-                )
-            )
+    for unit in settings.units():
+        payloads.append(bench_unit(settings, session, *unit, methods=methods))
+        bar.update((unit[2] - unit[1]) * len(methods))
     bar.close()
-    return records
+    return summarize_bench(settings, payloads, methods)
 
 
 def _rows_alone(settings, num_steps: int) -> int:
