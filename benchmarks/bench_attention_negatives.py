@@ -1,8 +1,9 @@
 """Cost of negatives inside attention (NAG, VSF) at scale 1, as ratios against the plain run at scale 1.
 
-For the bundled model and a tiny SD: NAG / plain and VSF / plain at s = 1 (one denoiser pass per step
-plus the extra attention work), and rule (9) at the model's default scale / plain at s = 1 (two
-passes) for comparison. Runs are interleaved; ratios are medians of per-repeat ratios.
+For the bundled model, its guidance-distilled student and a tiny SD: NAG / plain and VSF / plain at
+s = 1 (one denoiser pass per step plus the extra attention work), and rule (9) at the model's default
+scale / plain at s = 1 for comparison (two passes; one on the distilled model, whose default is s = 1
+with the guidance scale as an input, so there rule (9) cannot use the negative). Runs are interleaved; ratios are medians of per-repeat ratios.
 
     python benchmarks/bench_attention_negatives.py
 """
@@ -21,7 +22,11 @@ from negprompt.models.tiny_sd import build_tiny_sd
 from negprompt.session import Session
 
 TARGETS = {"nag_vs_plain": "<= 1.35", "vsf_vs_plain": "<= 1.2", "sd_rule_vs_plain": "≈ 2 (two passes)"}
-PROMPTS = {"bundled": ("a red circle", "a hat"), "tiny-sd": ("a photo of a cat", "glasses")}
+PROMPTS = {
+    "bundled": ("a red circle", "a hat"),
+    "distilled": ("a red circle", "a hat"),
+    "tiny-sd": ("a photo of a cat", "glasses"),
+}
 
 
 def measure(name: str, session: Session, steps: int | None, batch: int, repeats: int, size: int | None) -> dict:
@@ -67,6 +72,7 @@ def main() -> None:
     }
     for name, session, steps, size in (
         ("bundled", Session("shapes"), None, None),
+        ("distilled", Session("shapes-distilled"), None, None),
         ("tiny-sd", Session(build_tiny_sd(seed=0)), 20, 128),
     ):
         measured = measure(name, session, steps, args.batch, args.repeats, size)

@@ -2,13 +2,16 @@
 
 Shortening only appends options (argparse keeps the last value given), so the command as printed is
 what is parsed first; the study of the built-in spec is replaced by a two-pair spec of the same
-model, and the Stable Diffusion path by the tiny SD (with --device cpu where CUDA is absent).
+model, and the Stable Diffusion path by the tiny SD (with --device cpu where CUDA is absent). The
+``negprompt serve`` commands of its "Web page" block load their model and build their limits as
+printed, on a free port, with a stand-in for the serving itself (tests/test_web_browser.py serves).
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+import socket
 from pathlib import Path
 
 import pytest
@@ -39,10 +42,10 @@ pairs:
 """
 
 
-def readme_commands() -> list[list[str]]:
-    """The ``negprompt …`` commands of the README's "Command line" block, as argument lists."""
+def readme_commands(heading: str = "## Command line") -> list[list[str]]:
+    """The ``negprompt …`` commands of the README's block under ``heading``, as argument lists."""
     text = README.read_text()
-    block = re.search(r"## Command line\s+```bash\n(.*?)```", text, flags=re.S).group(1)
+    block = re.search(re.escape(heading) + r"\s+```bash\n(.*?)```", text, flags=re.S).group(1)
     block = block.replace("\\\n", " ")
     commands = []
     for line in block.splitlines():
@@ -101,3 +104,23 @@ def test_every_readme_command_runs(tiny_sd_dir, tiny_sdxl_dir, tmp_path, monkeyp
 @pytest.mark.parametrize("words", [["generate", "x", "--steps", "3"]])
 def test_shortening_only_appends(words, tiny_sd_dir, tmp_path):
     assert shortened(words, tiny_sd_dir, tmp_path)[: len(words)] == words
+
+
+def test_every_readme_serve_command_starts(tiny_sd_dir, monkeypatch, capsys):
+    from negprompt.interfaces.web import app
+
+    served = []
+    monkeypatch.setattr(app, "serve", lambda session, host, port, limits: served.append((session, host, limits)))
+    commands = readme_commands("### Web page")
+    assert commands and {words[0] for words in commands} == {"serve"}
+    for words in commands:
+        argv = [w.replace("/path/to/stable-diffusion-v1-5", str(tiny_sd_dir)) for w in words]
+        if "cuda" in argv and not torch.cuda.is_available():
+            argv += ["--device", "cpu"]
+        with socket.socket() as probe:  # the printed port may be taken on this machine
+            probe.bind(("127.0.0.1", 0))
+            argv += ["--port", str(probe.getsockname()[1])]
+        assert main(argv) == 0, f"negprompt {shlex.join(argv)}: {capsys.readouterr().err}"
+    hosts = [host for _, host, _ in served]
+    assert hosts == ["127.0.0.1", "127.0.0.1", "0.0.0.0"] and served[2][2].steps == 50
+    assert "warning: serving on 0.0.0.0" in capsys.readouterr().err

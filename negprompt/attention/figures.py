@@ -1,4 +1,5 @@
-"""The heat-map timeline: one row per word (positive, then negative), one column per step.
+"""The heat-map timeline: one row per word (positive, then negative), one column per step; and the
+strength curve r_t of a negative word.
 
 Each cell overlays the word's map at that step on that step's predicted clean image x̂₀. A row is
 normalised by its largest value over the shown steps, so a map that is weak early and strong late
@@ -7,7 +8,7 @@ normalised by its largest value over the shown steps, so a map that is weak earl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,13 +39,18 @@ def timeline(
     image: int = 0,
     columns: int = 10,
     rows: Sequence[tuple[str, str]] | None = None,
+    steps: Sequence[int] | None = None,
 ) -> Image.Image:
-    """The timeline figure for one image of the batch; ``rows`` are (branch, word) pairs."""
+    """The timeline figure for one image of the batch; ``rows`` are (branch, word) pairs; ``steps``
+    the kept steps to show (default: ``columns`` of them, spread evenly)."""
     if capture.generation is None or capture.generation.trace is None:
         raise ValueError("the timeline needs the capture's generation trace (capture with trace=True)")
     trace = {info.step: info for info in capture.generation.trace}
     kept = capture.index["steps"]
-    steps = pick_steps(kept, columns)
+    if steps is None:
+        steps = pick_steps(kept, columns)
+    elif any(step not in kept for step in steps):
+        raise ValueError(f"steps {list(steps)} are not all among the captured steps {kept}")
     rows = rows or [(b, w) for b in ("positive", "negative") for w in capture.index["words"].get(b, [])]
     rows += [(b, w) for b, ws in capture.index["words"].items() if b not in ("positive", "negative") for w in ws]
 
@@ -83,3 +89,27 @@ def timeline(
             if not bool(present[slot]):
                 draw.text((LABEL_WIDTH + c * CELL + 4, top + 4), "off", fill="black")
     return canvas
+
+
+def strength_figure(
+    steps: Sequence[int], curves: Mapping[str, torch.Tensor], negative_word: str, related: str, image: int = 0
+) -> Image.Image:
+    """r_t of ``negative_word`` over the kept ``steps`` for one image, one line per definition
+    (``curves``: definition → (steps, B), as :func:`negprompt.analysis.strength.strength_curves`
+    gives them; NaN where the negative branch was off), with r(i) = ``related`` in the title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3.4), dpi=100)  # no pyplot: safe in a server's threads
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for definition, values in curves.items():
+        axes.plot(list(steps), values[:, image].float().numpy(), marker="o", markersize=3, label=definition)
+    axes.axhline(1.0, color="gray", linewidth=0.8, linestyle=":")
+    axes.set_xlabel("step")
+    axes.set_ylabel("r_t")
+    axes.set_title(f"strength of the negative word {negative_word!r} against r(i) = {related!r}", fontsize=10)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())

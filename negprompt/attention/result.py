@@ -27,6 +27,7 @@ from negprompt.guidance import syntax
 from negprompt.guidance.plan import UNCONDITIONAL
 from negprompt.models.components import Components
 from negprompt.runspec import RunSpec
+from negprompt.sampling.loop import StepCallback
 from negprompt.sampling.schedule import denoiser_calls
 from negprompt.session import Session, as_session
 
@@ -143,19 +144,21 @@ def capture(
     progress: bool = False,
     *,
     reducer: Reducer,
+    callback: StepCallback | None = None,
 ) -> AttentionCapture:
     """Generates ``settings`` while capturing the cross-attention maps ``request`` asks for.
 
     ``session``: the session to run on (Components are wrapped in one; None loads ``settings.model``).
     ``reducer``: what each layer's probabilities are reduced to and stored (the toolkit's own:
     ``negprompt.analysis.attention_stats.reduce_layer``; this layer does not import analysis).
-    The session's lock is held while the attention processors are swapped.
+    The session's lock is held while the attention processors are swapped. ``callback`` sees each
+    step as in :meth:`Session.run`.
     """
     session = as_session(settings.model if session is None else session, device=settings.device, dtype=settings.dtype)
     with session.exclusive() as components:
         plan = plan_for(settings, request, components)
         with capture_attention(components.unet, plan, reducer) as recorder:
-            generation = session.run(settings, trace=trace, unet_hooks=[recorder], progress=progress)
+            generation = session.run(settings, trace=trace, callback=callback, unet_hooks=[recorder], progress=progress)
     index = {
         "settings": settings.to_json(),
         "branches": plan.branches,

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from negprompt.errors import NegpromptError
+from negprompt.errors import NegpromptError, one_line
 from negprompt.limits import MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS
 
 EXIT_USAGE = 2  # the input: a one-line message, nothing written
@@ -132,7 +132,9 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULER_NAMES)}; default: the model's")
     parser.add_argument("--seed", type=seed_list, default=None, help="seed(s): 3, 0,1,2 or 0-7 (default 0)")
     parser.add_argument("--size", type=image_side, default=None, help="image side in pixels (default: the model's)")
-    parser.add_argument("--model", default=None, help="diffusers directory, cached model id, or 'shapes' (default)")
+    parser.add_argument(
+        "--model", default=None, help="diffusers directory, cached model id, 'shapes' (default) or 'shapes-distilled'"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar (default: a bar on stderr)")
     more = parser.add_argument_group("more guidance rules and modifiers")
     more.add_argument("--rescale", type=number, default=0.0, help="guidance rescale φ in [0, 1] (default 0: off)")
@@ -287,7 +289,9 @@ def add_model_options(parser: argparse.ArgumentParser, scale: bool = True) -> No
     """--model, --steps, --scheduler (and --scale) of commands that are not prompt commands."""
     from negprompt.sampling.schedulers import SCHEDULER_NAMES
 
-    parser.add_argument("--model", default=None, help="diffusers directory, cached model id, or 'shapes' (default)")
+    parser.add_argument(
+        "--model", default=None, help="diffusers directory, cached model id, 'shapes' (default) or 'shapes-distilled'"
+    )
     parser.add_argument("--steps", type=step_count, default=None, help="inference steps, 1–1000 (default: the model's)")
     parser.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULER_NAMES)} (default: the model's)")
     if scale:
@@ -612,12 +616,38 @@ def command_study(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     check_destination(args.out, folder=True)  # before the heavy imports: a bad path answers at once
     from negprompt.analysis.study import RESULTS_FILE, run_study
+    from negprompt.jobs import current_workers
 
+    workers = current_workers(args.device)  # before the model: each process gets its own GPU
     session = session_from_args(args, model=spec.model)
-    done = run_study(spec, args.out, progress=not args.quiet, session=session)
+    done = run_study(spec, args.out, progress=not args.quiet, session=session, workers=workers)
+    if not workers.is_main:
+        return 0
     rate = done.unet_rows / done.seconds if done.seconds > 0 else float("nan")
     print(f"study {spec.name!r}: {done.pairs_total} pairs × {len(spec.seeds)} seeds in {args.out}/{RESULTS_FILE}")
     print(f"this run: {done.seconds:.1f} s, {done.unet_rows} UNet evaluations ({rate:.1f} per second)")
+    return 0
+
+
+def finish_study_job(out_dir: Path, record: dict, payloads: list) -> list[Path]:
+    """The study's merge: ``results.csv`` from the pairs' rows."""
+    from negprompt.analysis.study import finish_study
+
+    return finish_study(out_dir, payloads)
+
+
+def command_merge(args: argparse.Namespace) -> int:
+    """Writes a sharded job's outputs from its shards, as its last process would have."""
+    from negprompt.jobs import collect, read_job
+
+    record, payloads = read_job(args.folder), collect(args.folder)
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    command = subcommands.choices.get(record["command"])
+    finish = command.get_default("finish") if command is not None else None
+    if finish is None:
+        raise CommandError(f"{args.folder}: no installed command {record['command']!r} can merge this job")
+    for path in finish(Path(args.folder), record, payloads):
+        print(f"wrote {path}")
     return 0
 
 
@@ -706,6 +736,89 @@ def command_demo(args: argparse.Namespace) -> int:
     png, js, record = run_demo(args.out, model=session_from_args(args), steps=args.steps, progress=not args.quiet)
     print(f"wrote {png} (no negative / negative / delayed negative, for {len(record['pairs'])} prompts) and {js}")
     print(f"took {record['seconds']:.1f} s")
+    return 0
+
+
+# ---------------------------------------------------------------- serve
+
+WEB_EXTRA = "negprompt serve needs the web extra: pip install 'negprompt[web]'"
+
+
+def port_number(text: str) -> int:
+    value = whole_number(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {text!r}: give 1–65535")
+    return value
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """Address, model and the limits of one request (one --max-… flag per field of ServerLimits)."""
+    from negprompt.interfaces.web.settings import ServerLimits
+
+    parser.add_argument(
+        "--model", default=None, help="diffusers directory, cached model id, 'shapes' (default) or 'shapes-distilled'"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    parser.add_argument("--port", type=port_number, default=7860, help="port, 1–65535 (default 7860)")
+    parser.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a --host other machines can reach; the page has no login (default: refused)",
+    )
+    limits = parser.add_argument_group("limits of one request (beyond them the page says which flag to raise)")
+    for name, what, default, ceiling in ServerLimits.described():
+        limits.add_argument(
+            ServerLimits.flag(name),
+            dest=f"max_{name}",
+            type=positive_int,
+            default=default,
+            metavar="N",
+            help=f"most {what}, 1–{ceiling} (default {default})",
+        )
+    add_device_options(parser)
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+    import socket
+
+    from negprompt.devices import DEVICE_CHOICES, DTYPES
+    from negprompt.interfaces.web.settings import ServerLimits, is_loopback
+
+    limits = ServerLimits(**{name: getattr(args, f"max_{name}") for name, *_ in ServerLimits.described()})
+    if args.device is not None and args.device not in DEVICE_CHOICES:
+        raise CommandError(f"unknown device {args.device!r}; accepted: {', '.join(DEVICE_CHOICES)}")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise CommandError(f"unknown dtype {args.dtype!r}; accepted: {', '.join(DTYPES)}")
+    local = is_loopback(args.host)
+    if not local and not args.allow_remote:
+        raise CommandError(
+            f"--host {args.host} can be reached from other machines and the page has no login; "
+            "add --allow-remote to serve there anyway, or keep the default 127.0.0.1"
+        )
+    if importlib.util.find_spec("gradio") is None:
+        raise CommandError(WEB_EXTRA)
+    try:  # a port in use is found before the model loads
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((args.host, args.port))
+    except OSError as error:
+        raise CommandError(
+            f"cannot listen on {args.host}:{args.port} ({error.strerror}); give another --port"
+        ) from None
+    if not local:
+        print(
+            f"negprompt: warning: serving on {args.host}:{args.port}, reachable from other machines; "
+            "anyone who reaches it can run the model (there is no login)",
+            file=sys.stderr,
+        )
+    session = session_from_args(args)
+    from negprompt.interfaces.web.app import serve
+
+    serve(session, args.host, args.port, limits)
     return 0
 
 
@@ -800,7 +913,13 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--out", required=True, help="results folder (a rerun resumes it)")
     add_quiet_option(study)
     add_device_options(study)
-    study.set_defaults(handler=command_study)
+    study.set_defaults(handler=command_study, finish=finish_study_job)
+
+    merge = commands.add_parser(
+        "merge", help="write a sharded study, edit-sweep, bench-methods or evaluate from its shards"
+    )
+    merge.add_argument("folder", help="the job's --out folder (it holds job.json and shards/)")
+    merge.set_defaults(handler=command_merge)
 
     report = commands.add_parser("report", help="curves and a Markdown summary of a study folder")
     report.add_argument("folder")
@@ -813,6 +932,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_quiet_option(demo)
     add_device_options(demo)
     demo.set_defaults(handler=command_demo)
+
+    serve = commands.add_parser("serve", help="a web page over the model: generate, attention, edit (the web extra)")
+    add_serve_options(serve)
+    serve.set_defaults(handler=command_serve)
 
     add_plugin_commands(commands)
     return parser
@@ -854,8 +977,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.handler(args)
     except NegpromptError as error:
-        message = str(error).splitlines()[0] if str(error) else error.__class__.__name__
-        print(f"negprompt: error: {message}", file=sys.stderr)
+        print(f"negprompt: error: {one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("negprompt: interrupted", file=sys.stderr)

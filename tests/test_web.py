@@ -1,0 +1,387 @@
+"""``negprompt serve`` without a browser: its command line, and the handlers behind the page's buttons
+called directly (the page itself is tested in a real browser in test_web_browser.py).
+
+What could break: the page's image differing from ``negprompt generate``'s for the same settings, a
+downloaded PNG that does not re-run, limits that are not enforced or say nothing useful, errors that
+are not the command line's one line, a cancelled job that keeps the model or leaves a hook behind.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import assert_usage_error
+
+from negprompt.interfaces.cli import main
+from negprompt.interfaces.png import read_pixels, read_png_settings
+from negprompt.interfaces.web import handlers
+from negprompt.interfaces.web.handlers import (
+    AttentionRequest,
+    Cancelled,
+    EditRequest,
+    GenerateRequest,
+    NegativeInput,
+    PageJob,
+    SweepRequest,
+    error_message,
+)
+from negprompt.interfaces.web.settings import ServerLimits, is_loopback
+from negprompt.session import Session
+
+LIMITS = ServerLimits()
+
+
+@pytest.fixture(scope="module")
+def session() -> Session:
+    return Session()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """The one line ``negprompt`` prints for ``argv`` (which must be a usage error)."""
+    assert main(argv) == 2
+    return capsys.readouterr().err.strip()
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["serve", "--port", "0"], "port '0': give 1–65535"),
+        (["serve", "--port", "70000"], "port '70000': give 1–65535"),
+        (["serve", "--port", "http"], "'http' is not an integer"),
+        (["serve", "--host", "0.0.0.0"], "add --allow-remote"),
+        (["serve", "--host", "192.168.1.5", "--port", "8000"], "can be reached from other machines"),
+        (["serve", "--max-steps", "0"], "not a positive integer"),
+        (["serve", "--max-negatives", "17"], "--max-negatives must be a whole number in 1–16"),
+        (["serve", "--device", "tpu"], "unknown device 'tpu'"),
+    ],
+)
+def test_bad_serve_input_is_one_line_before_anything_loads(argv, message):
+    """Exit 2, one line naming the problem; neither torch nor gradio imported (nothing was loaded)."""
+    program = (
+        "import sys\n"
+        "from negprompt.interfaces.cli import main\n"
+        f"code = main({argv!r})\n"
+        "print(code, [m for m in ('torch', 'gradio', 'diffusers') if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip().splitlines()[-1] == "2 []", (done.stdout[-500:], done.stderr[-500:])
+    err = done.stderr.strip()
+    assert err.startswith("negprompt: error: ") and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_serve_help_is_light_and_lists_every_limit():
+    program = (
+        "import sys\n"
+        "from negprompt.interfaces.cli import main\n"
+        "try:\n"
+        "    main(['serve', '--help'])\n"
+        "except SystemExit as stop:\n"
+        "    print(stop.code, [m for m in ('torch', 'gradio', 'numpy') if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip().splitlines()[-1] == "0 []", done.stdout[-300:]
+    for name, _, default, _ in ServerLimits.described():
+        assert f"{ServerLimits.flag(name)} N" in done.stdout and f"(default {default})" in done.stdout
+
+
+def test_serve_without_the_web_extra_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # importlib finds no gradio, as when it is not installed
+    code = main(["serve", "--port", str(free_port())])
+    assert_usage_error(code, capsys, "negprompt serve needs the web extra: pip install 'negprompt[web]'")
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_usage_error(main(["serve", "--port", str(port)]), capsys, f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_serve_loads_the_model_and_passes_address_and_limits(monkeypatch, capsys):
+    """A remote host with --allow-remote serves with a warning; the limits reach the page."""
+    from negprompt.interfaces.web import app
+
+    served = {}
+    monkeypatch.setattr(app, "serve", lambda session, host, port, limits: served.update(locals()))
+    port = free_port()
+    argv = ["serve", "--host", "0.0.0.0", "--allow-remote", "--port", str(port), "--max-steps", "30"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "negprompt: warning: serving on 0.0.0.0" in err and "no login" in err
+    assert (served["host"], served["port"], served["limits"].steps) == ("0.0.0.0", port, 30)
+    assert served["session"].model == "shapes"
+
+
+@pytest.mark.parametrize(
+    "host, local",
+    [("127.0.0.1", True), ("localhost", True), ("127.1.2.3", True), ("::1", True), ("0.0.0.0", False), ("::", False)],
+)
+def test_which_hosts_count_as_this_machine(host, local):
+    assert is_loopback(host) is local
+
+
+# ---------------------------------------------------------------- Generate
+
+
+def test_the_page_image_equals_negprompt_generate_bit_for_bit(session, tmp_path, capsys):
+    """Same settings, same pixels and same recorded settings as the command line."""
+    cli_png = tmp_path / "cli.png"
+    argv = ["generate", "a red circle", "-n", "a hat", "--negative-window", "5:", "--seed", "3", "-q"]
+    assert main(argv + ["--out", str(cli_png)]) == 0
+    request = GenerateRequest("a red circle", (NegativeInput("a hat", None, 5, None),), seed=3)
+    result = handlers.generate(session, request, LIMITS, tmp_path / "page", PageJob())
+    [page_png] = result.pngs
+    assert page_png.name == "negprompt.png"
+    assert np.array_equal(read_pixels(page_png), read_pixels(cli_png))
+    assert np.array_equal(np.asarray(result.generation.images[0]), read_pixels(cli_png))
+    assert read_png_settings(page_png)[0].to_json() == read_png_settings(cli_png)[0].to_json()
+    assert result.infotext.splitlines()[:2] == ["a red circle", "Negative prompt: a hat"]
+
+
+def test_the_downloaded_pngs_rerun_with_from_png(session, tmp_path, capsys):
+    """A batch under rule dual with its own option values and a negative's scale: every PNG re-runs to
+    the same pixels with ``negprompt generate --from-png``."""
+    request = GenerateRequest(
+        "a blue square",
+        (NegativeInput("a hat", "3", 2, 8), NegativeInput("", "9", 0, None), NegativeInput("striped", 2.0)),
+        rule="dual",
+        scale=6.0,
+        steps=10,
+        scheduler="ddim",
+        seed=5,
+        images=2,
+        width=32,
+        height=28,
+        rescale=0.5,
+    )
+    result = handlers.generate(session, request, LIMITS, tmp_path, PageJob())
+    assert [p.name for p in result.pngs] == ["negprompt-s5.png", "negprompt-s6.png"]
+    spec = result.generation.spec
+    assert [(t.prompt, t.scale, t.window.start, t.window.end) for t in spec.guidance.negatives] == [
+        ("a hat", 3.0, 2, 8),
+        ("striped", 2.0, 0, None),
+    ]
+    for png in result.pngs:
+        again = tmp_path / f"again-{png.name}"
+        assert main(["generate", "--from-png", str(png), "--out", str(again), "-q"]) == 0
+        assert np.array_equal(read_pixels(again), read_pixels(png))
+
+
+def test_rule_options_come_from_the_settings_and_reach_the_run(session, tmp_path):
+    request = GenerateRequest(
+        "a red circle",
+        (NegativeInput("a hat"),),
+        rule="dng",
+        rule_options={"strength": 2.0, "prior": 0.02, "p_min": 1e-4, "p_max": 0.8},
+        steps=6,
+    )
+    spec = handlers.generate_specs(session, request, LIMITS)[0]
+    assert (spec.guidance.rule, spec.guidance.settings.strength, spec.guidance.settings.prior) == ("dng", 2.0, 0.02)
+
+
+def test_side_by_side_runs_together_and_keeps_each_image_as_alone(session, tmp_path):
+    request = GenerateRequest("a purple circle", (NegativeInput("a hat"),), seed=1, images=2, steps=12)
+    alone = handlers.generate(session, request, LIMITS, tmp_path / "alone", PageJob())
+    together = handlers.generate(
+        session,
+        GenerateRequest(**{**request.__dict__, "compare": True, "compare_start": 3}),
+        LIMITS,
+        tmp_path,
+        PageJob(),
+    )
+    assert np.array_equal(together.generation.pixels, alone.generation.pixels)
+    captions = [caption for _, caption in together.comparison]
+    assert captions[:3] == ["no negative, seed 1", "negative, seed 1", "delayed negative, seed 1"]
+    assert len(together.comparison) == 6
+    plain, _, delayed = (read_png_settings(path)[0] for path, _ in together.comparison[:3])
+    assert (plain.guidance.rule, plain.guidance.negatives) == ("cfg", ())
+    assert delayed.guidance.negatives[0].window.start == 3
+
+
+def test_steps_report_progress_and_a_preview_of_the_clean_image(session, tmp_path):
+    reports = []
+    job = PageJob(on_progress=lambda done, total, preview: reports.append((done, total, preview)), preview_every=4)
+    handlers.generate(session, GenerateRequest("a red circle", steps=8), LIMITS, tmp_path, job)
+    assert [(done, total) for done, total, _ in reports] == [(d, 8) for d in range(1, 9)]
+    previews = [done for done, _, preview in reports if preview is not None]
+    assert previews == [1, 5, 8] and reports[-1][2].size == (32, 32)
+
+
+# ---------------------------------------------------------------- limits and errors
+
+
+@pytest.mark.parametrize(
+    "request_fields, message",
+    [
+        ({"steps": 101}, "steps 101 is over this server's limit of 100"),
+        ({"images": 5}, "images 5 is over this server's limit of 4"),
+        ({"width": 1028}, "width 1028 is over this server's limit of 1024"),
+        ({"prompt": "a" * 501}, "the prompt has 501 characters, over this server's limit of 500"),
+        ({"negatives": (NegativeInput("a hat"),) * 4}, "negative prompts: 4 is over this server's limit of 3"),
+        ({"steps": 2.5}, "steps must be a whole number, got 2.5"),
+    ],
+)
+def test_limits_exceeded_give_one_line_naming_the_flag(session, tmp_path, request_fields, message):
+    request = GenerateRequest(**{"prompt": "a red circle", **request_fields})
+    with pytest.raises(handlers.NegpromptError) as caught:
+        handlers.generate(session, request, LIMITS, tmp_path, PageJob())
+    line = error_message(caught.value)
+    assert line.startswith("negprompt: error: ") and message in line and "\n" not in line, line
+    if "limit" in message:
+        assert "negprompt serve --max-" in line
+
+
+def test_words_and_sweep_images_are_bounded_too(session, tmp_path):
+    limits = ServerLimits(words=2, sweep_images=1)
+    asked = AttentionRequest("a red circle with a sun", "a hat", words="red, circle, sun")
+    with pytest.raises(handlers.LimitError, match=r"positive words: 3 is over .* --max-words"):
+        handlers.attend(session, asked, limits, tmp_path, PageJob())
+    with pytest.raises(handlers.LimitError, match=r"images 2 is over .* --max-sweep-images"):
+        handlers.sweep(session, SweepRequest("a red circle", "a hat", images=2), limits, tmp_path, PageJob())
+
+
+def test_a_bad_window_gives_the_command_lines_message(session, tmp_path, capsys):
+    line = cli_error(["generate", "a red circle", "-n", "a hat", "--negative-window", "12:4", "-q"], capsys)
+    request = GenerateRequest("a red circle", (NegativeInput("a hat", None, 12, 4),))
+    with pytest.raises(handlers.NegpromptError) as caught:
+        handlers.generate(session, request, LIMITS, tmp_path, PageJob())
+    assert error_message(caught.value) == line
+    assert "start must be below end" in line
+
+
+def test_errors_of_the_server_show_no_traceback(caplog):
+    try:
+        raise RuntimeError("boom\nTraceback (most recent call last):")
+    except RuntimeError as error:
+        line = error_message(error)
+    assert line == "negprompt: failed: RuntimeError in the server (its log has the details)"
+    assert "boom" in caplog.text  # the details go to the server's log
+    assert error_message(Cancelled("cancelled")) == "cancelled"
+
+
+# ---------------------------------------------------------------- one job per model, cancel
+
+
+def test_cancel_stops_at_the_next_unet_call_and_frees_the_model(session, tmp_path):
+    job = PageJob()
+
+    def cancel_after_three(done, total, preview):
+        if done == 3:
+            job.cancel()
+
+    job.on_progress = cancel_after_three
+    with pytest.raises(Cancelled):
+        handlers.generate(session, GenerateRequest("a red circle", (NegativeInput("a hat"),)), LIMITS, tmp_path, job)
+    assert job.unet_calls == 3
+    assert not session.components.unet._forward_pre_hooks  # the cancel hook is gone
+    assert session.lock.acquire(blocking=False)
+    session.lock.release()
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_two_jobs_at_once_take_turns_and_get_their_own_images(session, tmp_path):
+    requests = [GenerateRequest("a red circle", (NegativeInput("a hat"),), seed=s) for s in (0, 1)]
+    alone = [handlers.generate(session, r, LIMITS, tmp_path / f"alone{i}", PageJob()) for i, r in enumerate(requests)]
+    results: dict[int, handlers.GenerateResult] = {}
+    inside = []
+
+    def work(index: int) -> None:
+        job = PageJob(on_progress=lambda done, total, preview: inside.append(index))
+        results[index] = handlers.generate(session, requests[index], LIMITS, tmp_path / f"t{index}", job)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index in (0, 1):
+        assert np.array_equal(results[index].generation.pixels, alone[index].generation.pixels)
+    assert inside in ([0] * 20 + [1] * 20, [1] * 20 + [0] * 20)  # one job at a time, never interleaved
+
+
+# ---------------------------------------------------------------- Attention and Edit
+
+
+def test_attention_timeline_step_view_and_strength_curve(session, tmp_path):
+    asked = AttentionRequest("a red circle with a sun", "a hat", negative_words="hat", steps=8, columns=4)
+    result = handlers.attend(session, asked, LIMITS, tmp_path, PageJob())
+    assert result.steps == list(range(8)) and result.negative_words == ["hat"]
+    assert result.timeline.size[0] > 4 * 100 and result.png.exists()
+    view = handlers.step_view(session, result.capture, 5)
+    assert view.size[0] < result.timeline.size[0] and view.size[1] == result.timeline.size[1]
+    figure, note = handlers.strength_view(result.capture, "hat")
+    related = note.split("**")[1]
+    assert figure.size == (600, 340) and related in {"red", "circle", "sun"}
+    with pytest.raises(handlers.NegpromptError, match="step 9 was not captured"):
+        handlers.step_view(session, result.capture, 9)
+
+
+def test_edit_and_start_sweep(session, tmp_path):
+    calls = []
+    job = PageJob(on_progress=lambda done, total, preview: calls.append((done, total)))
+    edited = handlers.edit(session, EditRequest("a red circle", "a hat", start=2, images=1, steps=8), LIMITS, job)
+    assert calls[-1] == (22, 22)  # UNet calls: plain 8, full 8, delayed 6 (its first 2 are the plain's)
+    assert edited.summary["window"] == [2, 8] and edited.summary["region_source"] == "detector"
+    assert "| changed pixels outside the region |" in edited.table and edited.figure.size[0] > 6 * 64
+    swept = handlers.sweep(
+        session, SweepRequest("a red circle", "a hat", every=3, images=1, steps=8), LIMITS, tmp_path, PageJob()
+    )
+    assert swept.figure.exists() and sorted(swept.summary["fixed_starts"]) == [0, 3, 6]
+    assert "Reverse activation" in swept.table and "![" not in swept.table
+
+
+def test_the_page_builds_with_a_field_for_every_rule_option(session):
+    """The rule options' fields are generated from the rules' Settings dataclasses."""
+    from negprompt.guidance.rules import all_rules
+    from negprompt.interfaces.web.app import JobFolders, build_app
+
+    folders = JobFolders()
+    try:
+        page = build_app(session, LIMITS, folders)
+    finally:
+        folders.remove()
+    ids = {block.elem_id for block in page.blocks.values() if getattr(block, "elem_id", None)}
+    wanted = {f"option-{r.name}-{o.name}" for r in all_rules().values() for o in r.Settings.options()}
+    assert wanted and wanted <= ids
+    assert {"generate-run", "attention-timeline", "edit-figure", "sweep-figure"} <= ids
+
+
+def test_job_folders_keep_the_latest(tmp_path):
+    from negprompt.interfaces.web.app import JobFolders
+
+    folders = JobFolders(keep=2)
+    made = [folders.new() for _ in range(4)]
+    assert [path.exists() for path in made] == [False, False, True, True]
+    folders.remove()
+    assert not Path(folders.root).exists()
+
+
+def test_a_stable_diffusion_model_serves_too(tiny_sd_dir, tmp_path):
+    """Warm-up and a run on a latent model (x̂₀ previews go through its VAE); no example prompts declared."""
+    sd = Session(tiny_sd_dir, device="cpu")
+    assert handlers.example_pair(sd) == ("", "")
+    handlers.warm_up(sd, tmp_path / "warm")
+    previews = []
+    job = PageJob(on_progress=lambda done, total, preview: previews.append(preview), preview_every=2)
+    request = GenerateRequest(
+        "a cat", (NegativeInput("glasses", None, 1, None),), steps=4, scheduler="ddim", width=32, height=32
+    )
+    result = handlers.generate(sd, request, LIMITS, tmp_path, job)
+    assert [p is not None for p in previews] == [True, False, True, True]
+    assert previews[-1].size == (32, 32) and result.generation.pixels.shape == (1, 32, 32, 3)
