@@ -6,7 +6,6 @@ launcher); the launched tests start 2 CPU processes with ``accelerate launch`` (
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -154,26 +153,26 @@ def test_a_study_on_two_processes_merges_to_the_one_process_file(tmp_path):
 
 
 def test_a_process_killed_mid_run_and_a_relaunch_give_the_same_result(tmp_path):
-    pairs = ("a red circle->a hat", "a blue square->a sun", "a green triangle->a hat", "a purple circle->a sun")
-    argv = ["edit-sweep", *(a for pair in pairs for a in ("--pair", pair)), "--steps", "6", "--seed", "0-9", "-q"]
-    # 4 units of 10 seeds, 2 per process: the kill lands in each process's second unit
-    assert alone(*argv, "--out", str(tmp_path / "one")) == 0
+    spec = tmp_path / "six.yaml"  # 6 pairs of 3 seeds × 15 steps: 3 units a process, a few seconds each
+    pairs = MINI_STUDY.split("pairs:\n")[1] + "  - {group: noun, prompt: a green square, negative: a sun}\n"
+    spec.write_text(MINI_STUDY.split("pairs:\n")[0].replace("steps: 6", "steps: 15") + "pairs:\n" + pairs)
+    assert alone("study", str(spec), "--out", str(tmp_path / "one"), "-q") == 0
     out = tmp_path / "two"
-    run = launch(*argv, "--out", str(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = launch("study", str(spec), "--out", str(out), "-q", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards, deadline = out / "shards", time.monotonic() + 240
     while time.monotonic() < deadline and not any(len(read_shard(p, None)) for p in shards.glob("*.jsonl")):
-        time.sleep(0.2)
-    workers = [p for p in psutil.Process(run.pid).children(recursive=True) if "edit-sweep" in " ".join(p.cmdline())]
+        time.sleep(0.1)
+    workers = [p for p in psutil.Process(run.pid).children(recursive=True) if "study" in " ".join(p.cmdline())]
     assert len(workers) == 2, [p.cmdline() for p in workers]
     done = {int(p.name.split("-")[1]): len(read_shard(p, None)) for p in shards.glob("*.jsonl")}
     slower = min(workers, key=lambda p: done.get(int(p.environ()["RANK"]), 0))
-    os.kill(slower.pid, signal.SIGKILL)  # mid-unit: no process has finished all its units yet
+    os.kill(slower.pid, signal.SIGKILL)  # mid-unit: it has not finished its 3 units
     assert run.wait(timeout=120) != 0  # the launcher stops the job
-    assert not (out / "sweep.csv").exists()
-    assert launch(*argv, "--out", str(out)).wait(timeout=300) == 0
+    assert not (out / "results.csv").exists()
+    assert launch("study", str(spec), "--out", str(out), "-q").wait(timeout=300) == 0
     assert outputs(out) == outputs(tmp_path / "one")
     units = [u for p in shards.glob("*.jsonl") for u in read_shard(p, None)]
-    assert sorted(units) == list(range(len(json.loads((out / "job.json").read_text())["units"])))  # none twice
+    assert sorted(units) == list(range(6))  # every unit once
 
 
 def test_the_readme_launch_commands_run(tmp_path):
