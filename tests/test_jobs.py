@@ -152,6 +152,14 @@ def test_a_study_on_two_processes_merges_to_the_one_process_file(tmp_path):
     assert outputs(tmp_path / "two") == outputs(tmp_path / "one")
 
 
+def test_an_evaluation_on_two_processes_merges_to_the_one_process_table(tmp_path):
+    argv = ["evaluate", "--images", "2", "--steps", "3", "-q"]
+    assert alone(*argv, "--out", str(tmp_path / "one")) == 0
+    assert launch(*argv, "--out", str(tmp_path / "two"), stdout=subprocess.DEVNULL).wait(timeout=300) == 0
+    assert outputs(tmp_path / "two") == outputs(tmp_path / "one")  # evaluation.md and .json, byte for byte
+    assert all(len(read_shard(p, None)) for p in (tmp_path / "two" / "shards").iterdir())  # both worked
+
+
 def test_a_process_killed_mid_run_and_a_relaunch_give_the_same_result(tmp_path):
     spec = tmp_path / "six.yaml"  # 6 pairs of 3 seeds × 15 steps: 3 units a process, a few seconds each
     pairs = MINI_STUDY.split("pairs:\n")[1] + "  - {group: noun, prompt: a green square, negative: a sun}\n"
