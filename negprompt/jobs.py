@@ -85,7 +85,7 @@ def current_workers(device: str | None = None) -> Workers:
     On CPU (``device`` "cpu", or no CUDA) the processes talk over gloo; with CUDA accelerate gives each
     process its own GPU (``torch.cuda.set_device``), so "cuda" and "auto" mean that GPU."""
     if launched_processes() == 1:
-        return Workers()
+        return ONE_PROCESS
     try:
         from accelerate import PartialState
     except ImportError:  # pragma: no cover - accelerate is a dependency

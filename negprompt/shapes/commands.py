@@ -96,7 +96,7 @@ def command_edit_sweep(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from negprompt.analysis.sweep import SweepSettings, check_sweep_settings, sweep_unit, sweep_units
-    from negprompt.jobs import Job, current_workers
+    from negprompt.jobs import current_workers
     from negprompt.shapes.regions import ShapesRegions
 
     workers = current_workers(args.device)  # before the model: each process gets its own GPU
@@ -115,17 +115,16 @@ def command_edit_sweep(args: argparse.Namespace) -> int:
     )
     check_sweep_settings(settings, calls)
     units, finder = sweep_units(settings), ShapesRegions()
-    job = Job(
-        Path(args.out),
+    run_as_job(
+        args,
         "edit-sweep",
-        {"sweep": asdict(settings), **run_identity(session)},
-        [len(seeds) for _, seeds in units],
+        {"sweep": asdict(settings)},
+        session,
         workers,
+        [len(seeds) for _, seeds in units],
+        lambda u: sweep_unit(settings, session, finder, *units[u]),
+        finish_edit_sweep,
     )
-    payloads = job.run(lambda u: sweep_unit(settings, session, finder, *units[u]), progress=not args.quiet)
-    if payloads is not None:
-        for path in finish_edit_sweep(Path(args.out), job.record(), payloads):
-            print(f"wrote {path}")
     return 0
 
 
@@ -137,9 +136,23 @@ def finish_edit_sweep(out_dir: Path, record: dict, payloads: list) -> list[Path]
     return write_sweep(rows, summarize_sweep(rows), out_dir)
 
 
-def run_identity(session) -> dict:
-    """What a job's results depend on beyond its own settings: the model, its dtype and device kind."""
-    return {"model": session.model, "dtype": session.dtype, "device": session.device.split(":")[0]}
+def run_as_job(
+    args: argparse.Namespace, command: str, settings: dict, session, workers, unit_sizes: list[int], compute, finish
+) -> bool:
+    """Runs the command's units as a job in ``--out`` (:mod:`negprompt.jobs`) on this process's share
+    (``workers``); on the main process ``finish`` writes the outputs, named here. False on the others.
+
+    The job's settings add what the results depend on beyond the command's own: model, dtype, device kind."""
+    from negprompt.jobs import Job
+
+    identity = {"model": session.model, "dtype": session.dtype, "device": session.device.split(":")[0]}
+    job = Job(Path(args.out), command, {**settings, **identity}, unit_sizes, workers)
+    payloads = job.run(compute, progress=not args.quiet)
+    if payloads is None:
+        return False
+    for path in finish(Path(args.out), job.record(), payloads):
+        print(f"wrote {path}")
+    return True
 
 
 # ---------------------------------------------------------------- bench-methods
@@ -151,7 +164,7 @@ def command_bench_methods(args: argparse.Namespace) -> int:
     check_destination(args.out, folder=True)  # before the heavy imports: a bad path answers at once
     from dataclasses import asdict
 
-    from negprompt.jobs import Job, current_workers
+    from negprompt.jobs import current_workers
     from negprompt.shapes.methods import BenchSettings, bench_unit
 
     settings = BenchSettings(
@@ -161,17 +174,16 @@ def command_bench_methods(args: argparse.Namespace) -> int:
     workers = current_workers(args.device)  # before the model: each process gets its own GPU
     session = session_from_args(args)
     units = settings.units()
-    job = Job(
-        Path(args.out),
+    run_as_job(
+        args,
         "bench-methods",
-        {"bench": asdict(settings), "shown_model": args.model or "shapes", **run_identity(session)},
-        [stop - start for _, start, stop in units],
+        {"bench": asdict(settings), "shown_model": args.model or "shapes"},
+        session,
         workers,
+        [stop - start for _, start, stop in units],
+        lambda u: bench_unit(settings, session, *units[u]),
+        finish_bench_methods,
     )
-    payloads = job.run(lambda u: bench_unit(settings, session, *units[u]), progress=not args.quiet)
-    if payloads is not None:
-        for path in finish_bench_methods(Path(args.out), job.record(), payloads):
-            print(f"wrote {path}")
     return 0
 
 
@@ -200,7 +212,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
     check_destination(args.out, folder=True)  # before the heavy imports: a bad path answers at once
     import time
 
-    from negprompt.jobs import Job, current_workers
+    from negprompt.jobs import current_workers
     from negprompt.shapes.evaluation import ROWS, evaluation_unit, evaluation_units
 
     workers = current_workers(args.device)  # before the model: each process gets its own GPU
@@ -213,18 +225,20 @@ def command_evaluate(args: argparse.Namespace) -> int:
         "scheduler": args.scheduler,
         "scale": args.scale,
         "batches": [list(unit) for unit in units],
-        **run_identity(session),
     }
-    job = Job(Path(args.out), "evaluate", settings, [stop - start for _, start, stop in units], workers)
-    payloads = job.run(
+    finished = run_as_job(
+        args,
+        "evaluate",
+        settings,
+        session,
+        workers,
+        [stop - start for _, start, stop in units],
         lambda u: evaluation_unit(
             session, ROWS[units[u][0]], args.images, *units[u][1:], args.steps, args.scheduler, args.scale
         ),
-        progress=not args.quiet,
+        finish_evaluate,
     )
-    if payloads is not None:
-        for path in finish_evaluate(Path(args.out), job.record(), payloads):
-            print(f"wrote {path}")
+    if finished:
         print(f"{time.monotonic() - started:.0f} s on this process")
     return 0
 
