@@ -31,7 +31,7 @@ from negprompt.models.embeddings import Embedding, EmbeddingError, add_embedding
 from negprompt.models.loading import load_components
 from negprompt.runspec import Generation, RunSpec, SettingsError
 from negprompt.sampling.loop import Group, StepCallback, UNetCallHook, encode_groups, sample_groups
-from negprompt.sampling.schedule import denoiser_calls, sigma_at, timesteps_of
+from negprompt.sampling.schedule import denoiser_calls, noise_level, sigma_at, timesteps_of
 from negprompt.sampling.schedulers import make_scheduler
 
 FALLBACK_DEFAULTS = {"steps": 50, "scale": 7.5, "scheduler": "default"}
@@ -203,10 +203,14 @@ class Session:
             if value is not None
         ]
         family = self.components.family
-        if sdxl_options and not (family.second_prompt and family.size_conditioned):
+        refused = [
+            o for o in sdxl_options if not (family.second_prompt if o.endswith("_2") else family.size_conditioned)
+        ]
+        if refused:
+            takers = "SDXL, SD3 and FLUX" if refused[0].endswith("_2") else "SDXL"
             raise SettingsError(
-                f"{', '.join(sdxl_options)}: SDXL option(s), but {self.model} is {family.description}; "
-                "give them for SDXL models only"
+                f"{', '.join(refused)}: option(s) of {takers} models, but {self.model} is {family.description}; "
+                f"give them for {takers} models only"
             )
         defaults = self.defaults
         if isinstance(positive_window, str):
@@ -237,7 +241,9 @@ class Session:
             interval=interval,
             settings=rule_settings,
         )
-        guidance.rule_object.check_denoiser(self.components.unet)
+        guidance.rule_object.check_denoiser(self.components.denoiser)
+        if family.flow_matching:
+            guidance.rule_object.check_prediction("flow")
         height, width = image_size(size, height, width, self.components.default_size)
         multiple = self.components.size_multiple
         for name, value in (("height", height), ("width", width)):
@@ -262,7 +268,7 @@ class Session:
 
     def _embedded_guidance(self, given: float | None) -> float | None:
         """The w of a guidance-distilled model (given, else declared), or None for other models."""
-        takes_it = getattr(self.components.unet.config, "time_cond_proj_dim", None) is not None
+        takes_it = self.components.family.takes_embedded_guidance(self.components)
         if not takes_it:
             if given is not None:
                 raise SettingsError(
@@ -483,17 +489,20 @@ def negative_terms(
 def interval_from_sigmas(sigmas: tuple[float, float], scheduler: str, steps: int, components: Components) -> Window:
     """The steps whose noise level σ lies in [σ_lo, σ_hi], as a window (σ falls step by step).
 
-    σ at each (possibly fractional) timestep comes from :func:`negprompt.sampling.schedule.sigma_at`,
-    the same interpolation the sampling loop uses for ᾱ.
+    σ at each (possibly fractional) timestep comes from :func:`negprompt.sampling.schedule.noise_level`,
+    the same interpolation the sampling loop uses for ᾱ (flow matching: σ/(1 − σ); for FLUX, whose
+    schedule shifts with the image size, at the model's default size).
     """
     low, high = sigmas
     if not (math.isfinite(low) and math.isfinite(high) and 0 <= low < high):
         raise SettingsError(f"noise-level interval needs 0 ≤ σ_lo < σ_hi, got {low}:{high}")
-    alphas = components.scheduler.alphas_cumprod
+    base = components.scheduler
+    side = components.default_size
+    settings = components.family.timestep_settings(components, steps, side, side)
     inside = [
         index
-        for index, t in enumerate(timesteps_of(scheduler, components.scheduler, steps))
-        if low <= sigma_at(alphas, t) <= high
+        for index, t in enumerate(timesteps_of(scheduler, base, steps, **settings))
+        if low <= noise_level(base, t) <= high
     ]
     if not inside:
         raise SettingsError(f"no step of this schedule has a noise level σ in [{low}, {high}]")

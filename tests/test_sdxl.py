@@ -197,7 +197,7 @@ def test_capture_leaves_sdxl_images_identical_and_sees_two_resolutions(tiny_sdxl
 def test_sdxl_options_on_an_sd_model_are_refused(tiny_sd):
     session = Session(tiny_sd)
     for options in ({"negative_2": "a dog"}, {"negative_original_size": (8, 8)}, {"prompt_2": "x"}):
-        with pytest.raises(SettingsError, match="SDXL option.*Stable Diffusion 1.x/2.x"):
+        with pytest.raises(SettingsError, match="option.*of SDXL.* models, but .*Stable Diffusion 1.x/2.x"):
             session.spec(PROMPT, NEGATIVE, **options)
 
 
@@ -205,7 +205,7 @@ def test_cli_refuses_bad_sdxl_input_in_one_line(tiny_sd_dir, tiny_sdxl_dir, tmp_
     out = tmp_path / "x.png"
     base = ["generate", "a cat", "-n", "dog", "--steps", "2", "--size", "32", "-q", "--out", str(out)]
     code = main([*base, "--model", str(tiny_sd_dir), "--negative-2", "a hat"])
-    assert_usage_error(code, capsys, "SDXL option(s), but", out)
+    assert_usage_error(code, capsys, "option(s) of SDXL, SD3 and FLUX models, but", out)
     code = main([*base, "--model", str(tiny_sdxl_dir), "--negative-original-size", "0,64"])
     assert_usage_error(code, capsys, "sizes must be positive", out)
     code = main([*base, "--model", str(tiny_sdxl_dir), "--target-size", "64x64"])

@@ -183,8 +183,8 @@ def run_edit(
         generations = session.run_together(specs, progress=progress)
     else:
         with session.exclusive():
-            with capture_attention(components.unet, plan_full, reduce_layer, group=1) as record_full:
-                with capture_attention(components.unet, plan_windowed, reduce_layer, group=2) as record_windowed:
+            with capture_attention(components.denoiser, plan_full, reduce_layer, group=1) as record_full:
+                with capture_attention(components.denoiser, plan_windowed, reduce_layer, group=2) as record_windowed:
                     generations = session.run_together(
                         [plain, full, windowed], unet_hooks=[record_full, record_windowed], progress=progress
                     )

@@ -120,7 +120,7 @@ def sweep_unit(
     request = CaptureRequest(words={"positive": content})
     with session.exclusive():
         with capture_attention(
-            components.unet, plan_for(plain, request, components), reduce_layer, group=0
+            components.denoiser, plan_for(plain, request, components), reduce_layer, group=0
         ) as recorder:
             generations = session.run_together([plain] + [v[2] for v in variants], unet_hooks=[recorder])
     maps = [recorder.tensors["maps.positive"][:, 0, :, w].float() for w in range(len(content))]

@@ -3,7 +3,8 @@
 :func:`capture_attention` installs a :class:`CaptureProcessor` on every selected cross-attention
 layer of the UNet (keyed by the module path diffusers gives it, e.g.
 ``down_blocks.1.attentions.0.transformer_blocks.0.attn2``) and restores the original processors on
-exit, also after an error. Each capture processor lets the original processor compute the layer's
+exit, also after an error. On an MMDiT transformer (SD3, FLUX) the layers are its joint attention
+layers and the maps their image-query × text-key block (:mod:`negprompt.attention.joint`). Each capture processor lets the original processor compute the layer's
 output — so images are bit-identical with and without capture — and computes the attention
 probabilities beside it: softmax(q·kᵀ/√d) over the text tokens, per head, shaped (B·heads, Q, L).
 
@@ -40,7 +41,8 @@ from typing import Any, Protocol
 import torch
 from diffusers.models.attention_processor import Attention
 
-from negprompt.attention.tokens import TokenizedPrompt, tokenize_words
+from negprompt.attention.joint import JointCaptureProcessor, is_joint_attention, joint_attention_paths
+from negprompt.attention.tokens import TextKeys, TokenizedPrompt
 from negprompt.errors import NegpromptError
 from negprompt.guidance import syntax
 from negprompt.sampling.loop import RowBlock
@@ -80,6 +82,14 @@ def cross_attention_layers(unet: Any) -> list[LayerInfo]:
             continue
         layers.append(LayerInfo(path, factor))
     return layers
+
+
+def attention_layers(denoiser: Any, patch: int = 1) -> list[LayerInfo]:
+    """The layers whose attention maps text to pixels: a UNet's cross-attention layers, or every joint
+    attention layer of an MMDiT transformer (maps (latent side / ``patch``)², ``patch`` latent cells per token)."""
+    if hasattr(denoiser.config, "block_out_channels"):
+        return cross_attention_layers(denoiser)
+    return [LayerInfo(path, patch) for path in joint_attention_paths(denoiser)]
 
 
 def select_layers(available: Sequence[LayerInfo], wanted: Sequence[str] | None, latent_side: int) -> list[LayerInfo]:
@@ -135,6 +145,7 @@ class CapturePlan:
     latent_hw: tuple[int, int]
     average_layers: bool
     selection: dict[str, torch.Tensor] = field(default_factory=dict)  # branch → (B, words, L) 0/1
+    text_length: int = 77  # L: text keys per layer
 
     @property
     def stored_layers(self) -> int:
@@ -161,19 +172,25 @@ class CapturePlan:
 
 
 def plan_capture(
-    unet: Any,
+    denoiser: Any,
     tokenizer: Any,
     branch_prompts: Mapping[str, Sequence[str]],
     request: CaptureRequest,
     num_steps: int,
     latent_hw: tuple[int, int],
+    text_keys: TextKeys | None = None,
+    patch: int = 1,
 ) -> CapturePlan:
-    """Resolves and checks a request; raises :class:`CaptureError` before any sampling."""
+    """Resolves and checks a request; raises :class:`CaptureError` before any sampling.
+
+    ``text_keys``: how the text keys are laid out (default: ``tokenizer``'s tokens, padded to its
+    length); ``patch``: latent cells per token side of a transformer's layers."""
+    text_keys = text_keys or TextKeys.of(tokenizer)
     unknown = [b for b in request.words if b not in branch_prompts]
     if unknown:
         raise CaptureError(f"branch(es) {', '.join(unknown)} not in this run; branches: {', '.join(branch_prompts)}")
     latent_side = min(latent_hw)
-    layers = select_layers(cross_attention_layers(unet), request.layers, latent_side)
+    layers = select_layers(attention_layers(denoiser, patch), request.layers, latent_side)
     steps = list(range(num_steps)) if request.steps is None else sorted(set(int(s) for s in request.steps))
     bad_steps = [s for s in steps if not 0 <= s < num_steps]
     if bad_steps:
@@ -184,7 +201,7 @@ def plan_capture(
     if size < 1:
         raise CaptureError(f"map size must be a positive number of pixels, got {size}")
     batch = len(next(iter(branch_prompts.values())))
-    prompts = {b: [tokenize_words(tokenizer, syntax.plain_text(p)) for p in branch_prompts[b]] for b in request.words}
+    prompts = {b: [text_keys.tokenize(syntax.plain_text(p)) for p in branch_prompts[b]] for b in request.words}
     words = {b: list(request.words[b]) for b in request.words}
     plan = CapturePlan(
         branches=list(request.words),
@@ -197,8 +214,9 @@ def plan_capture(
         size=size,
         latent_hw=latent_hw,
         average_layers=request.average_layers,
+        text_length=text_keys.length,
     )
-    length = tokenizer.model_max_length
+    length = text_keys.length
     for branch in plan.branches:
         selection = torch.zeros(batch, len(words[branch]), length)
         for i, tokenized in enumerate(prompts[branch]):
@@ -411,7 +429,9 @@ def attention_probabilities(
 
 
 @contextmanager
-def capture_attention(unet: Any, plan: CapturePlan, reducer: Reducer, group: int = 0) -> Iterator[AttentionRecorder]:
+def capture_attention(
+    denoiser: Any, plan: CapturePlan, reducer: Reducer, group: int = 0
+) -> Iterator[AttentionRecorder]:
     """Installs capture processors on the planned layers; restores the originals on exit (also on error).
 
     ``reducer`` computes what is stored of each layer's probabilities (the toolkit's own:
@@ -421,15 +441,20 @@ def capture_attention(unet: Any, plan: CapturePlan, reducer: Reducer, group: int
     captures of several groups nest.
     """
     recorder = AttentionRecorder(plan, reducer, group)
-    originals = dict(unet.attn_processors)
+    originals = dict(denoiser.attn_processors)
     wanted = {layer.path for layer in plan.layers}
     replacement = {}
     for key, processor in originals.items():
         path = key.removesuffix(".processor")
-        replacement[key] = CaptureProcessor(processor, recorder, path) if path in wanted else processor
-    unet.set_attn_processor(replacement)
+        if path not in wanted:
+            replacement[key] = processor
+        elif is_joint_attention(denoiser.get_submodule(path)):
+            replacement[key] = JointCaptureProcessor(processor, recorder, path, plan.text_length)
+        else:
+            replacement[key] = CaptureProcessor(processor, recorder, path)
+    denoiser.set_attn_processor(replacement)
     try:
         yield recorder
     finally:
         recorder.finish()
-        unet.set_attn_processor(originals)
+        denoiser.set_attn_processor(originals)

@@ -22,7 +22,7 @@ from negprompt.attention.capture import (
     capture_attention,
     plan_capture,
 )
-from negprompt.attention.tokens import tokenize_words
+from negprompt.attention.tokens import TextKeys, tokenize_words
 from negprompt.guidance import syntax
 from negprompt.guidance.plan import UNCONDITIONAL
 from negprompt.models.components import Components
@@ -107,8 +107,9 @@ def branch_prompts(settings: RunSpec) -> dict[str, list[str]]:
 
 
 def check_second_prompts(settings: RunSpec, request: CaptureRequest, components: Components) -> None:
-    """With two text encoders (SDXL) a key position holds both encoders' tokens at that position: the
-    captured branches' second prompts must put the same words at the same positions as their first."""
+    """With two CLIP encoders (SDXL, SD3) a key position holds both encoders' tokens at that position: the
+    captured branches' second prompts must put the same words at the same positions as their first
+    (FLUX: the same text, since its keys are T5's tokens of the second prompt)."""
     batch = len(settings.seeds)
     terms = settings.guidance.terms
     for branch in request.words:
@@ -116,6 +117,13 @@ def check_second_prompts(settings: RunSpec, request: CaptureRequest, components:
         if term is None or term.prompt_2 is None:
             continue
         for first, second in zip(term.prompts_for(batch), term.second_texts_at(0, settings.steps, batch)):
+            if components.family.name == "flux":  # the keys are T5's tokens of prompt_2, the words come from prompt
+                if second is not None and syntax.plain_text(second) != syntax.plain_text(first):
+                    raise CaptureError(
+                        f"the {branch} branch's prompt_2 {second!r} differs from its prompt {first!r}; FLUX's attention "
+                        "keys are T5's tokens of prompt_2, so capture it with the same text for both"
+                    )
+                continue
             one = tokenize_words(components.tokenizer, syntax.plain_text(first))
             two = tokenize_words(components.tokenizer_2, syntax.plain_text(second or first))
             if (one.words, one.positions) != (two.words, two.positions):
@@ -133,7 +141,17 @@ def plan_for(settings: RunSpec, request: CaptureRequest, model: Session | Compon
     latent_hw = (settings.height // factor, settings.width // factor)
     if components.tokenizer_2 is not None:
         check_second_prompts(settings, request, components)
-    return plan_capture(components.unet, components.tokenizer, branch_prompts(settings), request, calls, latent_hw)
+    family = components.family
+    return plan_capture(
+        components.denoiser,
+        components.tokenizer,
+        branch_prompts(settings),
+        request,
+        calls,
+        latent_hw,
+        TextKeys.from_segments(family.text_key_segments(components)),
+        family.attention_patch(components),
+    )
 
 
 def capture(
@@ -157,7 +175,7 @@ def capture(
     session = as_session(settings.model if session is None else session, device=settings.device, dtype=settings.dtype)
     with session.exclusive() as components:
         plan = plan_for(settings, request, components)
-        with capture_attention(components.unet, plan, reducer) as recorder:
+        with capture_attention(components.denoiser, plan, reducer) as recorder:
             generation = session.run(settings, trace=trace, callback=callback, unet_hooks=[recorder], progress=progress)
     index = {
         "settings": settings.to_json(),

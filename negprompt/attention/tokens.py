@@ -1,12 +1,15 @@
 """Words of a prompt and the token positions each occupies in the text encoder's input.
 
-Works for CLIP's byte-level BPE (a word may span several tokens, marked by ``</w>`` at its end)
-and for word-level tokenizers (one token per word). Positions count the start token as 0, as the
-cross-attention keys do.
+Works for CLIP's byte-level BPE (a word may span several tokens, marked by ``</w>`` at its end),
+T5's SentencePiece (a word starts at a token beginning with ``▁``) and word-level tokenizers (one
+token per word). Positions count the start token as 0, as the cross-attention keys do; a T5 prompt
+has no start token. :class:`TextKeys` lays out several tokenizers' tokens along one key sequence
+(SD3's: CLIP's 77, then T5's).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,21 +53,28 @@ def _is_word_end(token: str, tokenizer: Any) -> bool:
 
 
 def _is_bpe(tokenizer: Any) -> bool:
+    return _model_kind(tokenizer) == "BPE"
+
+
+def _model_kind(tokenizer: Any) -> str | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    return backend is not None and type(backend.model).__name__ == "BPE"
+    return None if backend is None else type(backend.model).__name__
 
 
-def tokenize_words(tokenizer: Any, prompt: str) -> TokenizedPrompt:
-    """Splits ``prompt`` into words and maps each to its token positions.
+def tokenize_words(tokenizer: Any, prompt: str, length: int | None = None) -> TokenizedPrompt:
+    """Splits ``prompt`` into words and maps each to its token positions (padded to ``length`` tokens,
+    default the tokenizer's ``model_max_length``).
 
     A textual-inversion embedding is one word, named by its token, over all its vectors' positions.
     """
     ids = tokenizer(
         expand_embeddings(tokenizer, prompt),
         padding="max_length",
-        max_length=tokenizer.model_max_length,
+        max_length=length or tokenizer.model_max_length,
         truncation=True,
     ).input_ids
+    if _model_kind(tokenizer) == "Unigram":
+        return _sentencepiece_words(tokenizer, prompt, ids)
     tokens = tuple(tokenizer.convert_ids_to_tokens(ids))
     special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     start = 0 if ids and ids[0] == tokenizer.bos_token_id else -1
@@ -99,3 +109,71 @@ def tokenize_words(tokenizer: Any, prompt: str) -> TokenizedPrompt:
         words.append(words_in_progress or tokenizer.decode([ids[p] for p in current]).strip().lower())
         positions.append(tuple(current))
     return TokenizedPrompt(prompt, tokens, tuple(words), tuple(positions), max(start, 0), end)
+
+
+def _sentencepiece_words(tokenizer: Any, prompt: str, ids: list[int]) -> TokenizedPrompt:
+    """Words of a SentencePiece (T5) tokenization: a word starts at a token beginning with ``▁``."""
+    tokens = tuple(tokenizer.convert_ids_to_tokens(ids))
+    end = next((i for i, token in enumerate(ids) if token == tokenizer.eos_token_id), len(ids))
+    groups: list[list[int]] = []
+    for position in range(end):
+        if tokens[position].startswith("▁") or not groups:
+            groups.append([])
+        groups[-1].append(position)
+    groups = [g for g in groups if tokenizer.decode([ids[p] for p in g]).strip()]  # a lone "▁" is no word
+    words = tuple(tokenizer.decode([ids[p] for p in g]).strip().lower() for g in groups)
+    return TokenizedPrompt(prompt, tokens, words, tuple(tuple(g) for g in groups), 0, end)
+
+
+@dataclass(frozen=True)
+class TextKeys:
+    """The text keys of a denoiser's attention as segments: (tokenizer, first key, length) each.
+
+    A UNet's keys are one tokenizer's tokens; SD3's are CLIP's 77 then T5's; FLUX's are T5's. A word's
+    positions are its positions in every segment (SD3: its CLIP and its T5 tokens); a segment without a
+    tokenizer (None) holds keys of no word."""
+
+    segments: tuple[tuple[Any, int, int], ...]
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> TextKeys:
+        return cls(((tokenizer, 0, int(tokenizer.model_max_length)),))
+
+    @classmethod
+    def from_segments(cls, segments: Sequence[tuple[Any, int, int]]) -> TextKeys:
+        return cls(tuple((tokenizer, int(first), int(length)) for tokenizer, first, length in segments))
+
+    @property
+    def length(self) -> int:
+        """L: the number of text keys."""
+        return max(first + length for _, first, length in self.segments)
+
+    def tokenize(self, prompt: str) -> TokenizedPrompt:
+        """The prompt's words with their key positions over all segments (words in the first segment's order)."""
+        parts = [
+            (tokenize_words(tokenizer, prompt, length), first)
+            for tokenizer, first, length in self.segments
+            if tokenizer is not None  # keys without a tokenizer: SD3's zeros where it has no T5
+        ]
+        if len(parts) == 1 and parts[0][1] == 0:
+            return parts[0][0]
+        words: list[str] = []
+        positions: dict[str, list[int]] = {}
+        for tokenized, first in parts:
+            for word, places in zip(tokenized.words, tokenized.positions):
+                if word not in positions:
+                    words.append(word)
+                    positions[word] = []
+                positions[word].extend(first + p for p in places)
+        head, first = parts[0]
+        tokens: list[str] = []
+        for tokenized, offset in parts:
+            tokens += [""] * (offset - len(tokens)) + list(tokenized.tokens)
+        return TokenizedPrompt(
+            prompt,
+            tuple(tokens),
+            tuple(words),
+            tuple(tuple(positions[w]) for w in words),
+            head.start + first,
+            head.end + first,
+        )

@@ -10,7 +10,7 @@ import torch
 
 @dataclass
 class Components:
-    """A UNet, a text encoder with its tokenizer, a scheduler and an optional VAE.
+    """A denoiser (a UNet, or a transformer), a text encoder with its tokenizer, a scheduler and an optional VAE.
 
     ``vae`` is None for a pixel-space model (the bundled one): the UNet then works on images
     in [-1, 1] directly. ``source`` says where the parts came from (a path or a model id).
@@ -24,7 +24,7 @@ class Components:
     tokenizers, by token (see :mod:`negprompt.models.embeddings`).
     """
 
-    unet: Any  # diffusers.UNet2DConditionModel
+    unet: Any  # diffusers.UNet2DConditionModel (None for a transformer model: see ``transformer``)
     text_encoder: Any  # transformers.CLIPTextModel (or any model returning last_hidden_state)
     tokenizer: Any  # transformers tokenizer
     scheduler: Any  # a diffusers scheduler
@@ -36,6 +36,9 @@ class Components:
     tokenizer_2: Any | None = None
     pipeline_options: dict[str, Any] = field(default_factory=dict)
     embeddings: dict[str, Any] = field(default_factory=dict)  # token → negprompt.models.embeddings.Embedding
+    transformer: Any | None = None  # diffusers.SD3Transformer2DModel or FluxTransformer2DModel (unet is None)
+    text_encoder_3: Any | None = None  # transformers.T5EncoderModel (SD3)
+    tokenizer_3: Any | None = None
 
     def __post_init__(self) -> None:
         if self.family is None:
@@ -62,12 +65,17 @@ class Components:
         return self.family.latent_channels(self)
 
     @property
+    def denoiser(self) -> Any:
+        """The network that predicts noise or velocity: the UNet, or the transformer of an MMDiT model."""
+        return self.unet if self.unet is not None else self.transformer
+
+    @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return self.denoiser.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.denoiser.device
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Components":
         """Moves (and casts, if ``dtype``) every module in place."""
@@ -81,7 +89,8 @@ class Components:
     @property
     def modules(self) -> list[Any]:
         """The parts with weights."""
-        return [p for p in (self.unet, self.text_encoder, self.text_encoder_2, self.vae) if p is not None]
+        parts = (self.unet, self.transformer, self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.vae)
+        return [p for p in parts if p is not None]
 
     def eval(self) -> "Components":
         for part in self.modules:

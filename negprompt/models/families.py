@@ -7,11 +7,19 @@ from typing import Any
 
 from negprompt.errors import NegpromptError
 from negprompt.models.family import ModelFamily
+from negprompt.models.flux import FluxFamily
 from negprompt.models.pixel import PixelFamily
 from negprompt.models.stable_diffusion import StableDiffusionFamily
+from negprompt.models.stable_diffusion_3 import StableDiffusion3Family
 from negprompt.models.stable_diffusion_xl import StableDiffusionXLFamily
 
-FAMILIES: tuple[ModelFamily, ...] = (StableDiffusionFamily(), StableDiffusionXLFamily(), PixelFamily())
+FAMILIES: tuple[ModelFamily, ...] = (
+    StableDiffusionFamily(),
+    StableDiffusionXLFamily(),
+    PixelFamily(),
+    StableDiffusion3Family(),
+    FluxFamily(),
+)
 
 
 class UnsupportedModelError(NegpromptError):
@@ -32,8 +40,11 @@ def family_for_index(index: Mapping[str, Any]) -> ModelFamily:
 
 
 def family_for_parts(parts: Any) -> ModelFamily:
-    """The family of parts built in memory: SDXL with a second text encoder, else Stable Diffusion
-    with a VAE, the pixel family without."""
+    """The family of parts built in memory: SD3 or FLUX by the transformer's class, SDXL with a second
+    text encoder, else Stable Diffusion with a VAE, the pixel family without."""
+    transformer = getattr(parts, "transformer", None)
+    if transformer is not None:
+        return FAMILIES[4] if "Flux" in type(transformer).__name__ else FAMILIES[3]
     if getattr(parts, "text_encoder_2", None) is not None:
         return FAMILIES[1]
     return FAMILIES[0] if parts.vae is not None else FAMILIES[2]

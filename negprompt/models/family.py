@@ -3,9 +3,12 @@
 A family knows which parts a model directory holds, how to encode one row's
 :class:`~negprompt.models.conditioning.PromptInput` into a
 :class:`~negprompt.models.conditioning.Conditioning`, the latent geometry and how latents become
-images. The sampling loop sees only the UNet, the scheduler and conditionings; a new family is one
+images. It also calls the denoiser (:meth:`ModelFamily.denoise`: a UNet here, an MMDiT transformer
+with packed latents for FLUX) and sets the scheduler's timesteps the way the family's pipeline does.
+The sampling loop sees only the family, the scheduler and conditionings; a new family is one
 new module listed in :mod:`negprompt.models.families` (SDXL's, with two text encoders, pooled
-embeddings and time ids, is :mod:`negprompt.models.stable_diffusion_xl`).
+embeddings and time ids, is :mod:`negprompt.models.stable_diffusion_xl`; SD3's and FLUX's, flow
+matching on transformers, :mod:`negprompt.models.stable_diffusion_3` and :mod:`negprompt.models.flux`).
 """
 
 from __future__ import annotations
@@ -16,24 +19,46 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 
-from negprompt.models.conditioning import Conditioning, ConditioningError, PromptInput, as_input
+from negprompt.errors import NegpromptError
+from negprompt.models.conditioning import (
+    Conditioning,
+    ConditioningError,
+    PromptInput,
+    as_input,
+    denoiser_inputs,
+    guidance_embedding,
+)
 from negprompt.models.prompts import encode_prompts
+
+
+class EmbeddedGuidanceError(NegpromptError):
+    """Embedded guidance given to a model that takes none, or missing for one that needs it."""
 
 
 class Parts(Protocol):
     """What a family reads of a loaded model (``negprompt.models.components.Components`` is one)."""
 
     unet: Any
+    transformer: Any | None  # SD3, FLUX (unet is None)
     text_encoder: Any
     tokenizer: Any
     scheduler: Any
     vae: Any | None
     text_encoder_2: Any | None  # SDXL
     tokenizer_2: Any | None
+    text_encoder_3: Any | None  # SD3's T5
+    tokenizer_3: Any | None
     pipeline_options: dict[str, Any]  # model_index.json's settings, e.g. force_zeros_for_empty_prompt
+    declarations: dict[str, Any]  # the model's negprompt.json
 
     @property
     def device(self) -> torch.device: ...
+
+    @property
+    def denoiser(self) -> Any: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
 
 
 PartLoader = Callable[..., Any]  # (part name, base class, **from_pretrained kwargs) → the loaded part
@@ -50,6 +75,7 @@ class ModelFamily:
     second_prompt: ClassVar[bool] = False  # a second text encoder with a prompt of its own (SDXL)
     default_sampling: ClassVar[dict[str, Any]] = {}  # the family's pipeline defaults (e.g. SDXL's scale 5)
     saved_pipeline_class: ClassVar[str | None] = None  # ``_class_name`` it is saved under (None: negprompt's)
+    flow_matching: ClassVar[bool] = False  # predicts velocities v = ε − x₀ on x_t = (1 − σ)x₀ + σε (SD3, FLUX)
 
     def matches(self, index: Mapping[str, Any]) -> bool:
         """Whether a model directory with this ``model_index.json`` belongs to the family."""
@@ -60,10 +86,17 @@ class ModelFamily:
 
     required_parts: ClassVar[tuple[str, ...]] = ("unet", "text_encoder", "tokenizer", "scheduler")  # besides a VAE
     weight_parts: ClassVar[tuple[str, ...]] = ("unet", "text_encoder")  # besides a VAE; safetensors only
+    optional_parts: ClassVar[tuple[str, ...]] = ()  # read when model_index.json lists them (SD3's T5)
 
-    def load(self, load_part: PartLoader, weights: dict[str, Any], diffusers_weights: dict[str, Any]) -> dict[str, Any]:
+    def load(
+        self,
+        load_part: PartLoader,
+        weights: dict[str, Any],
+        diffusers_weights: dict[str, Any],
+        listed: frozenset[str] = frozenset(),
+    ) -> dict[str, Any]:
         """The parts by name (keywords of ``Components``), loaded with ``load_part(part, base class, **kwargs)``
-        (safetensors only)."""
+        (safetensors only); ``listed``: the optional parts ``model_index.json`` lists."""
         import diffusers
         import transformers
 
@@ -99,7 +132,7 @@ class ModelFamily:
         return 1
 
     def latent_channels(self, components: Parts) -> int:
-        return int(components.unet.config.in_channels)
+        return int(components.denoiser.config.in_channels)
 
     def size_multiple(self, components: Parts) -> int:
         """Image sides must be multiples of this: latent factor × 2^(UNet down blocks − 1)."""
@@ -113,6 +146,62 @@ class ModelFamily:
         """(C, h, w) of one image's latents."""
         factor = self.latent_factor(components)
         return (self.latent_channels(components), height // factor, width // factor)
+
+    def text_key_segments(self, components: Parts) -> list[tuple[Any, int, int]]:
+        """How the denoiser's text keys are laid out: (tokenizer, first key, length) per segment; here one
+        tokenizer's tokens padded to its ``model_max_length``."""
+        return [(components.tokenizer, 0, int(components.tokenizer.model_max_length))]
+
+    def attention_patch(self, components: Parts) -> int:
+        """Latent cells per side of one image token of a transformer's attention (1 for UNets, whose
+        layers give their own resolutions)."""
+        return 1
+
+    # ---------------------------------------------------------------- denoising
+
+    def timestep_settings(self, components: Parts, num_steps: int, height: int, width: int) -> dict[str, Any]:
+        """Keywords for ``scheduler.set_timesteps(num_steps, …)`` as the family's pipeline passes them
+        (none here; FLUX's σ list and image-size shift μ)."""
+        return {}
+
+    def takes_embedded_guidance(self, components: Parts) -> bool:
+        """Whether the denoiser takes the guidance scale as an input (guidance-distilled): a UNet whose
+        config has ``time_cond_proj_dim``."""
+        return getattr(components.denoiser.config, "time_cond_proj_dim", None) is not None
+
+    def guidance_inputs(self, components: Parts, embedded_guidance: float | None) -> dict[str, torch.Tensor]:
+        """The denoiser's inputs for the embedded guidance scale w (one row; :meth:`denoise` expands
+        them to the batch), {} for a model that takes none: ``timestep_cond`` (1, dim) for a UNet."""
+        if not self.takes_embedded_guidance(components):
+            if embedded_guidance is not None:
+                raise EmbeddedGuidanceError(
+                    f"embedded guidance {embedded_guidance} given, but this model takes no guidance scale as an input"
+                )
+            return {}
+        if embedded_guidance is None:
+            raise EmbeddedGuidanceError(
+                "this model takes the guidance scale as an input (guidance-distilled): give embedded guidance"
+            )
+        dim = components.denoiser.config.time_cond_proj_dim
+        return {"timestep_cond": guidance_embedding(embedded_guidance, dim).to(components.device, components.dtype)}
+
+    def denoise(
+        self,
+        components: Parts,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        rows: list[Conditioning],
+        guidance_inputs: Mapping[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """One denoiser call: ``latents`` (B, C, h, w) (the scheduler's model input), row i conditioned on
+        ``rows[i]``; returns the prediction (B, C, h, w): ε, v or x₀ as the scheduler's prediction type says."""
+        return components.unet(
+            latents,
+            timestep,
+            **denoiser_inputs(rows),
+            **{name: value.expand(len(rows), -1) for name, value in guidance_inputs.items()},
+            return_dict=False,
+        )[0]
 
     # ---------------------------------------------------------------- images
 

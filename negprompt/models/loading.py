@@ -108,9 +108,12 @@ def load_components(
     if missing:
         raise ModelLoadError(f"{root} lacks the part(s) {', '.join(missing)}; expected folders {', '.join(required)}")
     has_vae = index.get("vae", [None])[0] is not None
-    if has_vae and not (root / "vae").is_dir():
-        raise ModelLoadError(f"{root}: model_index.json lists a vae but the vae/ folder is missing")
-    for part in family.weight_parts + (("vae",) if has_vae else ()):
+    listed = frozenset(part for part in family.optional_parts if (index.get(part) or [None])[0] is not None)
+    for part in sorted(listed) + (["vae"] if has_vae else []):
+        if not (root / part).is_dir():
+            raise ModelLoadError(f"{root}: model_index.json lists a {part} but the {part}/ folder is missing")
+    optional_weights = tuple(part for part in sorted(listed) if part.startswith("text_encoder"))
+    for part in family.weight_parts + optional_weights + (("vae",) if has_vae else ()):
         _check_safetensors(root / part, part)
 
     def load(part: str, base: type, **kwargs):
@@ -133,7 +136,7 @@ def load_components(
     # Without accelerate, diffusers warns on every load that it falls back to this; say it ourselves.
     diffusers_weights = weights if importlib.util.find_spec("accelerate") else {**weights, "low_cpu_mem_usage": False}
     components = Components(
-        **family.load(load, weights, diffusers_weights),
+        **family.load(load, weights, diffusers_weights, listed),
         source=source_name(source, root),
         family=family,
         declarations=read_declarations(root),

@@ -25,11 +25,12 @@ def _word_level_vocabulary(tokenizer: Any) -> list[str] | None:
     return sorted((w for w in tokenizer.get_vocab() if w not in special), key=tokenizer.get_vocab().get)
 
 
-def check_prompt(tokenizer: Any, prompt: str) -> list[int]:
+def check_prompt(tokenizer: Any, prompt: str, check_length: bool = True) -> list[int]:
     """Token ids of ``prompt`` (with start/end tokens), or a :class:`PromptError` saying what is wrong.
 
-    Errors: a word unknown to a word-level tokenizer (the message lists the vocabulary); a prompt
-    longer than the tokenizer's ``model_max_length`` (the message names the words that would be cut).
+    Errors: a word unknown to a word-level tokenizer (the message lists the vocabulary); unless not
+    ``check_length``, a prompt longer than the tokenizer's ``model_max_length`` (the message names the
+    words that would be cut).
     """
     prompt = expand_embeddings(tokenizer, syntax.plain_text(prompt))
     ids = tokenizer(prompt, truncation=False, add_special_tokens=True, verbose=False).input_ids
@@ -41,7 +42,7 @@ def check_prompt(tokenizer: Any, prompt: str) -> list[int]:
             f"known words: {' '.join(vocabulary)}"
         )
     limit = tokenizer.model_max_length
-    if len(ids) > limit:
+    if check_length and len(ids) > limit:
         cut = tokenizer.decode(ids[limit - 1 : -1]).strip()
         raise PromptError(
             f"prompt is {len(ids)} tokens, over the tokenizer's limit of {limit}: "
@@ -50,17 +51,21 @@ def check_prompt(tokenizer: Any, prompt: str) -> list[int]:
     return ids
 
 
-def _weighted_tokens(tokenizer: Any, prompt: str) -> tuple[list[int], list[float]]:
-    """Token ids padded to ``model_max_length`` and a weight per token, from ``(text:w)`` chunks."""
+def _weighted_tokens(tokenizer: Any, prompt: str, length: int | None = None) -> tuple[list[int], list[float]]:
+    """Token ids padded (or cut) to ``length`` (default ``model_max_length``) and a weight per token, from
+    ``(text:w)`` chunks; a start token only where the tokenizer has one (CLIP, not T5)."""
+    length = length or tokenizer.model_max_length
     chunks = syntax.resolve(syntax.parse(prompt), 0, 1)
-    ids, weights = [tokenizer.bos_token_id], [1.0]
+    start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids, weights = list(start), [1.0] * len(start)
     for text, weight in chunks:
         piece = tokenizer(expand_embeddings(tokenizer, text), add_special_tokens=False, verbose=False).input_ids
         ids += piece
         weights += [weight] * len(piece)
+    ids, weights = ids[: length - 1], weights[: length - 1]  # as the tokenizer truncates: the end token stays
     ids.append(tokenizer.eos_token_id)
     weights.append(1.0)
-    padding = tokenizer.model_max_length - len(ids)
+    padding = length - len(ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return ids + [pad] * padding, weights + [1.0] * padding
 
@@ -102,15 +107,17 @@ def encode_prompt_batch(tokenizer: Any, text_encoder: Any, prompts: Sequence[str
 
 
 def encode_prompt(
-    tokenizer: Any, text_encoder: Any, prompt: str, penultimate: bool = False
+    tokenizer: Any, text_encoder: Any, prompt: str, penultimate: bool = False, truncate: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One prompt's hidden states (1, L, D), of the last layer or, with ``penultimate``, of the one before
     it (SDXL's), and the encoder's pooled projection (1, P) when it has one (``text_embeds``), else None.
 
     Weights of AUTOMATIC1111 syntax scale the hidden states as :func:`encode_prompts` says; the pooled
-    projection is the encoder's, unweighted.
+    projection is the encoder's, unweighted. ``truncate``: a prompt over the tokenizer's limit is cut
+    there, as diffusers cuts CLIP's part of an SD3 or FLUX prompt (whose T5 encoder reads it whole),
+    instead of refused.
     """
-    check_prompt(tokenizer, prompt)
+    check_prompt(tokenizer, prompt, check_length=not truncate)
     if not penultimate and not syntax.has_syntax(prompt):
         return encode_prompt_batch(tokenizer, text_encoder, [prompt]), None
     if syntax.has_syntax(prompt):
@@ -150,3 +157,36 @@ def _apply_weights(hidden: torch.Tensor, weights: list[float]) -> torch.Tensor:
     if torch.isfinite(ratio) and 0.1 < float(ratio) < 10.0:
         hidden = hidden * ratio
     return hidden
+
+
+def check_t5_prompt(tokenizer: Any, prompt: str, length: int) -> list[int]:
+    """T5 token ids of ``prompt`` (with the end token), or a :class:`PromptError` when they are over
+    ``length`` (the model's ``max_sequence_length``): the message names the words that would be cut."""
+    ids = tokenizer(syntax.plain_text(prompt), add_special_tokens=True, verbose=False).input_ids
+    if len(ids) > length:
+        cut = tokenizer.decode(ids[length - 1 : -1]).strip()
+        raise PromptError(
+            f"prompt is {len(ids)} T5 tokens, over the model's limit of {length} (max_sequence_length): "
+            f"these words would be cut: {cut!r}; shorten the prompt"
+        )
+    return ids
+
+
+def encode_t5(tokenizer: Any, text_encoder: Any, prompt: str, length: int) -> torch.Tensor:
+    """A T5 encoder's last hidden states of ``prompt`` padded to ``length`` tokens: (1, length, D), as
+    diffusers' SD3 and FLUX pipelines encode it (no attention mask); AUTOMATIC1111 weights scale the
+    states as :func:`encode_prompts` says. Refuses a prompt over ``length`` (:func:`check_t5_prompt`)."""
+    check_t5_prompt(tokenizer, prompt, length)
+    if syntax.has_syntax(prompt):
+        ids, weights = _weighted_tokens(tokenizer, prompt, length)
+    else:
+        ids = tokenizer(
+            [prompt], padding="max_length", max_length=length, truncation=True, add_special_tokens=True
+        ).input_ids[0]
+        weights = None
+    device = text_encoder.device
+    with torch.no_grad():
+        hidden = text_encoder(torch.tensor([ids], device=device))[0]
+    if weights is not None:
+        hidden = _apply_weights(hidden, weights)
+    return hidden.to(dtype=text_encoder.dtype)

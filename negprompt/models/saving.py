@@ -28,7 +28,12 @@ def save_components(components: Components, folder: str | Path) -> Path:
     class_name = components.family.saved_pipeline_class or PIPELINE_CLASS
     index: dict[str, object] = {"_class_name": class_name, "_diffusers_version": diffusers.__version__}
     index.update(components.pipeline_options)
-    names = ("unet", "text_encoder", "vae") + (("text_encoder_2",) if components.text_encoder_2 is not None else ())
+    denoiser = "unet" if components.unet is not None else "transformer"
+    names = (denoiser, "text_encoder", "vae") + tuple(
+        name for name in ("text_encoder_2", "text_encoder_3") if getattr(components, name) is not None
+    )
+    if components.family.name == "stable-diffusion-3" and components.text_encoder_3 is None:
+        names += ("text_encoder_3",)  # listed as null: SD3 without T5
     for name in names:
         part = getattr(components, name)
         if part is None:
@@ -36,8 +41,10 @@ def save_components(components: Components, folder: str | Path) -> Path:
             continue
         part.save_pretrained(folder / name, safe_serialization=True)
         index[name] = [_library_of(part), part.__class__.__name__]
-    for name in ("tokenizer", "tokenizer_2"):
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         tokenizer = getattr(components, name)
+        if tokenizer is None and name == "tokenizer_3" and "text_encoder_3" in names:
+            index[name] = [None, None]
         if tokenizer is not None:
             tokenizer.save_pretrained(str(folder / name))
             index[name] = [_library_of(tokenizer), tokenizer.__class__.__name__]

@@ -73,7 +73,7 @@ def build_clip_tokenizer(
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
-def build_vae(tiny: bool, sample_size: int | None = None, **config) -> AutoencoderKL:
+def build_vae(tiny: bool, sample_size: int | None = None, latent_channels: int = 4, **config) -> AutoencoderKL:
     """SD's VAE at toy size (2 levels, 16–32 channels: 2 px per latent cell) or full size (4 levels: 8 px)."""
     levels = 2 if tiny else 4
     return AutoencoderKL(
@@ -83,7 +83,7 @@ def build_vae(tiny: bool, sample_size: int | None = None, **config) -> Autoencod
         up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=(16, 32) if tiny else (128, 256, 512, 512),
         layers_per_block=1 if tiny else 2,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8 if tiny else 32,
         sample_size=sample_size or (32 if tiny else 512),
         **config,

@@ -31,8 +31,9 @@ from negprompt.guidance.plan import UNCONDITIONAL, Guidance, MicroConditions, St
 from negprompt.guidance.rules.base import Rule
 from negprompt.limits import MAX_STEPS
 from negprompt.models.components import Components
-from negprompt.models.conditioning import Conditioning, PromptInput, denoiser_inputs, guidance_embedding
-from negprompt.sampling.schedule import alpha_bar_at, denoiser_calls
+from negprompt.models.conditioning import Conditioning, PromptInput, denoiser_inputs
+from negprompt.models.family import EmbeddedGuidanceError
+from negprompt.sampling.schedule import alpha_bar_of, denoiser_calls, flow_sigma, is_flow_matching
 
 
 class SamplingError(NegpromptError):
@@ -90,8 +91,14 @@ def initial_noise(generators: Sequence[torch.Generator], shape: tuple[int, ...],
 
 
 def _alpha_bar(scheduler: Any, timestep: torch.Tensor) -> torch.Tensor:
-    """ᾱ_t at a (possibly fractional) timestep (see :func:`negprompt.sampling.schedule.alpha_bar_at`), float64."""
-    return torch.tensor(alpha_bar_at(scheduler.alphas_cumprod, timestep))
+    """ᾱ_t at a (possibly fractional) timestep (see :func:`negprompt.sampling.schedule.alpha_bar_of`), float64."""
+    return torch.tensor(alpha_bar_of(scheduler, timestep))
+
+
+def prediction_type(scheduler: Any) -> str:
+    """What the denoiser predicts: "epsilon", "v_prediction", "sample" (the scheduler's config) or
+    "flow" (velocity v = ε − x₀ of a flow-matching model)."""
+    return "flow" if is_flow_matching(scheduler) else str(scheduler.config.prediction_type)
 
 
 def predicted_clean(
@@ -99,10 +106,13 @@ def predicted_clean(
 ) -> torch.Tensor:
     """x̂₀ from the model's input x_t (variance-preserving scale) and its prediction.
 
-    ε-prediction: x̂₀ = (x_t − √(1−ᾱ)ε)/√ᾱ; v-prediction: x̂₀ = √ᾱ x_t − √(1−ᾱ) v.
+    ε-prediction: x̂₀ = (x_t − √(1−ᾱ)ε)/√ᾱ; v-prediction: x̂₀ = √ᾱ x_t − √(1−ᾱ) v;
+    flow matching (x_t = (1 − σ)x₀ + σε, v = ε − x₀): x̂₀ = x_t − σv.
     """
+    kind = prediction_type(scheduler)
+    if kind == "flow":
+        return model_input - flow_sigma(scheduler, timestep) * prediction
     alpha_bar = _alpha_bar(scheduler, timestep).to(prediction.dtype)
-    kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return (model_input - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
     if kind == "v_prediction":
@@ -295,8 +305,15 @@ def sample_groups(
     ):
         raise SamplingError("max_rows_per_call cannot split the calls of a rule that prepares the denoiser (NAG, VSF)")
     device, dtype = components.device, components.dtype
-    guidance_input = _guidance_input(components, embedded_guidance)
-    scheduler.set_timesteps(num_steps, device=device)
+    family = components.family
+    try:
+        guidance_input = family.guidance_inputs(components, embedded_guidance)
+    except EmbeddedGuidanceError as error:
+        raise SamplingError(str(error)) from None
+    if is_flow_matching(scheduler):
+        for group in groups:
+            group.guidance.rule_object.check_prediction("flow")
+    scheduler.set_timesteps(num_steps, device=device, **family.timestep_settings(components, num_steps, height, width))
     timesteps = scheduler.timesteps
     calls = len(timesteps)
     for group in groups:
@@ -323,7 +340,7 @@ def sample_groups(
     generators = make_generators(seeds)
     shape = components.family.latent_shape(components, height, width)
     latents = initial_noise(generators, shape, dtype).to(device)  # drawn on the CPU: equal on every device
-    latents = latents * scheduler.init_noise_sigma
+    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts at σ = 1: no scaling
 
     step_parameters = inspect.signature(scheduler.step).parameters
     step_kwargs: dict[str, Any] = {}
@@ -337,7 +354,7 @@ def sample_groups(
     prepares_denoiser = [type(group.guidance.rule_object).prepare is not Rule.prepare for group in groups]
     rows = 0
     for step, t in enumerate(tqdm(timesteps, disable=not progress, unit="step", leave=False)):
-        model_input = scheduler.scale_model_input(latents, t)
+        model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         context = StepContext(step, calls, alpha_bars[step], alpha_bars[step + 1])
         predictions_of: dict[int, dict[str, torch.Tensor]] = {}
         # Each group's branches (in plan order) with every image's prompt at this step.
@@ -416,22 +433,6 @@ def sample_groups(
     )
 
 
-def _guidance_input(components: Components, embedded_guidance: float | None) -> dict[str, torch.Tensor]:
-    """``timestep_cond`` (1, dim) for a UNet that takes the guidance scale as an input, else {}."""
-    dim = getattr(components.unet.config, "time_cond_proj_dim", None)
-    if dim is None:
-        if embedded_guidance is not None:
-            raise SamplingError(
-                f"embedded guidance {embedded_guidance} given, but this model takes no guidance scale as an input"
-            )
-        return {}
-    if embedded_guidance is None:
-        raise SamplingError(
-            "this model takes the guidance scale as an input (guidance-distilled): give embedded guidance"
-        )
-    return {"timestep_cond": guidance_embedding(embedded_guidance, dim).to(components.device, components.dtype)}
-
-
 def _call_denoiser(
     components: Components,
     group: Group,
@@ -468,18 +469,11 @@ def _call_denoiser(
                 for branch, texts in {**prompts, **context_prompts}.items()
             }
             rule = group.guidance.rule_object
-            prepared.enter_context(rule.prepare(group.guidance, components.unet, context, branch_inputs))
+            prepared.enter_context(rule.prepare(group.guidance, components.denoiser, context, branch_inputs))
         outputs = [
-            components.unet(
-                batch[i : i + chunk],
-                t,
-                **denoiser_inputs(row_conditioning[i : i + chunk]),
-                **{
-                    name: value.expand(len(row_conditioning[i : i + chunk]), -1)
-                    for name, value in guidance_input.items()
-                },
-                return_dict=False,
-            )[0]
+            components.family.denoise(
+                components, batch[i : i + chunk], t, row_conditioning[i : i + chunk], guidance_input
+            )
             for i in range(0, batch.shape[0], chunk)
         ]
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)

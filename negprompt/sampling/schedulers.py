@@ -44,6 +44,11 @@ def make_scheduler(name: str, base: Any) -> Any:
     """A fresh scheduler called ``name`` with the noise schedule of ``base`` (the model's scheduler)."""
     if name == "default":
         return type(base).from_config(base.config)
+    if type(base).__name__.startswith("FlowMatch"):
+        raise SchedulerError(
+            f"scheduler {name!r} samples an ε/v diffusion; this model is trained with flow matching and runs its own "
+            f"{type(base).__name__}: choose 'default'"
+        )
     if name not in SCHEDULERS:
         raise SchedulerError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
     import diffusers

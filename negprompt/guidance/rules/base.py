@@ -191,8 +191,22 @@ class Rule:
         """Whether ε_∅ must be evaluated at a step whose active terms are ``active``."""
         return True
 
+    # Why the rule is not exact on the velocity v = ε − x₀ of a flow-matching model (None: it is).
+    # Rules linear in the branch predictions commute with the affine map between ε, x₀ and v at
+    # fixed x_t, so they are exact on v; see docs/guidance.md.
+    not_on_velocity: ClassVar[str | None] = None
+
     def check_denoiser(self, denoiser: Any) -> None:
         """Raises :class:`GuidanceError` if the rule cannot act on this denoiser (checked before a run)."""
+
+    def check_prediction(self, kind: str) -> None:
+        """Raises :class:`GuidanceError` if the rule is not exact on predictions of ``kind`` ("flow": velocities)."""
+        if kind == "flow" and self.not_on_velocity is not None:
+            raise GuidanceError(
+                f"rule {self.name!r} is not exact on the velocity predictions of a flow-matching model "
+                f"({self.not_on_velocity}); choose one of the linear rules (cfg, sd, dual, weighted, perp-neg, "
+                "cfg-zero-star, nag, vsf; rescale and intervals apply to them)"
+            )
 
     def negatives_as_rows(self, guidance: Guidance) -> bool:
         """Whether active negatives are denoiser rows (every rule of CFG's family); rules that act inside
@@ -302,6 +316,12 @@ class NegativeInAttention(Rule):
         from negprompt.guidance.attention_processors import cross_attention_paths
 
         if not cross_attention_paths(denoiser):
+            if not hasattr(denoiser.config, "block_out_channels"):  # an MMDiT transformer (SD3, FLUX)
+                raise GuidanceError(
+                    f"rule {self.name!r} acts in cross-attention layers; this model's transformer has joint attention, "
+                    "where the negative would need a text stream of its own through every block, which negprompt "
+                    "does not run yet: use rule 'sd' (FLUX: true CFG, two passes) or another rule of CFG's family"
+                )
             raise GuidanceError(
                 f"rule {self.name!r} acts in cross-attention layers, and this model's denoiser has none"
             )

@@ -46,6 +46,7 @@ class DNGSettings(RuleSettings):
 class DynamicNegative(Rule):
     name = "dng"
     summary = "Dynamic Negative Guidance: the negative's weight follows p(negative | x_t), tracked over steps"
+    not_on_velocity = "its posterior update reads ε and the DDPM transition's variance, which a velocity-trained model does not define"
     Settings = DNGSettings
 
     def check(self, guidance) -> None:

@@ -95,7 +95,7 @@ class PageJob:
 
         with session.exclusive() as components:
             self.check()
-            handle = components.unet.register_forward_pre_hook(before_unet)
+            handle = components.denoiser.register_forward_pre_hook(before_unet)
             try:
                 yield
             finally:
