@@ -78,3 +78,33 @@ def pytest_terminal_summary(terminalreporter):
     total = sum(fuzz.CASES.values())
     detail = ", ".join(f"{name}: {count}" for name, count in sorted(fuzz.CASES.items()))
     terminalreporter.write_line(f"fuzz: {total} generated cases ({detail})")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3():
+    from negprompt.models.tiny_mmdit import build_tiny_sd3
+
+    return build_tiny_sd3(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux():
+    from negprompt.models.tiny_mmdit import build_tiny_flux
+
+    return build_tiny_flux(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory, tiny_sd3):
+    """The tiny SD3 saved as a diffusers directory (StableDiffusion3Pipeline, safetensors)."""
+    from negprompt.models.saving import save_components
+
+    return save_components(tiny_sd3, tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory, tiny_flux):
+    """The tiny FLUX saved as a diffusers directory (FluxPipeline, safetensors)."""
+    from negprompt.models.saving import save_components
+
+    return save_components(tiny_flux, tmp_path_factory.mktemp("tiny-flux"))

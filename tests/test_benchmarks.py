@@ -38,3 +38,17 @@ def test_bench_sdxl_tiny_run_writes_its_ratios(benchmarks_on_path, monkeypatch, 
     result = json.loads(out.read_text())
     assert set(result["ratios"]) == set(result["targets"]) and all(v > 0 for v in result["ratios"].values())
     assert result["settings"]["preset"] == "tiny" and result["median_seconds"]["diffusers"] > 0
+
+
+def test_bench_mmdit_tiny_run_writes_its_ratios(benchmarks_on_path, monkeypatch, tmp_path):
+    import bench_mmdit
+
+    out = tmp_path / "mmdit.json"
+    argv = ["bench_mmdit.py", "--size", "32", "--steps", "2", "--batch", "1", "--repeats", "1", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_mmdit.main()
+    result = json.loads(out.read_text())
+    assert set(result["models"]) == {"tiny-sd3", "tiny-flux"}
+    for measured in result["models"].values():
+        assert set(measured["ratios"]) == set(measured["targets"]) and all(v > 0 for v in measured["ratios"].values())
+        assert measured["median_seconds"]["diffusers"] > 0

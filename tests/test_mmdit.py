@@ -35,14 +35,14 @@ HEIGHT, WIDTH, STEPS = 32, 48, 5  # non-square
 T5_TOKENS = 32  # the tiny T5 tokenizer's limit (the models' max_sequence_length here)
 
 
-@pytest.fixture(scope="module")
-def sd3():
-    return build_tiny_sd3(seed=0)
+@pytest.fixture
+def sd3(tiny_sd3):
+    return tiny_sd3
 
 
-@pytest.fixture(scope="module")
-def flux():
-    return build_tiny_flux(seed=0)
+@pytest.fixture
+def flux(tiny_flux):
+    return tiny_flux
 
 
 def ours(components, guidance, embedded_guidance=None, seeds=SEEDS, **kwargs):
@@ -151,7 +151,7 @@ def test_every_rule_runs_on_velocity_or_is_refused_in_one_line(sd3, rule):
         with pytest.raises(GuidanceError, match=f"rule {rule!r} is not exact on the velocity predictions") as error:
             ours(sd3, guidance, seeds=(3,))
         assert "\n" not in str(error.value)
-    elif rule in ("nag", "vsf"):
+    elif rule in ("nag", "vsf"):  # SD3 takes negatives through CFG; FLUX takes NAG (see below)
         with pytest.raises(GuidanceError, match="joint attention"):
             Session(sd3).spec(PROMPT, NEGATIVE, rule=rule, steps=2, size=32)
     else:
@@ -181,6 +181,50 @@ def test_delayed_negative_on_sd3_is_plain_before_its_window_and_equals_the_windo
     for step in range(2):
         assert torch.equal(delayed.trace[step].guided, plain.trace[step].guided)
     assert not torch.equal(delayed.trace[2].guided, plain.trace[2].guided)
+
+
+# ---------------------------------------------------------------- NAG on FLUX's joint attention
+
+
+def nag_spec(session, negative, **kwargs):
+    options = dict(rule="nag", scale=1.0, steps=4, size=32, seeds=(1, 2))
+    return session.spec(PROMPT, negative, **{**options, **kwargs})
+
+
+def test_nag_on_flux_with_the_prompt_as_negative_is_the_plain_run(flux):
+    """With ỹ = y the negative's text stream must follow the positive's through every block (same states,
+    same time embedding), so Z⁻ = Z⁺ in every layer and NAG changes nothing: this checks the stream."""
+    session = Session(flux)
+    plain = session.run(session.spec(PROMPT, steps=4, size=32, seeds=(1, 2), scale=1.0, rule="cfg"), trace=True)
+    same = session.run(nag_spec(session, PROMPT), trace=True)
+    other = session.run(nag_spec(session, NEGATIVE), trace=True)
+    assert same.unet_batch_rows == plain.unet_batch_rows == 2 * 4  # one pass a step
+    for step in range(4):  # float rounding only (measured 5e-7), against 0.04–0.06 with another negative
+        assert (same.trace[step].guided - plain.trace[step].guided).abs().max() <= 1e-5
+        assert (other.trace[step].guided - plain.trace[step].guided).abs().max() > 1e-2
+
+
+def test_nag_on_flux_follows_windows_and_cfg_around_it(flux):
+    session = Session(flux)
+    plain = session.run(session.spec(PROMPT, steps=4, size=32, seeds=(1, 2), scale=1.0, rule="cfg"), trace=True)
+    late = session.run(nag_spec(session, NEGATIVE, negative_windows=["2:"]), trace=True)
+    for step in range(2):
+        assert torch.equal(late.trace[step].guided, plain.trace[step].guided)
+    assert not torch.equal(late.trace[2].guided, plain.trace[2].guided)
+    guided = session.run(nag_spec(session, NEGATIVE, scale=3.0))
+    assert guided.unet_batch_rows == 2 * 2 * 4  # ∅ and the guided positive
+    assert np.isfinite(np.asarray(guided.images, float)).all()
+
+
+def test_capture_with_nag_on_flux_records_the_negative_and_keeps_images(flux):
+    session = Session(flux)
+    spec = nag_spec(session, NEGATIVE)
+    alone = session.run(spec).images
+    result = capture(spec, CaptureRequest({"positive": ["cat"], "negative": ["hat"]}), session, reducer=reduce_layer)
+    assert [np.asarray(a).tolist() for a in result.generation.images] == [np.asarray(a).tolist() for a in alone]
+    assert result.tensors["present.negative"].all()
+    frobenius = result.tensors["frobenius.negative"]
+    assert torch.isfinite(frobenius).all() and (frobenius > 0).all()
 
 
 def _window(text):
@@ -279,14 +323,14 @@ def test_joint_probabilities_sum_to_one_and_equal_the_layers_own_attention(famil
 # ---------------------------------------------------------------- loading, CLI, study
 
 
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory, sd3):
-    return save_components(sd3, tmp_path_factory.mktemp("tiny-sd3"))
+@pytest.fixture
+def sd3_dir(tiny_sd3_dir):
+    return tiny_sd3_dir
 
 
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory, flux):
-    return save_components(flux, tmp_path_factory.mktemp("tiny-flux"))
+@pytest.fixture
+def flux_dir(tiny_flux_dir):
+    return tiny_flux_dir
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -331,7 +375,9 @@ def test_cli_refuses_bad_transformer_input_in_one_line(sd3_dir, flux_dir, tiny_s
     assert_usage_error(code, capsys, "not exact on the velocity predictions", out)
     code = main([*base, "--model", str(sd3_dir), "--rule", "apg"])
     assert_usage_error(code, capsys, "not exact on the velocity predictions", out)
-    code = main([*base, "--model", str(flux_dir), "--rule", "nag"])
+    code = main([*base, "--model", str(flux_dir), "--rule", "vsf"])
+    assert_usage_error(code, capsys, "joint attention", out)
+    code = main([*base, "--model", str(sd3_dir), "--rule", "nag"])
     assert_usage_error(code, capsys, "joint attention", out)
     code = main([*base, "--model", str(sd3_dir), "--embedded-guidance", "3.5"])  # FLUX's guidance input on SD3
     assert_usage_error(code, capsys, "takes no guidance scale as an input", out)

@@ -81,7 +81,9 @@ def test_the_readme_has_the_commands_we_check():
     assert commands == set(SHORTER), commands
 
 
-def test_every_readme_command_runs(tiny_sd_dir, tiny_sdxl_dir, tmp_path, monkeypatch, capsys):
+def test_every_readme_command_runs(
+    tiny_sd_dir, tiny_sdxl_dir, tiny_sd3_dir, tiny_flux_dir, tmp_path, monkeypatch, capsys
+):
     from safetensors.torch import save_file
 
     monkeypatch.chdir(tmp_path)
@@ -92,6 +94,8 @@ def test_every_readme_command_runs(tiny_sd_dir, tiny_sdxl_dir, tmp_path, monkeyp
     stand_ins = {
         "/path/to/stable-diffusion-xl-base-1.0": str(tiny_sdxl_dir),
         "/path/to/easynegative-xl.safetensors": str(embedding),
+        "/path/to/stable-diffusion-3-medium-diffusers": str(tiny_sd3_dir),
+        "/path/to/FLUX.1-dev": str(tiny_flux_dir),
     }
     for words in readme_commands():
         argv = shortened(words, tiny_sd_dir, spec, stand_ins)

@@ -114,10 +114,12 @@ def test_family_is_chosen_from_model_index(tiny_sd_dir):
     assert isinstance(family_for_index({**index, "_class_name": "StableDiffusionPipeline"}), StableDiffusionFamily)
     assert isinstance(family_for_index({**index, "vae": [None, None]}), PixelFamily)
     assert isinstance(family_for_index({**index, "_class_name": "StableDiffusionXLPipeline"}), StableDiffusionXLFamily)
+    assert family_for_index({**index, "_class_name": "StableDiffusion3Pipeline"}).name == "stable-diffusion-3"
+    assert family_for_index({**index, "_class_name": "FluxPipeline"}).name == "flux"
     with pytest.raises(
-        UnsupportedModelError, match="StableDiffusion3Pipeline with a VAE.*supported: Stable Diffusion 1.x/2.x.*XL"
+        UnsupportedModelError, match="PixArtAlphaPipeline with a VAE.*supported: Stable Diffusion 1.x/2.x.*XL.*3.*FLUX"
     ):
-        family_for_index({**index, "_class_name": "StableDiffusion3Pipeline"})
+        family_for_index({**index, "_class_name": "PixArtAlphaPipeline"})
 
 
 def test_unsupported_family_is_refused_when_loading(tiny_sd_dir, tmp_path):
@@ -126,8 +128,11 @@ def test_unsupported_family_is_refused_when_loading(tiny_sd_dir, tmp_path):
     model = tmp_path / "xl"
     shutil.copytree(tiny_sd_dir, model)
     index = json.loads((model / "model_index.json").read_text())
-    (model / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
+    (model / "model_index.json").write_text(json.dumps({**index, "_class_name": "PixArtAlphaPipeline"}))
     with pytest.raises(NegpromptError, match="cannot run; supported"):
+        load_components(model)
+    (model / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
+    with pytest.raises(NegpromptError, match="lacks the part.*transformer, text_encoder, text_encoder_2"):
         load_components(model)
     (model / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(NegpromptError, match="lacks the part.*text_encoder_2, tokenizer_2"):

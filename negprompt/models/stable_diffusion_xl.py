@@ -38,10 +38,16 @@ class StableDiffusionXLFamily(ModelFamily):
     required_parts = ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     weight_parts = ("unet", "text_encoder", "text_encoder_2")
 
-    def load(self, load_part: PartLoader, weights: dict[str, Any], diffusers_weights: dict[str, Any]) -> dict[str, Any]:
+    def load(
+        self,
+        load_part: PartLoader,
+        weights: dict[str, Any],
+        diffusers_weights: dict[str, Any],
+        listed: frozenset[str] = frozenset(),
+    ) -> dict[str, Any]:
         import transformers
 
-        parts = super().load(load_part, weights, diffusers_weights)
+        parts = super().load(load_part, weights, diffusers_weights, listed)
         parts["text_encoder_2"] = load_part("text_encoder_2", transformers.PreTrainedModel, **weights)
         parts["tokenizer_2"] = load_part("tokenizer_2", transformers.PreTrainedTokenizerBase, local_files_only=True)
         return parts

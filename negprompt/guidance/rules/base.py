@@ -312,15 +312,24 @@ class NegativeInAttention(Rule):
 
         return formulas.cfg(branches.unconditional, positive, guidance.scale)
 
+    # Whether the rule also acts inside FLUX's joint attention, with the negative's own text stream
+    # (negprompt.guidance.joint_attention_processors).
+    in_joint_attention: ClassVar[bool] = False
+
     def check_denoiser(self, denoiser: Any) -> None:
         from negprompt.guidance.attention_processors import cross_attention_paths
 
         if not cross_attention_paths(denoiser):
-            if not hasattr(denoiser.config, "block_out_channels"):  # an MMDiT transformer (SD3, FLUX)
+            config = getattr(denoiser, "config", None)
+            if config is not None and hasattr(config, "joint_attention_dim"):  # an MMDiT transformer (SD3, FLUX)
+                flux = type(denoiser).__name__ == "FluxTransformer2DModel"
+                if flux and self.in_joint_attention:
+                    return
+                takers = "rule 'nag' on FLUX" if flux else "FLUX (rule 'nag')"
                 raise GuidanceError(
-                    f"rule {self.name!r} acts in cross-attention layers; this model's transformer has joint attention, "
-                    "where the negative would need a text stream of its own through every block, which negprompt "
-                    "does not run yet: use rule 'sd' (FLUX: true CFG, two passes) or another rule of CFG's family"
+                    f"rule {self.name!r} acts in cross-attention layers and this model's transformer has joint "
+                    f"attention; negprompt runs a negative's own text stream through joint blocks for {takers} "
+                    "only: use rule 'sd' (true CFG) or another rule of CFG's family"
                 )
             raise GuidanceError(
                 f"rule {self.name!r} acts in cross-attention layers, and this model's denoiser has none"
@@ -345,6 +354,16 @@ class NegativeInAttention(Rule):
         rows = [name for name in conditioning if not name.startswith("negative")]  # contexts come last
         count = conditioning["positive"]["encoder_hidden_states"].shape[0]
         first = rows.index("positive") * count
+        if type(denoiser).__name__ == "FluxTransformer2DModel":
+            from negprompt.guidance.joint_attention_processors import negative_in_joint_attention
+
+            return negative_in_joint_attention(
+                denoiser,
+                slice(first, first + count),
+                conditioning[negative]["encoder_hidden_states"],
+                self.combine_in_attention(guidance.settings),
+                negative,
+            )
         return negative_in_attention(
             denoiser,
             slice(first, first + count),

@@ -32,6 +32,7 @@ class NormalizedAttentionGuidance(NegativeInAttention):
     name = "nag"
     summary = "NAG (Chen et al. 2025): extrapolate each cross-attention output away from the negative's, L1-clipped"
     Settings = NAGSettings
+    in_joint_attention = True  # FLUX: the negative's text stream runs beside the positive's pass
 
     def neutral(self, settings: NAGSettings) -> bool:
         return settings.phi == 1 or settings.alpha == 0

@@ -1,0 +1,219 @@
+"""NAG inside FLUX's joint attention: the negative's text runs as a stream of its own beside the positive's pass.
+
+In an MMDiT the text tokens are a stream that every block updates (Esser et al. 2024, Fig. 2); a
+negative read inside attention therefore needs its own text stream through the blocks, not a fixed
+context. For one denoiser call, :func:`negative_in_joint_attention` installs on every attention layer
+of a ``FluxTransformer2DModel`` (keyed by module path) a processor that, for the positive branch's rows:
+
+- computes the image queries' attention over [positive text; image] keys (Z⁺) and over
+  [negative text; image] keys (Z⁻), the same image keys and values for both, and replaces Z⁺ by
+  the rule's combination (NAG's, Chen et al. 2025 §3) before the output projection;
+- moves the negative's text stream through the block as the block moves the positive's: joint
+  blocks (``norm1_context``, attention of its tokens over [negative text; image], ``to_add_out``,
+  gated feed-forward ``ff_context``), single-stream blocks (``norm``, attention, ``proj_mlp``,
+  ``proj_out``, gate), with the positive's time embedding (one image, one timestep and guidance).
+
+The stream starts as ``context_embedder`` of the negative's T5 states. Each block's time embedding
+is read by a forward pre-hook on the block; the stream lives in a :class:`NegativeStream` made for
+the call. Rows of other branches (∅ at s ≠ 1) go through the layers' own processors unchanged. The
+image stream is computed once: one pass a step at s = 1; the extra work is the negative's text tokens
+(512 beside FLUX's 4096 image tokens at 1024²) and the second attention of the image queries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from negprompt.guidance.attention_processors import Combine
+
+
+class NegativeStream:
+    """The negative's text stream (B, L⁻, C) through one call's blocks, and each block's time embedding."""
+
+    def __init__(self, transformer: Any, negative: torch.Tensor, rows: slice) -> None:
+        self.transformer = transformer
+        self.negative = negative  # (B, L⁻, D) T5 states
+        self.rows = rows
+        self.stream: torch.Tensor | None = None
+        self.temb: torch.Tensor | None = None  # the current block's, for the positive's rows
+
+    def start(self) -> torch.Tensor:
+        if self.stream is None:
+            self.stream = self.transformer.context_embedder(self.negative)
+        return self.stream
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, N, H·d) → (B, H, N, d)."""
+    return x.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, d) → (B, N, H·d)."""
+    return x.transpose(1, 2).flatten(2, 3)
+
+
+def _rotate(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """Rotary positions on (B, H, N, d) (FLUX's ``apply_rotary_emb`` along the token axis)."""
+    if rotary is None:
+        return x
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    return apply_rotary_emb(x, rotary, sequence_dim=2)
+
+
+class JointNegativeProcessor:
+    """One FLUX attention layer's processor for one call (see the module docstring)."""
+
+    def __init__(
+        self, original: Any, block: Any, state: NegativeStream, combine: Combine, single: bool, branch: str
+    ) -> None:
+        self.original, self.block, self.state, self.combine, self.single = original, block, state, combine, single
+        self.branch = branch  # the negative's branch name, for observers
+        # An original that observes attention (capture) sees the whole batch, and the negative's maps.
+        self.observer = original if getattr(original, "observes_attention", False) else None
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+    ) -> Any:
+        rows = self.state.rows
+        whole = rows == slice(0, hidden_states.shape[0])
+        if self.single:
+            guided = self._single(attn, hidden_states[rows], image_rotary_emb)
+        else:
+            guided = self._joint(attn, hidden_states[rows], encoder_hidden_states[rows], image_rotary_emb)
+        if whole and self.observer is None:  # one pass per step (scale 1): only the positive's rows
+            return guided
+        out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if self.single:
+            out = out.clone()
+            out[rows] = guided
+            return out
+        image, text = (o.clone() for o in out)
+        image[rows], text[rows] = guided
+        return image, text
+
+    def _qkv(self, attn: Any, x: torch.Tensor, added: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values (B, H, N, d) of tokens ``x`` with the layer's (added) projections and norms."""
+        d = attn.head_dim
+        if added:
+            q, k, v = attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
+            norm_q, norm_k = attn.norm_added_q, attn.norm_added_k
+        else:
+            q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+            norm_q, norm_k = attn.norm_q, attn.norm_k
+        q, k, v = _heads(q, d), _heads(k, d), _heads(v, d)
+        return norm_q(q), norm_k(k), v
+
+    def _attend(
+        self,
+        attn: Any,
+        text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        negative: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        image: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        rotary: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positive text output, guided image output, negative text output), each (B, N, H·d), before projections.
+
+        Text and image tokens in FLUX's order [text; image] with rotary positions; the negative's text takes
+        the text positions (all zero in FLUX: the rotation leaves text tokens unchanged)."""
+        length, negative_length = text[0].shape[2], negative[0].shape[2]
+        if negative_length != length:
+            raise ValueError(f"the negative has {negative_length} text tokens and the positive {length}")
+        q_pos, k_pos, v_pos = (torch.cat([t, i], dim=2) for t, i in zip(text, image))
+        q_neg, k_neg, v_neg = (torch.cat([t, i], dim=2) for t, i in zip(negative, image))
+        q_pos, k_pos, q_neg, k_neg = (_rotate(x, rotary) for x in (q_pos, k_pos, q_neg, k_neg))  # not the values
+        if self.observer is not None and self.observer.recorder.active:  # the negative's maps, as a branch
+            scores = q_pos[:, :, length:].float() @ k_neg.float().transpose(-1, -2) * q_pos.shape[-1] ** -0.5
+            probabilities = scores.softmax(-1)[..., :length]
+            self.observer.recorder.record_context(
+                self.observer.path, self.branch, probabilities.flatten(0, 1), probabilities.shape[1]
+            )
+        text_out = _merge(F.scaled_dot_product_attention(q_pos[:, :, :length], k_pos, v_pos))
+        image_out = self.combine(attn, q_pos[:, :, length:], k_pos, v_pos, k_neg, v_neg)
+        negative_out = _merge(F.scaled_dot_product_attention(q_neg[:, :, :length], k_neg, v_neg))
+        return text_out.to(q_pos.dtype), image_out.to(q_pos.dtype), negative_out.to(q_pos.dtype)
+
+    def _joint(
+        self, attn: Any, image: torch.Tensor, text: torch.Tensor, rotary: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A joint block: the positive rows' (image output, text output); moves the negative stream on."""
+        block, state = self.block, self.state
+        stream = state.start()
+        norm_negative, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(stream, emb=state.temb)
+        text_out, image_out, negative_out = self._attend(
+            attn,
+            self._qkv(attn, text, added=True),
+            self._qkv(attn, norm_negative, added=True),
+            self._qkv(attn, image, added=False),
+            rotary,
+        )
+        stream = stream + gate_msa.unsqueeze(1) * attn.to_add_out(negative_out)
+        normed = block.norm2_context(stream) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        stream = stream + gate_mlp.unsqueeze(1) * block.ff_context(normed)
+        if stream.dtype == torch.float16:
+            stream = stream.clip(-65504, 65504)
+        state.stream = stream
+        image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
+        return image_out, attn.to_add_out(text_out.contiguous())
+
+    def _single(self, attn: Any, tokens: torch.Tensor, rotary: Any) -> torch.Tensor:
+        """A single-stream block: the positive rows' output over [text; image] (no projection: the block
+        projects); moves the negative stream on."""
+        block, state = self.block, self.state
+        stream = state.start()
+        length = stream.shape[1]
+        norm_negative, gate = block.norm(stream, emb=state.temb)
+        qkv = self._qkv(attn, tokens, added=False)
+        text = tuple(x[:, :, :length] for x in qkv)
+        image = tuple(x[:, :, length:] for x in qkv)
+        text_out, image_out, negative_out = self._attend(
+            attn, text, self._qkv(attn, norm_negative, added=False), image, rotary
+        )
+        mlp = block.act_mlp(block.proj_mlp(norm_negative))
+        stream = stream + gate.unsqueeze(1) * block.proj_out(torch.cat([negative_out, mlp], dim=2))
+        if stream.dtype == torch.float16:
+            stream = stream.clip(-65504, 65504)
+        state.stream = stream
+        return torch.cat([text_out, image_out], dim=1)
+
+
+@contextmanager
+def negative_in_joint_attention(
+    transformer: Any, rows: slice, negative: torch.Tensor, combine: Combine, branch: str = "negative"
+) -> Iterator[None]:
+    """Installs :class:`JointNegativeProcessor` on every attention layer of a FLUX transformer for one call,
+    with forward pre-hooks that hand each block's time embedding to the negative stream; restores the
+    processors and removes the hooks on exit (also on error)."""
+    state = NegativeStream(transformer, negative, rows)
+    originals = dict(transformer.attn_processors)
+    replacement, hooks = {}, []
+
+    def read_temb(module: Any, args: tuple, kwargs: dict) -> None:
+        temb = kwargs["temb"] if "temb" in kwargs else args[2]
+        state.temb = temb[rows]
+
+    for key, processor in originals.items():
+        path = key.removesuffix(".processor")
+        block_path = path.removesuffix(".attn")
+        block = transformer.get_submodule(block_path)
+        single = block_path.startswith("single_transformer_blocks.")
+        replacement[key] = JointNegativeProcessor(processor, block, state, combine, single, branch)
+        hooks.append(block.register_forward_pre_hook(read_temb, with_kwargs=True))
+    transformer.set_attn_processor(replacement)
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        transformer.set_attn_processor(originals)
