@@ -44,6 +44,28 @@ def _rotate(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -
     return apply_rotary_emb(x, rotary, sequence_dim=1)
 
 
+def _logsumexp(query: torch.Tensor, keys: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
+    """log Σ_k exp(q·k·scale) over all keys: (B, H, N, d), (B, H, K, d) float32 → (B, H, N).
+
+    The fused attention kernels compute this beside their output without materialising the N × K
+    scores (PyTorch's flash kernel on CPU, its memory-efficient kernel on CUDA); elsewhere, or if a
+    kernel refuses the inputs, the scores are computed explicitly, ``chunk`` queries at a time."""
+    try:
+        if query.device.type == "cpu":
+            kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+            return kernel(query, keys, keys, 0.0, False, scale=scale)[1]
+        if query.device.type == "cuda":
+            kernel = torch.ops.aten._scaled_dot_product_efficient_attention
+            return kernel(query, keys, keys, None, True, scale=scale)[1][..., : query.shape[2]]
+    except (AttributeError, RuntimeError, NotImplementedError):
+        pass
+    parts = [
+        torch.logsumexp(query[:, :, i : i + chunk] @ keys.transpose(-1, -2) * scale, dim=-1)
+        for i in range(0, query.shape[2], chunk)
+    ]
+    return torch.cat(parts, dim=2)
+
+
 def joint_attention_probabilities(
     attn: Any,
     hidden_states: torch.Tensor,
@@ -88,11 +110,14 @@ def joint_attention_probabilities(
         keys = _rotate(keys, rotary)
         query = _rotate(query, (cos[text_length:], sin[text_length:]))
     scale = query.shape[-1] ** -0.5
-    scores = torch.einsum("bqhd,bkhd->bhqk", query.float(), keys.float()) * scale
-    probabilities = scores.softmax(dim=-1)
-    if text_block:
-        probabilities = probabilities[..., :text_length]
-    return probabilities.reshape(batch * heads, tokens, -1)
+    query, keys = query.transpose(1, 2).float().contiguous(), keys.transpose(1, 2).float().contiguous()  # (B, H, ·, d)
+    if not text_block:
+        probabilities = (query @ keys.transpose(-1, -2) * scale).softmax(dim=-1)
+        return probabilities.reshape(batch * heads, tokens, -1)
+    # The text block alone: exp(q·k_text·scale − log Σ_all keys exp(q·k·scale)).
+    text_scores = query @ keys[:, :, :text_length].transpose(-1, -2) * scale
+    probabilities = (text_scores - _logsumexp(query, keys, scale)[..., None]).exp()
+    return probabilities.reshape(batch * heads, tokens, text_length)
 
 
 class JointCaptureProcessor:
