@@ -21,8 +21,8 @@ import argparse
 import statistics
 
 import torch
-from bench_sdxl import machine, timed
-from common import write_result
+from bench_sdxl import machine
+from common import interleaved, median_ratio, write_result
 
 from negprompt.analysis.attention_stats import reduce_layer
 from negprompt.attention.capture import CaptureRequest
@@ -89,16 +89,10 @@ def measure(components: Components, size: int, steps: int, batch: int, repeats: 
         common = dict(steps=steps, seeds=seeds, size=size, scale=1.0)
         plain, nag = session.spec(PROMPT, rule="cfg", **common), session.spec(PROMPT, NEGATIVE, rule="nag", **common)
         runs.update(plain=lambda: session.run(plain), nag=lambda: session.run(nag))
-    with torch.no_grad():
-        for fn in runs.values():  # warm-up
-            fn()
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(repeats):
-            for name, fn in runs.items():
-                times[name].append(timed(fn))
+    times = interleaved(runs, repeats)
 
     def ratio(a: str, b: str) -> float:
-        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+        return median_ratio(times, a, b)
 
     medians = {name: statistics.median(values) for name, values in times.items()}
     ratios = {"a_ours_vs_diffusers": ratio("ours", "diffusers"), "c_capture_vs_none": ratio("ours_capture", "ours")}

@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
-from common import write_result
+from common import interleaved, median_ratio, write_result
 
 from negprompt.analysis.attention_stats import reduce_layer
 from negprompt.attention.capture import CaptureRequest
@@ -32,19 +30,6 @@ from negprompt.session import Session
 
 PROMPT, NEGATIVE = "a photo of a cat", "red glasses"
 TARGETS = {"a_ours_vs_diffusers": "<= 1.00", "b_dual_vs_sd": "<= 1.5", "c_capture_vs_none": "<= 1.3"}
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object]) -> float:
-    synchronize()
-    start = time.perf_counter()
-    fn()
-    synchronize()
-    return time.perf_counter() - start
 
 
 def measure(components: Components, size: int, steps: int, batch: int, repeats: int, scheduler: str) -> dict:
@@ -78,16 +63,10 @@ def measure(components: Components, size: int, steps: int, batch: int, repeats: 
         "ours_dual": lambda: session.run(dual_spec),
         "ours_sd_capture": lambda: capture(sd_spec, request, session, trace=False, reducer=reduce_layer),
     }
-    with torch.no_grad():
-        for fn in runs.values():  # warm-up
-            fn()
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(repeats):
-            for name, fn in runs.items():
-                times[name].append(timed(fn))
+    times = interleaved(runs, repeats)
 
     def ratio(a: str, b: str) -> float:
-        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+        return median_ratio(times, a, b)
 
     medians = {name: statistics.median(values) for name, values in times.items()}
     return {

@@ -95,18 +95,24 @@ class ModelFamily:
         diffusers_weights: dict[str, Any],
         listed: frozenset[str] = frozenset(),
     ) -> dict[str, Any]:
-        """The parts by name (keywords of ``Components``), loaded with ``load_part(part, base class, **kwargs)``
-        (safetensors only); ``listed``: the optional parts ``model_index.json`` lists."""
+        """The parts by name (keywords of ``Components``): the required ones, the optional ones
+        ``model_index.json`` lists (``listed``) and the VAE, each loaded with ``load_part(part, base class,
+        **kwargs)`` (safetensors only)."""
         import diffusers
         import transformers
 
-        return dict(
-            unet=load_part("unet", diffusers.ModelMixin, **diffusers_weights),
-            text_encoder=load_part("text_encoder", transformers.PreTrainedModel, **weights),
-            tokenizer=load_part("tokenizer", transformers.PreTrainedTokenizerBase, local_files_only=True),
-            scheduler=load_part("scheduler", diffusers.SchedulerMixin),
-            vae=load_part("vae", diffusers.ModelMixin, **diffusers_weights) if self.has_vae else None,
-        )
+        parts: dict[str, Any] = {"unet": None}
+        for name in self.required_parts + tuple(p for p in self.optional_parts if p in listed):
+            if name in ("unet", "transformer"):
+                parts[name] = load_part(name, diffusers.ModelMixin, **diffusers_weights)
+            elif name.startswith("text_encoder"):
+                parts[name] = load_part(name, transformers.PreTrainedModel, **weights)
+            elif name.startswith("tokenizer"):
+                parts[name] = load_part(name, transformers.PreTrainedTokenizerBase, local_files_only=True)
+            else:
+                parts[name] = load_part(name, diffusers.SchedulerMixin)
+        parts["vae"] = load_part("vae", diffusers.ModelMixin, **diffusers_weights) if self.has_vae else None
+        return parts
 
     # ---------------------------------------------------------------- prompts
 

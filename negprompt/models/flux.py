@@ -27,7 +27,7 @@ import torch
 
 from negprompt.guidance import syntax
 from negprompt.models.conditioning import Conditioning, ConditioningError, PromptInput
-from negprompt.models.family import ModelFamily, PartLoader, Parts
+from negprompt.models.family import ModelFamily, Parts
 from negprompt.models.prompts import check_prompt, encode_t5
 from negprompt.models.stable_diffusion_3 import decode_shifted, image_size_shift, text_length, vae_factor
 
@@ -69,27 +69,6 @@ class FluxFamily(ModelFamily):
     required_parts = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     weight_parts = ("transformer", "text_encoder", "text_encoder_2")
     default_text_length: ClassVar[int] = 512
-
-    def load(
-        self,
-        load_part: PartLoader,
-        weights: dict[str, Any],
-        diffusers_weights: dict[str, Any],
-        listed: frozenset[str] = frozenset(),
-    ) -> dict[str, Any]:
-        import diffusers
-        import transformers
-
-        return dict(
-            unet=None,
-            transformer=load_part("transformer", diffusers.ModelMixin, **diffusers_weights),
-            text_encoder=load_part("text_encoder", transformers.PreTrainedModel, **weights),
-            text_encoder_2=load_part("text_encoder_2", transformers.PreTrainedModel, **weights),
-            tokenizer=load_part("tokenizer", transformers.PreTrainedTokenizerBase, local_files_only=True),
-            tokenizer_2=load_part("tokenizer_2", transformers.PreTrainedTokenizerBase, local_files_only=True),
-            scheduler=load_part("scheduler", diffusers.SchedulerMixin),
-            vae=load_part("vae", diffusers.ModelMixin, **diffusers_weights),
-        )
 
     # ---------------------------------------------------------------- prompts
 

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from negprompt.models.conditioning import Conditioning, ConditioningError, PromptInput
-from negprompt.models.family import ModelFamily, PartLoader, Parts
+from negprompt.models.family import ModelFamily, Parts
 from negprompt.models.prompts import encode_prompt, encode_t5
 
 # Image-size shift of the flow schedule, μ = a·(image tokens) + b through these two points
@@ -77,32 +77,6 @@ class StableDiffusion3Family(ModelFamily):
     weight_parts = ("transformer", "text_encoder", "text_encoder_2")
     optional_parts: ClassVar[tuple[str, ...]] = ("text_encoder_3", "tokenizer_3")  # T5: SD3 runs without it
     default_text_length: ClassVar[int] = 256
-
-    def load(
-        self,
-        load_part: PartLoader,
-        weights: dict[str, Any],
-        diffusers_weights: dict[str, Any],
-        listed: frozenset[str] = frozenset(),
-    ) -> dict[str, Any]:
-        import diffusers
-        import transformers
-
-        with_t5 = "text_encoder_3" in listed
-        return dict(
-            unet=None,
-            transformer=load_part("transformer", diffusers.ModelMixin, **diffusers_weights),
-            text_encoder=load_part("text_encoder", transformers.PreTrainedModel, **weights),
-            text_encoder_2=load_part("text_encoder_2", transformers.PreTrainedModel, **weights),
-            text_encoder_3=load_part("text_encoder_3", transformers.PreTrainedModel, **weights) if with_t5 else None,
-            tokenizer=load_part("tokenizer", transformers.PreTrainedTokenizerBase, local_files_only=True),
-            tokenizer_2=load_part("tokenizer_2", transformers.PreTrainedTokenizerBase, local_files_only=True),
-            tokenizer_3=load_part("tokenizer_3", transformers.PreTrainedTokenizerBase, local_files_only=True)
-            if with_t5
-            else None,
-            scheduler=load_part("scheduler", diffusers.SchedulerMixin),
-            vae=load_part("vae", diffusers.ModelMixin, **diffusers_weights),
-        )
 
     # ---------------------------------------------------------------- prompts
 

@@ -14,13 +14,11 @@ declares them), and a float16 VAE whose config sets ``force_upcast`` decodes in 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from negprompt.guidance import syntax
 from negprompt.models.conditioning import Conditioning, ConditioningError, PromptInput
-from negprompt.models.family import ModelFamily, PartLoader, Parts
+from negprompt.models.family import ModelFamily, Parts
 from negprompt.models.prompts import encode_prompt
 
 
@@ -37,20 +35,6 @@ class StableDiffusionXLFamily(ModelFamily):
     second_prompt = True
     required_parts = ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     weight_parts = ("unet", "text_encoder", "text_encoder_2")
-
-    def load(
-        self,
-        load_part: PartLoader,
-        weights: dict[str, Any],
-        diffusers_weights: dict[str, Any],
-        listed: frozenset[str] = frozenset(),
-    ) -> dict[str, Any]:
-        import transformers
-
-        parts = super().load(load_part, weights, diffusers_weights, listed)
-        parts["text_encoder_2"] = load_part("text_encoder_2", transformers.PreTrainedModel, **weights)
-        parts["tokenizer_2"] = load_part("tokenizer_2", transformers.PreTrainedTokenizerBase, local_files_only=True)
-        return parts
 
     def zeros_empty_negatives(self, components: Parts) -> bool:
         return bool(components.pipeline_options.get("force_zeros_for_empty_prompt", True))

@@ -70,6 +70,18 @@ def build_t5(tokenizer, width: int = 32) -> T5EncoderModel:
     )
 
 
+def flow_vae(channels: int, scaling_factor: float, shift_factor: float):
+    """The toy VAE with SD3's and FLUX's layout: a shift and a scale of the latents, no quant convolutions."""
+    return build_vae(
+        True,
+        latent_channels=channels,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
 def build_tiny_sd3(seed: int = 0, preset: str = "tiny", with_t5: bool = True) -> Components:
     """Tiny SD3 with weights drawn from ``seed``: CLIP-L/-G with projections (16 wide each, pooled 2×32),
     T5 32 wide (32 tokens), a 2-block MMDiT with 2×2 patches on 4 latent channels, shift 3.
@@ -99,14 +111,7 @@ def build_tiny_sd3(seed: int = 0, preset: str = "tiny", with_t5: bool = True) ->
         pooled_projection_dim=64,
         pos_embed_max_size=32 if tiny else 192,
     )
-    vae = build_vae(
-        True,
-        latent_channels=channels,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = flow_vae(channels, scaling_factor=1.5305, shift_factor=0.0609)  # SD3's factors
     components = Components(
         unet=None,
         transformer=transformer,
@@ -151,14 +156,7 @@ def build_tiny_flux(seed: int = 0, preset: str = "tiny", guidance_embeds: bool =
         guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 4, 8) if tiny else (16, 56, 56),
     )
-    vae = build_vae(
-        True,
-        latent_channels=channels,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = flow_vae(channels, scaling_factor=0.3611, shift_factor=0.1159)  # FLUX's factors
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0,
         use_dynamic_shifting=True,
