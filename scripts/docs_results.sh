@@ -50,6 +50,7 @@ for step in "${steps[@]}"; do
         timed bench-study $PY benchmarks/bench_study.py
         timed bench-edit $PY benchmarks/bench_edit.py
         timed bench-attention-negatives $PY benchmarks/bench_attention_negatives.py
+        timed bench-mmdit $PY benchmarks/bench_mmdit.py
         ;;
     *) echo "unknown step $step (evaluate study study-nag sweep methods methods-scale1 methods-distilled sampler benchmarks)" >&2 && exit 2 ;;
     esac

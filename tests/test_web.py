@@ -385,3 +385,22 @@ def test_a_stable_diffusion_model_serves_too(tiny_sd_dir, tmp_path):
     result = handlers.generate(sd, request, LIMITS, tmp_path, job)
     assert [p is not None for p in previews] == [True, False, True, True]
     assert previews[-1].size == (32, 32) and result.generation.pixels.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("rule, scale", [("sd", 3.0), ("nag", 1.0)])
+def test_the_page_runs_flux_with_previews_and_equals_the_command_line(tiny_flux, tiny_flux_dir, tmp_path, rule, scale):
+    """The page on a FLUX model (true CFG, and NAG in one pass): progress with x̂₀ previews, and the same
+    pixels as ``negprompt generate`` on the saved directory."""
+    reports = []
+    job = PageJob(on_progress=lambda done, total, preview: reports.append((done, total, preview)), preview_every=2)
+    request = GenerateRequest(
+        "a photo of a cat", (NegativeInput("a red hat"),), rule=rule, scale=scale, steps=4, width=32, height=32
+    )
+    result = handlers.generate(Session(tiny_flux), request, LIMITS, tmp_path / "page", job)
+    assert [(done, total) for done, total, _ in reports] == [(d, 4) for d in range(1, 5)]
+    assert reports[-1][2].size == (32, 32)
+    cli_png = tmp_path / "cli.png"
+    argv = ["generate", "a photo of a cat", "-n", "a red hat", "--rule", rule, "--scale", str(scale)]
+    argv += ["--steps", "4", "--size", "32", "--model", str(tiny_flux_dir), "-q", "--out", str(cli_png)]
+    assert main(argv) == 0
+    assert np.array_equal(read_pixels(result.pngs[0]), read_pixels(cli_png))
