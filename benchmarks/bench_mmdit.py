@@ -5,8 +5,8 @@ and images decoded by both: SD3 with rule (9) at s = 5 vs ``StableDiffusion3Pipe
 ``negative_prompt``; FLUX with true CFG (rule sd, s = 4) and embedded guidance 3.5 vs ``FluxPipeline``
 with ``true_cfg_scale`` and ``negative_prompt``;
 (c) the same run while capturing the joint-attention maps of two words on both branches vs without;
-FLUX only: (d) NAG at s = 1 (one pass, the negative's text stream beside it) vs the plain run at s = 1,
-and (e) true CFG (two passes) vs the plain run at s = 1.
+(d) NAG and (f) VSF at s = 1 (one pass, the negative's text stream beside it) vs the plain run at s = 1;
+FLUX only: (e) true CFG (two passes) vs the plain run at s = 1.
 
 Runs are interleaved (ours, theirs, …) so background load hits all alike; each ratio is the median of
 per-repeat ratios. Random weights built from configs: speed does not depend on the weights.
@@ -34,7 +34,8 @@ from negprompt.session import Session
 
 PROMPT, NEGATIVE = "a photo of a cat", "red glasses"
 TARGETS = {"a_ours_vs_diffusers": "<= 1.00", "c_capture_vs_none": "<= 1.3"}
-FLUX_TARGETS = {"d_nag_vs_plain": "<= 1.35", "e_true_cfg_vs_plain": "≈ 2 (two passes)"}
+IN_ATTENTION_TARGETS = {"d_nag_vs_plain": "<= 1.35", "f_vsf_vs_plain": "<= 1.2"}
+FLUX_TARGETS = {"e_true_cfg_vs_plain": "≈ 2 (two passes)"}
 SCALES = {"stable-diffusion-3": 5.0, "flux": 4.0}  # SD3's CFG scale; FLUX's true-CFG scale
 
 
@@ -85,10 +86,10 @@ def measure(components: Components, size: int, steps: int, batch: int, repeats: 
         "ours_capture": lambda: capture(spec, request, session, trace=False, reducer=reduce_layer),
     }
     flux = family.name == "flux"
-    if flux:
-        common = dict(steps=steps, seeds=seeds, size=size, scale=1.0)
-        plain, nag = session.spec(PROMPT, rule="cfg", **common), session.spec(PROMPT, NEGATIVE, rule="nag", **common)
-        runs.update(plain=lambda: session.run(plain), nag=lambda: session.run(nag))
+    common = dict(steps=steps, seeds=seeds, size=size, scale=1.0)
+    plain, nag = session.spec(PROMPT, rule="cfg", **common), session.spec(PROMPT, NEGATIVE, rule="nag", **common)
+    vsf = session.spec(PROMPT, NEGATIVE, rule="vsf", **common)
+    runs.update(plain=lambda: session.run(plain), nag=lambda: session.run(nag), vsf=lambda: session.run(vsf))
     times = interleaved(runs, repeats)
 
     def ratio(a: str, b: str) -> float:
@@ -96,13 +97,14 @@ def measure(components: Components, size: int, steps: int, batch: int, repeats: 
 
     medians = {name: statistics.median(values) for name, values in times.items()}
     ratios = {"a_ours_vs_diffusers": ratio("ours", "diffusers"), "c_capture_vs_none": ratio("ours_capture", "ours")}
+    ratios.update(d_nag_vs_plain=ratio("nag", "plain"), f_vsf_vs_plain=ratio("vsf", "plain"))
     if flux:
-        ratios.update(d_nag_vs_plain=ratio("nag", "plain"), e_true_cfg_vs_plain=ratio("ours", "plain"))
+        ratios.update(e_true_cfg_vs_plain=ratio("ours", "plain"))
     return {
         "median_seconds": medians,
         "seconds_per_step": {name: value / steps for name, value in medians.items()},
         "ratios": ratios,
-        "targets": {**TARGETS, **FLUX_TARGETS} if flux else TARGETS,
+        "targets": {**TARGETS, **IN_ATTENTION_TARGETS, **(FLUX_TARGETS if flux else {})},
     }
 
 

@@ -21,13 +21,7 @@ from typing import Any
 
 import torch
 
-
-def is_joint_attention(module: Any) -> bool:
-    """Whether ``module`` is an MMDiT attention layer whose keys include text tokens."""
-    name = type(module).__name__
-    if name == "FluxAttention":
-        return True  # joint (added projections) or single-stream ([text; image] in one sequence)
-    return name == "Attention" and getattr(module, "add_k_proj", None) is not None
+from negprompt.guidance.joint_attention_processors import is_joint_attention
 
 
 def joint_attention_paths(transformer: Any) -> list[str]:

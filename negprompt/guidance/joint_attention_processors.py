@@ -1,17 +1,20 @@
-"""NAG inside FLUX's joint attention: the negative's text runs as a stream of its own beside the positive's pass.
+"""NAG and VSF inside joint attention (SD3, FLUX): the negative's text runs as a stream of its own beside the positive's pass.
 
 In an MMDiT the text tokens are a stream that every block updates (Esser et al. 2024, Fig. 2); a
 negative read inside attention therefore needs its own text stream through the blocks, not a fixed
-context. For one denoiser call, :func:`negative_in_joint_attention` installs on every attention layer
-of a ``FluxTransformer2DModel`` (keyed by module path) a processor that, for the positive branch's rows:
+context. For one denoiser call, :func:`negative_in_joint_attention` installs on every joint attention
+layer of an ``SD3Transformer2DModel`` or ``FluxTransformer2DModel`` (keyed by module path; SD3.5's
+image-only ``attn2`` layers keep their processors) a processor that, for the positive branch's rows:
 
-- computes the image queries' attention over [positive text; image] keys (Z⁺) and over
-  [negative text; image] keys (Z⁻), the same image keys and values for both, and replaces Z⁺ by
-  the rule's combination (NAG's, Chen et al. 2025 §3) before the output projection;
+- gives the image queries the rule's combination in place of their attention over
+  [positive text; image] keys, before the output projection: NAG's (Chen et al. 2025 §3) of Z⁺ and
+  Z⁻, the attention over [negative text; image] keys with the same image keys and values; VSF's,
+  the negative's text keys appended with their values' sign flipped;
 - moves the negative's text stream through the block as the block moves the positive's: joint
   blocks (``norm1_context``, attention of its tokens over [negative text; image], ``to_add_out``,
-  gated feed-forward ``ff_context``), single-stream blocks (``norm``, attention, ``proj_mlp``,
-  ``proj_out``, gate), with the positive's time embedding (one image, one timestep and guidance).
+  gated feed-forward ``ff_context``; SD3's last block only reads it), FLUX's single-stream blocks
+  (``norm``, attention, ``proj_mlp``, ``proj_out``, gate), with the positive's time embedding (one
+  image, one timestep and guidance).
 
 The stream starts as ``context_embedder`` of the negative's T5 states. Each block's time embedding
 is read by a forward pre-hook on the block; the stream lives in a :class:`NegativeStream` made for
@@ -22,14 +25,57 @@ image stream is computed once: one pass a step at s = 1; the extra work is the n
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from negprompt.guidance.attention_processors import Combine
+from negprompt.guidance import formulas
+
+KeysValues = tuple[torch.Tensor, torch.Tensor]  # keys, values (B, H, N, d)
+# (query of the image tokens (B, H, N, d), positive text, negative text, image keys/values) → Z (B, N, H·d)
+JointCombine = Callable[[torch.Tensor, KeysValues, KeysValues, KeysValues], torch.Tensor]
+
+
+def is_joint_attention(module: Any) -> bool:
+    """Whether ``module`` is an MMDiT attention layer whose keys include text tokens: SD3's joint layers
+    (``Attention`` with added projections; not SD3.5's image-only ``attn2``), FLUX's joint and
+    single-stream layers (``FluxAttention``)."""
+    name = type(module).__name__
+    if name == "FluxAttention":
+        return True
+    return name == "Attention" and getattr(module, "add_k_proj", None) is not None
+
+
+def nag_joint_combine(phi: float, tau: float, alpha: float) -> JointCombine:
+    """Z⁺ over [text; image], Z⁻ over [negative text; image], in one attention call; then
+    :func:`negprompt.guidance.formulas.nag`."""
+
+    def combine(query, text, negative, image):
+        keys = torch.cat([torch.cat([text[0], image[0]], dim=2), torch.cat([negative[0], image[0]], dim=2)])
+        values = torch.cat([torch.cat([text[1], image[1]], dim=2), torch.cat([negative[1], image[1]], dim=2)])
+        positive, negative_out = _merge(F.scaled_dot_product_attention(torch.cat([query, query]), keys, values)).chunk(
+            2
+        )
+        return formulas.nag(positive, negative_out, phi, tau, alpha)
+
+    return combine
+
+
+def vsf_joint_combine(scale: float, offset: float, skip: int) -> JointCombine:
+    """:func:`negprompt.guidance.formulas.vsf_attention` over [text; image] keys with the negative's text
+    keys appended, its first ``skip`` tokens left out (SD3: CLIP's start token, the attention sink)."""
+
+    def combine(query, text, negative, image):
+        keys, values = torch.cat([text[0], image[0]], dim=2), torch.cat([text[1], image[1]], dim=2)
+        z = formulas.vsf_attention(
+            query, keys, values, negative[0][:, :, skip:], negative[1][:, :, skip:], scale, offset
+        )
+        return _merge(z)
+
+    return combine
 
 
 class NegativeStream:
@@ -71,7 +117,7 @@ class JointNegativeProcessor:
     """One FLUX attention layer's processor for one call (see the module docstring)."""
 
     def __init__(
-        self, original: Any, block: Any, state: NegativeStream, combine: Combine, single: bool, branch: str
+        self, original: Any, block: Any, state: NegativeStream, combine: JointCombine, single: bool, branch: str
     ) -> None:
         self.original, self.block, self.state, self.combine, self.single = original, block, state, combine, single
         self.branch = branch  # the negative's branch name, for observers
@@ -105,15 +151,15 @@ class JointNegativeProcessor:
 
     def _qkv(self, attn: Any, x: torch.Tensor, added: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys, values (B, H, N, d) of tokens ``x`` with the layer's (added) projections and norms."""
-        d = attn.head_dim
+        d = attn.to_q.out_features // attn.heads
         if added:
             q, k, v = attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
-            norm_q, norm_k = attn.norm_added_q, attn.norm_added_k
+            norm_q, norm_k = getattr(attn, "norm_added_q", None), getattr(attn, "norm_added_k", None)
         else:
             q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
             norm_q, norm_k = attn.norm_q, attn.norm_k
         q, k, v = _heads(q, d), _heads(k, d), _heads(v, d)
-        return norm_q(q), norm_k(k), v
+        return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
 
     def _attend(
         self,
@@ -125,8 +171,9 @@ class JointNegativeProcessor:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(positive text output, guided image output, negative text output), each (B, N, H·d), before projections.
 
-        Text and image tokens in FLUX's order [text; image] with rotary positions; the negative's text takes
-        the text positions (all zero in FLUX: the rotation leaves text tokens unchanged)."""
+        Text and image tokens in FLUX's order [text; image] with rotary positions (FLUX; none in SD3, whose
+        processor orders them [image; text]: the softmax over keys does not depend on their order); the
+        negative's text takes the text positions (all zero in FLUX: the rotation leaves text unchanged)."""
         length, negative_length = text[0].shape[2], negative[0].shape[2]
         if negative_length != length:
             raise ValueError(f"the negative has {negative_length} text tokens and the positive {length}")
@@ -140,7 +187,12 @@ class JointNegativeProcessor:
                 self.observer.path, self.branch, probabilities.flatten(0, 1), probabilities.shape[1]
             )
         text_out = _merge(F.scaled_dot_product_attention(q_pos[:, :, :length], k_pos, v_pos))
-        image_out = self.combine(attn, q_pos[:, :, length:], k_pos, v_pos, k_neg, v_neg)
+        image_out = self.combine(
+            q_pos[:, :, length:],
+            (k_pos[:, :, :length], v_pos[:, :, :length]),
+            (k_neg[:, :, :length], v_neg[:, :, :length]),
+            (k_pos[:, :, length:], v_pos[:, :, length:]),
+        )
         negative_out = _merge(F.scaled_dot_product_attention(q_neg[:, :, :length], k_neg, v_neg))
         return text_out.to(q_pos.dtype), image_out.to(q_pos.dtype), negative_out.to(q_pos.dtype)
 
@@ -150,7 +202,11 @@ class JointNegativeProcessor:
         """A joint block: the positive rows' (image output, text output); moves the negative stream on."""
         block, state = self.block, self.state
         stream = state.start()
-        norm_negative, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(stream, emb=state.temb)
+        last = getattr(block, "context_pre_only", False)  # SD3's last block reads the text and ends its stream
+        if last:
+            norm_negative = block.norm1_context(stream, state.temb)
+        else:
+            norm_negative, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(stream, emb=state.temb)
         text_out, image_out, negative_out = self._attend(
             attn,
             self._qkv(attn, text, added=True),
@@ -158,14 +214,16 @@ class JointNegativeProcessor:
             self._qkv(attn, image, added=False),
             rotary,
         )
-        stream = stream + gate_msa.unsqueeze(1) * attn.to_add_out(negative_out)
-        normed = block.norm2_context(stream) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        stream = stream + gate_mlp.unsqueeze(1) * block.ff_context(normed)
-        if stream.dtype == torch.float16:
-            stream = stream.clip(-65504, 65504)
-        state.stream = stream
+        if not last:
+            stream = stream + gate_msa.unsqueeze(1) * attn.to_add_out(negative_out)
+            normed = block.norm2_context(stream) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+            stream = stream + gate_mlp.unsqueeze(1) * block.ff_context(normed)
+            if stream.dtype == torch.float16:
+                stream = stream.clip(-65504, 65504)
+            state.stream = stream
         image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
-        return image_out, attn.to_add_out(text_out.contiguous())
+        to_add_out = getattr(attn, "to_add_out", None)
+        return image_out, text_out if to_add_out is None else to_add_out(text_out.contiguous())
 
     def _single(self, attn: Any, tokens: torch.Tensor, rotary: Any) -> torch.Tensor:
         """A single-stream block: the positive rows' output over [text; image] (no projection: the block
@@ -190,11 +248,11 @@ class JointNegativeProcessor:
 
 @contextmanager
 def negative_in_joint_attention(
-    transformer: Any, rows: slice, negative: torch.Tensor, combine: Combine, branch: str = "negative"
+    transformer: Any, rows: slice, negative: torch.Tensor, combine: JointCombine, branch: str = "negative"
 ) -> Iterator[None]:
-    """Installs :class:`JointNegativeProcessor` on every attention layer of a FLUX transformer for one call,
-    with forward pre-hooks that hand each block's time embedding to the negative stream; restores the
-    processors and removes the hooks on exit (also on error)."""
+    """Installs :class:`JointNegativeProcessor` on every joint attention layer of an SD3 or FLUX transformer
+    for one call, with forward pre-hooks that hand each block's time embedding to the negative stream;
+    restores the processors and removes the hooks on exit (also on error)."""
     state = NegativeStream(transformer, negative, rows)
     originals = dict(transformer.attn_processors)
     replacement, hooks = {}, []
@@ -205,6 +263,9 @@ def negative_in_joint_attention(
 
     for key, processor in originals.items():
         path = key.removesuffix(".processor")
+        if not is_joint_attention(transformer.get_submodule(path)):  # SD3.5's attn2: image self-attention
+            replacement[key] = processor
+            continue
         block_path = path.removesuffix(".attn")
         block = transformer.get_submodule(block_path)
         single = block_path.startswith("single_transformer_blocks.")

@@ -280,6 +280,10 @@ def single_negative(guidance: Guidance, rule: str, own_scale: bool) -> None:
         raise GuidanceError(f"rule {rule!r} has one scale (s); a negative's own scale needs rule 'dual' or 'weighted'")
 
 
+# MMDiT transformers whose joint blocks negprompt runs a negative's own text stream through.
+JOINT_TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
 class NegativeInAttention(Rule):
     """Rules whose one negative acts inside the cross-attention layers of the positive branch (NAG, VSF).
 
@@ -312,24 +316,19 @@ class NegativeInAttention(Rule):
 
         return formulas.cfg(branches.unconditional, positive, guidance.scale)
 
-    # Whether the rule also acts inside FLUX's joint attention, with the negative's own text stream
-    # (negprompt.guidance.joint_attention_processors).
-    in_joint_attention: ClassVar[bool] = False
-
     def check_denoiser(self, denoiser: Any) -> None:
         from negprompt.guidance.attention_processors import cross_attention_paths
 
         if not cross_attention_paths(denoiser):
             config = getattr(denoiser, "config", None)
             if config is not None and hasattr(config, "joint_attention_dim"):  # an MMDiT transformer (SD3, FLUX)
-                flux = type(denoiser).__name__ == "FluxTransformer2DModel"
-                if flux and self.in_joint_attention:
-                    return
-                takers = "rule 'nag' on FLUX" if flux else "FLUX (rule 'nag')"
+                if type(denoiser).__name__ in JOINT_TRANSFORMERS:
+                    return  # the negative runs as a text stream of its own through the joint blocks
                 raise GuidanceError(
-                    f"rule {self.name!r} acts in cross-attention layers and this model's transformer has joint "
-                    f"attention; negprompt runs a negative's own text stream through joint blocks for {takers} "
-                    "only: use rule 'sd' (true CFG) or another rule of CFG's family"
+                    f"rule {self.name!r} acts in attention, and this model's transformer "
+                    f"({type(denoiser).__name__}) is none of those whose joint blocks negprompt can run a "
+                    f"negative's text stream through ({', '.join(JOINT_TRANSFORMERS)}): use rule 'sd' or another "
+                    "rule of CFG's family"
                 )
             raise GuidanceError(
                 f"rule {self.name!r} acts in cross-attention layers, and this model's denoiser has none"
@@ -343,6 +342,11 @@ class NegativeInAttention(Rule):
         """The attention combination (see :mod:`negprompt.guidance.attention_processors`)."""
         raise NotImplementedError
 
+    def combine_in_joint_attention(self, settings: Any, start_tokens: int) -> Any:
+        """The combination inside joint attention (see :mod:`negprompt.guidance.joint_attention_processors`);
+        ``start_tokens``: how many start tokens (attention sinks) lead the text keys."""
+        raise NotImplementedError
+
     def prepare(
         self, guidance: Guidance, denoiser: Any, context: StepContext, conditioning: Mapping[str, Any]
     ) -> contextlib.AbstractContextManager[None]:
@@ -354,14 +358,16 @@ class NegativeInAttention(Rule):
         rows = [name for name in conditioning if not name.startswith("negative")]  # contexts come last
         count = conditioning["positive"]["encoder_hidden_states"].shape[0]
         first = rows.index("positive") * count
-        if type(denoiser).__name__ == "FluxTransformer2DModel":
+        if type(denoiser).__name__ in JOINT_TRANSFORMERS:
             from negprompt.guidance.joint_attention_processors import negative_in_joint_attention
 
+            # SD3's text keys start with CLIP's start token; FLUX's T5 tokens have none.
+            start_tokens = 1 if type(denoiser).__name__ == "SD3Transformer2DModel" else 0
             return negative_in_joint_attention(
                 denoiser,
                 slice(first, first + count),
                 conditioning[negative]["encoder_hidden_states"],
-                self.combine_in_attention(guidance.settings),
+                self.combine_in_joint_attention(guidance.settings, start_tokens),
                 negative,
             )
         return negative_in_attention(

@@ -32,7 +32,6 @@ class NormalizedAttentionGuidance(NegativeInAttention):
     name = "nag"
     summary = "NAG (Chen et al. 2025): extrapolate each cross-attention output away from the negative's, L1-clipped"
     Settings = NAGSettings
-    in_joint_attention = True  # FLUX: the negative's text stream runs beside the positive's pass
 
     def neutral(self, settings: NAGSettings) -> bool:
         return settings.phi == 1 or settings.alpha == 0
@@ -41,6 +40,11 @@ class NormalizedAttentionGuidance(NegativeInAttention):
         from negprompt.guidance.attention_processors import nag_combine
 
         return nag_combine(settings.phi, settings.tau, settings.alpha)
+
+    def combine_in_joint_attention(self, settings: NAGSettings, start_tokens: int):
+        from negprompt.guidance.joint_attention_processors import nag_joint_combine
+
+        return nag_joint_combine(settings.phi, settings.tau, settings.alpha)
 
 
 RULE = NormalizedAttentionGuidance()

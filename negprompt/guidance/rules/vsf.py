@@ -34,5 +34,10 @@ class ValueSignFlip(NegativeInAttention):
 
         return vsf_combine(settings.scale, settings.offset)
 
+    def combine_in_joint_attention(self, settings: VSFSettings, start_tokens: int):
+        from negprompt.guidance.joint_attention_processors import vsf_joint_combine
+
+        return vsf_joint_combine(settings.scale, settings.offset, start_tokens)
+
 
 RULE = ValueSignFlip()
