@@ -116,6 +116,15 @@ class Session:
             encoded = components.family.encode(components, inputs.values())
             return {text: encoded[item] for text, item in inputs.items()}
 
+    def unused_negatives(self, spec: RunSpec) -> list[str]:
+        """The negative prompts a run never evaluates, as a branch or inside attention: e.g. any negative
+        under rule 'sd' at scale 1 (FLUX's default, where diffusers warns the same way), whose ε̂ is the
+        positive's alone."""
+        calls = denoiser_calls(spec.scheduler, self.components.scheduler, spec.steps)
+        guidance = spec.guidance
+        used = {b for step in range(calls) for b in guidance.branches_at(step, calls) + guidance.contexts_at(step, calls)}
+        return [str(term.prompt) for name, term in guidance.terms.items() if name.startswith("negative") and name not in used]
+
     def check_schedule(self, scheduler: str, steps: int) -> None:
         """Raises :class:`SettingsError` unless ``steps`` is a whole number in 1–1000 and, where the model
         declares ``max_sigma``, the schedule's first noise level σ is at most that (see docs/training.md)."""

@@ -470,3 +470,16 @@ def test_attend_command_draws_the_timeline_on_flux(flux_dir, tmp_path):
     args = ["attend", PROMPT, "-n", NEGATIVE, "--model", str(flux_dir), "--steps", "3", "--size", "32", "--scale", "3"]
     assert main([*args, "--out", str(out), "-q"]) == 0
     assert any(out.glob("*.png"))
+
+
+def test_a_negative_that_takes_no_part_is_warned_about(flux_dir, tmp_path, capsys):
+    """FLUX's default scale is 1 (one pass): rule sd then evaluates the positive alone, as diffusers'
+    FluxPipeline does at true_cfg_scale 1 (and warns); the command says so in one line and still runs."""
+    out = tmp_path / "x.png"
+    args = ["generate", PROMPT, "-n", NEGATIVE, "--model", str(flux_dir), "--steps", "2", "--size", "32", "-q"]
+    assert main([*args, "--out", str(out)]) == 0 and out.exists()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("negprompt: warning: the negative prompt(s) 'a red hat' take no part") and "\n" not in err
+    assert main([*args, "--rule", "nag", "--out", str(out)]) == 0
+    assert main([*args, "--scale", "2", "--out", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -447,7 +447,21 @@ def sdxl_from_args(args: argparse.Namespace) -> dict:
 
 
 def settings_from_args(args: argparse.Namespace, session):
-    """The run specification the prompt options describe, on ``session``'s model."""
+    """The run specification the prompt options describe, on ``session``'s model; a warning line on
+    stderr when a negative prompt takes no part in the run."""
+    spec = _spec_from_args(args, session)
+    unused = session.unused_negatives(spec)
+    if unused:
+        print(
+            f"negprompt: warning: the negative prompt(s) {', '.join(repr(u) for u in unused)} take no part in this run: "
+            f"rule {spec.guidance.rule!r} at scale {spec.guidance.scale:g} evaluates the positive alone; give a scale "
+            "above 1 (on FLUX: true CFG, a second pass) or --rule nag or vsf (one pass)",
+            file=sys.stderr,
+        )
+    return spec
+
+
+def _spec_from_args(args: argparse.Namespace, session):
     return session.spec(
         args.prompt or "",
         args.negative,
