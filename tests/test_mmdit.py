@@ -483,3 +483,23 @@ def test_a_negative_that_takes_no_part_is_warned_about(flux_dir, tmp_path, capsy
     assert main([*args, "--rule", "nag", "--out", str(out)]) == 0
     assert main([*args, "--scale", "2", "--out", str(out)]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a1111_weights_reach_t5_as_on_clip(sd3, flux):
+    """A weight of 1 on the whole prompt is the plain encoding (the chunked tokenization of T5 equals the
+    whole one); another weight changes the token states."""
+    for components in (sd3, flux):
+        encode = components.family.encode_one
+        plain = encode(components, _input("a photo of a cat")).hidden_states
+        assert torch.equal(encode(components, _input("(a photo of a cat:1.0)")).hidden_states, plain)
+        assert not torch.allclose(encode(components, _input("a photo of a (cat:1.5)")).hidden_states, plain)
+
+
+def test_the_full_size_presets_have_the_real_models_sizes():
+    """The GPU benchmark's presets, built on the meta device (no memory): SD3-medium's transformer has
+    about 2.0 B parameters, FLUX-dev's about 11.9 B."""
+    with torch.device("meta"):
+        sd3 = build_tiny_sd3(preset="sd3-medium")
+        flux = build_tiny_flux(preset="flux-dev")
+    billions = [sum(p.numel() for p in c.transformer.parameters()) / 1e9 for c in (sd3, flux)]
+    assert 1.9 < billions[0] < 2.2 and 11.5 < billions[1] < 12.2, billions
