@@ -122,8 +122,14 @@ class Session:
         positive's alone."""
         calls = denoiser_calls(spec.scheduler, self.components.scheduler, spec.steps)
         guidance = spec.guidance
-        used = {b for step in range(calls) for b in guidance.branches_at(step, calls) + guidance.contexts_at(step, calls)}
-        return [str(term.prompt) for name, term in guidance.terms.items() if name.startswith("negative") and name not in used]
+        used = {
+            b for step in range(calls) for b in guidance.branches_at(step, calls) + guidance.contexts_at(step, calls)
+        }
+        return [
+            str(term.prompt)
+            for name, term in guidance.terms.items()
+            if name.startswith("negative") and name not in used
+        ]
 
     def check_schedule(self, scheduler: str, steps: int) -> None:
         """Raises :class:`SettingsError` unless ``steps`` is a whole number in 1–1000 and, where the model

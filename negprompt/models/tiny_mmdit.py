@@ -19,7 +19,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, S
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from negprompt.models.components import Components
-from negprompt.models.tiny_sd import TINY_WORDS, _clip_config, build_clip_tokenizer, build_vae
+from negprompt.models.tiny_sd import TINY_WORDS, build_clip_tokenizer, build_vae, clip_config
 
 T5_LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-():"
 
@@ -93,8 +93,8 @@ def build_tiny_sd3(seed: int = 0, preset: str = "tiny", with_t5: bool = True) ->
     torch.manual_seed(seed)
     tiny = preset == "tiny"
     tokenizer, tokenizer_2 = build_clip_tokenizer(), build_clip_tokenizer(pad_token="!")
-    text_encoder = CLIPTextModelWithProjection(_clip_config(tokenizer, 16, 2, 2, projection=32))
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, 16, 2, 2, projection=32))
+    text_encoder = CLIPTextModelWithProjection(clip_config(tokenizer, 16, 2, 2, projection=32))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config(tokenizer_2, 16, 2, 2, projection=32))
     tokenizer_3 = build_t5_tokenizer() if with_t5 else None
     text_encoder_3 = build_t5(tokenizer_3, width=32 if tiny else 64) if with_t5 else None
     channels = 4 if tiny else 16
@@ -140,7 +140,7 @@ def build_tiny_flux(seed: int = 0, preset: str = "tiny", guidance_embeds: bool =
     torch.manual_seed(seed)
     tiny = preset == "tiny"
     tokenizer = build_clip_tokenizer()
-    text_encoder = CLIPTextModel(_clip_config(tokenizer, 32, 2, 4))
+    text_encoder = CLIPTextModel(clip_config(tokenizer, 32, 2, 4))
     tokenizer_2 = build_t5_tokenizer()
     text_encoder_2 = build_t5(tokenizer_2, width=32)
     channels = 4 if tiny else 16

@@ -141,9 +141,7 @@ def build_tiny_sd(seed: int = 0, unet_preset: str = "tiny", with_vae: bool = Tru
     return components.eval()
 
 
-def _clip_config(
-    tokenizer: CLIPTokenizer, width: int, layers: int, heads: int, projection: int = 512
-) -> CLIPTextConfig:
+def clip_config(tokenizer: CLIPTokenizer, width: int, layers: int, heads: int, projection: int = 512) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=width,
@@ -174,9 +172,9 @@ def build_tiny_sdxl(seed: int = 0, unet_preset: str = "tiny") -> Components:
     tokenizer = build_clip_tokenizer()
     tokenizer_2 = build_clip_tokenizer(pad_token="!")
     widths = (32, 32) if tiny else (768, 1280)
-    text_encoder = CLIPTextModel(_clip_config(tokenizer, widths[0], 2 if tiny else 12, 4 if tiny else 12))
+    text_encoder = CLIPTextModel(clip_config(tokenizer, widths[0], 2 if tiny else 12, 4 if tiny else 12))
     text_encoder_2 = CLIPTextModelWithProjection(
-        _clip_config(tokenizer_2, widths[1], 2 if tiny else 32, 4 if tiny else 20, projection=widths[1])
+        clip_config(tokenizer_2, widths[1], 2 if tiny else 32, 4 if tiny else 20, projection=widths[1])
     )
     time_dim = 8 if tiny else 256
     unet = UNet2DConditionModel(
