@@ -1,6 +1,6 @@
 """The one denoising loop of negprompt.
 
-Each step evaluates every branch the guidance needs at that step in one batched UNet call per group
+Each step evaluates every branch the guidance needs at that step in one batched denoiser call per group
 of images (groups in the same state share it), combines the branch predictions with the guidance
 rule and advances the scheduler. A group's call is laid out as when the group runs alone, so its
 images are bit-identical whatever else runs beside it. Branches are named
@@ -8,10 +8,14 @@ images are bit-identical whatever else runs beside it. Branches are named
 
 The loop encodes no prompt: it is given each prompt text's encoded
 :class:`~negprompt.models.conditioning.Conditioning` (made beforehand by the model family's adapter,
-see :func:`encode_groups`) and passes them, batched, to the UNet with any added inputs.
+see :func:`encode_groups`) and hands them, batched, to the family's ``denoise``, which calls the
+denoiser as the family's pipeline does (a UNet with any added inputs; SD3's and FLUX's transformers,
+FLUX on packed latents). The family also sets the scheduler's timesteps; a flow-matching scheduler
+(SD3, FLUX) makes the predictions velocities, and rules not exact on them are refused before the
+first step. (``UNet`` in names here means the denoiser, whichever it is.)
 
 Observers see each step through a read-only :class:`StepInfo`; a ``UNetCallHook`` is told, before
-each UNet call, which step it is and how the batch is laid out (attention capture uses this).
+each denoiser call, which step it is and how the batch is laid out (attention capture uses this).
 """
 
 from __future__ import annotations
