@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from negprompt.devices import dtype_name, resolve_device, torch_dtype
+from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Guidance, MicroConditions, Term
 from negprompt.guidance.rules.base import RuleSettings
 from negprompt.guidance.windows import Window
@@ -122,6 +123,10 @@ class Session:
         positive's alone."""
         calls = denoiser_calls(spec.scheduler, self.components.scheduler, spec.steps)
         guidance = spec.guidance
+        try:
+            guidance.validate(calls)
+        except NegpromptError:
+            return []  # the run will refuse these settings with its own message
         used = {
             b for step in range(calls) for b in guidance.branches_at(step, calls) + guidance.contexts_at(step, calls)
         }

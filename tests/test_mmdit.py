@@ -479,7 +479,7 @@ def test_a_negative_that_takes_no_part_is_warned_about(flux_dir, tmp_path, capsy
     args = ["generate", PROMPT, "-n", NEGATIVE, "--model", str(flux_dir), "--steps", "2", "--size", "32", "-q"]
     assert main([*args, "--out", str(out)]) == 0 and out.exists()
     err = capsys.readouterr().err.strip()
-    assert err.startswith("negprompt: warning: the negative prompt(s) 'a red hat' take no part") and "\n" not in err
+    assert err.startswith("negprompt: warning: the negative prompt(s) 'a red hat' took no part") and "\n" not in err
     assert main([*args, "--rule", "nag", "--out", str(out)]) == 0
     assert main([*args, "--scale", "2", "--out", str(out)]) == 0
     assert "warning" not in capsys.readouterr().err

@@ -447,17 +447,17 @@ def sdxl_from_args(args: argparse.Namespace) -> dict:
 
 
 def settings_from_args(args: argparse.Namespace, session):
-    """The run specification the prompt options describe, on ``session``'s model; a warning line on
-    stderr when a negative prompt takes no part in the run."""
+    """The run specification the prompt options describe, on ``session``'s model. A negative prompt that
+    takes no part in the run (rule sd at scale 1) is noted in ``args.warnings``, printed once the command
+    has succeeded (a usage error stays one line)."""
     spec = _spec_from_args(args, session)
     unused = session.unused_negatives(spec)
-    if unused:
-        print(
-            f"negprompt: warning: the negative prompt(s) {', '.join(repr(u) for u in unused)} take no part in this run: "
-            f"rule {spec.guidance.rule!r} at scale {spec.guidance.scale:g} evaluates the positive alone; give a scale "
-            "above 1 (on FLUX: true CFG, a second pass) or --rule nag or vsf (one pass)",
-            file=sys.stderr,
-        )
+    if unused and spec.guidance.scale == 1:
+        args.warnings = [
+            f"the negative prompt(s) {', '.join(repr(u) for u in unused)} took no part in this run: rule "
+            f"{spec.guidance.rule!r} at scale 1 evaluates the positive alone; give a scale above 1 (on FLUX: "
+            "true CFG, a second pass) or --rule nag or vsf (one pass)"
+        ]
     return spec
 
 
@@ -989,7 +989,10 @@ def quiet_libraries() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return args.handler(args)
+        code = args.handler(args)
+        for warning in getattr(args, "warnings", []) if code == 0 else []:
+            print(f"negprompt: warning: {warning}", file=sys.stderr)
+        return code
     except NegpromptError as error:
         print(f"negprompt: error: {one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
