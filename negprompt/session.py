@@ -31,7 +31,7 @@ from negprompt.models.conditioning import Conditioning, PromptInput
 from negprompt.models.embeddings import Embedding, EmbeddingError, add_embedding, check_embedding_source, file_digest
 from negprompt.models.loading import load_components
 from negprompt.runspec import Generation, RunSpec, SettingsError
-from negprompt.sampling.loop import Group, StepCallback, UNetCallHook, encode_groups, sample_groups
+from negprompt.sampling.loop import Group, StepCallback, UNetCallHook, encode_groups, prediction_type, sample_groups
 from negprompt.sampling.schedule import denoiser_calls, noise_level, sigma_at, timesteps_of
 from negprompt.sampling.schedulers import make_scheduler
 
@@ -262,8 +262,7 @@ class Session:
             settings=rule_settings,
         )
         guidance.rule_object.check_denoiser(self.components.denoiser)
-        if family.flow_matching:
-            guidance.rule_object.check_prediction("flow")
+        guidance.rule_object.check_prediction(prediction_type(self.components.scheduler))
         height, width = image_size(size, height, width, self.components.default_size)
         multiple = self.components.size_multiple
         for name, value in (("height", height), ("width", width)):

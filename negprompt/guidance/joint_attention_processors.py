@@ -104,8 +104,8 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2, 3)
 
 
-def _rotate(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """Rotary positions on (B, H, N, d) (FLUX's ``apply_rotary_emb`` along the token axis)."""
+def rotate(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """Rotary positions on (B, H, N, d) (FLUX's ``apply_rotary_emb`` along the token axis); None: unchanged."""
     if rotary is None:
         return x
     from diffusers.models.embeddings import apply_rotary_emb
@@ -113,8 +113,58 @@ def _rotate(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -
     return apply_rotary_emb(x, rotary, sequence_dim=2)
 
 
+def project(attn: Any, x: torch.Tensor, added: bool, values: bool = True) -> tuple[torch.Tensor, ...]:
+    """Queries, keys (and values) (B, H, N, d) of tokens ``x`` (B, N, C) with a joint layer's projections
+    and norms: the added (text) ones of a joint layer, or ``to_q``/``to_k``/``to_v`` (image tokens, and
+    every token of a single-stream layer). The norms act on d only, as in the layers' processors."""
+    d = attn.to_q.out_features // attn.heads
+    if added:
+        q, k = attn.add_q_proj(x), attn.add_k_proj(x)
+        norm_q, norm_k = getattr(attn, "norm_added_q", None), getattr(attn, "norm_added_k", None)
+    else:
+        q, k = attn.to_q(x), attn.to_k(x)
+        norm_q, norm_k = attn.norm_q, attn.norm_k
+    q, k = _heads(q, d), _heads(k, d)
+    q, k = (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k))
+    if not values:
+        return q, k
+    return q, k, _heads((attn.add_v_proj if added else attn.to_v)(x), d)
+
+
+def _logsumexp(query: torch.Tensor, keys: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
+    """log Σ_k exp(q·k·scale) over all keys: (B, H, N, d), (B, H, K, d) float32 → (B, H, N).
+
+    The fused attention kernels compute this beside their output without materialising the N × K
+    scores (PyTorch's flash kernel on CPU, its memory-efficient kernel on CUDA); elsewhere, or if a
+    kernel refuses the inputs, the scores are computed explicitly, ``chunk`` queries at a time."""
+    try:
+        if query.device.type == "cpu":
+            kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+            return kernel(query, keys, keys, 0.0, False, scale=scale)[1]
+        if query.device.type == "cuda":
+            kernel = torch.ops.aten._scaled_dot_product_efficient_attention
+            return kernel(query, keys, keys, None, True, scale=scale)[1][..., : query.shape[2]]
+    except (AttributeError, RuntimeError, NotImplementedError):
+        pass
+    parts = [
+        torch.logsumexp(query[:, :, i : i + chunk] @ keys.transpose(-1, -2) * scale, dim=-1)
+        for i in range(0, query.shape[2], chunk)
+    ]
+    return torch.cat(parts, dim=2)
+
+
+def text_key_probabilities(query: torch.Tensor, keys: torch.Tensor, text_length: int) -> torch.Tensor:
+    """The text-key block of softmax(q·kᵀ/√d) over all keys, float32: queries (B, H, N, d), keys
+    [text; image] (B, H, L + M, d) → (B, H, N, L), as exp(q·k_text/√d − log Σ_all exp(q·k/√d)) (no N × K
+    matrix is kept)."""
+    scale = query.shape[-1] ** -0.5
+    query, keys = query.float().contiguous(), keys.float().contiguous()
+    text_scores = query @ keys[:, :, :text_length].transpose(-1, -2) * scale
+    return (text_scores - _logsumexp(query, keys, scale)[..., None]).exp()
+
+
 class JointNegativeProcessor:
-    """One FLUX attention layer's processor for one call (see the module docstring)."""
+    """One SD3 or FLUX joint attention layer's processor for one call (see the module docstring)."""
 
     def __init__(
         self, original: Any, block: Any, state: NegativeStream, combine: JointCombine, single: bool, branch: str
@@ -149,18 +199,6 @@ class JointNegativeProcessor:
         image[rows], text[rows] = guided
         return image, text
 
-    def _qkv(self, attn: Any, x: torch.Tensor, added: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys, values (B, H, N, d) of tokens ``x`` with the layer's (added) projections and norms."""
-        d = attn.to_q.out_features // attn.heads
-        if added:
-            q, k, v = attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
-            norm_q, norm_k = getattr(attn, "norm_added_q", None), getattr(attn, "norm_added_k", None)
-        else:
-            q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-            norm_q, norm_k = attn.norm_q, attn.norm_k
-        q, k, v = _heads(q, d), _heads(k, d), _heads(v, d)
-        return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
-
     def _attend(
         self,
         attn: Any,
@@ -179,10 +217,9 @@ class JointNegativeProcessor:
             raise ValueError(f"the negative has {negative_length} text tokens and the positive {length}")
         q_pos, k_pos, v_pos = (torch.cat([t, i], dim=2) for t, i in zip(text, image))
         q_neg, k_neg, v_neg = (torch.cat([t, i], dim=2) for t, i in zip(negative, image))
-        q_pos, k_pos, q_neg, k_neg = (_rotate(x, rotary) for x in (q_pos, k_pos, q_neg, k_neg))  # not the values
+        q_pos, k_pos, q_neg, k_neg = (rotate(x, rotary) for x in (q_pos, k_pos, q_neg, k_neg))  # not the values
         if self.observer is not None and self.observer.recorder.active:  # the negative's maps, as a branch
-            scores = q_pos[:, :, length:].float() @ k_neg.float().transpose(-1, -2) * q_pos.shape[-1] ** -0.5
-            probabilities = scores.softmax(-1)[..., :length]
+            probabilities = text_key_probabilities(q_pos[:, :, length:], k_neg, length)
             self.observer.recorder.record_context(
                 self.observer.path, self.branch, probabilities.flatten(0, 1), probabilities.shape[1]
             )
@@ -209,9 +246,9 @@ class JointNegativeProcessor:
             norm_negative, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(stream, emb=state.temb)
         text_out, image_out, negative_out = self._attend(
             attn,
-            self._qkv(attn, text, added=True),
-            self._qkv(attn, norm_negative, added=True),
-            self._qkv(attn, image, added=False),
+            project(attn, text, added=True),
+            project(attn, norm_negative, added=True),
+            project(attn, image, added=False),
             rotary,
         )
         if not last:
@@ -232,11 +269,11 @@ class JointNegativeProcessor:
         stream = state.start()
         length = stream.shape[1]
         norm_negative, gate = block.norm(stream, emb=state.temb)
-        qkv = self._qkv(attn, tokens, added=False)
+        qkv = project(attn, tokens, added=False)
         text = tuple(x[:, :, :length] for x in qkv)
         image = tuple(x[:, :, length:] for x in qkv)
         text_out, image_out, negative_out = self._attend(
-            attn, text, self._qkv(attn, norm_negative, added=False), image, rotary
+            attn, text, project(attn, norm_negative, added=False), image, rotary
         )
         mlp = block.act_mlp(block.proj_mlp(norm_negative))
         stream = stream + gate.unsqueeze(1) * block.proj_out(torch.cat([negative_out, mlp], dim=2))

@@ -75,7 +75,6 @@ class ModelFamily:
     second_prompt: ClassVar[bool] = False  # a second text encoder with a prompt of its own (SDXL)
     default_sampling: ClassVar[dict[str, Any]] = {}  # the family's pipeline defaults (e.g. SDXL's scale 5)
     saved_pipeline_class: ClassVar[str | None] = None  # ``_class_name`` it is saved under (None: negprompt's)
-    flow_matching: ClassVar[bool] = False  # predicts velocities v = ε − x₀ on x_t = (1 − σ)x₀ + σε (SD3, FLUX)
 
     def matches(self, index: Mapping[str, Any]) -> bool:
         """Whether a model directory with this ``model_index.json`` belongs to the family."""

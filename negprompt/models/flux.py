@@ -63,7 +63,6 @@ class FluxFamily(ModelFamily):
     saved_pipeline_class = "FluxPipeline"
     has_vae = True
     second_prompt = True  # prompt_2: T5's prompt
-    flow_matching = True
     # FluxPipeline's defaults: 28 steps, guidance 3.5 as an input; true CFG off (s = 1: one pass per step).
     default_sampling = {"scale": 1.0, "steps": 28, "embedded_guidance": 3.5}
     required_parts = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")

@@ -71,7 +71,6 @@ class StableDiffusion3Family(ModelFamily):
     saved_pipeline_class = "StableDiffusion3Pipeline"
     has_vae = True
     second_prompt = True
-    flow_matching = True
     default_sampling = {"scale": 7.0, "steps": 28}  # StableDiffusion3Pipeline's defaults
     required_parts = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     weight_parts = ("transformer", "text_encoder", "text_encoder_2")

@@ -37,7 +37,8 @@ from negprompt.limits import MAX_STEPS
 from negprompt.models.components import Components
 from negprompt.models.conditioning import Conditioning, PromptInput, denoiser_inputs
 from negprompt.models.family import EmbeddedGuidanceError
-from negprompt.sampling.schedule import alpha_bar_of, denoiser_calls, flow_sigma, is_flow_matching
+from negprompt.sampling.schedule import alpha_bar_of, denoiser_calls, flow_sigma
+from negprompt.sampling.schedulers import is_flow_matching
 
 
 class SamplingError(NegpromptError):
@@ -314,9 +315,8 @@ def sample_groups(
         guidance_input = family.guidance_inputs(components, embedded_guidance)
     except EmbeddedGuidanceError as error:
         raise SamplingError(str(error)) from None
-    if is_flow_matching(scheduler):
-        for group in groups:
-            group.guidance.rule_object.check_prediction("flow")
+    for group in groups:
+        group.guidance.rule_object.check_prediction(prediction_type(scheduler))
     scheduler.set_timesteps(num_steps, device=device, **family.timestep_settings(components, num_steps, height, width))
     timesteps = scheduler.timesteps
     calls = len(timesteps)

@@ -18,12 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from negprompt.sampling.schedulers import make_scheduler
-
-
-def is_flow_matching(scheduler: Any) -> bool:
-    """Whether ``scheduler`` is a flow-matching one (diffusers' ``FlowMatch…`` classes: SD3, FLUX)."""
-    return type(scheduler).__name__.startswith("FlowMatch")
+from negprompt.sampling.schedulers import is_flow_matching, make_scheduler
 
 
 def timesteps_of(scheduler_name: str, base: Any, steps: int, **settings: Any) -> torch.Tensor:

@@ -32,6 +32,11 @@ class SchedulerError(NegpromptError):
     """An unknown scheduler name."""
 
 
+def is_flow_matching(scheduler: Any) -> bool:
+    """Whether ``scheduler`` is a flow-matching one (diffusers' ``FlowMatch…`` classes: SD3, FLUX)."""
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
 def scheduler_name_of(scheduler: Any) -> str:
     """The name under which ``scheduler``'s class is known here (or its class name)."""
     for name, (class_name, _) in SCHEDULERS.items():
@@ -44,7 +49,7 @@ def make_scheduler(name: str, base: Any) -> Any:
     """A fresh scheduler called ``name`` with the noise schedule of ``base`` (the model's scheduler)."""
     if name == "default":
         return type(base).from_config(base.config)
-    if type(base).__name__.startswith("FlowMatch"):
+    if is_flow_matching(base):
         raise SchedulerError(
             f"scheduler {name!r} samples an ε/v diffusion; this model is trained with flow matching and runs its own "
             f"{type(base).__name__}: choose 'default'"
