@@ -105,6 +105,9 @@ def server(artifacts, references) -> str:
         stdout=log,
         stderr=subprocess.STDOUT,
         env=environment,
+        # Ctrl+C reaches it even when this run was started in the background (a shell's `&` ignores
+        # SIGINT in what it starts, and the server would inherit that and never stop).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
