@@ -9,7 +9,7 @@ paths: ``tests/golden/README.md``.
     python tests/golden_cases.py --write     # record (only when behaviour is meant to change)
     python tests/golden_cases.py --compare   # the largest difference of every array, in tolerance units
 
-Each case is small enough for CI: the tiny SD at 32 px and the bundled model at a few steps.
+Each case is small enough for CI: tiny SD, SDXL, SD3 and FLUX at 32 px and the bundled model at a few steps.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-GOLDEN_DIR = Path(__file__).parent / "golden"
+# NEGPROMPT_GOLDEN_DIR records elsewhere: a refactor's own bit-for-bit reference on the machine at hand
+GOLDEN_DIR = Path(os.environ.get("NEGPROMPT_GOLDEN_DIR", Path(__file__).parent / "golden"))
 GOLDEN_ARRAYS = GOLDEN_DIR / "goldens.safetensors"
 GOLDEN_RECORD = GOLDEN_DIR / "goldens.json"
 TINY_PROMPT, TINY_NEGATIVE = "a photo of a woman in the street", "red glasses"
@@ -79,6 +80,27 @@ IMAGE_CASES: dict[str, tuple[str, dict]] = {
         dict(negative=TINY_NEGATIVE, scheduler="heun", steps=4, seeds=[11], interval_sigma=(0.5, 5.0)),
     ),
     "shapes-default": ("shapes", dict(negative="a hat", steps=8, seeds=[0, 1])),
+    # negatives inside attention (UNet cross-attention; SD3 and FLUX joint attention), SDXL, SD3, FLUX
+    "tiny-nag-s1": (
+        "tiny",
+        dict(negative=TINY_NEGATIVE, rule="nag", scale=1.0, scheduler="ddim", steps=4, seeds=[1, 2]),
+    ),
+    "tiny-vsf-s3-window": (
+        "tiny",
+        dict(
+            negative=TINY_NEGATIVE, rule="vsf", scale=3.0, scheduler="ddim", steps=4, seeds=[3], negative_windows=["1:"]
+        ),
+    ),
+    "sdxl-sd-euler": ("sdxl", dict(negative=TINY_NEGATIVE, scheduler="euler", steps=4, seeds=[4])),
+    "sd3-sd": ("sd3", dict(negative=TINY_NEGATIVE, scale=4.0, steps=4, seeds=[5])),
+    "sd3-nag-s1": ("sd3", dict(negative=TINY_NEGATIVE, rule="nag", scale=1.0, steps=4, seeds=[1, 2])),
+    "sd3-vsf-s1": ("sd3", dict(negative=TINY_NEGATIVE, rule="vsf", scale=1.0, steps=4, seeds=[6])),
+    "flux-true-cfg": ("flux", dict(negative=TINY_NEGATIVE, scale=3.0, steps=4, seeds=[7])),
+    "flux-nag-s1-window": (
+        "flux",
+        dict(negative=TINY_NEGATIVE, rule="nag", steps=4, seeds=[1, 2], negative_windows=["2:"]),
+    ),
+    "flux-vsf-s1": ("flux", dict(negative=TINY_NEGATIVE, rule="vsf", steps=4, seeds=[8])),
     "shapes-delayed": ("shapes", dict(negative="a hat", steps=8, seeds=[0], negative_windows=["0.25:"])),
 }
 
@@ -94,7 +116,23 @@ ATTENTION_CASES: dict[str, tuple[str, dict, dict]] = {
         dict(negative="a hat", steps=6, seeds=[0]),
         {"positive": ["red", "circle", "hat"], "negative": ["hat"]},
     ),
+    "tiny-attention-nag": (  # the negative read inside the positive's pass, captured as its branch
+        "tiny",
+        dict(negative=TINY_NEGATIVE, rule="nag", scale=1.0, scheduler="ddim", steps=4, seeds=[1]),
+        {"positive": ["woman"], "negative": ["glasses"]},
+    ),
+    "sd3-attention": (
+        "sd3",
+        dict(negative=TINY_NEGATIVE, scale=4.0, steps=4, seeds=[2]),
+        {"positive": ["woman", "street"], "negative": ["glasses"]},
+    ),
+    "flux-attention-nag": (
+        "flux",
+        dict(negative=TINY_NEGATIVE, rule="nag", steps=4, seeds=[3]),
+        {"positive": ["woman", "street"], "negative": ["glasses"]},
+    ),
 }
+MODELS = {"tiny": "tiny_sd", "sdxl": "tiny_sdxl", "sd3": "tiny_sd3", "flux": "tiny_flux"}  # → conftest fixtures
 SUMMARY_NUMBERS = ("mass", "frobenius_sum", "centroid_x", "centroid_y", "spread")
 SUMMARY_LABELS = ("branch", "word", "step", "image")
 
@@ -183,22 +221,32 @@ def digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def _settings(model: str, options: dict, tiny_sd):
-    """Spec and session of a case, through the public API of the version under test."""
+def build_models() -> dict:
+    """The tiny models of :data:`MODELS`, built as conftest builds them (seed 0)."""
+    from negprompt.models.tiny_mmdit import build_tiny_flux, build_tiny_sd3
+    from negprompt.models.tiny_sd import build_tiny_sd, build_tiny_sdxl
+
+    builders = {"tiny": build_tiny_sd, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux}
+    return {name: build(seed=0) for name, build in builders.items()}
+
+
+def _settings(model: str, options: dict, models):
+    """Spec and session of a case, through the public API of the version under test; ``models[name]``
+    gives the tiny models of :data:`MODELS`."""
     from negprompt.session import Session
 
-    session = Session(tiny_sd if model == "tiny" else "shapes", device="cpu", dtype="float32")
-    prompt, size = (TINY_PROMPT, 32) if model == "tiny" else (SHAPES_PROMPT, None)
+    session = Session("shapes" if model == "shapes" else models[model], device="cpu", dtype="float32")
+    prompt, size = (SHAPES_PROMPT, None) if model == "shapes" else (TINY_PROMPT, 32)
     return session.spec(prompt, size=size, **options), session
 
 
-def render_image_case(name: str, tiny_sd) -> dict[str, np.ndarray]:
+def render_image_case(name: str, models) -> dict[str, np.ndarray]:
     model, options = IMAGE_CASES[name]
-    settings, session = _settings(model, options, tiny_sd)
+    settings, session = _settings(model, options, models)
     return {f"images/{name}": session.run(settings).pixels.astype(np.float32)}
 
 
-def render_attention_case(name: str, tiny_sd) -> tuple[dict[str, np.ndarray], dict]:
+def render_attention_case(name: str, models) -> tuple[dict[str, np.ndarray], dict]:
     """The case's arrays, and its labels that are not numbers (summary rows' keys, the related words)."""
     from negprompt.analysis.attention_stats import reduce_layer, summarize
     from negprompt.analysis.strength import strength_curves
@@ -206,7 +254,7 @@ def render_attention_case(name: str, tiny_sd) -> tuple[dict[str, np.ndarray], di
     from negprompt.attention.result import capture
 
     model, options, words = ATTENTION_CASES[name]
-    settings, session = _settings(model, options, tiny_sd)
+    settings, session = _settings(model, options, models)
     result = capture(settings, CaptureRequest(words=words), session, trace=False, reducer=reduce_layer)
     curves = strength_curves(result, words["negative"][-1])
     rows = summarize(result)
@@ -219,12 +267,12 @@ def render_attention_case(name: str, tiny_sd) -> tuple[dict[str, np.ndarray], di
     return arrays, labels
 
 
-def render_all(tiny_sd) -> tuple[dict[str, np.ndarray], dict]:
+def render_all(models) -> tuple[dict[str, np.ndarray], dict]:
     arrays, labels = {}, {}
     for name in IMAGE_CASES:
-        arrays |= render_image_case(name, tiny_sd)
+        arrays |= render_image_case(name, models)
     for name in ATTENTION_CASES:
-        case_arrays, labels[name] = render_attention_case(name, tiny_sd)
+        case_arrays, labels[name] = render_attention_case(name, models)
         arrays |= case_arrays
     return arrays, labels
 
@@ -264,9 +312,7 @@ if __name__ == "__main__":
         sys.exit("usage: python tests/golden_cases.py --write | --compare")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    from negprompt.models.tiny_sd import build_tiny_sd
-
-    rendered, rendered_labels = render_all(build_tiny_sd(seed=0))
+    rendered, rendered_labels = render_all(build_models())
     if sys.argv[1] == "--write":
         write_goldens(rendered, rendered_labels)
         print(f"wrote {GOLDEN_ARRAYS} and {GOLDEN_RECORD}")
@@ -279,6 +325,8 @@ if __name__ == "__main__":
             mine = [excess for key, (excess, _) in results.items() if tolerance_of(key) is tolerance]
             print(f"{category}: {len(mine)} arrays, worst {max(mine, default=0):.3g} of the tolerance")
         worst = max(excess for excess, _ in results.values())
+        identical = sum(same_bits for _, same_bits in results.values())
+        print(f"bit-identical: {identical} of {len(results)} arrays ({len(recorded)} recorded)")
         same = machine() == record["recorded_on"]
         print(f"worst: {worst:.3g} of the tolerance; {'the' if same else 'not the'} recording machine")
         print("labels equal" if rendered_labels == record["labels"] else "labels DIFFER")

@@ -8,6 +8,7 @@ import pytest
 from golden_cases import (
     ATTENTION_CASES,
     IMAGE_CASES,
+    MODELS,
     TOLERANCES,
     Tolerance,
     compare,
@@ -20,6 +21,17 @@ from golden_cases import (
 GOLDENS, RECORD = load_goldens()
 ON_THE_RECORDING_MACHINE = machine() == RECORD["recorded_on"]
 EXACT_CHECKS: list[str] = []  # cases checked bit for bit in this run (reported by conftest's summary)
+
+
+@pytest.fixture
+def models(request):
+    """The tiny models by case name, each the session's shared fixture (built once per test run)."""
+
+    class Models:
+        def __getitem__(self, name: str):
+            return request.getfixturevalue(MODELS[name])
+
+    return Models()
 
 
 def assert_as_recorded(name: str, arrays: dict[str, np.ndarray]) -> None:
@@ -35,13 +47,13 @@ def assert_as_recorded(name: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(IMAGE_CASES))
-def test_images_equal_the_goldens(name, tiny_sd):
-    assert_as_recorded(name, render_image_case(name, tiny_sd))
+def test_images_equal_the_goldens(name, models):
+    assert_as_recorded(name, render_image_case(name, models))
 
 
 @pytest.mark.parametrize("name", sorted(ATTENTION_CASES))
-def test_attention_numbers_equal_the_goldens(name, tiny_sd):
-    arrays, labels = render_attention_case(name, tiny_sd)
+def test_attention_numbers_equal_the_goldens(name, models):
+    arrays, labels = render_attention_case(name, models)
     assert labels == RECORD["labels"][name]  # the same rows (branch, word, step, image) and related words
     assert_as_recorded(name, arrays)
 
