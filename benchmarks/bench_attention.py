@@ -17,8 +17,8 @@ from common import write_result
 from negprompt.analysis.attention_stats import reduce_layer
 from negprompt.attention.capture import CaptureRequest
 from negprompt.attention.result import capture, plan_for
-from negprompt.models.tiny_sd import build_tiny_sd
 from negprompt.session import Session
+from negprompt.testing.tiny_sd import build_tiny_sd
 
 CASES = {
     "bundled": dict(

@@ -18,8 +18,8 @@ import time
 import torch
 from common import write_result
 
-from negprompt.models.tiny_sd import build_tiny_sd
 from negprompt.session import Session
+from negprompt.testing.tiny_sd import build_tiny_sd
 
 TARGETS = {"nag_vs_plain": "<= 1.35", "vsf_vs_plain": "<= 1.2", "sd_rule_vs_plain": "≈ 2 (two passes)"}
 PROMPTS = {

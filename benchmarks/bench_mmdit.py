@@ -28,9 +28,9 @@ from negprompt.analysis.attention_stats import reduce_layer
 from negprompt.attention.capture import CaptureRequest
 from negprompt.attention.result import capture
 from negprompt.models.components import Components
-from negprompt.models.peers import diffusers_pipeline
 from negprompt.models.stable_diffusion_3 import text_length
 from negprompt.session import Session
+from negprompt.testing.peers import diffusers_pipeline
 
 PROMPT, NEGATIVE = "a photo of a cat", "red glasses"
 TARGETS = {"a_ours_vs_diffusers": "<= 1.00", "c_capture_vs_none": "<= 1.3"}
@@ -41,7 +41,7 @@ SCALES = {"stable-diffusion-3": 5.0, "flux": 4.0}  # SD3's CFG scale; FLUX's tru
 
 def build(preset: str, device: str, dtype: torch.dtype) -> Components:
     """``tiny-sd3``/``tiny-flux`` (CPU-sized) or ``sd3``/``flux`` (SD3-medium's and FLUX-dev's transformer sizes)."""
-    from negprompt.models.tiny_mmdit import build_tiny_flux, build_tiny_sd3
+    from negprompt.testing.tiny_mmdit import build_tiny_flux, build_tiny_sd3
 
     if preset in ("tiny-sd3", "sd3"):
         components = build_tiny_sd3(seed=0, preset="tiny" if preset == "tiny-sd3" else "sd3-medium")

@@ -23,10 +23,10 @@ from common import write_result
 
 from negprompt.guidance.plan import Guidance, Term
 from negprompt.guidance.windows import Window
-from negprompt.models.peers import diffusers_pipeline
-from negprompt.models.tiny_sd import build_tiny_sd
 from negprompt.sampling.loop import sample
 from negprompt.sampling.schedulers import make_scheduler
+from negprompt.testing.peers import diffusers_pipeline
+from negprompt.testing.tiny_sd import build_tiny_sd
 
 PROMPT, NEGATIVE = "a photo of a cat", "glasses"
 

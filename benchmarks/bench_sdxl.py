@@ -25,8 +25,8 @@ from negprompt.analysis.attention_stats import reduce_layer
 from negprompt.attention.capture import CaptureRequest
 from negprompt.attention.result import capture
 from negprompt.models.components import Components
-from negprompt.models.peers import diffusers_pipeline
 from negprompt.session import Session
+from negprompt.testing.peers import diffusers_pipeline
 
 PROMPT, NEGATIVE = "a photo of a cat", "red glasses"
 TARGETS = {"a_ours_vs_diffusers": "<= 1.00", "b_dual_vs_sd": "<= 1.5", "c_capture_vs_none": "<= 1.3"}
@@ -89,7 +89,7 @@ def machine() -> dict:
 
 
 def build(preset: str, device: str, dtype: torch.dtype) -> Components:
-    from negprompt.models.tiny_sd import build_tiny_sd, build_tiny_sdxl
+    from negprompt.testing.tiny_sd import build_tiny_sd, build_tiny_sdxl
 
     if preset in ("tiny-sd", "sd15"):
         components = build_tiny_sd(seed=0, unet_preset="tiny" if preset == "tiny-sd" else "sd15")

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from negprompt.files import write_json
+
 
 def write_result(result: dict, out: str | Path) -> Path:
     """Writes a benchmark's result as JSON (creating the folder) and says where."""
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    path = write_json(out, result, indent=2, default=float)
     print(f"wrote {path}")
     return path
 

@@ -6,6 +6,8 @@
 
 ``generate`` takes the common case as keywords and loads the model for that one call; to reuse a
 loaded model, make a :class:`~negprompt.session.Session` and call its ``spec``/``run``/``generate``.
+:class:`~negprompt.runsettings.RunSettings` holds what a run asks for (``session.spec_from(settings)``;
+``dataclasses.replace`` for variations), the same fields as ``spec``'s keywords.
 :class:`~negprompt.runspec.RunSpec` holds every setting of a run (it is what each PNG carries).
 """
 
@@ -17,12 +19,14 @@ from typing import Any
 
 from negprompt.guidance.plan import Term
 from negprompt.models.components import Components
+from negprompt.runsettings import RunSettings
 from negprompt.runspec import Generation, RunSpec, SettingsError, to_uint8
 from negprompt.sampling.loop import StepCallback, UNetCallHook
 from negprompt.session import Session, as_session, negative_terms
 
 __all__ = [
     "Generation",
+    "RunSettings",
     "RunSpec",
     "Session",
     "SettingsError",

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from negprompt.errors import NegpromptError
+from negprompt.files import append_text, drop_torn_line, write_json
 
 JOB_FILE = "job.json"
 SHARDS_FOLDER = "shards"
@@ -152,7 +153,7 @@ class Job:
     def fingerprint(self) -> str:
         return fingerprint_of(self.command, self.settings, self.unit_sizes)
 
-    def record(self) -> dict:
+    def to_json(self) -> dict:
         """What job.json holds."""
         return {
             "command": self.command,
@@ -187,25 +188,10 @@ class Job:
                     )
             else:  # the main process, or (without a launcher's barrier) whichever comes first: same bytes
                 (self.out_dir / SHARDS_FOLDER).mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f"{JOB_FILE}.{self.workers.index}.tmp")
-                tmp.write_text(json.dumps(self.record(), indent=1) + "\n")
-                os.replace(tmp, path)
+                write_json(path, self.to_json(), indent=1)
         (self.out_dir / SHARDS_FOLDER).mkdir(parents=True, exist_ok=True)
         (self.out_dir / LOGS_FOLDER).mkdir(parents=True, exist_ok=True)
-        self._repair_own_shard()
-
-    def _repair_own_shard(self) -> None:
-        """Cuts a line torn by a kill from this process's shard, so that appends start on a new line."""
-        path = self.shard_path
-        if not path.exists():
-            return
-        data = path.read_bytes()
-        whole = data[: data.rfind(b"\n") + 1]
-        if len(whole) != len(data):
-            with open(path, "r+b") as handle:
-                handle.truncate(len(whole))
-                handle.flush()
-                os.fsync(handle.fileno())
+        drop_torn_line(self.shard_path)  # a line torn by a kill: appends start on a new line
 
     def completed(self) -> dict[int, Any]:
         """Every whole unit in every shard of the folder (any process count)."""
@@ -223,15 +209,13 @@ class Job:
         text = json.dumps({"unit": unit, "payload": payload}, default=_plain, allow_nan=True) + "\n"
         if not path.exists() or path.stat().st_size == 0:
             text = json.dumps({"job": self.fingerprint}) + "\n" + text
-        with open(path, "a") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_text(path, text)
 
     def log(self, message: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-        with open(self.out_dir / LOGS_FOLDER / f"process-{self.workers.index}.log", "a") as handle:
-            handle.write(f"{stamp} {message}\n")
+        append_text(
+            self.out_dir / LOGS_FOLDER / f"process-{self.workers.index}.log", f"{stamp} {message}\n", sync=False
+        )
 
     def run(self, compute: Callable[[int], Any], progress: bool = True, unit_name: str = "img") -> list[Any] | None:
         """Computes this process's missing units; on the main process, once every process is done,

@@ -28,6 +28,17 @@ class SettingsError(NegpromptError):
     """Settings that cannot describe a run."""
 
 
+def check_whole(name: str, value: object, low: int, high: int) -> None:
+    """Raises :class:`SettingsError` unless ``value`` is a whole number (not a bool) in ``low``–``high``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise SettingsError(f"{name} must be a whole number in {low}–{high}, got {value!r}")
+
+
+def check_steps(steps: object) -> None:
+    """Raises :class:`SettingsError` unless ``steps`` is a whole number in 1–``MAX_STEPS``."""
+    check_whole("steps", steps, 1, MAX_STEPS)
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """Every setting of a generation run; a PNG's metadata holds these plus the image's index.
@@ -61,13 +72,9 @@ class RunSpec:
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         if not 1 <= len(self.seeds) <= MAX_IMAGES:
             raise SettingsError(f"a run makes 1–{MAX_IMAGES} images (one per seed), got {len(self.seeds)}")
-        for name, value, low, high in (
-            ("steps", self.steps, 1, MAX_STEPS),
-            ("height", self.height, 1, MAX_SIDE),
-            ("width", self.width, 1, MAX_SIDE),
-        ):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
-                raise SettingsError(f"{name} must be a whole number in {low}–{high}, got {value!r}")
+        check_steps(self.steps)
+        check_whole("height", self.height, 1, MAX_SIDE)
+        check_whole("width", self.width, 1, MAX_SIDE)
         outside = [s for s in self.seeds if not 0 <= s <= MAX_SEED]
         if outside:
             raise SettingsError(f"seed {outside[0]} is outside 0–{MAX_SEED} (a 64-bit generator seed)")

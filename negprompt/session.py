@@ -8,6 +8,12 @@
 A :class:`Session` holds the model's parts with their device and dtype, and a lock that
 serialises runs and attention-processor swaps, so a web server and a study can share one loaded
 model. There is no module-level cache: keep the session to reuse the loaded model.
+
+A run asked for as a :class:`~negprompt.runsettings.RunSettings` (or as ``spec``'s keywords) becomes a
+:class:`~negprompt.runspec.RunSpec` here, with the model's defaults filled in. Settings are checked at
+that edge, once for each kind: the RunSpec its own fields (types and bounds), :meth:`Session.check`
+what depends on the model (schedule, size, the rule on this denoiser, windows on the schedule); the
+sampling loop relies on both.
 """
 
 from __future__ import annotations
@@ -21,16 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from negprompt.devices import dtype_name, resolve_device, torch_dtype
-from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Guidance, MicroConditions, Term
-from negprompt.guidance.rules.base import RuleSettings
 from negprompt.guidance.windows import Window
-from negprompt.limits import MAX_STEPS
 from negprompt.models.components import Components
 from negprompt.models.conditioning import Conditioning, PromptInput
 from negprompt.models.embeddings import Embedding, EmbeddingError, add_embedding, check_embedding_source, file_digest
 from negprompt.models.loading import load_components
-from negprompt.runspec import Generation, RunSpec, SettingsError
+from negprompt.runsettings import RunSettings
+from negprompt.runspec import Generation, RunSpec, SettingsError, check_steps
 from negprompt.sampling.loop import Group, StepCallback, UNetCallHook, encode_groups, prediction_type, sample_groups
 from negprompt.sampling.schedule import denoiser_calls, noise_level, sigma_at, timesteps_of
 from negprompt.sampling.schedulers import make_scheduler
@@ -120,13 +124,9 @@ class Session:
     def unused_negatives(self, spec: RunSpec) -> list[str]:
         """The negative prompts a run never evaluates, as a branch or inside attention: e.g. any negative
         under rule 'sd' at scale 1 (FLUX's default, where diffusers warns the same way), whose ε̂ is the
-        positive's alone."""
+        positive's alone. ``spec`` is one this session checked (:meth:`spec_from`, :meth:`check`)."""
         calls = denoiser_calls(spec.scheduler, self.components.scheduler, spec.steps)
         guidance = spec.guidance
-        try:
-            guidance.validate(calls)
-        except NegpromptError:
-            return []  # the run will refuse these settings with its own message
         used = {
             b for step in range(calls) for b in guidance.branches_at(step, calls) + guidance.contexts_at(step, calls)
         }
@@ -136,11 +136,23 @@ class Session:
             if name.startswith("negative") and name not in used
         ]
 
+    # ---------------------------------------------------------------- checks (the model-dependent edge)
+
+    def check(self, spec: RunSpec) -> None:
+        """Raises a one-line :class:`~negprompt.errors.NegpromptError` unless ``spec`` can run on this
+        model: its schedule (:meth:`check_schedule`), its size, its rule on this denoiser and its
+        windows and prompt edits on the schedule. :meth:`spec_from` makes only specs that pass;
+        :meth:`run_together` checks every spec it is given (they also come from a PNG's JSON or
+        ``dataclasses.replace``). The sampling loop below relies on these checks."""
+        self.check_schedule(spec.scheduler, spec.steps)
+        self._check_size(spec.height, spec.width)
+        self._check_rule(spec.guidance)
+        self._check_windows(spec.guidance, spec.scheduler, spec.steps)
+
     def check_schedule(self, scheduler: str, steps: int) -> None:
         """Raises :class:`SettingsError` unless ``steps`` is a whole number in 1–1000 and, where the model
         declares ``max_sigma``, the schedule's first noise level σ is at most that (see docs/training.md)."""
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-            raise SettingsError(f"steps must be a whole number in 1–{MAX_STEPS}, got {steps!r}")
+        check_steps(steps)
         limit = self.defaults.get("max_sigma")
         if limit is None:
             return
@@ -158,73 +170,123 @@ class Session:
                 f"step multiplies guidance errors by σ); the nearest step count below that starts low enough is {fewer}"
             )
 
+    def _check_size(self, height: int, width: int) -> None:
+        """Both sides positive multiples of the model's size factor."""
+        multiple = self.components.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % multiple:
+                raise SettingsError(
+                    f"{name} {value} is not a positive multiple of {multiple} (the model's size factor)"
+                )
+
+    def _check_rule(self, guidance: Guidance) -> None:
+        """The rule acts on this denoiser and is exact on its predictions (e.g. velocities)."""
+        guidance.rule_object.check_attention(self.components.attention_layout)
+        guidance.rule_object.check_prediction(prediction_type(self.components.scheduler))
+
+    def _check_windows(self, guidance: Guidance, scheduler: str, steps: int) -> None:
+        """Every window, the interval and every prompt edit fit the schedule's denoiser calls."""
+        guidance.validate(denoiser_calls(scheduler, self.components.scheduler, steps))
+
     # ---------------------------------------------------------------- specifications
 
     def spec(
-        self,
-        prompt: str | Sequence[str] = "",
-        negative: str | Sequence[str | Term] | None = None,
-        *,
-        negative_scales: Sequence[float | None] | None = None,
-        negative_windows: Sequence[Window | str | None] | None = None,
-        rule: str = "sd",
-        scale: float | None = None,
-        steps: int | None = None,
-        scheduler: str | None = None,
-        seeds: Sequence[int] = (0,),
-        size: int | tuple[int, int] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        positive_window: Window | str | None = None,
-        extra_positives: Sequence[Term] = (),
-        eta: float = 0.0,
-        rescale: float = 0.0,
-        interval: Window | str | None = None,
-        interval_sigma: tuple[float, float] | None = None,
-        rule_settings: RuleSettings | Mapping[str, Any] | None = None,
-        prompt_2: str | Sequence[str] | None = None,
-        negative_2: str | Sequence[str | None] | None = None,
-        original_size: tuple[int, int] | None = None,
-        crops_coords_top_left: tuple[int, int] | None = None,
-        target_size: tuple[int, int] | None = None,
-        negative_original_size: tuple[int, int] | None = None,
-        negative_crops_coords_top_left: tuple[int, int] | None = None,
-        negative_target_size: tuple[int, int] | None = None,
-        embedded_guidance: float | None = None,
+        self, prompt: str | Sequence[str] = "", negative: str | Sequence[str | Term] | None = None, **options: Any
     ) -> RunSpec:
-        """A run on this session's model, with its defaults filled in.
+        """A run on this session's model, with its defaults filled in: :meth:`spec_from` of
+        ``RunSettings(prompt, negative, **options)``; the options are the fields of
+        :class:`~negprompt.runsettings.RunSettings` (``steps``, ``seeds``, ``rule``, ``size`` …)."""
+        return self.spec_from(RunSettings(prompt, negative, **options))
 
-        ``size``: a side (square) or (height, width); ``height``/``width`` alone keep the other side
-        at the model's default; giving both ``size`` and a differing side is an error.
-        ``rule_settings``: the rule's options (its Settings dataclass or a mapping of option names,
-        e.g. ``{"strength": 3}`` for ``dng``). ``interval`` limits guidance to a window of steps; ``interval_sigma`` = (σ_lo, σ_hi) to the
-        steps whose noise level σ = √((1 − ᾱ)/ᾱ) lies in that range (converted to steps here).
+    def spec_from(self, settings: RunSettings) -> RunSpec:
+        """The run ``settings`` ask for on this session's model, checked (see :meth:`check`), with the
+        model's defaults for what they leave out.
 
-        SDXL only (an error on other models), named as in diffusers' ``StableDiffusionXLPipeline``:
-        ``prompt_2``/``negative_2`` (the second text encoder's prompts; default the first's), the
-        positive's micro-conditions ``original_size``, ``crops_coords_top_left``, ``target_size``
-        (default: the image size, (0, 0)) and the negatives' ``negative_…`` ones (each default: the
-        positive's). Sizes are (height, width), the crop corner (top, left).
-
-        ``embedded_guidance``: the guidance scale w a guidance-distilled model takes as an input
-        (default: its ``negprompt.json``'s ``embedded_guidance``); an error for other models. ``scale``
-        stays the CFG scale s around it (such models declare s = 1: one pass per step).
+        ``size`` and a differing ``height``/``width`` are an error. ``interval_sigma`` becomes the
+        window of steps whose noise level σ = √((1 − ᾱ)/ᾱ) lies in that range. The SDXL options (on
+        other models an error) default as in diffusers' ``StableDiffusionXLPipeline``: the second
+        prompts to the first's, the positive's micro-conditions to the image size and (0, 0), the
+        negatives' to the positive's; sizes are (height, width), the crop corner (top, left).
+        ``embedded_guidance`` defaults to the model's declared one (its ``negprompt.json``) and is an
+        error for models that take none; ``scale`` stays the CFG scale s around it (such models
+        declare s = 1: one pass per step).
         """
-        micro = _micro(original_size, crops_coords_top_left, target_size)
-        negative_micro = _micro(negative_original_size, negative_crops_coords_top_left, negative_target_size)
-        sdxl_options = [
-            name
-            for name, value in (
-                ("prompt_2", prompt_2),
-                ("negative_2", negative_2),
-                ("micro-conditions", micro),
-                ("negative micro-conditions", negative_micro),
-            )
-            if value is not None
-        ]
+        micro = _micro(settings.original_size, settings.crops_coords_top_left, settings.target_size)
+        negative_micro = _micro(
+            settings.negative_original_size, settings.negative_crops_coords_top_left, settings.negative_target_size
+        )
+        prompt_2 = settings.prompt_2
+        self._check_family_options(
+            {
+                "prompt_2": prompt_2,
+                "negative_2": settings.negative_2,
+                "micro-conditions": micro,
+                "negative micro-conditions": negative_micro,
+            }
+        )
+        defaults = self.defaults
+        positive_window, interval = settings.positive_window, settings.interval
+        if isinstance(positive_window, str):
+            positive_window = Window.parse(positive_window)
+        if isinstance(interval, str):
+            interval = Window.parse(interval)
+        scheduler = settings.scheduler or defaults["scheduler"]
+        steps = defaults["steps"] if settings.steps is None else settings.steps
+        self.check_schedule(scheduler, steps)
+        if settings.interval_sigma is not None:
+            if interval is not None:
+                raise SettingsError("give the guidance interval as steps or as noise levels, not both")
+            interval = interval_from_sigmas(settings.interval_sigma, scheduler, steps, self.components)
+        prompt = settings.prompt
+        guidance = Guidance(
+            rule=settings.rule,
+            positive=Term(
+                prompt if isinstance(prompt, str) else tuple(prompt),
+                None,
+                positive_window or Window(),
+                prompt_2 if prompt_2 is None or isinstance(prompt_2, str) else tuple(prompt_2),
+                micro,
+            ),
+            negatives=negative_terms(
+                settings.negative,
+                settings.negative_scales,
+                settings.negative_windows,
+                settings.negative_2,
+                negative_micro,
+            ),
+            scale=defaults["scale"] if settings.scale is None else settings.scale,
+            extra_positives=tuple(settings.extra_positives),
+            rescale=settings.rescale,
+            interval=interval,
+            settings=settings.rule_settings,
+        )
+        self._check_rule(guidance)
+        height, width = image_size(settings.size, settings.height, settings.width, self.components.default_size)
+        self._check_size(height, width)
+        spec = RunSpec(
+            guidance=guidance,
+            model=self.model,
+            scheduler=scheduler,
+            steps=steps,
+            seeds=tuple(int(s) for s in settings.seeds),
+            height=height,
+            width=width,
+            eta=settings.eta,
+            device=self.device,
+            dtype=self.dtype,
+            embeddings=tuple((e.token, e.file, e.sha256) for e in self.components.embeddings.values()),
+            embedded_guidance=self._embedded_guidance(settings.embedded_guidance),
+        )
+        self._check_windows(guidance, scheduler, steps)
+        return spec
+
+    def _check_family_options(self, given: Mapping[str, Any]) -> None:
+        """Refuses the SDXL options (``…_2`` prompts; micro-conditions) the model's family does not read."""
         family = self.components.family
         refused = [
-            o for o in sdxl_options if not (family.second_prompt if o.endswith("_2") else family.size_conditioned)
+            name
+            for name, value in given.items()
+            if value is not None and not (family.second_prompt if name.endswith("_2") else family.size_conditioned)
         ]
         if refused:
             takers = "SDXL, SD3 and FLUX" if refused[0].endswith("_2") else "SDXL"
@@ -232,58 +294,6 @@ class Session:
                 f"{', '.join(refused)}: option(s) of {takers} models, but {self.model} is {family.description}; "
                 f"give them for {takers} models only"
             )
-        defaults = self.defaults
-        if isinstance(positive_window, str):
-            positive_window = Window.parse(positive_window)
-        if isinstance(interval, str):
-            interval = Window.parse(interval)
-        scheduler = scheduler or defaults["scheduler"]
-        steps = defaults["steps"] if steps is None else steps
-        self.check_schedule(scheduler, steps)
-        if interval_sigma is not None:
-            if interval is not None:
-                raise SettingsError("give the guidance interval as steps or as noise levels, not both")
-            interval = interval_from_sigmas(interval_sigma, scheduler, steps, self.components)
-        prompt_value = prompt if isinstance(prompt, str) else tuple(prompt)
-        guidance = Guidance(
-            rule=rule,
-            positive=Term(
-                prompt_value,
-                None,
-                positive_window or Window(),
-                prompt_2 if prompt_2 is None or isinstance(prompt_2, str) else tuple(prompt_2),
-                micro,
-            ),
-            negatives=negative_terms(negative, negative_scales, negative_windows, negative_2, negative_micro),
-            scale=defaults["scale"] if scale is None else scale,
-            extra_positives=tuple(extra_positives),
-            rescale=rescale,
-            interval=interval,
-            settings=rule_settings,
-        )
-        guidance.rule_object.check_denoiser(self.components.denoiser)
-        guidance.rule_object.check_prediction(prediction_type(self.components.scheduler))
-        height, width = image_size(size, height, width, self.components.default_size)
-        multiple = self.components.size_multiple
-        for name, value in (("height", height), ("width", width)):
-            if value <= 0 or value % multiple:
-                raise SettingsError(
-                    f"{name} {value} is not a positive multiple of {multiple} (the model's size factor)"
-                )
-        return RunSpec(
-            guidance=guidance,
-            model=self.model,
-            scheduler=scheduler,
-            steps=steps,
-            seeds=tuple(int(s) for s in seeds),
-            height=height,
-            width=width,
-            eta=eta,
-            device=self.device,
-            dtype=self.dtype,
-            embeddings=tuple((e.token, e.file, e.sha256) for e in self.components.embeddings.values()),
-            embedded_guidance=self._embedded_guidance(embedded_guidance),
-        )
 
     def _embedded_guidance(self, given: float | None) -> float | None:
         """The w of a guidance-distilled model (given, else declared), or None for other models."""
@@ -362,7 +372,8 @@ class Session:
             differing = [name for name in shared if getattr(other, name) != getattr(first, name)]
             if differing:
                 raise SettingsError(f"runs batched together must share {', '.join(differing)}")
-        self.check_schedule(first.scheduler, first.steps)
+        for spec in specs:
+            self.check(spec)
         loaded = {(e.token, e.sha256) for e in self.components.embeddings.values()}
         for spec in specs:
             for token, file, digest in spec.embeddings:
@@ -549,4 +560,13 @@ def respec(spec: RunSpec, session: Session) -> RunSpec:
     return replace(spec, device=session.device, dtype=session.dtype)
 
 
-__all__ = ["Session", "RunSpec", "SettingsError", "as_session", "image_size", "interval_from_sigmas", "respec"]
+__all__ = [
+    "RunSettings",
+    "RunSpec",
+    "Session",
+    "SettingsError",
+    "as_session",
+    "image_size",
+    "interval_from_sigmas",
+    "respec",
+]

@@ -52,7 +52,7 @@ def sheet(pixels: np.ndarray, title: str) -> tuple[Image.Image, list[dict]]:
         first, things = label(found)
         draw.text((x + 2, y + side), f"{i} {first}", fill="black")
         draw.text((x + 2, y + side + 11), things, fill="black")
-        records.append({"index": i, "seed": i, **found.to_dict()})
+        records.append({"index": i, "seed": i, **found.to_json()})
     return canvas, records
 
 

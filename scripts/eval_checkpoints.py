@@ -29,8 +29,8 @@ def export_latest(run: Path) -> Path:
     """Exports the EMA weights of a training folder's latest checkpoint to RUN/export-STEP."""
     meta = json.loads((run / META_FILE).read_text())
     tensors = load_file(str(run / STATE_FILE))  # written atomically by the trainer: never half a file
-    config = TrainConfig.from_dict(meta["config"])
-    config = TrainConfig.from_dict({**config.to_dict(), "init_from": None})  # the EMA replaces the weights
+    config = TrainConfig.from_json(meta["config"])
+    config = TrainConfig.from_json({**config.to_json(), "init_from": None})  # the EMA replaces the weights
     trainer = Trainer(config, run / f"export-{int(meta['step']):06d}")
     trainer.ema = {key[len("ema.") :]: value for key, value in tensors.items() if key.startswith("ema.")}
     return trainer.export(run / f"export-{int(meta['step']):06d}")

@@ -10,12 +10,20 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Two threads (the machine the goldens were recorded on), or what OMP_NUM_THREADS asks for: a run
 # with OMP_NUM_THREADS=1 takes other CPU code paths (tests/golden/README.md).
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
+THREADS = int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def threads_restored():
+    """Every test starts with THREADS: a command run in-process may set its own (``train --threads``)."""
+    torch.set_num_threads(THREADS)
+    yield
 
 
 @pytest.fixture(scope="session")
 def tiny_sd():
-    from negprompt.models.tiny_sd import build_tiny_sd
+    from negprompt.testing.tiny_sd import build_tiny_sd
 
     return build_tiny_sd(seed=0)
 
@@ -32,7 +40,7 @@ def tiny_sd_dir(tmp_path_factory, tiny_sd):
 
 @pytest.fixture(scope="session")
 def tiny_sdxl():
-    from negprompt.models.tiny_sd import build_tiny_sdxl
+    from negprompt.testing.tiny_sd import build_tiny_sdxl
 
     return build_tiny_sdxl(seed=0)
 
@@ -97,14 +105,14 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def tiny_sd3():
-    from negprompt.models.tiny_mmdit import build_tiny_sd3
+    from negprompt.testing.tiny_mmdit import build_tiny_sd3
 
     return build_tiny_sd3(seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_flux():
-    from negprompt.models.tiny_mmdit import build_tiny_flux
+    from negprompt.testing.tiny_mmdit import build_tiny_flux
 
     return build_tiny_flux(seed=0)
 

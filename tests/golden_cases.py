@@ -223,8 +223,8 @@ def digest(array: np.ndarray) -> str:
 
 def build_models() -> dict:
     """The tiny models of :data:`MODELS`, built as conftest builds them (seed 0)."""
-    from negprompt.models.tiny_mmdit import build_tiny_flux, build_tiny_sd3
-    from negprompt.models.tiny_sd import build_tiny_sd, build_tiny_sdxl
+    from negprompt.testing.tiny_mmdit import build_tiny_flux, build_tiny_sd3
+    from negprompt.testing.tiny_sd import build_tiny_sd, build_tiny_sdxl
 
     builders = {"tiny": build_tiny_sd, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux}
     return {name: build(seed=0) for name, build in builders.items()}

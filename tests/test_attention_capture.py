@@ -23,7 +23,6 @@ from negprompt.api import run
 from negprompt.attention.capture import (
     CaptureProcessor,
     CaptureRequest,
-    attention_probabilities,
     capture_attention,
     cross_attention_layers,
 )
@@ -31,6 +30,7 @@ from negprompt.attention.result import AttentionCapture, capture, plan_for
 from negprompt.attention.tokens import tokenize_words
 from negprompt.errors import NegpromptError
 from negprompt.interfaces.cli import main
+from negprompt.layers.attention import cross_attention_probabilities
 from negprompt.sampling.loop import RowBlock
 from negprompt.session import Session
 
@@ -55,7 +55,7 @@ def layer_inputs(tiny_sd):
 
 def test_probability_rows_sum_to_one(tiny_sd):
     _, attn, hidden, context = layer_inputs(tiny_sd)
-    probs = attention_probabilities(attn, hidden, context)
+    probs = cross_attention_probabilities(attn, hidden, context)
     assert probs.shape == (2 * attn.heads, 256, 77)
     torch.testing.assert_close(probs.sum(dim=-1), torch.ones(2 * attn.heads, 256))
     assert (probs >= 0).all()

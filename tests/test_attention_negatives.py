@@ -13,15 +13,12 @@ from negprompt.analysis.attention_stats import reduce_layer
 from negprompt.attention.capture import CaptureRequest
 from negprompt.attention.result import capture
 from negprompt.guidance import formulas
-from negprompt.guidance.attention_processors import (
-    NegativeAttentionProcessor,
-    cross_attention_paths,
-    nag_combine,
-    vsf_combine,
-)
+from negprompt.guidance.attention_processors import NegativeAttentionProcessor, nag_combine, vsf_combine
 from negprompt.guidance.rules import rule_named
 from negprompt.guidance.rules.base import GuidanceError
 from negprompt.interfaces.cli import main
+from negprompt.layers.attention import attention_paths
+from negprompt.layers.layout import AttentionLayout
 from negprompt.sampling.loop import SamplingError
 from negprompt.session import Session
 
@@ -76,7 +73,7 @@ def test_scale_one_is_one_pass_and_the_negative_acts(tiny_sd):
 
 
 def attention_layer(tiny_sd):
-    path = cross_attention_paths(tiny_sd.unet)[0]
+    path = attention_paths(tiny_sd.unet, "cross")[0]
     attn = tiny_sd.unet.get_submodule(path)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 64, attn.to_q.in_features, generator=g)
@@ -120,7 +117,7 @@ def test_nag_attention_output_equals_the_formula_written_out(tiny_sd):
 def test_vsf_attention_output_equals_the_formula_written_out(tiny_sd):
     attn, hidden, positive, negative = attention_layer(tiny_sd)
     scale, offset = 3.0, 0.5
-    processor = NegativeAttentionProcessor(None, slice(0, 2), negative, vsf_combine(scale, offset))
+    processor = NegativeAttentionProcessor(None, slice(0, 2), negative, vsf_combine(scale, offset, start_tokens=1))
     ours = processor(attn, hidden, positive)
     heads, d = attn.heads, attn.to_k.out_features // attn.heads
     split = lambda x: x.view(x.shape[0], x.shape[1], heads, d).permute(0, 2, 1, 3)  # noqa: E731
@@ -177,7 +174,7 @@ def test_capture_records_the_negative_inside_attention_as_its_branch(tiny_sd, ru
     assert torch.isfinite(maps).all() and maps.sum() > 0
 
 
-def test_refusals_rows_per_call_and_a_model_without_cross_attention(tiny_sd):
+def test_refusals_rows_per_call_and_a_model_without_attention_on_text(tiny_sd):
     session = Session(tiny_sd)
     spec = session.spec(PROMPT, NEGATIVE, rule="nag", **OPTIONS)
     from dataclasses import replace
@@ -185,7 +182,8 @@ def test_refusals_rows_per_call_and_a_model_without_cross_attention(tiny_sd):
     with pytest.raises(SamplingError, match="cannot split"):
         session.run(replace(spec, rows_per_call=2))
     with pytest.raises(GuidanceError, match="has none"):
-        rule_named("nag").check_denoiser(torch.nn.Linear(2, 2))
+        rule_named("nag").check_attention(AttentionLayout("none"))
+    rule_named("nag").check_attention(tiny_sd.attention_layout)  # the tiny SD's UNet has cross-attention
 
 
 def test_cli_records_nag_and_refuses_bad_parameters(tmp_path, capsys):

@@ -51,9 +51,9 @@ def test_unreadable_is_neither_true_nor_false():
     scene = sample_scene(np.random.default_rng(0))
     washed = np.clip(np.round(low_contrast(0.45)(scene, np.random.default_rng(0))), 0, 255).astype(np.uint8)
     found = detect(washed)
-    assert found.unreadable("color") and found.to_dict()["color"] == "unreadable"
+    assert found.unreadable("color") and found.to_json()["color"] == "unreadable"
     assert not found.unreadable("sun")
-    assert set(found.to_dict()) == set(ATTRIBUTES)
+    assert set(found.to_json()) == set(ATTRIBUTES)
 
 
 def test_evaluation_rates_are_over_readable_images_and_count_the_rest():
@@ -164,7 +164,7 @@ def test_a_light_band_on_a_sharp_plain_object_is_not_stripes():
         features = _features(np.clip(image, 0, 255).astype(np.uint8))
         contrasts.append(features["stripe_contrast"])
         assert not features["blurry"] and features["striped"] is False
-        assert detect(render(scene.__class__(**{**scene.to_dict(), "striped": True})).image).striped
+        assert detect(render(scene.__class__(**{**scene.to_json(), "striped": True})).image).striped
     assert max(contrasts) > STRIPE_MIN_CONTRAST  # the blurred-image threshold alone would have said striped
 
 

@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 from negprompt.attention.tokens import tokenize_words
 from negprompt.interfaces.cli import main
 from negprompt.models.embeddings import EmbeddingError
-from negprompt.models.peers import diffusers_pipeline
-from negprompt.models.tiny_sd import build_tiny_sd, build_tiny_sdxl
 from negprompt.runspec import SettingsError
 from negprompt.session import Session
+from negprompt.testing.peers import diffusers_pipeline
+from negprompt.testing.tiny_sd import build_tiny_sd, build_tiny_sdxl
 
 TOKEN, NEGATIVE = "easyneg", "easyneg, glasses"
 

@@ -13,21 +13,21 @@ from helpers import assert_usage_error
 
 from negprompt.analysis.attention_stats import reduce_layer
 from negprompt.attention.capture import CaptureRequest
-from negprompt.attention.joint import joint_attention_paths, joint_attention_probabilities
 from negprompt.attention.result import capture
 from negprompt.guidance.plan import Guidance, Term
 from negprompt.guidance.rules import all_rules
 from negprompt.guidance.rules.base import GuidanceError
 from negprompt.interfaces.cli import main
+from negprompt.layers.attention import attention_paths, joint_attention_probabilities
 from negprompt.models.loading import ModelLoadError, load_components
-from negprompt.models.peers import diffusers_pipeline
 from negprompt.models.prompts import PromptError
 from negprompt.models.saving import save_components
-from negprompt.models.tiny_mmdit import build_tiny_flux, build_tiny_sd3
 from negprompt.runspec import SettingsError
 from negprompt.sampling.loop import Group, encode_groups, sample_groups
 from negprompt.sampling.schedulers import make_scheduler
 from negprompt.session import Session
+from negprompt.testing.peers import diffusers_pipeline
+from negprompt.testing.tiny_mmdit import build_tiny_flux, build_tiny_sd3
 
 PROMPT, NEGATIVE = "a photo of a cat with glasses", "a red hat"
 SEEDS = (3, 11)
@@ -147,9 +147,9 @@ def test_every_rule_runs_on_velocity_or_is_refused_in_one_line(sd3, rule):
     if rule == "cfg":
         negatives = ()
     guidance = Guidance(positive=Term(PROMPT), negatives=negatives, scale=4.0, rule=rule)
-    if rule in ("dng", "apg"):
+    if rule in ("dng", "apg"):  # refused where the run is specified (Session.check; the loop relies on it)
         with pytest.raises(GuidanceError, match=f"rule {rule!r} is not exact on the velocity predictions") as error:
-            ours(sd3, guidance, seeds=(3,))
+            Session(sd3).spec(PROMPT, list(negatives), rule=rule, scale=4.0, steps=STEPS, seeds=[3])
         assert "\n" not in str(error.value)
     else:
         images = ours(sd3, guidance, seeds=(3,)).images
@@ -256,7 +256,7 @@ def test_capture_on_joint_attention_leaves_images_bit_identical(family, request)
     words = CaptureRequest({"positive": ["cat", "glasses"], "negative": ["hat"]}, average_layers=False)
     result = capture(spec, words, session, reducer=reduce_layer)
     assert [np.asarray(a).tolist() for a in result.generation.images] == [np.asarray(a).tolist() for a in plain]
-    layers = joint_attention_paths(components.transformer)
+    layers = attention_paths(components.transformer, "joint")
     assert [layer["path"] for layer in result.index["layers"]] == layers
     if family == "flux":
         assert any(path.startswith("single_transformer_blocks.") for path in layers)
@@ -284,7 +284,7 @@ def test_joint_probabilities_sum_to_one_and_equal_the_layers_own_attention(famil
         return original_sdpa(query, key, value, *args, **kwargs)
 
     inputs: list[tuple] = []
-    paths = joint_attention_paths(transformer)
+    paths = attention_paths(transformer, "joint")
     processors = dict(transformer.attn_processors)
 
     class Spy:

@@ -59,13 +59,13 @@ def test_a_plugin_adds_a_command_and_a_broken_one_is_skipped_with_a_warning(monk
 
 
 def test_importing_the_shapes_commands_is_cheap():
-    """Module-level imports of negprompt/shapes/commands.py: the standard library and the CLI only."""
+    """Module-level imports of negprompt/shapes/commands.py: the standard library and the CLI's options only."""
     path = Path(__file__).resolve().parent.parent / "negprompt" / "shapes" / "commands.py"
     tree = ast.parse(path.read_text())
     top = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
     names = {alias.name for node in top if isinstance(node, ast.Import) for alias in node.names}
     names |= {node.module for node in top if isinstance(node, ast.ImportFrom)}
-    assert names <= {"__future__", "argparse", "pathlib", "negprompt.interfaces.cli"}, names
+    assert names <= {"__future__", "argparse", "pathlib", "negprompt.interfaces.options"}, names
 
 
 def test_the_bundled_model_declares_the_shapes_finder():

@@ -134,6 +134,7 @@ def test_delayed_negative_syntax_equals_a_window_bit_exactly(tiny_sd):
 
 
 def test_edit_step_outside_the_schedule(tiny_sd):
-    guidance = Guidance(positive=Term("a photo of a cat"), negatives=(Term("[glasses:40]"),))
+    from negprompt.session import Session
+
     with pytest.raises(NegpromptError, match="switches at step 40, outside the schedule"):
-        sample(tiny_sd, guidance, make_scheduler("ddim", tiny_sd.scheduler), [0], 6, 32, 32)
+        Session(tiny_sd).spec("a photo of a cat", "[glasses:40]", scheduler="ddim", steps=6, size=32)

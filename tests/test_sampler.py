@@ -9,9 +9,10 @@ import torch
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import UNCONDITIONAL, Guidance, Term
 from negprompt.guidance.windows import Window
-from negprompt.models.peers import diffusers_pipeline
 from negprompt.sampling.loop import sample
 from negprompt.sampling.schedulers import SCHEDULERS, make_scheduler
+from negprompt.session import Session
+from negprompt.testing.peers import diffusers_pipeline
 
 PROMPT, NEGATIVE = "a photo of a cat", "glasses"
 SEEDS = [3, 11]
@@ -159,15 +160,14 @@ def test_empty_positive_prompt_is_unconditional_generation(tiny_sd):
     ],
 )
 def test_bad_sampler_settings(tiny_sd, kwargs, message):
-    guidance = Guidance(positive=Term(PROMPT))
+    """Refused where the run is specified (RunSpec, Session.check): the loop asserts them."""
     with pytest.raises(NegpromptError, match=message):
-        ours(tiny_sd, guidance, **kwargs)
+        Session(tiny_sd).spec(PROMPT, scheduler="ddim", **kwargs)
 
 
 def test_size_must_be_a_multiple_of_the_model_factor(tiny_sd):
-    guidance = Guidance(positive=Term(PROMPT))
     with pytest.raises(NegpromptError, match="multiple of 4"):
-        sample(tiny_sd, guidance, make_scheduler("ddim", tiny_sd.scheduler), [0], 3, 30, 32)
+        Session(tiny_sd).spec(PROMPT, scheduler="ddim", steps=3, height=30, width=32)
 
 
 def test_window_outside_the_schedule(tiny_sd):

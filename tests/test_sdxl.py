@@ -19,12 +19,12 @@ from negprompt.guidance.plan import Guidance, MicroConditions, Term
 from negprompt.guidance.rules import all_rules
 from negprompt.interfaces.cli import main
 from negprompt.models.loading import load_components
-from negprompt.models.peers import diffusers_pipeline
 from negprompt.models.stable_diffusion_xl import StableDiffusionXLFamily
 from negprompt.runspec import SettingsError
 from negprompt.sampling.loop import sample
 from negprompt.sampling.schedulers import make_scheduler
 from negprompt.session import Session
+from negprompt.testing.peers import diffusers_pipeline
 
 PROMPT, NEGATIVE = "a photo of a cat", "glasses"
 SEEDS = [3, 11]

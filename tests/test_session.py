@@ -20,7 +20,6 @@ from negprompt.models.components import Components
 from negprompt.models.conditioning import Conditioning, ConditioningError, PromptInput, denoiser_inputs
 from negprompt.models.families import UnsupportedModelError, family_for_index
 from negprompt.models.loading import load_components
-from negprompt.models.peers import diffusers_pipeline
 from negprompt.models.pixel import PixelFamily
 from negprompt.models.stable_diffusion import StableDiffusionFamily
 from negprompt.models.stable_diffusion_xl import StableDiffusionXLFamily
@@ -29,6 +28,7 @@ from negprompt.sampling.loop import Group, SamplingError, encode_groups, sample_
 from negprompt.sampling.schedule import alpha_bar_at, denoiser_calls, sigma_at
 from negprompt.sampling.schedulers import make_scheduler
 from negprompt.session import Session, image_size
+from negprompt.testing.peers import diffusers_pipeline
 
 PROMPT, NEGATIVE = "a photo of a cat", "glasses"
 

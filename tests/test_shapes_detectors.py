@@ -103,8 +103,8 @@ def test_detection_api():
     images = np.stack([render(sample_scene(rng)).image for _ in range(3)])
     batch = detect_batch(images)
     assert len(batch) == 3 and all(isinstance(d, Detection) for d in batch)
-    assert [d.to_dict() for d in batch] == [detect(image).to_dict() for image in images]
-    out = json.loads(json.dumps(batch[0].to_dict()))
+    assert [d.to_json() for d in batch] == [detect(image).to_json() for image in images]
+    out = json.loads(json.dumps(batch[0].to_json()))
     assert set(out) == set(ATTRIBUTES) | {"impossible"}  # the scene attributes, and two suns or hats
     assert set(batch[0].regions) == {"object", "hat", "sun"}
     with pytest.raises(ValueError):
@@ -115,7 +115,7 @@ def test_detection_api():
 
 def test_blank_background_holds_nothing():
     detection = detect(np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 200, dtype=np.uint8))
-    assert detection.to_dict() == dict(
+    assert detection.to_json() == dict(
         shape=None, color=None, hat=False, sun=False, striped=False, blurry=False, impossible=False
     )
     assert not any(mask.any() for mask in detection.regions.values())

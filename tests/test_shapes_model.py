@@ -189,10 +189,10 @@ def test_world_v2_names_present_things_more_often():
 
 def test_training_world_is_recorded_and_checked(tmp_path, capsys):
     config = tiny_config(world="v2")
-    assert TrainConfig.from_dict(config.to_dict()).world == "v2"
-    legacy = config.to_dict()
+    assert TrainConfig.from_json(config.to_json()).world == "v2"
+    legacy = config.to_json()
     del legacy["world"]  # checkpoints written before the field: trained on v1
-    assert TrainConfig.from_dict(legacy).world == "v1"
+    assert TrainConfig.from_json(legacy).world == "v1"
     with pytest.raises(NegpromptError, match="unknown world version 'v9'; known: v1, v2"):
         tiny_config(world="v9")
     pixels_v1, captions_v1, _ = batch_of_examples(11, 0, 16)
@@ -214,7 +214,7 @@ def test_guidance_distillation_student_starts_as_the_teacher_and_learns_cfg(tmp_
     teacher_trainer = Trainer(tiny_config(samples=16), tmp_path / "teacher")
     teacher_trainer.run(progress=False)
     teacher_dir = teacher_trainer.export(tmp_path / "teacher-model")
-    student_model = ShapesModelConfig(**{**TINY.to_dict(), "guidance_embedding_dim": 16})
+    student_model = ShapesModelConfig(**{**TINY.to_json(), "guidance_embedding_dim": 16})
     config = tiny_config(
         distill_from=str(teacher_dir), model=student_model, samples=8 * 6, guidance_max=6.0, learning_rate=3e-4
     )

@@ -34,6 +34,7 @@ from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
 from negprompt.models.components import Components
+from negprompt.runsettings import RunSettings
 from negprompt.session import as_session
 
 REGION_SOURCES = ("auto", "attention", "detector")
@@ -165,10 +166,10 @@ def run_edit(
     word = negative_word(negative, word)
     session = as_session(model)
     components = session.components
-    common = dict(seeds=seeds, steps=steps, scheduler=scheduler, scale=scale, size=size)
-    plain = session.spec(prompt, rule="cfg", **common)
-    full = session.spec(prompt, [Term(negative)], **common)
-    windowed = session.spec(prompt, [Term(negative, None, window)], **common)
+    common = RunSettings(prompt, seeds=seeds, steps=steps, scheduler=scheduler, scale=scale, size=size)
+    plain = session.spec_from(replace(common, rule="cfg"))  # no negative
+    full = session.spec_from(replace(common, negative=[Term(negative)]))
+    windowed = session.spec_from(replace(common, negative=[Term(negative, None, window)]))
     source, finder = region_source_for(components, word, region, (plain.height, plain.width))
     request = CaptureRequest(words={"negative": [word]})
     plan_full = plan_for(full, request, components)  # also checks the word and the window early

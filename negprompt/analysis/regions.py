@@ -1,9 +1,9 @@
 """Region finders: where a thing is in a generated image, found without attention maps.
 
 A model that comes with a way to find its things (e.g. ground-truth detectors for a synthetic world)
-declares it in its ``negprompt.json``: ``"region_finder": "NAME"``, or an in-memory model in
-``Components.declarations["region_finder"]``. NAME is an entry point of the group ``negprompt.region_finders``
-(see the packaging guide: https://packaging.python.org/en/latest/specifications/entry-points/) that
+declares it in its ``negprompt.json``: ``"region_finder": "NAME"`` (an in-memory model:
+``Components(..., declarations={"region_finder": "NAME"})``; read as ``components.declarations.region_finder``).
+NAME is an entry point of the group ``negprompt.region_finders`` (see the packaging guide: https://packaging.python.org/en/latest/specifications/entry-points/) that
 gives a :class:`RegionFinder` class or factory, e.g. in a plugin's ``pyproject.toml``::
 
     [project.entry-points."negprompt.region_finders"]
@@ -24,7 +24,6 @@ from negprompt.errors import NegpromptError
 from negprompt.models.components import Components
 
 GROUP = "negprompt.region_finders"
-DECLARATION = "region_finder"  # the key in negprompt.json (read into Components.declarations)
 
 
 class RegionFinderError(NegpromptError):
@@ -69,5 +68,5 @@ def load_finder(name: str) -> RegionFinder:
 
 def declared_finder(components: Components) -> RegionFinder | None:
     """The region finder the model declares in its ``negprompt.json`` (``Components.declarations``), or None."""
-    name = components.declarations.get(DECLARATION)
-    return None if name is None else load_finder(str(name))
+    name = components.declarations.region_finder
+    return None if name is None else load_finder(name)

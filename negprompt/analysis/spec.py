@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from negprompt.errors import NegpromptError
+from negprompt.runsettings import RunSettings
 
 TOP_KEYS = {"name", "model", "scheduler", "steps", "scale", "seeds", "size", "map_size", "pairs", "rule"}
 STUDY_RULES = ("sd", "nag", "vsf")  # rules with one negative whose attention the capture records
@@ -87,6 +88,19 @@ class StudySpec:
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def run_settings(self, pair: Pair) -> RunSettings:
+        """The run of one pair: every seed in one batch, under the study's rule and sampler settings."""
+        return RunSettings(
+            pair.prompt,
+            pair.negative,
+            rule=self.rule,
+            scale=self.scale,
+            steps=self.steps,
+            scheduler=self.scheduler,
+            seeds=self.seeds,
+            size=self.size,
+        )
 
 
 def _where(source: str, node: yaml.Node) -> str:

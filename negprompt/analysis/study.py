@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from negprompt.analysis.strength import strength_curves
 from negprompt.attention.capture import CaptureRequest
 from negprompt.attention.result import capture, plan_for
 from negprompt.attention.tokens import tokenize_words
+from negprompt.files import append_text, is_temporary, write_json, write_text
 from negprompt.jobs import ONE_PROCESS, SHARDS_FOLDER, Job, Workers
 from negprompt.models.prompts import check_prompt
 from negprompt.runspec import RunSpec
@@ -61,15 +61,10 @@ def prepare_directory(spec: StudySpec, out_dir: Path) -> None:
                 f"fingerprint {recorded.get('fingerprint')}); use a new --out folder"
             )
         return
-    tmp = out_dir / (SPEC_FILE + ".tmp")
-    if out_dir.exists() and any(path != tmp for path in out_dir.iterdir()):  # a torn spec.json.tmp is ours
+    # A temporary spec.json left by a kill is ours.
+    if out_dir.exists() and any(not is_temporary(path, spec_path) for path in out_dir.iterdir()):
         raise SpecError(f"{out_dir} is not empty and holds no study; use a new or empty --out folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.write_text(json.dumps({"fingerprint": spec.fingerprint(), "spec": spec.to_json()}, indent=2) + "\n")
-        os.replace(tmp, spec_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json(spec_path, {"fingerprint": spec.fingerprint(), "spec": spec.to_json()}, indent=2)
 
 
 def completed_pairs(spec: StudySpec, out_dir: Path, steps_per_run: int) -> set[int]:
@@ -93,9 +88,7 @@ def completed_pairs(spec: StudySpec, out_dir: Path, steps_per_run: int) -> set[i
         line for line in lines[1:] if line.split(",", 1)[0].isdigit() and int(line.split(",", 1)[0]) in done
     ]
     if len(kept) != len(text.splitlines(keepends=True)):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        write_text(path, "".join(kept))
     return done
 
 
@@ -109,25 +102,12 @@ HEADER = _csv_text([COLUMNS])
 
 
 def _append(path: Path, rows: list[tuple]) -> None:
-    text = ("" if path.exists() else HEADER) + _csv_text(rows)
-    with open(path, "a") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+    append_text(path, ("" if path.exists() else HEADER) + _csv_text(rows))
 
 
 def pair_run(spec: StudySpec, pair: Pair, session: Session) -> tuple[RunSpec, CaptureRequest]:
     """The run specification of one pair (every seed in one batch, the spec's rule) and what to capture."""
-    settings = session.spec(
-        pair.prompt,
-        pair.negative,
-        rule=spec.rule,
-        scale=spec.scale,
-        steps=spec.steps,
-        scheduler=spec.scheduler,
-        seeds=spec.seeds,
-        size=spec.size,
-    )
+    settings = session.spec_from(spec.run_settings(pair))
     positive_words = list(dict.fromkeys(tokenize_words(session.components.tokenizer, pair.prompt).words))
     request = CaptureRequest(words={"positive": positive_words, "negative": [pair.word]}, size=spec.map_size)
     return settings, request
@@ -180,11 +160,7 @@ def study_job(spec: StudySpec, out_dir: Path, workers: Workers = ONE_PROCESS) ->
 
 def finish_study(out_dir: str | Path, payloads: list[str]) -> list[Path]:
     """``results.csv`` from the pairs' rows in pair order (written whole, then renamed)."""
-    path = Path(out_dir) / RESULTS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(HEADER + "".join(payloads))
-    os.replace(tmp, path)
-    return [path]
+    return [write_text(Path(out_dir) / RESULTS_FILE, HEADER + "".join(payloads))]
 
 
 def run_study(

@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,8 @@ from negprompt.attention.tokens import tokenize_words
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
+from negprompt.runsettings import RunSettings
+from negprompt.runspec import RunSpec
 from negprompt.session import Session, as_session
 
 DEFAULT_TAU = 0.02
@@ -59,6 +61,9 @@ class SweepSettings:
     scale: float | None = None
     tau: float = DEFAULT_TAU
     batch: int = 25
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 def motion(maps: torch.Tensor) -> torch.Tensor:
@@ -107,16 +112,15 @@ def sweep_unit(
     rows: list[dict] = []
     word = negative_word(negative, None)
     content = [w for w in dict.fromkeys(tokenize_words(components.tokenizer, prompt).words) if w not in FUNCTION_WORDS]
-    common = dict(steps=settings.steps, scheduler=settings.scheduler, scale=settings.scale)
-    plain = session.spec(prompt, rule="cfg", seeds=seeds, **common)
-    variants = [
-        ("start", s, session.spec(prompt, [Term(negative, None, Window(s))], seeds=seeds, **common))
-        for s in settings.starts
-    ]
-    variants += [
-        ("early", k, session.spec(prompt, [Term(negative, None, Window(0, k))], seeds=seeds, **common))
-        for k in settings.early_ends
-    ]
+    common = RunSettings(prompt, seeds=seeds, steps=settings.steps, scheduler=settings.scheduler, scale=settings.scale)
+
+    def negative_in(window: Window, chosen: Sequence[int] = seeds) -> RunSpec:
+        """The pair's run with the negative in ``window``, for the seeds ``chosen``."""
+        return session.spec_from(replace(common, negative=[Term(negative, None, window)], seeds=chosen))
+
+    plain = session.spec_from(replace(common, rule="cfg"))  # no negative
+    variants = [("start", s, negative_in(Window(s))) for s in settings.starts]
+    variants += [("early", k, negative_in(Window(0, k))) for k in settings.early_ends]
     request = CaptureRequest(words={"positive": content})
     with session.exclusive():
         with capture_attention(
@@ -128,10 +132,7 @@ def sweep_unit(
     # Second pass: one group per distinct automatic start, all in one batched run.
     distinct = sorted(set(auto))
     members = {start: [i for i, s in enumerate(auto) if s == start] for start in distinct}
-    auto_settings = [
-        session.spec(prompt, [Term(negative, None, Window(start))], seeds=[seeds[i] for i in members[start]], **common)
-        for start in distinct
-    ]
+    auto_settings = [negative_in(Window(start), [seeds[i] for i in members[start]]) for start in distinct]
     auto_runs = {start: (members[start], g) for start, g in zip(distinct, session.run_together(auto_settings))}
     for i, seed in enumerate(seeds):
         base = generations[0].pixels[i]

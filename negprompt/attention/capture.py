@@ -1,12 +1,17 @@
 """Cross-attention capture through diffusers attention processors.
 
-:func:`capture_attention` installs a :class:`CaptureProcessor` on every selected cross-attention
-layer of the UNet (keyed by the module path diffusers gives it, e.g.
-``down_blocks.1.attentions.0.transformer_blocks.0.attn2``) and restores the original processors on
-exit, also after an error. On an MMDiT transformer (SD3, FLUX) the layers are its joint attention
-layers and the maps their image-query × text-key block (:mod:`negprompt.attention.joint`). Each capture processor lets the original processor compute the layer's
-output — so images are bit-identical with and without capture — and computes the attention
-probabilities beside it: softmax(q·kᵀ/√d) over the text tokens, per head, shaped (B·heads, Q, L).
+:func:`capture_attention` installs a capture processor on every selected layer with text keys (keyed
+by the module path diffusers gives it, e.g. ``down_blocks.1.attentions.0.transformer_blocks.0.attn2``,
+through :func:`negprompt.layers.processors.installed`) and restores the original processors on exit,
+also after an error. Which layers, and what their maps are, the family's attention layout says: a
+UNet's cross-attention layers (:class:`CaptureProcessor`), or an MMDiT's joint attention layers
+(SD3, FLUX), whose maps are the image-query × text-key block of the softmax over [text; image] keys
+(:class:`JointCaptureProcessor`). Each capture processor lets the original processor compute the
+layer's output — so images are bit-identical with and without capture — and computes the attention
+probabilities beside it (:mod:`negprompt.layers.attention`): softmax(q·kᵀ/√d) over the text tokens,
+per head, shaped (B·heads, Q, L). A processor that replaces a layer's attention for a rule (NAG, VSF)
+hands the capture the attention on the negative it reads, through
+:class:`~negprompt.layers.processors.AttentionObserver`.
 
 The sampling loop tells the recorder which step it is and which branch each batch block holds
 (:meth:`AttentionRecorder.before_unet_call`); nothing counts calls or keeps global state.
@@ -39,12 +44,17 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from diffusers.models.attention_processor import Attention
 
-from negprompt.attention.joint import JointCaptureProcessor, is_joint_attention, joint_attention_paths
 from negprompt.attention.tokens import TextKeys, TokenizedPrompt
 from negprompt.errors import NegpromptError
-from negprompt.guidance import syntax
+from negprompt.layers.attention import (
+    attention_paths,
+    cross_attention_probabilities,
+    is_cross_attention,
+    joint_attention_probabilities,
+)
+from negprompt.layers.layout import AttentionLayout
+from negprompt.layers.processors import installed
 from negprompt.sampling.loop import RowBlock
 
 MAP_DTYPE = torch.float16
@@ -70,7 +80,7 @@ def cross_attention_layers(unet: Any) -> list[LayerInfo]:
     levels = len(unet.config.block_out_channels)
     layers = []
     for path, module in unet.named_modules():
-        if not (isinstance(module, Attention) and module.is_cross_attention):
+        if not is_cross_attention(module):
             continue
         match = re.match(r"(down_blocks|up_blocks)\.(\d+)\.", path)
         if match:
@@ -84,12 +94,12 @@ def cross_attention_layers(unet: Any) -> list[LayerInfo]:
     return layers
 
 
-def attention_layers(denoiser: Any, patch: int = 1) -> list[LayerInfo]:
+def attention_layers(denoiser: Any, layout: AttentionLayout) -> list[LayerInfo]:
     """The layers whose attention maps text to pixels: a UNet's cross-attention layers, or every joint
     attention layer of an MMDiT transformer (maps (latent side / ``patch``)², ``patch`` latent cells per token)."""
-    if hasattr(denoiser.config, "block_out_channels"):
+    if layout.kind == "cross":
         return cross_attention_layers(denoiser)
-    return [LayerInfo(path, patch) for path in joint_attention_paths(denoiser)]
+    return [LayerInfo(path, layout.patch) for path in attention_paths(denoiser, layout.kind)]
 
 
 def select_layers(available: Sequence[LayerInfo], wanted: Sequence[str] | None, latent_side: int) -> list[LayerInfo]:
@@ -144,6 +154,7 @@ class CapturePlan:
     size: int
     latent_hw: tuple[int, int]
     average_layers: bool
+    layout: AttentionLayout  # the family's: which layers, which processors record
     selection: dict[str, torch.Tensor] = field(default_factory=dict)  # branch → (B, words, L) 0/1
     text_length: int = 77  # L: text keys per layer
 
@@ -178,19 +189,20 @@ def plan_capture(
     request: CaptureRequest,
     num_steps: int,
     latent_hw: tuple[int, int],
+    layout: AttentionLayout,
     text_keys: TextKeys | None = None,
-    patch: int = 1,
 ) -> CapturePlan:
     """Resolves and checks a request; raises :class:`CaptureError` before any sampling.
 
+    ``branch_prompts``: per branch, each image's prompt as plain text (no prompt-editing syntax);
     ``text_keys``: how the text keys are laid out (default: ``tokenizer``'s tokens, padded to its
-    length); ``patch``: latent cells per token side of a transformer's layers."""
+    length); ``layout``: the family's attention layout (which layers; a transformer's patch)."""
     text_keys = text_keys or TextKeys.of(tokenizer)
     unknown = [b for b in request.words if b not in branch_prompts]
     if unknown:
         raise CaptureError(f"branch(es) {', '.join(unknown)} not in this run; branches: {', '.join(branch_prompts)}")
     latent_side = min(latent_hw)
-    layers = select_layers(attention_layers(denoiser, patch), request.layers, latent_side)
+    layers = select_layers(attention_layers(denoiser, layout), request.layers, latent_side)
     steps = list(range(num_steps)) if request.steps is None else sorted(set(int(s) for s in request.steps))
     bad_steps = [s for s in steps if not 0 <= s < num_steps]
     if bad_steps:
@@ -201,7 +213,7 @@ def plan_capture(
     if size < 1:
         raise CaptureError(f"map size must be a positive number of pixels, got {size}")
     batch = len(next(iter(branch_prompts.values())))
-    prompts = {b: [text_keys.tokenize(syntax.plain_text(p)) for p in branch_prompts[b]] for b in request.words}
+    prompts = {b: [text_keys.tokenize(p) for p in branch_prompts[b]] for b in request.words}
     words = {b: list(request.words[b]) for b in request.words}
     plan = CapturePlan(
         branches=list(request.words),
@@ -214,6 +226,7 @@ def plan_capture(
         size=size,
         latent_hw=latent_hw,
         average_layers=request.average_layers,
+        layout=layout,
         text_length=text_keys.length,
     )
     length = text_keys.length
@@ -265,6 +278,7 @@ class AttentionRecorder:
         self._step_slot: dict[int, int] = {step: i for i, step in enumerate(plan.steps)}
         self._layer_slot = {layer.path: i for i, layer in enumerate(plan.layers)}
         self._layout: dict[str, int] = {}  # branch → first row in the UNet batch, for the current call
+        self._in_call = False  # whether the current call evaluates the recorded group
         self._slot: int | None = None  # index into plan.steps for the current call
         self._sums: dict[str, torch.Tensor] = {}  # averaged maps being summed over layers, float32
         self._layers_seen: set[str] = set()
@@ -275,6 +289,7 @@ class AttentionRecorder:
         self._flush()
         self._slot = self._step_slot.get(step)
         self._layout = {}
+        self._in_call = any(block.group == self.group for block in blocks)
         for block in blocks:
             if block.group == self.group and block.branch in self.plan.branches:
                 if block.stop - block.start != self.plan.batch_size:
@@ -322,10 +337,15 @@ class AttentionRecorder:
             reduced = self.reducer(part, plan.selection[branch].to(part.device), (h, w), plan.size)
             self._store(path, branch, slot, layer, reduced)
 
+    def wants_context(self, branch: str) -> bool:
+        """Whether a context recorded as ``branch`` (no row of the call) is wanted at the current call:
+        a recorded step, a call of the recorded group, a branch of the plan."""
+        return self._slot is not None and self._in_call and branch in self.plan.branches
+
     def record_context(self, path: str, branch: str, probabilities: torch.Tensor, heads: int) -> None:
         """Takes one layer's probabilities (B·heads, Q, L) of a context that is no row of the call: a
         negative read inside the positive's pass (NAG, VSF), recorded as the branch ``branch``."""
-        if self._slot is None or branch not in self.plan.branches:
+        if not self.wants_context(branch):
             return
         plan = self.plan
         layer = self._layer_slot[path]
@@ -363,30 +383,28 @@ class AttentionRecorder:
 
 
 class CaptureProcessor:
-    """Wraps a layer's original processor: same output, plus the probabilities for the recorder.
+    """Wraps a cross-attention layer's original processor: same output, plus the probabilities
+    (B·heads, Q, L) for the recorder.
 
-    A processor that reads a context without rows of its own (NAG, VSF: see
-    ``negprompt.guidance.attention_processors``) calls :meth:`observe_context`, and calls this one on
-    the whole batch, since ``observes_attention`` is set.
+    An :class:`~negprompt.layers.processors.AttentionObserver`: a processor that replaces the layer's
+    attention for a rule (NAG, VSF) calls this one on the whole batch and hands it the attention on
+    the negative it reads (:meth:`observe_context`).
     """
-
-    observes_attention = True
 
     def __init__(self, original: Any, recorder: AttentionRecorder, path: str) -> None:
         self.original = original
         self.recorder = recorder
         self.path = path
 
-    def observe_context(self, attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor, branch: str) -> None:
-        """Records the attention of ``hidden_states`` (B, Q, C) on ``context`` (B, L, D) as the branch ``branch``."""
-        if self.recorder._slot is not None:
-            self.recorder.record_context(
-                self.path, branch, attention_probabilities(attn, hidden_states, context), attn.heads
-            )
+    def wants_context(self, branch: str) -> bool:
+        return self.recorder.wants_context(branch)
+
+    def observe_context(self, branch: str, probabilities: torch.Tensor, heads: int) -> None:
+        self.recorder.record_context(self.path, branch, probabilities, heads)
 
     def __call__(
         self,
-        attn: Attention,
+        attn: Any,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -395,37 +413,42 @@ class CaptureProcessor:
     ) -> torch.Tensor:
         output = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         if self.recorder.active and encoder_hidden_states is not None:
-            self.recorder.record(
-                self.path,
-                attention_probabilities(attn, hidden_states, encoder_hidden_states, attention_mask, temb),
-                attn.heads,
+            probabilities = cross_attention_probabilities(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb
             )
+            self.recorder.record(self.path, probabilities, attn.heads)
         return output
 
 
-def attention_probabilities(
-    attn: Attention,
-    hidden_states: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    temb: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """softmax(q·kᵀ·scale) over the keys, (B·heads, Q, L), with the layer's own pre-processing."""
-    if attn.spatial_norm is not None:
-        hidden_states = attn.spatial_norm(hidden_states, temb)
-    if hidden_states.ndim == 4:
-        b, c, h, w = hidden_states.shape
-        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-    batch, length = encoder_hidden_states.shape[0], encoder_hidden_states.shape[1]
-    if attention_mask is not None:
-        attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    if attn.norm_cross:
-        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-    query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-    key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-    return attn.get_attention_scores(query, key, attention_mask)
+class JointCaptureProcessor(CaptureProcessor):
+    """Wraps a joint attention layer's original processor (SD3, FLUX): same output, plus the
+    image-query × text-key probabilities (B·heads, N, L) for the recorder."""
+
+    def __init__(self, original: Any, recorder: AttentionRecorder, path: str, text_length: int) -> None:
+        super().__init__(original, recorder, path)
+        self.text_length = text_length
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        if image_rotary_emb is None:  # SD3's processor takes no rotary embedding
+            output = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        else:
+            output = self.original(
+                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs
+            )
+        if self.recorder.active:
+            probabilities = joint_attention_probabilities(
+                attn, hidden_states, encoder_hidden_states, self.text_length, image_rotary_emb
+            )
+            self.recorder.record(self.path, probabilities, attn.heads)
+        return output
 
 
 @contextmanager
@@ -441,20 +464,17 @@ def capture_attention(
     captures of several groups nest.
     """
     recorder = AttentionRecorder(plan, reducer, group)
-    originals = dict(denoiser.attn_processors)
     wanted = {layer.path for layer in plan.layers}
-    replacement = {}
-    for key, processor in originals.items():
-        path = key.removesuffix(".processor")
+
+    def make(path: str, original: Any) -> Any:
         if path not in wanted:
-            replacement[key] = processor
-        elif is_joint_attention(denoiser.get_submodule(path)):
-            replacement[key] = JointCaptureProcessor(processor, recorder, path, plan.text_length)
-        else:
-            replacement[key] = CaptureProcessor(processor, recorder, path)
-    denoiser.set_attn_processor(replacement)
-    try:
-        yield recorder
-    finally:
-        recorder.finish()
-        denoiser.set_attn_processor(originals)
+            return None
+        if plan.layout.kind == "joint":
+            return JointCaptureProcessor(original, recorder, path, plan.text_length)
+        return CaptureProcessor(original, recorder, path)
+
+    with installed(denoiser, make):
+        try:
+            yield recorder
+        finally:
+            recorder.finish()

@@ -23,6 +23,7 @@ from negprompt.attention.capture import (
     plan_capture,
 )
 from negprompt.attention.tokens import TextKeys, tokenize_words
+from negprompt.files import write_atomically
 from negprompt.guidance import syntax
 from negprompt.guidance.plan import UNCONDITIONAL
 from negprompt.models.components import Components
@@ -85,11 +86,14 @@ class AttentionCapture:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         maps_path, index_path = folder / MAPS_FILE, folder / INDEX_FILE
-        tmp_maps, tmp_index = folder / (MAPS_FILE + ".tmp"), folder / (INDEX_FILE + ".tmp")
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp_maps))
-        tmp_index.write_text(json.dumps(self.index, indent=2) + "\n")
-        tmp_maps.replace(maps_path)
-        tmp_index.replace(index_path)
+
+        def write_one(final: Path, temporary: Path) -> None:
+            if final == maps_path:
+                save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(temporary))
+            else:
+                temporary.write_text(json.dumps(self.index, indent=2) + "\n")
+
+        write_atomically([maps_path, index_path], write_one)  # both files or neither
         return maps_path, index_path
 
     @classmethod
@@ -117,7 +121,7 @@ def check_second_prompts(settings: RunSpec, request: CaptureRequest, components:
         if term is None or term.prompt_2 is None:
             continue
         for first, second in zip(term.prompts_for(batch), term.second_texts_at(0, settings.steps, batch)):
-            if components.family.name == "flux":  # the keys are T5's tokens of prompt_2, the words come from prompt
+            if components.attention_layout.keys_from_second_prompt:  # FLUX: T5's tokens of prompt_2 are the keys
                 if second is not None and syntax.plain_text(second) != syntax.plain_text(first):
                     raise CaptureError(
                         f"the {branch} branch's prompt_2 {second!r} differs from its prompt {first!r}; FLUX's attention "
@@ -141,16 +145,16 @@ def plan_for(settings: RunSpec, request: CaptureRequest, model: Session | Compon
     latent_hw = (settings.height // factor, settings.width // factor)
     if components.tokenizer_2 is not None:
         check_second_prompts(settings, request, components)
-    family = components.family
+    plain = {branch: [syntax.plain_text(p) for p in prompts] for branch, prompts in branch_prompts(settings).items()}
     return plan_capture(
         components.denoiser,
         components.tokenizer,
-        branch_prompts(settings),
+        plain,
         request,
         calls,
         latent_hw,
-        TextKeys.from_segments(family.text_key_segments(components)),
-        family.attention_patch(components),
+        components.attention_layout,
+        TextKeys.from_segments(components.family.text_key_segments(components)),
     )
 
 

@@ -1,16 +1,25 @@
-"""Attention processors for rules that act inside cross-attention layers (NAG, VSF).
+"""Attention processors for rules whose negative acts inside attention (NAG, VSF), installed per call.
 
-For one denoiser call, :func:`negative_in_attention` installs on every cross-attention layer (keyed by
-its module path) a processor that recomputes the positive branch's rows with the negative's context,
-and restores the layers' processors on exit, also after an error. Other rows (e.g. ∅ rows of a CFG
-run) go through the layer's own processor unchanged. The attention is computed as diffusers'
-``AttnProcessor2_0`` computes it (same projections, norms and output layers), so only the formula of
-the rule differs. Imports torch: rules import this module in ``prepare`` only.
+For one denoiser call, :func:`negative_in_attention` installs on every layer with text keys (keyed
+by module path, through :func:`negprompt.layers.processors.installed`) a processor that recomputes
+the positive branch's rows with the rule's combination of the positive's and the negative's
+attention, and restores the layers' processors on exit, also after an error. Which processor
+depends on the family's :class:`~negprompt.layers.layout.AttentionLayout`:
+
+- ``"cross"`` (UNets): :class:`NegativeAttentionProcessor` — the negative is a second text context
+  of each cross-attention layer;
+- ``"joint"`` (SD3, FLUX): :mod:`negprompt.guidance.joint_attention_processors` — the negative runs
+  as a text stream of its own through the blocks.
+
+Other rows (e.g. ∅ rows of a CFG run) go through the layer's own processor unchanged. Everything
+but the combination is computed as the layers' own processors compute it
+(:mod:`negprompt.layers.attention`), so only the rule's formula differs. Imports torch: rules
+import this module in ``prepare`` only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,85 +27,46 @@ import torch
 import torch.nn.functional as F
 
 from negprompt.guidance import formulas
-
-# (attn, query (B, H, Q, d), keys, values (B, H, L, d), negative keys, values (B, H, L⁻, d)) → Z (B, Q, H·d)
-Combine = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _heads(attn: Any, x: torch.Tensor) -> torch.Tensor:
-    """(B, L, H·d) → (B, H, L, d)."""
-    batch = x.shape[0]
-    return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-
-def _merge(z: torch.Tensor) -> torch.Tensor:
-    """(B, H, Q, d) → (B, Q, H·d)."""
-    batch, heads, queries, dim = z.shape
-    return z.transpose(1, 2).reshape(batch, queries, heads * dim)
-
-
-def keys_values(attn: Any, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's keys and values of a text context (B, L, D): each (B, H, L, d)."""
-    if attn.norm_cross:
-        context = attn.norm_encoder_hidden_states(context)
-    key, value = _heads(attn, attn.to_k(context)), _heads(attn, attn.to_v(context))
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    return key, value
-
-
-def cross_attention(
-    attn: Any,
-    hidden_states: torch.Tensor,
-    context: torch.Tensor,
-    negative: torch.Tensor,
-    combine: Combine,
-    temb: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The layer's output for ``hidden_states`` with ``combine`` in place of softmax(qKᵀ/√d)V, as
-    ``AttnProcessor2_0`` computes the rest (spatial and group norms, projections, output layers, residual)."""
-    residual = hidden_states
-    if attn.spatial_norm is not None:
-        hidden_states = attn.spatial_norm(hidden_states, temb)
-    shape = hidden_states.shape
-    if hidden_states.ndim == 4:
-        hidden_states = hidden_states.view(shape[0], shape[1], shape[2] * shape[3]).transpose(1, 2)
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    query = _heads(attn, attn.to_q(hidden_states))
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    key, value = keys_values(attn, context)
-    key_negative, value_negative = keys_values(attn, negative)
-    out = combine(attn, query, key, value, key_negative, value_negative).to(query.dtype)
-    out = attn.to_out[1](attn.to_out[0](out))
-    if len(shape) == 4:
-        out = out.transpose(-1, -2).reshape(shape)
-    if attn.residual_connection:
-        out = out + residual
-    return out / attn.rescale_output_factor
+from negprompt.layers.attention import (
+    Combine,
+    attention_paths,
+    cross_attention_output,
+    cross_attention_probabilities,
+    cross_keys_values,
+    join_tokens,
+    merge_heads,
+)
+from negprompt.layers.layout import AttentionLayout
+from negprompt.layers.processors import installed, observer_of
 
 
 def nag_combine(phi: float, tau: float, alpha: float) -> Combine:
-    """Z⁺ and Z⁻ in one attention call, then :func:`negprompt.guidance.formulas.nag`."""
+    """Z⁺ over the positive's keys and Z⁻ over the negative's (each with the image keys in a joint
+    layer) in one attention call, then :func:`negprompt.guidance.formulas.nag`."""
 
-    def combine(attn, query, key, value, key_negative, value_negative):
+    def combine(query, text, negative, image=None):
+        if image is not None:
+            text, negative = join_tokens(text, image), join_tokens(negative, image)
         both = F.scaled_dot_product_attention(
-            torch.cat([query, query]), torch.cat([key, key_negative]), torch.cat([value, value_negative])
+            torch.cat([query, query]), torch.cat([text[0], negative[0]]), torch.cat([text[1], negative[1]])
         )
-        positive, negative = _merge(both).chunk(2)
-        return formulas.nag(positive, negative, phi, tau, alpha)
+        positive, negative_out = merge_heads(both).chunk(2)
+        return formulas.nag(positive, negative_out, phi, tau, alpha)
 
     return combine
 
 
-def vsf_combine(scale: float, offset: float) -> Combine:
-    """:func:`negprompt.guidance.formulas.vsf_attention`; the negative's start token (CLIP's attention
-    sink) is left out of the appended keys."""
+def vsf_combine(scale: float, offset: float, start_tokens: int) -> Combine:
+    """:func:`negprompt.guidance.formulas.vsf_attention`: the negative's text keys appended to the
+    positive's (and the image keys, in a joint layer) with their values' sign flipped; its first
+    ``start_tokens`` tokens (CLIP's start token, the attention sink) left out."""
 
-    def combine(attn, query, key, value, key_negative, value_negative):
-        z = formulas.vsf_attention(query, key, value, key_negative[:, :, 1:], value_negative[:, :, 1:], scale, offset)
-        return _merge(z)
+    def combine(query, text, negative, image=None):
+        keys, values = text if image is None else join_tokens(text, image)
+        z = formulas.vsf_attention(
+            query, keys, values, negative[0][:, :, start_tokens:], negative[1][:, :, start_tokens:], scale, offset
+        )
+        return merge_heads(z)
 
     return combine
 
@@ -105,8 +75,9 @@ class NegativeAttentionProcessor:
     """A cross-attention layer's processor for one call: rows ``rows`` (the positive branch's) are
     recomputed with ``combine`` and the negative context (B, L⁻, D); others go through ``original``.
 
-    An ``original`` that observes attention (``observes_attention``, e.g. attention capture) still sees
-    the whole batch and, through ``observe_context``, the positive rows' attention on the negative.
+    An ``original`` that observes attention (:class:`~negprompt.layers.processors.AttentionObserver`,
+    e.g. attention capture) still sees the whole batch, and is given the positive rows' attention on
+    the negative as the branch ``branch``.
     """
 
     def __init__(
@@ -114,6 +85,7 @@ class NegativeAttentionProcessor:
     ) -> None:
         self.original, self.rows, self.negative, self.combine = original, rows, negative, combine
         self.branch = branch  # the negative's branch name, for observers
+        self.observer = observer_of(original)
 
     def __call__(
         self,
@@ -127,18 +99,16 @@ class NegativeAttentionProcessor:
         if encoder_hidden_states is None or attention_mask is not None:  # self-attention, or a masked layer
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         rows, whole = self.rows, self.rows == slice(0, hidden_states.shape[0])
-        guided = cross_attention(
-            attn,
-            hidden_states[rows],
-            encoder_hidden_states[rows],
-            self.negative,
-            self.combine,
-            None if temb is None else temb[rows],
-        )
-        observer = self.original if getattr(self.original, "observes_attention", False) else None
-        if observer is not None:  # e.g. attention capture: the negative's maps as a branch of their own
-            observer.observe_context(attn, hidden_states[rows], self.negative, self.branch)
-        if whole and observer is None:  # one pass per step (scale 1): only the positive's rows
+        image, text = hidden_states[rows], encoder_hidden_states[rows]
+
+        def attend(query: torch.Tensor) -> torch.Tensor:
+            return self.combine(query, cross_keys_values(attn, text), cross_keys_values(attn, self.negative), None)
+
+        guided = cross_attention_output(attn, image, attend, None if temb is None else temb[rows])
+        if self.observer is not None and self.observer.wants_context(self.branch):
+            probabilities = cross_attention_probabilities(attn, image, self.negative)
+            self.observer.observe_context(self.branch, probabilities, attn.heads)
+        if whole and self.observer is None:  # one pass per step (scale 1): only the positive's rows
             return guided
         out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         out = out.clone()
@@ -146,32 +116,28 @@ class NegativeAttentionProcessor:
         return out
 
 
-def cross_attention_paths(unet: Any) -> list[str]:
-    """Module paths of the UNet's cross-attention layers."""
-    return [
-        key.removesuffix(".processor")
-        for key in getattr(unet, "attn_processors", {})
-        if getattr(unet.get_submodule(key.removesuffix(".processor")), "is_cross_attention", False)
-    ]
-
-
 @contextmanager
 def negative_in_attention(
-    unet: Any, rows: slice, negative: torch.Tensor, combine: Combine, branch: str = "negative"
+    denoiser: Any,
+    layout: AttentionLayout,
+    rows: slice,
+    negative: torch.Tensor,
+    combine: Combine,
+    branch: str = "negative",
 ) -> Iterator[None]:
-    """Installs :class:`NegativeAttentionProcessor` on every cross-attention layer for one call and
-    restores the processors found on exit (also on error)."""
-    originals = dict(unet.attn_processors)
-    wanted = set(cross_attention_paths(unet))
-    unet.set_attn_processor(
-        {
-            key: NegativeAttentionProcessor(processor, rows, negative, combine, branch)
-            if key.removesuffix(".processor") in wanted
-            else processor
-            for key, processor in originals.items()
-        }
-    )
-    try:
+    """For one call, the positive's rows ``rows`` read the negative's text states ``negative`` (B, L⁻, D)
+    inside every layer with text keys, combined by ``combine``; the processors found are restored on
+    exit (also on error)."""
+    if layout.kind == "joint":
+        from negprompt.guidance.joint_attention_processors import negative_in_joint_attention
+
+        with negative_in_joint_attention(denoiser, rows, negative, combine, branch):
+            yield
+        return
+    wanted = set(attention_paths(denoiser, layout.kind))
+
+    def make(path: str, original: Any) -> Any:
+        return NegativeAttentionProcessor(original, rows, negative, combine, branch) if path in wanted else None
+
+    with installed(denoiser, make):
         yield
-    finally:
-        unet.set_attn_processor(originals)

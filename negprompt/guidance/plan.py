@@ -186,6 +186,8 @@ def _per_image(prompt: str | tuple[str, ...], batch_size: int) -> list[str]:
 
 
 def _check_scale(value: float | None, what: str) -> None:
+    """Raises unless ``value`` is None or a finite number within ±``MAX_SCALE``."""
+    check_number(value, what)
     if value is not None and abs(value) > MAX_SCALE:
         raise GuidanceError(f"{what} {value:g} is outside ±{MAX_SCALE:g}; guidance scales are used at 1–20")
 
@@ -219,7 +221,6 @@ class Guidance:
                 f"settings {type(settings).__name__} do not belong to rule {self.rule!r}; give {rule.Settings.__name__}"
             )
         object.__setattr__(self, "settings", settings)
-        check_number(self.scale, "guidance scale")
         _check_scale(self.scale, "guidance scale")
         check_number(self.rescale, "rescale φ")
         if not 0.0 <= self.rescale <= 1.0:
@@ -228,7 +229,6 @@ class Guidance:
         if self.positive.scale is not None:
             raise GuidanceError("the positive prompt's scale is the guidance scale; set `scale` instead")
         for term in self.negatives + self.extra_positives:
-            check_number(term.scale, f"scale of prompt {term.prompt!r}")
             _check_scale(term.scale, f"scale of prompt {term.prompt!r}")
         rule.check(self)
 
@@ -254,7 +254,8 @@ class Guidance:
         return self.scale - 1.0 if term.scale is None else float(term.scale)
 
     def validate(self, num_steps: int) -> None:
-        """Raises if a window or the interval does not fit a schedule of ``num_steps`` UNet calls."""
+        """Raises if a window, the interval or a prompt edit does not fit a schedule of ``num_steps`` UNet
+        calls (checked where a run is specified: ``Session.check``)."""
         for term in self.terms.values():
             term.window.resolve(num_steps)
             for prompt in term.all_prompts:

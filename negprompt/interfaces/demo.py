@@ -7,7 +7,6 @@ largest channel difference, white = 1). The rows' (prompt, negative) pairs are t
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from negprompt.api import Generation, to_uint8
-from negprompt.errors import NegpromptError
+from negprompt.files import write_atomically, write_json
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
-from negprompt.interfaces.outputs import write_atomically
 from negprompt.session import Session, as_session
 
 # The bundled model's pairs (its negprompt.json declares the same): most rows remove a hat, the thing
@@ -49,16 +47,8 @@ VARIANTS = (
 
 def demo_pairs(session: Session) -> tuple[tuple[str, str], ...]:
     """The model's ``demo_pairs`` ([[prompt, negative], …] in its negprompt.json), else :data:`DEMO_PAIRS`."""
-    declared = session.components.declarations.get("demo_pairs")
-    if declared is None:
-        return DEMO_PAIRS
-    if not (
-        isinstance(declared, list)
-        and declared
-        and all(isinstance(p, list) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in declared)
-    ):
-        raise NegpromptError("demo_pairs in the model's negprompt.json must be a list of [prompt, negative] pairs")
-    return tuple((prompt, negative) for prompt, negative in declared)
+    declared = session.components.declarations.demo_pairs
+    return DEMO_PAIRS if declared is None else declared
 
 
 def run_demo(out_dir: str | Path, model=None, seeds=(0, 1, 2), steps: int | None = None, progress: bool = False):
@@ -85,7 +75,7 @@ def run_demo(out_dir: str | Path, model=None, seeds=(0, 1, 2), steps: int | None
     }
     png, js = out_dir / "demo.png", out_dir / "demo.json"
     write_atomically([png], lambda final, tmp: figure.save(tmp, format="PNG"))
-    write_atomically([js], lambda final, tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    write_json(js, record, indent=2)
     return png, js, record
 
 

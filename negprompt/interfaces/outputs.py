@@ -1,4 +1,4 @@
-"""Output paths: checked before any work starts, written atomically, never silently replaced.
+"""Output paths: checked before any work starts, never silently replaced (written by :mod:`negprompt.files`).
 
 Light on purpose (no torch, numpy or PIL): the command line checks its outputs before it imports the
 model code.
@@ -7,7 +7,6 @@ model code.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -36,35 +35,6 @@ def check_destination(path: str | Path, folder: bool = False) -> None:
         raise OutputError(f"cannot write {path}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {path}: the folder {ancestor} is not writable")
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_atomically(paths: Sequence[Path], write_one) -> list[Path]:
-    """Writes every file to a temporary name first, then renames them all: all files or none.
-
-    The files get the mode the user's umask gives new files (the temporary file is private).
-    """
-    temporaries: list[Path] = []
-    mode = 0o666 & ~_umask()
-    try:
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, name = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-            os.close(handle)
-            temporaries.append(Path(name))
-            write_one(path, Path(name))
-            os.chmod(name, mode)
-        for temporary, path in zip(temporaries, paths):
-            os.replace(temporary, path)
-    finally:
-        for temporary in temporaries:
-            temporary.unlink(missing_ok=True)
-    return list(paths)
 
 
 def output_paths(out: str | Path, seeds: Sequence[int]) -> list[Path]:

@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from negprompt.api import Generation, RunSpec, SettingsError, to_uint8
-from negprompt.interfaces.outputs import output_paths, write_atomically
+from negprompt.files import write_atomically
+from negprompt.interfaces.outputs import output_paths
 
 SETTINGS_CHUNK = "negprompt"
 INFOTEXT_CHUNK = "parameters"

@@ -7,6 +7,9 @@ from typing import Any
 
 import torch
 
+from negprompt.layers.layout import AttentionLayout
+from negprompt.models.declarations import Declarations
+
 
 @dataclass
 class Components:
@@ -17,7 +20,8 @@ class Components:
     ``family`` is the adapter of the model's family (:mod:`negprompt.models.families`); when not
     given it follows from the parts: Stable Diffusion with a VAE, the pixel family without.
     ``declarations``: what the model says of itself in its ``negprompt.json`` (default steps, scale
-    and scheduler; a region finder; demo prompts), read when it is loaded.
+    and scheduler; a region finder; demo prompts), read when it is loaded; a mapping given here is
+    parsed into :class:`~negprompt.models.declarations.Declarations`.
     ``text_encoder_2``/``tokenizer_2``: SDXL's second text encoder (with projection) and its tokenizer.
     ``pipeline_options``: the settings of ``model_index.json`` that are not parts, e.g. SDXL's
     ``force_zeros_for_empty_prompt``. ``embeddings``: textual-inversion embeddings loaded into the
@@ -31,7 +35,7 @@ class Components:
     vae: Any | None = None  # diffusers.AutoencoderKL
     source: str = "in memory"
     family: Any = None  # negprompt.models.family.ModelFamily
-    declarations: dict[str, Any] = field(default_factory=dict)
+    declarations: Declarations = field(default_factory=Declarations)
     text_encoder_2: Any | None = None  # transformers.CLIPTextModelWithProjection (SDXL)
     tokenizer_2: Any | None = None
     pipeline_options: dict[str, Any] = field(default_factory=dict)
@@ -41,10 +45,16 @@ class Components:
     tokenizer_3: Any | None = None
 
     def __post_init__(self) -> None:
+        self.declarations = Declarations.from_json(self.declarations)
         if self.family is None:
             from negprompt.models.families import family_for_parts
 
             self.family = family_for_parts(self)
+
+    @property
+    def attention_layout(self) -> AttentionLayout:
+        """How the denoiser's attention layers hold the text (the family's description)."""
+        return self.family.attention_layout(self)
 
     @property
     def latent_factor(self) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from negprompt.errors import NegpromptError
+from negprompt.layers.layout import AttentionLayout
 from negprompt.models.conditioning import (
     Conditioning,
     ConditioningError,
@@ -28,6 +29,7 @@ from negprompt.models.conditioning import (
     denoiser_inputs,
     guidance_embedding,
 )
+from negprompt.models.declarations import Declarations
 from negprompt.models.prompts import encode_prompts
 
 
@@ -49,7 +51,7 @@ class Parts(Protocol):
     text_encoder_3: Any | None  # SD3's T5
     tokenizer_3: Any | None
     pipeline_options: dict[str, Any]  # model_index.json's settings, e.g. force_zeros_for_empty_prompt
-    declarations: dict[str, Any]  # the model's negprompt.json
+    declarations: Declarations  # the model's negprompt.json
 
     @property
     def device(self) -> torch.device: ...
@@ -60,6 +62,18 @@ class Parts(Protocol):
     @property
     def dtype(self) -> torch.dtype: ...
 
+
+# The model parts a family may read, besides the scheduler and the VAE.
+PART_SLOTS = (
+    "unet",
+    "transformer",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+)
 
 PartLoader = Callable[..., Any]  # (part name, base class, **from_pretrained kwargs) → the loaded part
 
@@ -80,6 +94,17 @@ class ModelFamily:
         """Whether a model directory with this ``model_index.json`` belongs to the family."""
         has_vae = (index.get("vae") or [None])[0] is not None
         return index.get("_class_name", "NegpromptPipeline") in self.pipeline_classes and has_vae == self.has_vae
+
+    denoiser_classes: ClassVar[tuple[str, ...]] = ("UNet2DConditionModel",)  # the denoisers it calls
+
+    def matches_parts(self, parts: Parts) -> bool:
+        """Whether parts built in memory are the family's: a denoiser of a class it calls, its required
+        parts, no model part it does not read (e.g. a second text encoder), a VAE if and only if it has one."""
+        if type(parts.denoiser).__name__ not in self.denoiser_classes or (parts.vae is not None) != self.has_vae:
+            return False
+        present = {slot for slot in PART_SLOTS if getattr(parts, slot, None) is not None}
+        required = set(self.required_parts) & set(PART_SLOTS)
+        return required <= present <= required | set(self.optional_parts)
 
     # ---------------------------------------------------------------- loading
 
@@ -133,8 +158,11 @@ class ModelFamily:
     # ---------------------------------------------------------------- geometry
 
     def latent_factor(self, components: Parts) -> int:
-        """Pixels per latent cell."""
-        return 1
+        """Pixels per latent cell: 2^(number of VAE down blocks − 1) (8 for SD, SDXL, SD3 and FLUX), or 1
+        for a family without a VAE."""
+        if not self.has_vae:
+            return 1
+        return 2 ** (len(components.vae.config.block_out_channels) - 1)
 
     def latent_channels(self, components: Parts) -> int:
         return int(components.denoiser.config.in_channels)
@@ -157,10 +185,15 @@ class ModelFamily:
         tokenizer's tokens padded to its ``model_max_length``."""
         return [(components.tokenizer, 0, int(components.tokenizer.model_max_length))]
 
-    def attention_patch(self, components: Parts) -> int:
-        """Latent cells per side of one image token of a transformer's attention (1 for UNets, whose
-        layers give their own resolutions)."""
-        return 1
+    text_start_tokens: ClassVar[int] = 1  # start tokens leading the text keys (CLIP's; the bundled tokenizer's)
+
+    def attention_layout(self, components: Parts) -> AttentionLayout:
+        """How the denoiser's attention layers hold the text: here a UNet's cross-attention layers (or
+        none, for a UNet without them), the tokenizer's start token leading the keys."""
+        from negprompt.layers.attention import attention_paths
+
+        kind = "cross" if attention_paths(components.denoiser, "cross") else "none"
+        return AttentionLayout(kind, text_start_tokens=self.text_start_tokens)
 
     # ---------------------------------------------------------------- denoising
 

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from negprompt.guidance import syntax
+from negprompt.layers.layout import AttentionLayout
 from negprompt.models.conditioning import Conditioning, ConditioningError, PromptInput
 from negprompt.models.family import ModelFamily, Parts
 from negprompt.models.prompts import check_prompt, encode_t5
-from negprompt.models.stable_diffusion_3 import decode_shifted, image_size_shift, text_length, vae_factor
+from negprompt.models.stable_diffusion_3 import decode_shifted, image_size_shift, text_length
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -62,6 +63,7 @@ class FluxFamily(ModelFamily):
     pipeline_classes = ("FluxPipeline",)
     saved_pipeline_class = "FluxPipeline"
     has_vae = True
+    denoiser_classes = ("FluxTransformer2DModel",)
     second_prompt = True  # prompt_2: T5's prompt
     # FluxPipeline's defaults: 28 steps, guidance 3.5 as an input; true CFG off (s = 1: one pass per step).
     default_sampling = {"scale": 1.0, "steps": 28, "embedded_guidance": 3.5}
@@ -92,14 +94,12 @@ class FluxFamily(ModelFamily):
         """T5's tokens of ``text_2`` (default ``text``)."""
         return [(components.tokenizer_2, 0, text_length(components, components.tokenizer_2, self.default_text_length))]
 
-    def attention_patch(self, components: Parts) -> int:
-        """2: each packed token is a 2×2 patch of latent cells."""
-        return 2
+    def attention_layout(self, components: Parts) -> AttentionLayout:
+        """Joint attention over [text; image] keys, T5's tokens of the second prompt (no start token); each
+        packed image token a 2×2 patch of latent cells."""
+        return AttentionLayout("joint", text_start_tokens=0, patch=2, keys_from_second_prompt=True)
 
     # ---------------------------------------------------------------- geometry
-
-    def latent_factor(self, components: Parts) -> int:
-        return vae_factor(components)
 
     def latent_channels(self, components: Parts) -> int:
         """Channels before packing: the transformer's input is 4 per 2×2 patch."""

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 
 from negprompt.errors import NegpromptError
 from negprompt.models.components import Components
+from negprompt.models.declarations import DECLARATIONS_FILE, Declarations, DeclarationsError
 from negprompt.models.families import family_for_index
 
 BUNDLED_NAME = "shapes"
@@ -26,7 +27,6 @@ BUNDLED_MODELS = {
     BUNDLED_NAME: BUNDLED_PATH,
     DISTILLED_NAME: BUNDLED_PATH.parent / "shapes-distilled",
 }
-DECLARATIONS_FILE = "negprompt.json"  # optional: default sampling and what else the model declares
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
@@ -155,15 +155,18 @@ def source_name(source: str | Path | None, root: Path) -> str:
     return str(source)
 
 
-def read_declarations(root: Path) -> dict:
-    """The model's ``negprompt.json`` (what it declares of itself), or {} when it has none."""
+def read_declarations(root: Path) -> Declarations:
+    """The model's ``negprompt.json`` (what it declares of itself), parsed and checked; empty when it has none."""
     path = root / DECLARATIONS_FILE
     if not path.exists():
-        return {}
+        return Declarations()
     try:
-        declarations = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ModelLoadError(f"{path} is not valid JSON ({error.msg}, line {error.lineno})") from None
-    if not isinstance(declarations, dict):
+    if not isinstance(data, dict):
         raise ModelLoadError(f'{path} must hold a JSON object such as {{"steps": 20, "scale": 7.5}}')
-    return declarations
+    try:
+        return Declarations.from_json(data)
+    except DeclarationsError as error:
+        raise ModelLoadError(f"{path}: {error}") from None

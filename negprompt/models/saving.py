@@ -7,11 +7,11 @@ with the same code.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import diffusers
 
+from negprompt.files import write_json
 from negprompt.models.components import Components
 
 PIPELINE_CLASS = "NegpromptPipeline"
@@ -32,7 +32,7 @@ def save_components(components: Components, folder: str | Path) -> Path:
     names = (denoiser, "text_encoder", "vae") + tuple(
         name for name in ("text_encoder_2", "text_encoder_3") if getattr(components, name) is not None
     )
-    if components.family.name == "stable-diffusion-3" and components.text_encoder_3 is None:
+    if "text_encoder_3" in components.family.optional_parts and components.text_encoder_3 is None:
         names += ("text_encoder_3",)  # listed as null: SD3 without T5
     for name in names:
         part = getattr(components, name)
@@ -50,5 +50,5 @@ def save_components(components: Components, folder: str | Path) -> Path:
             index[name] = [_library_of(tokenizer), tokenizer.__class__.__name__]
     components.scheduler.save_pretrained(folder / "scheduler")
     index["scheduler"] = ["diffusers", components.scheduler.__class__.__name__]
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_json(folder / "model_index.json", index, indent=2)
     return folder

@@ -15,10 +15,6 @@ class StableDiffusionFamily(ModelFamily):
     pipeline_classes = ("StableDiffusionPipeline", "NegpromptPipeline")
     has_vae = True
 
-    def latent_factor(self, components: Parts) -> int:
-        """2^(number of VAE down blocks − 1): 8 for SD."""
-        return 2 ** (len(components.vae.config.block_out_channels) - 1)
-
     def to_pixels(self, components: Parts, latents: torch.Tensor) -> torch.Tensor:
         """x = D(z / scaling_factor), the VAE decoder in the VAE's dtype."""
         latents = latents / components.vae.config.scaling_factor

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from negprompt.layers.layout import AttentionLayout
 from negprompt.models.conditioning import Conditioning, ConditioningError, PromptInput
 from negprompt.models.family import ModelFamily, Parts
 from negprompt.models.prompts import encode_prompt, encode_t5
@@ -41,11 +42,6 @@ def image_size_shift(tokens: int, config: Mapping[str, Any], max_shift: float) -
     return tokens * slope + base_shift - slope * base_len
 
 
-def vae_factor(components: Parts) -> int:
-    """Pixels per latent cell: 2^(number of VAE down blocks − 1), 8 for SD3 and FLUX."""
-    return 2 ** (len(components.vae.config.block_out_channels) - 1)
-
-
 def decode_shifted(components: Parts, latents: torch.Tensor) -> torch.Tensor:
     """x = D(z / scaling_factor + shift_factor), in the VAE's dtype (SD3's and FLUX's VAEs)."""
     config = components.vae.config
@@ -56,9 +52,9 @@ def decode_shifted(components: Parts, latents: torch.Tensor) -> torch.Tensor:
 def text_length(components: Parts, tokenizer: Any, default: int) -> int:
     """T5's ``max_sequence_length``: the model's ``negprompt.json`` value, else ``default`` (the pipeline's),
     at most the T5 tokenizer's ``model_max_length``."""
-    declared = components.declarations.get("max_sequence_length")
+    declared = components.declarations.max_sequence_length
     if declared is not None:
-        return int(declared)
+        return declared
     return int(min(default, getattr(tokenizer, "model_max_length", default) if tokenizer is not None else default))
 
 
@@ -70,6 +66,7 @@ class StableDiffusion3Family(ModelFamily):
     pipeline_classes = ("StableDiffusion3Pipeline",)
     saved_pipeline_class = "StableDiffusion3Pipeline"
     has_vae = True
+    denoiser_classes = ("SD3Transformer2DModel",)
     second_prompt = True
     default_sampling = {"scale": 7.0, "steps": 28}  # StableDiffusion3Pipeline's defaults
     required_parts = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -118,13 +115,12 @@ class StableDiffusion3Family(ModelFamily):
         length = text_length(components, components.tokenizer_3, self.default_text_length)
         return [(components.tokenizer, 0, clip), (components.tokenizer_3, clip, length)]
 
-    def attention_patch(self, components: Parts) -> int:
-        return self.patch_size(components)
+    def attention_layout(self, components: Parts) -> AttentionLayout:
+        """Joint attention over [image; text] keys, CLIP's start token leading the text; one image token
+        per patch of latent cells."""
+        return AttentionLayout("joint", text_start_tokens=1, patch=self.patch_size(components))
 
     # ---------------------------------------------------------------- geometry
-
-    def latent_factor(self, components: Parts) -> int:
-        return vae_factor(components)
 
     def patch_size(self, components: Parts) -> int:
         """Latent cells per transformer token along each side."""

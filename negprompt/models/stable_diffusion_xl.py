@@ -68,10 +68,6 @@ class StableDiffusionXLFamily(ModelFamily):
                 f"of {pooled_width} give {given}: the model's configs do not fit together"
             )
 
-    def latent_factor(self, components: Parts) -> int:
-        """2^(number of VAE down blocks − 1): 8 for SDXL."""
-        return 2 ** (len(components.vae.config.block_out_channels) - 1)
-
     def to_pixels(self, components: Parts, latents: torch.Tensor) -> torch.Tensor:
         """x = D(z / scaling_factor) (or z·std/scaling_factor + mean), in float32 for a float16 VAE with ``force_upcast``."""
         vae = components.vae

@@ -3,16 +3,21 @@
 Each step evaluates every branch the guidance needs at that step in one batched denoiser call per group
 of images (groups in the same state share it), combines the branch predictions with the guidance
 rule and advances the scheduler. A group's call is laid out as when the group runs alone, so its
-images are bit-identical whatever else runs beside it. Branches are named
-(``positive``, ``negative``, ``unconditional`` …), never found by their position in the batch.
+images are bit-identical whatever else runs beside it (the rows and which groups share a call:
+:mod:`negprompt.sampling.rows`). Branches are named (``positive``, ``negative``, ``unconditional``
+…), never found by their position in the batch.
 
 The loop encodes no prompt: it is given each prompt text's encoded
 :class:`~negprompt.models.conditioning.Conditioning` (made beforehand by the model family's adapter,
 see :func:`encode_groups`) and hands them, batched, to the family's ``denoise``, which calls the
 denoiser as the family's pipeline does (a UNet with any added inputs; SD3's and FLUX's transformers,
 FLUX on packed latents). The family also sets the scheduler's timesteps; a flow-matching scheduler
-(SD3, FLUX) makes the predictions velocities, and rules not exact on them are refused before the
-first step. (``UNet`` in names here means the denoiser, whichever it is.)
+(SD3, FLUX) makes the predictions velocities (rules not exact on them are refused when the run is
+specified). (``UNet`` in names here means the denoiser, whichever it is.)
+
+The settings arrive checked (:class:`~negprompt.runspec.RunSpec`, ``Session.check``): the loop
+asserts what it relies on and raises :class:`SamplingError` only for how it is called (conditioning
+missing for an input, rows per call with hooks or with a rule that prepares the denoiser).
 
 Observers see each step through a read-only :class:`StepInfo`; a ``UNetCallHook`` is told, before
 each denoiser call, which step it is and how the batch is laid out (attention capture uses this).
@@ -31,12 +36,27 @@ import torch
 from tqdm.auto import tqdm
 
 from negprompt.errors import NegpromptError
-from negprompt.guidance.plan import UNCONDITIONAL, Guidance, MicroConditions, StepContext
-from negprompt.guidance.rules.base import Rule
-from negprompt.limits import MAX_STEPS
+from negprompt.guidance.plan import Guidance, StepContext
 from negprompt.models.components import Components
 from negprompt.models.conditioning import Conditioning, PromptInput, denoiser_inputs
 from negprompt.models.family import EmbeddedGuidanceError
+from negprompt.sampling.rows import (
+    Group,
+    GroupPlan,
+    Layout,
+    RowBlock,
+    RowInputs,
+    call_rows,
+    group_slices,
+    input_order,
+    layout_at,
+    needed_prompts,
+    planned_inputs,
+    prepares_denoiser,
+    row_blocks,
+    shared_calls,
+    split_rows,
+)
 from negprompt.sampling.schedule import alpha_bar_of, denoiser_calls, flow_sigma
 from negprompt.sampling.schedulers import is_flow_matching
 
@@ -130,117 +150,6 @@ def decode(components: Components, latents: torch.Tensor) -> np.ndarray:
     return components.family.decode(components, latents)
 
 
-@dataclass(frozen=True)
-class Group:
-    """Images that share one guidance: one image per seed. A run may hold several groups."""
-
-    guidance: Guidance
-    seeds: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class RowBlock:
-    """Rows [start, stop) of a UNet call hold the prediction of ``branch`` for the images of ``group``.
-
-    Two groups whose images are in the same state (same seeds, latents, branches and prompts) share
-    a call: its blocks name both groups.
-    """
-
-    group: int
-    branch: str
-    start: int
-    stop: int
-
-
-def _validate_steps(num_steps: int) -> None:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= MAX_STEPS:
-        raise SamplingError(f"steps must be an integer in 1–{MAX_STEPS}, got {num_steps!r}")
-
-
-def _validate(components: Components, groups: Sequence[Group], num_steps: int, height: int, width: int) -> None:
-    """Checks steps, seeds and image size; raises :class:`SamplingError`."""
-    _validate_steps(num_steps)
-    if not groups or any(not group.seeds for group in groups):
-        raise SamplingError("give at least one seed")
-    multiple = components.size_multiple
-    for name, value in (("height", height), ("width", width)):
-        if value <= 0 or value % multiple:
-            raise SamplingError(f"{name} {value} is not a positive multiple of {multiple} (the model's size factor)")
-
-
-@dataclass(frozen=True)
-class RowInputs:
-    """What, besides the prompt texts, decides a row's conditioning in this run: the image size and
-    what the model family conditions on (see :class:`~negprompt.models.conditioning.PromptInput`)."""
-
-    height: int
-    width: int
-    size_conditioned: bool = False  # SDXL: micro-conditions (time ids) per row
-    zeros_when_empty: bool = False  # SDXL's force_zeros_for_empty_prompt, for negative and ∅ rows
-
-    @classmethod
-    def of(cls, components: Components, height: int | None = None, width: int | None = None) -> RowInputs:
-        family, side = components.family, components.default_size
-        return cls(
-            side if height is None else height,
-            side if width is None else width,
-            family.size_conditioned,
-            family.zeros_empty_negatives(components),
-        )
-
-
-def _branch_prompts(
-    group: Group, branch: str, step: int, num_steps: int, rows: RowInputs | None = None
-) -> tuple[PromptInput, ...]:
-    """Each image's conditioning input for ``branch`` at ``step`` (AUTOMATIC1111 prompt edits applied)."""
-    count = len(group.seeds)
-    rows = rows or RowInputs(0, 0)
-    positive = group.guidance.positive
-    if branch == UNCONDITIONAL:
-        texts, seconds, micro = [""] * count, [None] * count, None  # ∅ keeps the positive's size conditions
-    else:
-        term = group.guidance.terms[branch]
-        texts, seconds = term.texts_at(step, num_steps, count), term.second_texts_at(step, num_steps, count)
-        micro = term.micro if term is not positive else None
-    size = None
-    if rows.size_conditioned:  # a negative's own micro-conditions, each missing one the positive's
-        own = micro or positive.micro or MicroConditions()
-        size = own.resolve(rows.height, rows.width, positive.micro if micro else None)
-    zeros = rows.zeros_when_empty and not branch.startswith("positive")
-    return tuple(PromptInput(t, s, size, zeros) for t, s in zip(texts, seconds))
-
-
-def _plan_texts(
-    groups: Sequence[Group], plans: Sequence[Sequence[Sequence[str]]], calls: int, rows: RowInputs | None = None
-) -> set[PromptInput]:
-    """Conditioning inputs of the branches ``plans[g][step]`` evaluates."""
-    return {
-        t
-        for g, group in enumerate(groups)
-        for step, branches in enumerate(plans[g])
-        for b in branches
-        for t in _branch_prompts(group, b, step, calls, rows)
-    }
-
-
-def needed_prompts(groups: Sequence[Group], num_calls: int, rows: RowInputs | None = None) -> list[PromptInput]:
-    """Every distinct conditioning input the groups' plans evaluate over ``num_calls`` denoiser calls, sorted."""
-    for group in groups:
-        group.guidance.validate(num_calls)
-    plans = [[_needed_branches(group, step, num_calls) for step in range(num_calls)] for group in groups]
-    return sorted(_plan_texts(groups, plans, num_calls, rows), key=_input_order)
-
-
-def _needed_branches(group: Group, step: int, num_steps: int) -> list[str]:
-    """Branches whose conditioning a step needs: the denoiser's rows and the rule's attention contexts."""
-    guidance = group.guidance
-    return guidance.branches_at(step, num_steps) + guidance.contexts_at(step, num_steps)
-
-
-def _input_order(item: PromptInput) -> tuple:
-    return (item.text, item.text_2 or "", item.size_conditions or (), item.zeros_when_empty)
-
-
 def encode_groups(
     components: Components,
     groups: Sequence[Group],
@@ -251,10 +160,24 @@ def encode_groups(
 ) -> dict[PromptInput, Conditioning]:
     """The conditioning :func:`sample_groups` needs for images of ``height`` × ``width`` (default: the
     model's size): each input of the plans encoded once, alone, by the model family's adapter (so an
-    image's conditioning never depends on its batch)."""
-    _validate_steps(num_steps)
+    image's conditioning never depends on its batch). The groups' plans must fit the schedule (see
+    :meth:`negprompt.session.Session.check`)."""
+    assert num_steps >= 1, "steps are checked where the run is specified (RunSpec)"
     calls = denoiser_calls("default", scheduler, num_steps)
     return components.family.encode(components, needed_prompts(groups, calls, RowInputs.of(components, height, width)))
+
+
+@dataclass(frozen=True)
+class CallSetup:
+    """What every denoiser call of a run shares: the model, each input's encoded conditioning, the
+    embedded guidance scale's inputs ({} for models that take none), the hooks told each call's layout,
+    and the largest number of rows one call may take (None: whole calls)."""
+
+    components: Components
+    conditioning: Mapping[PromptInput, Conditioning]
+    guidance_input: Mapping[str, torch.Tensor]
+    unet_hooks: Sequence[UNetCallHook] = ()
+    max_rows_per_call: int | None = None
 
 
 @torch.inference_mode()
@@ -281,10 +204,9 @@ def sample_groups(
     :func:`encode_groups`); the UNet gets them batched as ``encoder_hidden_states`` and, when the
     family provides them, ``added_cond_kwargs``.
 
-    Each group's call holds only its own rows, in the order it has when run alone: CPU kernels sum
-    in another order for another batch size (one level in one pixel), so a shared call would make an
-    image depend on its neighbours. Groups in the same state at a step (e.g. a delayed negative
-    before its window opens and the plain run) share one call.
+    Each group's call holds only its own rows, in the order it has when run alone; groups in the same
+    state at a step (e.g. a delayed negative before its window opens and the plain run) share one call
+    (see :mod:`negprompt.sampling.rows`).
 
     ``max_rows_per_call`` splits each call into chunks of at most so many rows: the images agree up
     to float rounding (measured ≤ 2e-5), and on a CPU very large batches cost more per row. It is
@@ -298,105 +220,52 @@ def sample_groups(
     All groups share the schedule. Images come out in group order. ``scheduler`` is consumed (its
     state advances); pass a fresh one per call. ``num_steps`` is given to ``scheduler.set_timesteps``;
     the loop runs one UNet call per entry of ``scheduler.timesteps`` and windows count those calls.
+
+    The settings are checked before (:class:`~negprompt.runspec.RunSpec` and
+    :meth:`negprompt.session.Session.check`: steps, seeds, size, windows, the rule on this model);
+    the loop asserts what it relies on.
     """
-    _validate(components, groups, num_steps, height, width)
-    if max_rows_per_call is not None and (max_rows_per_call < 1 or unet_hooks):
-        raise SamplingError(
-            f"max_rows_per_call must be a positive number of rows and cannot be combined with unet_hooks, "
-            f"got {max_rows_per_call!r} with {len(unet_hooks)} hook(s)"
-        )
-    if max_rows_per_call is not None and any(
-        type(group.guidance.rule_object).prepare is not Rule.prepare for group in groups
-    ):
-        raise SamplingError("max_rows_per_call cannot split the calls of a rule that prepares the denoiser (NAG, VSF)")
+    assert num_steps >= 1 and groups and all(group.seeds for group in groups), "checked by RunSpec"
+    assert height % components.size_multiple == 0 and width % components.size_multiple == 0, "checked by Session"
+    _check_rows_per_call(groups, max_rows_per_call, unet_hooks)
     device, dtype = components.device, components.dtype
     family = components.family
     try:
         guidance_input = family.guidance_inputs(components, embedded_guidance)
     except EmbeddedGuidanceError as error:
         raise SamplingError(str(error)) from None
-    for group in groups:
-        group.guidance.rule_object.check_prediction(prediction_type(scheduler))
     scheduler.set_timesteps(num_steps, device=device, **family.timestep_settings(components, num_steps, height, width))
     timesteps = scheduler.timesteps
     calls = len(timesteps)
-    for group in groups:
-        group.guidance.validate(calls)
-    plans = [[group.guidance.branches_at(step, calls) for step in range(calls)] for group in groups]
-    contexts = [[group.guidance.contexts_at(step, calls) for step in range(calls)] for group in groups]
+    plans = [GroupPlan.of(group, calls) for group in groups]
     states = [group.guidance.new_state(len(group.seeds)) for group in groups]
     alpha_bars = [float(_alpha_bar(scheduler, t)) for t in timesteps] + [1.0]
-
     rows_inputs = RowInputs.of(components, height, width)
-    needed = [[rows_of + extra for rows_of, extra in zip(p, c)] for p, c in zip(plans, contexts)]
-    missing = sorted(_plan_texts(groups, needed, calls, rows_inputs) - set(conditioning), key=_input_order)
-    if missing:
-        raise SamplingError(
-            f"no conditioning given for the prompt(s) {', '.join(repr(m.text) for m in missing)}; "
-            "encode every prompt of the plan (see encode_groups)"
-        )
+    _check_conditioning(planned_inputs(groups, plans, calls, rows_inputs), conditioning)
+    setup = CallSetup(components, conditioning, guidance_input, unet_hooks, max_rows_per_call)
 
-    slices, start = [], 0
-    for group in groups:
-        slices.append(slice(start, start + len(group.seeds)))
-        start += len(group.seeds)
-    seeds = [seed for group in groups for seed in group.seeds]
-    generators = make_generators(seeds)
+    slices = group_slices(groups)
+    generators = make_generators([seed for group in groups for seed in group.seeds])
     shape = components.family.latent_shape(components, height, width)
     latents = initial_noise(generators, shape, dtype).to(device)  # drawn on the CPU: equal on every device
     latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts at σ = 1: no scaling
-
-    step_parameters = inspect.signature(scheduler.step).parameters
-    step_kwargs: dict[str, Any] = {}
-    if "eta" in step_parameters:
-        step_kwargs["eta"] = eta
-    if "generator" in step_parameters:
-        step_kwargs["generator"] = generators
+    step_kwargs = _step_keywords(scheduler, eta, generators)
 
     trace: list[StepInfo] | None = [] if keep_trace else None
-    # Rules that prepare the denoiser (e.g. attention processors) never share a call with another group.
-    prepares_denoiser = [type(group.guidance.rule_object).prepare is not Rule.prepare for group in groups]
+    attention_layout = components.attention_layout  # the family's, for rules that act in attention
     rows = 0
     for step, t in enumerate(tqdm(timesteps, disable=not progress, unit="step", leave=False)):
         model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
-        context = StepContext(step, calls, alpha_bars[step], alpha_bars[step + 1])
+        context = StepContext(step, calls, alpha_bars[step], alpha_bars[step + 1], attention_layout)
+        # Each group's branches (in plan order) with every image's input at this step.
+        layouts = [layout_at(group, plan.rows[step], step, calls, rows_inputs) for group, plan in zip(groups, plans)]
         predictions_of: dict[int, dict[str, torch.Tensor]] = {}
-        # Each group's branches (in plan order) with every image's prompt at this step.
-        layouts = [
-            {branch: _branch_prompts(group, branch, step, calls, rows_inputs) for branch in plans[g][step]}
-            for g, group in enumerate(groups)
-        ]
-        # One UNet call per group (its rows branch-major, as when it runs alone), so an image never
-        # depends on the other groups of the run; groups in the same state share one call.
-        for g, group in enumerate(groups):
-            if g in predictions_of:
-                continue  # shares the call of an earlier group
-            prepares = prepares_denoiser[g]
-            sharing = [g] + [
-                other
-                for other in range(g + 1, len(groups))
-                if not prepares
-                and not prepares_denoiser[other]
-                and other not in predictions_of
-                and groups[other].seeds == group.seeds
-                and list(layouts[other].items()) == list(layouts[g].items())
-                and torch.equal(latents[slices[other]], latents[slices[g]])
-            ]
+        for sharing in shared_calls(groups, plans, layouts, latents, slices):
+            g = sharing[0]  # the call holds this group's rows; the others are in the same state
+            group = groups[g]
+            contexts = layout_at(group, plans[g].contexts[step], step, calls, rows_inputs)
             predicted = _call_denoiser(
-                components,
-                group,
-                layouts[g],
-                {branch: _branch_prompts(group, branch, step, calls, rows_inputs) for branch in contexts[g][step]},
-                model_input[slices[g]],
-                t,
-                step,
-                context,
-                sharing,
-                conditioning,
-                unet_hooks,
-                max_rows_per_call,
-                prepares,
-                guidance_input,
+                setup, group, layouts[g], contexts, model_input[slices[g]], t, context, sharing, plans[g].alone
             )
             rows += len(group.seeds) * len(layouts[g])
             for member in sharing:
@@ -437,51 +306,81 @@ def sample_groups(
     )
 
 
+def _check_rows_per_call(
+    groups: Sequence[Group], max_rows_per_call: int | None, unet_hooks: Sequence[UNetCallHook]
+) -> None:
+    """Calls split in chunks cannot be shown whole to hooks, nor prepared per call by a rule (NAG, VSF)."""
+    if max_rows_per_call is None:
+        return
+    if max_rows_per_call < 1 or unet_hooks:
+        raise SamplingError(
+            f"max_rows_per_call must be a positive number of rows and cannot be combined with unet_hooks, "
+            f"got {max_rows_per_call!r} with {len(unet_hooks)} hook(s)"
+        )
+    if any(prepares_denoiser(group.guidance) for group in groups):
+        raise SamplingError("max_rows_per_call cannot split the calls of a rule that prepares the denoiser (NAG, VSF)")
+
+
+def _check_conditioning(needed: set[PromptInput], conditioning: Mapping[PromptInput, Conditioning]) -> None:
+    """Every input the plans use has its conditioning (made by :func:`encode_groups`)."""
+    missing = sorted(needed - set(conditioning), key=input_order)
+    if missing:
+        raise SamplingError(
+            f"no conditioning given for the prompt(s) {', '.join(repr(m.text) for m in missing)}; "
+            "encode every prompt of the plan (see encode_groups)"
+        )
+
+
+def _step_keywords(scheduler: Any, eta: float, generators: list[torch.Generator]) -> dict[str, Any]:
+    """``scheduler.step``'s keywords it takes of η (DDIM) and the images' generators (ancestral samplers)."""
+    parameters = inspect.signature(scheduler.step).parameters
+    keywords: dict[str, Any] = {}
+    if "eta" in parameters:
+        keywords["eta"] = eta
+    if "generator" in parameters:
+        keywords["generator"] = generators
+    return keywords
+
+
 def _call_denoiser(
-    components: Components,
+    setup: CallSetup,
     group: Group,
-    prompts: Mapping[str, tuple[PromptInput, ...]],
-    context_prompts: Mapping[str, tuple[PromptInput, ...]],
+    layout: Layout,
+    contexts: Layout,
     model_input: torch.Tensor,
     t: torch.Tensor,
-    step: int,
     context: StepContext,
     sharing: Sequence[int],
-    conditioning: Mapping[PromptInput, Conditioning],
-    unet_hooks: Sequence[UNetCallHook],
-    max_rows_per_call: int | None,
     prepares: bool,
-    guidance_input: Mapping[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """One group's UNet call: rows branch-major (branch 0 for every image, then branch 1 …), split in
-    chunks of ``max_rows_per_call``; the rule's ``prepare`` hook is entered around it. Hooks are told
-    the layout, with one block per group in ``sharing`` (the groups that use this call's result).
-    Returns each branch's prediction, (B, C, h, w)."""
+    """One group's UNet call on its images' inputs ``model_input`` (B, C, h, w): rows branch-major
+    (:func:`~negprompt.sampling.rows.call_rows`), split in chunks of ``setup.max_rows_per_call``; with
+    ``prepares``, the rule's ``prepare`` hook is entered around it with each branch's inputs and the
+    attention ``contexts``' (NAG, VSF). Hooks are told the layout, with one block per group in
+    ``sharing`` (the groups that use this call's result). Returns each branch's prediction, (B, C, h, w)."""
+    components, conditioning = setup.components, setup.conditioning
     count = len(group.seeds)
-    blocks = [
-        RowBlock(member, branch, b * count, (b + 1) * count) for member in sharing for b, branch in enumerate(prompts)
-    ]
-    for hook in unet_hooks:
-        hook.before_unet_call(step, float(t), blocks)
-    batch = model_input.repeat(len(prompts), *([1] * (model_input.dim() - 1)))
-    row_conditioning = [conditioning[text] for texts in prompts.values() for text in texts]
-    chunk = max_rows_per_call or batch.shape[0]
+    blocks = row_blocks(sharing, layout, count)
+    for hook in setup.unet_hooks:
+        hook.before_unet_call(context.step, float(t), blocks)
+    batch, row_conditioning = call_rows(model_input, layout, conditioning)
+    chunk = setup.max_rows_per_call or batch.shape[0]
     with ExitStack() as prepared:
         if prepares:  # a rule may prepare the denoiser (e.g. attention processors) with each branch's inputs
-            branch_inputs = {  # the rows' branches in row order, then the attention contexts
-                branch: denoiser_inputs([conditioning[text] for text in texts])
-                for branch, texts in {**prompts, **context_prompts}.items()
+            inputs_by_branch = {  # the rows' branches in row order, then the attention contexts
+                branch: denoiser_inputs([conditioning[item] for item in items])
+                for branch, items in {**layout, **contexts}.items()
             }
             rule = group.guidance.rule_object
-            prepared.enter_context(rule.prepare(group.guidance, components.denoiser, context, branch_inputs))
+            prepared.enter_context(rule.prepare(group.guidance, components.denoiser, context, inputs_by_branch))
         outputs = [
             components.family.denoise(
-                components, batch[i : i + chunk], t, row_conditioning[i : i + chunk], guidance_input
+                components, batch[i : i + chunk], t, row_conditioning[i : i + chunk], setup.guidance_input
             )
             for i in range(0, batch.shape[0], chunk)
         ]
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-    return {branch: output[b * count : (b + 1) * count] for b, branch in enumerate(prompts)}
+    return split_rows(output, layout, count)
 
 
 def sample(

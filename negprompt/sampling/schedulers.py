@@ -37,14 +37,6 @@ def is_flow_matching(scheduler: Any) -> bool:
     return type(scheduler).__name__.startswith("FlowMatch")
 
 
-def scheduler_name_of(scheduler: Any) -> str:
-    """The name under which ``scheduler``'s class is known here (or its class name)."""
-    for name, (class_name, _) in SCHEDULERS.items():
-        if type(scheduler).__name__ == class_name and type(scheduler).__module__.startswith("diffusers."):
-            return name
-    return type(scheduler).__name__
-
-
 def make_scheduler(name: str, base: Any) -> Any:
     """A fresh scheduler called ``name`` with the noise schedule of ``base`` (the model's scheduler)."""
     if name == "default":

@@ -1,8 +1,9 @@
 """The shapes world's commands: ``train``, ``evaluate``, ``bench-methods`` and ``edit-sweep``.
 
 Registered as the entry point ``shapes`` of the group ``negprompt.commands`` (``pyproject.toml``):
-:func:`negprompt.interfaces.cli.build_parser` calls :func:`register` with its subcommands. Importing
-this module stays cheap (argparse and the CLI's option types): each handler imports what it runs.
+:func:`negprompt.interfaces.cli.build_parser` calls :func:`register` with its subcommands, built from the
+shared options of :mod:`negprompt.interfaces.options`. Importing this module stays cheap (argparse and
+those options): each handler imports what it runs.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from negprompt.interfaces.cli import (
+from negprompt.interfaces.options import (
     CommandError,
     add_device_options,
     add_model_options,
@@ -93,8 +94,6 @@ def command_edit_sweep(args: argparse.Namespace) -> int:
         prompt, negative = (part.strip() for part in item.split("->", 1))
         pairs.append((prompt, negative))
     check_destination(args.out, folder=True)  # before the heavy imports: a bad path answers at once
-    from dataclasses import asdict
-
     from negprompt.analysis.sweep import SweepSettings, check_sweep_settings, sweep_unit, sweep_units
     from negprompt.jobs import current_workers
     from negprompt.shapes.regions import ShapesRegions
@@ -118,7 +117,7 @@ def command_edit_sweep(args: argparse.Namespace) -> int:
     run_as_job(
         args,
         "edit-sweep",
-        {"sweep": asdict(settings)},
+        {"sweep": settings.to_json()},
         session,
         workers,
         [len(seeds) for _, seeds in units],
@@ -150,7 +149,7 @@ def run_as_job(
     payloads = job.run(compute, progress=not args.quiet)
     if payloads is None:
         return False
-    for path in finish(Path(args.out), job.record(), payloads):
+    for path in finish(Path(args.out), job.to_json(), payloads):
         print(f"wrote {path}")
     return True
 
@@ -162,8 +161,6 @@ def command_bench_methods(args: argparse.Namespace) -> int:
     from negprompt.interfaces.outputs import check_destination
 
     check_destination(args.out, folder=True)  # before the heavy imports: a bad path answers at once
-    from dataclasses import asdict
-
     from negprompt.jobs import current_workers
     from negprompt.shapes.methods import BenchSettings, bench_unit
 
@@ -177,7 +174,7 @@ def command_bench_methods(args: argparse.Namespace) -> int:
     run_as_job(
         args,
         "bench-methods",
-        {"bench": asdict(settings), "shown_model": args.model or "shapes"},
+        {"bench": settings.to_json(), "shown_model": args.model or "shapes"},
         session,
         workers,
         [stop - start for _, start, stop in units],
@@ -191,8 +188,7 @@ def finish_bench_methods(out_dir: Path, record: dict, payloads: list) -> list[Pa
     """The benchmark's merge: its table, summary and plot from the units' measures."""
     from negprompt.shapes.methods import BenchSettings, summarize_bench, write_results
 
-    bench = record["settings"]["bench"]
-    settings = BenchSettings(**{**bench, "negatives": tuple(bench["negatives"])})
+    settings = BenchSettings.from_json(record["settings"]["bench"])
     shown = {
         "model": record["settings"]["shown_model"],
         "images per cell": settings.images,

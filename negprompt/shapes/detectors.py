@@ -168,7 +168,7 @@ class Detection:
             return UNREADABLE
         return self.hats >= 2
 
-    def to_dict(self) -> dict:
+    def to_json(self) -> dict:
         """The attribute values (no masks), JSON-ready; an unreadable one is "unreadable"."""
         return {name: "unreadable" if self.unreadable(name) else getattr(self, name) for name in ATTRIBUTES}
 

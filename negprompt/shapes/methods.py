@@ -21,18 +21,17 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from negprompt.analysis.locality import changed_pixels
 from negprompt.api import to_uint8
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
-from negprompt.session import as_session
 from negprompt.shapes.detectors import detect
 from negprompt.shapes.evaluation import Row, row_prompts
 from negprompt.shapes.regions import WORLD_THINGS, detector_region
@@ -115,6 +114,13 @@ class BenchSettings:
     scale: float | None = None  # None: the model's default
     batch: int = 24
 
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BenchSettings:
+        return cls(**{**data, "negatives": tuple(data["negatives"])})
+
     def check(self) -> None:
         for negative in self.negatives:
             if negative.split()[-1] not in THINGS:
@@ -180,31 +186,6 @@ def summarize_bench(
                 )
             )
     return records
-
-
-def bench_methods(
-    negatives: Sequence[str] = ("a hat", "a sun", "striped", "blurry"),
-    images: int = 200,
-    methods: Sequence[Method] = METHODS,
-    model=None,
-    steps: int | None = None,
-    scheduler: str | None = None,
-    scale: float | None = None,
-    batch: int = 24,
-    progress: bool = True,
-) -> list[dict]:
-    """One record per (negative, method) with every measure (one process; the command
-    ``negprompt bench-methods`` runs the same units as a job, :mod:`negprompt.jobs`)."""
-    session = as_session(model)
-    settings = BenchSettings(tuple(negatives), images, steps, scheduler, scale, batch)
-    settings.check()
-    payloads = []
-    bar = tqdm(total=len(negatives) * images * len(methods), unit="img", disable=not progress)
-    for unit in settings.units():
-        payloads.append(bench_unit(settings, session, *unit, methods=methods))
-        bar.update((unit[2] - unit[1]) * len(methods))
-    bar.close()
-    return summarize_bench(settings, payloads, methods)
 
 
 def _rows_alone(settings, num_steps: int) -> int:

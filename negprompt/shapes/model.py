@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
@@ -33,7 +32,7 @@ class ShapesModelConfig:
     full_res_attention: bool = False  # attention layers at the highest resolution too
     guidance_embedding_dim: int = 0  # > 0: the UNet takes the guidance scale as an input (a distilled student)
 
-    def to_dict(self) -> dict:
+    def to_json(self) -> dict:
         return asdict(self)
 
 
@@ -90,7 +89,3 @@ def build_scheduler() -> DDPMScheduler:
         steps_offset=1,
         timestep_spacing="leading",
     )
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

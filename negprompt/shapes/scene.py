@@ -83,7 +83,7 @@ class Scene:
     striped: bool
     blurry: bool
 
-    def to_dict(self) -> dict:
+    def to_json(self) -> dict:
         return asdict(self)
 
 

@@ -7,8 +7,6 @@ and an end token around the words.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -33,8 +31,3 @@ def build_word_tokenizer(vocabulary: tuple[str, ...], max_length: int) -> PreTra
         bos_token=BOS,
         eos_token=EOS,
     )
-
-
-def load_word_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
-    """Loads a tokenizer saved by :func:`build_word_tokenizer` (``save_pretrained``)."""
-    return PreTrainedTokenizerFast.from_pretrained(str(folder))

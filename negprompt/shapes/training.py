@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,8 +21,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from negprompt.errors import NegpromptError
+from negprompt.files import append_text, json_text, write_atomically, write_json, write_text
 from negprompt.models.components import Components
-from negprompt.models.loading import DECLARATIONS_FILE, ModelLoadError, load_components
+from negprompt.models.declarations import DECLARATIONS_FILE, Declarations
+from negprompt.models.loading import ModelLoadError, load_components
 from negprompt.models.saving import save_components
 from negprompt.sampling.schedulers import make_scheduler
 from negprompt.shapes.model import (
@@ -118,11 +119,11 @@ class TrainConfig:
     def total_steps(self) -> int:
         return math.ceil(self.samples / self.batch_size)
 
-    def to_dict(self) -> dict:
+    def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_json(cls, data: dict) -> "TrainConfig":
         data = dict(data)
         data.setdefault("thing_weight", 1.0)  # checkpoints from before the field trained without it
         data.setdefault("init_from", None)
@@ -352,31 +353,30 @@ class Trainer:
                 for slot in ("exp_avg", "exp_avg_sq", "step"):
                     tensors[f"optim.{index}.{slot}"] = torch.as_tensor(state[slot]).contiguous()
         tensors["rng.torch"] = torch.get_rng_state()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.out_dir / (STATE_FILE + ".tmp")
-        save_file(tensors, str(tmp))
-        meta = {"step": self.step, "config": self.config.to_dict(), "history": self.history}
-        tmp_meta = self.out_dir / (META_FILE + ".tmp")
-        tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, self.out_dir / STATE_FILE)
-        os.replace(tmp_meta, self.out_dir / META_FILE)
+        meta = {"step": self.step, "config": self.config.to_json(), "history": self.history}
+
+        def write_one(final: Path, temporary: Path) -> None:
+            if final.name == STATE_FILE:
+                save_file(tensors, str(temporary))
+            else:
+                temporary.write_text(json_text(meta, indent=2))
+
+        write_atomically([self.out_dir / STATE_FILE, self.out_dir / META_FILE], write_one)
 
     def load_checkpoint(self) -> None:
         meta = json.loads((self.out_dir / META_FILE).read_text())
-        saved = TrainConfig.from_dict(meta["config"])
+        saved = TrainConfig.from_json(meta["config"])
         if saved.model != self.config.model or saved.seed != self.config.seed:
             raise ValueError(
                 f"checkpoint in {self.out_dir} was trained with another model or seed "
                 f"({saved.model}, seed {saved.seed}); use a new --out folder"
             )
         history = meta.get("history", [])
-        changed = {k: v for k, v in self.config.to_dict().items() if saved.to_dict().get(k) != v}
+        changed = {k: v for k, v in self.config.to_json().items() if saved.to_json().get(k) != v}
         if changed:  # e.g. a longer budget or another loss weighting from here on: keep a record
             history.append({"from_step": int(meta["step"]), "changed": changed})
-            with open(self.out_dir / LOG_FILE, "a") as handle:
-                handle.write(
-                    json.dumps({"step": int(meta["step"]), "event": "config changed", "changed": changed}) + "\n"
-                )
+            event = {"step": int(meta["step"]), "event": "config changed", "changed": changed}
+            append_text(self.out_dir / LOG_FILE, json.dumps(event) + "\n")
         self.history = history
         tensors = load_file(str(self.out_dir / STATE_FILE))
         for name, module in self.modules.items():
@@ -394,7 +394,7 @@ class Trainer:
         log_path = self.out_dir / LOG_FILE
         if log_path.exists():  # drop log lines written after the checkpoint (they will be redone)
             kept = [line for line in log_path.read_text().splitlines() if _logged_step(line) <= self.step]
-            log_path.write_text("".join(line + "\n" for line in kept))
+            write_text(log_path, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------ the loop
 
@@ -462,8 +462,7 @@ class Trainer:
                 }
                 running = []
                 log.append(entry)
-                with open(self.out_dir / LOG_FILE, "a") as handle:
-                    handle.write(json.dumps(entry) + "\n")
+                append_text(self.out_dir / LOG_FILE, json.dumps(entry) + "\n")
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
                 self.save_checkpoint()
                 if on_checkpoint is not None:
@@ -500,5 +499,5 @@ class Trainer:
         sampling = dict(DEFAULT_SAMPLING)
         if self.config.distill_from is not None:  # one pass per step: CFG's scale 1, w given to the model
             sampling.update(scale=1.0, embedded_guidance=DEFAULT_SAMPLING["scale"])
-        (folder / DECLARATIONS_FILE).write_text(json.dumps({**sampling, **DECLARATIONS}, indent=2) + "\n")
+        write_json(folder / DECLARATIONS_FILE, Declarations.from_json({**sampling, **DECLARATIONS}).to_json(), indent=2)
         return folder

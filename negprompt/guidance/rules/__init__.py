@@ -1,20 +1,27 @@
 """Guidance rules, one module each, behind the :class:`~negprompt.guidance.rules.base.Rule` protocol.
 
-Adding a rule: write its module (a ``Rule`` subclass and ``RULE = ...``), its test, and add the
-module's name to ``RULE_MODULES``. Packages outside negprompt add rules through the entry-point group
-``negprompt.rules`` (each entry point names a ``Rule`` object).
+Adding a rule: write its module here (a ``Rule`` subclass and ``RULE = ...``) and its test; every
+module of this package but ``base`` is a rule, listed in the order of the rules' ``listing_order``.
+Packages outside negprompt add rules through the entry-point group ``negprompt.rules`` (each entry
+point names a ``Rule`` object).
 """
 
 from __future__ import annotations
 
+import pkgutil
 from importlib import import_module, metadata
 
 from negprompt.guidance.rules.base import GuidanceError, Rule
 
-RULE_MODULES = ("cfg", "sd", "dual", "weighted", "perp_neg", "dng", "apg", "cfg_zero_star", "nag", "vsf")
-RULES: dict[str, Rule] = {
-    rule.name: rule for rule in (import_module(f"{__name__}.{module}").RULE for module in RULE_MODULES)
-}
+
+def built_in_rules() -> dict[str, Rule]:
+    """Every rule module of this package (all but ``base``), by rule name, in ``listing_order``."""
+    modules = [info.name for info in pkgutil.iter_modules(__path__) if info.name != "base"]
+    rules = [import_module(f"{__name__}.{module}").RULE for module in modules]
+    return {rule.name: rule for rule in sorted(rules, key=lambda rule: (rule.listing_order, rule.name))}
+
+
+RULES: dict[str, Rule] = built_in_rules()
 ENTRY_POINT_GROUP = "negprompt.rules"
 
 

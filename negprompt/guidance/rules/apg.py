@@ -37,6 +37,7 @@ class APGSettings(RuleSettings):
 
 class AdaptiveProjected(NegativeAsBase):
     name = "apg"
+    listing_order = 70
     summary = "Adaptive Projected Guidance: CFG with the update's part parallel to ε_y down-weighted"
     not_on_velocity = (
         "its norm threshold and momentum are set for ε and accumulate across σ, where v = (x_t − x̂₀)/σ rescales"

@@ -18,6 +18,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from negprompt.errors import NegpromptError
+from negprompt.layers.layout import AttentionLayout
 
 if TYPE_CHECKING:  # rules are declared without importing torch (the command line lists their options)
     from torch import Tensor
@@ -117,12 +118,14 @@ class NoSettings(RuleSettings):
 
 @dataclass(frozen=True)
 class StepContext:
-    """Where a step is in the schedule: its index, the number of steps, ᾱ now and at the next step."""
+    """Where a step is in the schedule: its index, the number of steps, ᾱ now and at the next step;
+    and the attention layout of the model it runs on (its family's, for rules that act in attention)."""
 
     step: int
     num_steps: int
     alpha_bar: float = 1.0
     alpha_bar_next: float = 1.0
+    attention: AttentionLayout | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,7 @@ class Rule:
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for --help, naming the equation or paper
     Settings: ClassVar[type[RuleSettings]] = NoSettings
+    listing_order: ClassVar[int] = 1000  # where --help and the web page list a built-in rule (then by name)
 
     def check(self, guidance: Guidance) -> None:
         """Raises :class:`GuidanceError` for prompts and scales the rule cannot take."""
@@ -196,8 +200,9 @@ class Rule:
     # fixed x_t, so they are exact on v; see docs/guidance.md.
     not_on_velocity: ClassVar[str | None] = None
 
-    def check_denoiser(self, denoiser: Any) -> None:
-        """Raises :class:`GuidanceError` if the rule cannot act on this denoiser (checked before a run)."""
+    def check_attention(self, layout: AttentionLayout) -> None:
+        """Raises :class:`GuidanceError` if the rule cannot act on a model whose attention layers are laid
+        out as ``layout`` (its family's; checked before a run)."""
 
     def check_prediction(self, kind: str) -> None:
         """Raises :class:`GuidanceError` if the rule is not exact on predictions of ``kind`` ("flow": velocities)."""
@@ -280,10 +285,6 @@ def single_negative(guidance: Guidance, rule: str, own_scale: bool) -> None:
         raise GuidanceError(f"rule {rule!r} has one scale (s); a negative's own scale needs rule 'dual' or 'weighted'")
 
 
-# MMDiT transformers whose joint blocks negprompt runs a negative's own text stream through.
-JOINT_TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
-
-
 class NegativeInAttention(Rule):
     """Rules whose one negative acts inside the cross-attention layers of the positive branch (NAG, VSF).
 
@@ -316,20 +317,8 @@ class NegativeInAttention(Rule):
 
         return formulas.cfg(branches.unconditional, positive, guidance.scale)
 
-    def check_denoiser(self, denoiser: Any) -> None:
-        from negprompt.guidance.attention_processors import cross_attention_paths
-
-        if not cross_attention_paths(denoiser):
-            config = getattr(denoiser, "config", None)
-            if config is not None and hasattr(config, "joint_attention_dim"):  # an MMDiT transformer (SD3, FLUX)
-                if type(denoiser).__name__ in JOINT_TRANSFORMERS:
-                    return  # the negative runs as a text stream of its own through the joint blocks
-                raise GuidanceError(
-                    f"rule {self.name!r} acts in attention, and this model's transformer "
-                    f"({type(denoiser).__name__}) is none of those whose joint blocks negprompt can run a "
-                    f"negative's text stream through ({', '.join(JOINT_TRANSFORMERS)}): use rule 'sd' or another "
-                    "rule of CFG's family"
-                )
+    def check_attention(self, layout: AttentionLayout) -> None:
+        if not layout.reads_text:
             raise GuidanceError(
                 f"rule {self.name!r} acts in cross-attention layers, and this model's denoiser has none"
             )
@@ -338,13 +327,10 @@ class NegativeInAttention(Rule):
         """Whether the settings leave the attention output unchanged (then nothing is installed)."""
         raise NotImplementedError
 
-    def combine_in_attention(self, settings: Any) -> Any:
-        """The attention combination (see :mod:`negprompt.guidance.attention_processors`)."""
-        raise NotImplementedError
-
-    def combine_in_joint_attention(self, settings: Any, start_tokens: int) -> Any:
-        """The combination inside joint attention (see :mod:`negprompt.guidance.joint_attention_processors`);
-        ``start_tokens``: how many start tokens (attention sinks) lead the text keys."""
+    def combine_in_attention(self, settings: Any, layout: AttentionLayout) -> Any:
+        """What replaces softmax(qKᵀ/√d)V in the positive's rows (a
+        :data:`negprompt.layers.attention.Combine`) on a model laid out as ``layout`` (its
+        ``text_start_tokens`` lead the negative's keys)."""
         raise NotImplementedError
 
     def prepare(
@@ -355,25 +341,15 @@ class NegativeInAttention(Rule):
             return contextlib.nullcontext()
         from negprompt.guidance.attention_processors import negative_in_attention
 
+        assert context.attention is not None, "the sampling loop gives the family's attention layout"
         rows = [name for name in conditioning if not name.startswith("negative")]  # contexts come last
         count = conditioning["positive"]["encoder_hidden_states"].shape[0]
         first = rows.index("positive") * count
-        if type(denoiser).__name__ in JOINT_TRANSFORMERS:
-            from negprompt.guidance.joint_attention_processors import negative_in_joint_attention
-
-            # SD3's text keys start with CLIP's start token; FLUX's T5 tokens have none.
-            start_tokens = 1 if type(denoiser).__name__ == "SD3Transformer2DModel" else 0
-            return negative_in_joint_attention(
-                denoiser,
-                slice(first, first + count),
-                conditioning[negative]["encoder_hidden_states"],
-                self.combine_in_joint_attention(guidance.settings, start_tokens),
-                negative,
-            )
         return negative_in_attention(
             denoiser,
+            context.attention,
             slice(first, first + count),
             conditioning[negative]["encoder_hidden_states"],
-            self.combine_in_attention(guidance.settings),
+            self.combine_in_attention(guidance.settings, context.attention),
             negative,
         )

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 class CFG(Rule):
     name = "cfg"
+    listing_order = 10
     summary = "classifier-free guidance, eq. (1); no negative prompt"
 
     def check(self, guidance) -> None:

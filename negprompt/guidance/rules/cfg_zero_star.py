@@ -55,6 +55,7 @@ class CFGZeroStar(NegativeAsBase):
     """The negative, when given, is the base (it replaces ε_∅ as in rule ``sd``)."""
 
     name = "cfg-zero-star"
+    listing_order = 80
     summary = "CFG-Zero*: CFG with the base scaled by s* = ⟨ε_y, ε_base⟩/‖ε_base‖², first steps zeroed"
     Settings = CFGZeroStarSettings
 

@@ -45,6 +45,7 @@ class DNGSettings(RuleSettings):
 
 class DynamicNegative(Rule):
     name = "dng"
+    listing_order = 60
     summary = "Dynamic Negative Guidance: the negative's weight follows p(negative | x_t), tracked over steps"
     not_on_velocity = "its posterior update reads ε and the DDPM transition's variance, which a velocity-trained model does not define"
     Settings = DNGSettings

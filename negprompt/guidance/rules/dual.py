@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 class DualScale(Rule):
     name = "dual"
+    listing_order = 30
     summary = "three branches with independent scales s⁺, s⁻, eq. (8)"
 
     def combine(self, guidance, branches: BranchPredictions, state: dict[str, Tensor]) -> Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from negprompt.guidance.rules.base import GuidanceError, NegativeInAttention, RuleSettings, option
+from negprompt.layers.layout import AttentionLayout
 
 
 @dataclass(frozen=True)
@@ -30,21 +31,17 @@ class NAGSettings(RuleSettings):
 
 class NormalizedAttentionGuidance(NegativeInAttention):
     name = "nag"
+    listing_order = 90
     summary = "NAG (Chen et al. 2025): extrapolate each cross-attention output away from the negative's, L1-clipped"
     Settings = NAGSettings
 
     def neutral(self, settings: NAGSettings) -> bool:
         return settings.phi == 1 or settings.alpha == 0
 
-    def combine_in_attention(self, settings: NAGSettings):
+    def combine_in_attention(self, settings: NAGSettings, layout: AttentionLayout):
         from negprompt.guidance.attention_processors import nag_combine
 
         return nag_combine(settings.phi, settings.tau, settings.alpha)
-
-    def combine_in_joint_attention(self, settings: NAGSettings, start_tokens: int):
-        from negprompt.guidance.joint_attention_processors import nag_joint_combine
-
-        return nag_joint_combine(settings.phi, settings.tau, settings.alpha)
 
 
 RULE = NormalizedAttentionGuidance()

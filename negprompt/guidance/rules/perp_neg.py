@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 class PerpNeg(Rule):
     name = "perp-neg"
+    listing_order = 50
     summary = "Perp-Neg: subtract only the part of each negative orthogonal to the positive"
 
     def check(self, guidance) -> None:

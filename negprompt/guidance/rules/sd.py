@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 class StableDiffusionNegative(NegativeAsBase):
     name = "sd"
+    listing_order = 20
     summary = "Stable Diffusion's negative prompt, eq. (2)/(9): the negative replaces the empty prompt"
 
     # At s = 1, eq. (9) is ε̂ = ε_y: the negative cannot act, and only the positive is evaluated (ε_∅

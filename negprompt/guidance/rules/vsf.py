@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from negprompt.guidance.rules.base import GuidanceError, NegativeInAttention, RuleSettings, option
+from negprompt.layers.layout import AttentionLayout
 
 
 @dataclass(frozen=True)
@@ -23,21 +24,17 @@ class VSFSettings(RuleSettings):
 
 class ValueSignFlip(NegativeInAttention):
     name = "vsf"
+    listing_order = 100
     summary = "VSF (2025): the negative's tokens join each cross-attention with their values' sign flipped"
     Settings = VSFSettings
 
     def neutral(self, settings: VSFSettings) -> bool:
         return settings.scale == 0
 
-    def combine_in_attention(self, settings: VSFSettings):
+    def combine_in_attention(self, settings: VSFSettings, layout: AttentionLayout):
         from negprompt.guidance.attention_processors import vsf_combine
 
-        return vsf_combine(settings.scale, settings.offset)
-
-    def combine_in_joint_attention(self, settings: VSFSettings, start_tokens: int):
-        from negprompt.guidance.joint_attention_processors import vsf_joint_combine
-
-        return vsf_joint_combine(settings.scale, settings.offset, start_tokens)
+        return vsf_combine(settings.scale, settings.offset, layout.text_start_tokens)
 
 
 RULE = ValueSignFlip()

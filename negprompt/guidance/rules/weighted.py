@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 class Weighted(Rule):
     name = "weighted"
+    listing_order = 40
     summary = "Composable Diffusion: ε_∅ + Σ w_i(ε_i − ε_∅), any number of positives and negatives"
 
     def check(self, guidance) -> None:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from negprompt.guidance.rules import rule_named
 from negprompt.guidance.windows import Window
 from negprompt.interfaces.png import save_generation
 from negprompt.interfaces.web.settings import LimitError, ServerLimits
+from negprompt.runsettings import RunSettings
 from negprompt.runspec import Generation, RunSpec, SettingsError, to_uint8
 from negprompt.sampling.loop import StepInfo, decode
 from negprompt.session import Session
@@ -179,10 +180,8 @@ def optional_number(value: Any, label: str) -> float | None:
 
 def example_pair(session: Session) -> tuple[str, str]:
     """The first (prompt, negative) of the model's ``demo_pairs`` (its negprompt.json), else empty texts."""
-    declared = session.components.declarations.get("demo_pairs")
-    if isinstance(declared, list) and declared and isinstance(declared[0], list) and len(declared[0]) == 2:
-        return str(declared[0][0]), str(declared[0][1])
-    return "", ""
+    declared = session.components.declarations.demo_pairs
+    return declared[0] if declared else ("", "")
 
 
 def content_word(words: Sequence[str]) -> str:
@@ -243,8 +242,9 @@ def schedule_length(session: Session, scheduler: str | None, steps: int | None) 
     return session.denoiser_calls(scheduler or None, None if steps is None else whole(steps, "steps"))
 
 
-def spec_options(session: Session, request: GenerateRequest, limits: ServerLimits) -> dict[str, Any]:
-    """The keywords of :meth:`Session.spec` the request describes, checked against ``limits``."""
+def run_settings(session: Session, request: GenerateRequest, limits: ServerLimits) -> RunSettings:
+    """The run the request describes, checked against ``limits`` (the rest is checked when the session
+    makes its :class:`RunSpec`)."""
     limits.check_text("the prompt", request.prompt or "")
     negatives = [n for n in request.negatives if (n.text or "").strip()]
     limits.check("negatives", len(negatives), "negative prompts:")
@@ -270,9 +270,9 @@ def spec_options(session: Session, request: GenerateRequest, limits: ServerLimit
             raise SettingsError(f"rule {request.rule!r} has no option {name!r}; its options: {accepted}")
         options[name] = whole(value, name) if kinds[name] is int else optional_number(value, name)
     seed = whole(request.seed, "seed")
-    return dict(
-        prompt=request.prompt or "",
-        negative=[n.text for n in negatives] or None,
+    return RunSettings(
+        request.prompt or "",
+        [n.text for n in negatives] or None,
         negative_scales=[optional_number(n.scale, "s⁻") for n in negatives] if negatives else None,
         negative_windows=[
             Window(whole(n.start, "window start"), None if n.end is None else whole(n.end, "window end"))
@@ -294,18 +294,19 @@ def spec_options(session: Session, request: GenerateRequest, limits: ServerLimit
 def generate_specs(session: Session, request: GenerateRequest, limits: ServerLimits) -> list[RunSpec]:
     """The request's run; with ``compare``, first the same run with no negative (rule cfg) and last one
     with every negative switched on at ``compare_start``: three runs for one batched loop."""
-    options = spec_options(session, request, limits)
-    spec = session.spec(**options)
+    settings = run_settings(session, request, limits)
+    spec = session.spec_from(settings)
     if not request.compare:
         return [spec]
-    if not options["negative"]:
+    if not settings.negative:
         raise SettingsError("the side-by-side comparison needs a negative prompt")
     calls = session.denoiser_calls(spec.scheduler, spec.steps)
     start = calls // 4 if request.compare_start is None else whole(request.compare_start, "delayed start")
-    no_negative = {"negative": None, "negative_scales": None, "negative_windows": None}
-    plain = session.spec(**{**options, **no_negative, "rule": "cfg", "rule_settings": None})
-    delayed = session.spec(**{**options, "negative_windows": [Window(start) for _ in options["negative"]]})
-    return [plain, spec, delayed]
+    plain = replace(
+        settings, negative=None, negative_scales=None, negative_windows=None, rule="cfg", rule_settings=None
+    )
+    delayed = replace(settings, negative_windows=[Window(start) for _ in settings.negative])
+    return [session.spec_from(plain), spec, session.spec_from(delayed)]
 
 
 def generate(
@@ -391,7 +392,7 @@ def attend(
         scheduler=request.scheduler,
         seed=request.seed,
     )
-    spec = session.spec(**spec_options(session, generate_request, limits))
+    spec = session.spec_from(run_settings(session, generate_request, limits))
     tokenizer = session.components.tokenizer
     words = {}
     for branch, given in (("positive", request.words), ("negative", request.negative_words)):

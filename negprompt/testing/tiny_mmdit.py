@@ -19,7 +19,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, S
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from negprompt.models.components import Components
-from negprompt.models.tiny_sd import TINY_WORDS, build_clip_tokenizer, build_vae, clip_config
+from negprompt.testing.tiny_sd import TINY_WORDS, build_clip_tokenizer, build_vae, clip_config
 
 T5_LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-():"
 

@@ -1,0 +1,138 @@
+"""``negprompt attend``: cross-attention maps of a run, drawn as a heat-map timeline."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from negprompt.interfaces.options import (
+    CommandError,
+    CommandResult,
+    add_overwrite_option,
+    add_prompt_options,
+    check_prompt_args,
+    folder_outputs,
+    non_negative_int,
+    number,
+    positive_int,
+    run_settings_from_args,
+    seed_list,
+    session_from_args,
+    unused_negative_warnings,
+)
+
+ORDER = 20  # its place in negprompt --help
+
+
+def word_list(text: str) -> list[str]:
+    """Comma-separated words (empty items dropped)."""
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def step_list(text: str) -> list[int]:
+    """Steps, written as seeds are: ``0-9`` or ``0,5,10``."""
+    return seed_list(text)
+
+
+def words_to_map(args: argparse.Namespace, settings, tokenizer) -> dict[str, list[str]]:
+    """Branch → the words whose maps are kept: --words / --negative-words, else every word of the branch's
+    first prompt. Words for a branch the run lacks are an error."""
+    from negprompt.attention.tokens import tokenize_words
+
+    terms = settings.guidance.terms
+    words = {}
+    for branch, given in (("positive", args.words), ("negative", args.negative_words)):
+        if branch not in terms:
+            if given:
+                raise CommandError(
+                    f"--{'negative-' if branch == 'negative' else ''}words given but the run has no {branch} prompt"
+                )
+            continue
+        first_prompt = terms[branch].prompts_for(1)[0]
+        all_words = tokenize_words(tokenizer, first_prompt).words
+        words[branch] = given if given is not None else list(dict.fromkeys(all_words))
+    return words
+
+
+def command_attend(args: argparse.Namespace) -> CommandResult:
+    """Runs with attention capture; writes the image, the timeline, the maps and their summary."""
+    from negprompt.analysis.attention_stats import reduce_layer
+    from negprompt.attention.capture import CaptureRequest
+    from negprompt.attention.result import capture, plan_for
+
+    check_prompt_args(args)
+    existed = folder_outputs(args)
+    session = session_from_args(args)
+    settings = session.spec_from(run_settings_from_args(args))
+    warnings = unused_negative_warnings(session, settings)
+    request = CaptureRequest(
+        words=words_to_map(args, settings, session.components.tokenizer),
+        layers=args.layers,
+        steps=args.capture_steps,
+        average_layers=not args.per_layer,
+        size=args.map_size,
+        memory_limit_mb=args.memory_limit,
+    )
+    if not 0 <= args.image < len(settings.seeds):
+        raise CommandError(f"--image {args.image} is outside the batch of {len(settings.seeds)} image(s)")
+    plan = plan_for(settings, request, session)
+    print(f"capture will store {plan.memory_bytes() / 2**20:.2f} MiB (limit {args.memory_limit:g} MiB)")
+    result = capture(settings, request, session, trace=True, progress=not args.quiet, reducer=reduce_layer)
+    write_attend_outputs(args, result, session.components, existed)
+    return CommandResult(0, warnings)
+
+
+def write_attend_outputs(args: argparse.Namespace, result, components, existed: list[Path]) -> None:
+    """Writes image.png, timeline.png, the maps and summary.json into --out, and says what it wrote."""
+    from negprompt.analysis.attention_stats import summarize
+    from negprompt.attention.figures import timeline
+    from negprompt.files import write_atomically, write_json
+    from negprompt.interfaces.outputs import report_written
+    from negprompt.interfaces.png import save_generation
+
+    out = Path(args.out)
+    figure = timeline(result, components, image=args.image, columns=args.columns)
+    written = save_generation(result.generation, out / "image.png")
+    written += write_atomically([out / "timeline.png"], lambda final, tmp: figure.save(tmp, format="PNG"))
+    written += list(result.save(out))
+    summary = summarize(result)
+    written.append(write_json(out / "summary.json", summary, indent=1))
+    for line in report_written(written, existed):
+        print(line)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Adds ``attend``."""
+    attend = commands.add_parser("attend", help="capture cross-attention maps and draw the heat-map timeline")
+    add_prompt_options(attend)
+    attend.add_argument("--out", default="attend", help="output folder (default attend/ in the current folder)")
+    attend.add_argument(
+        "--words", type=word_list, default=None, help="positive words to map, comma-separated (default: all)"
+    )
+    attend.add_argument("--negative-words", type=word_list, default=None, help="negative words to map (default: all)")
+    attend.add_argument(
+        "--layers",
+        type=word_list,
+        default=None,
+        help="layers: map sides in latent pixels (16) or module paths/prefixes, comma-separated (default: all "
+        "cross-attention layers)",
+    )
+    attend.add_argument(
+        "--capture-steps", type=step_list, default=None, help="steps to keep: 0-9 or 0,5,10 (default all)"
+    )
+    attend.add_argument("--per-layer", action="store_true", help="keep each layer's maps (default: mean over layers)")
+    attend.add_argument(
+        "--map-size", type=positive_int, default=None, help="side of stored maps (default: largest layer's)"
+    )
+    attend.add_argument(
+        "--memory-limit", type=number, default=1024.0, help="MiB the capture may store (default 1024 MiB)"
+    )
+    attend.add_argument(
+        "--image",
+        type=non_negative_int,
+        default=0,
+        help="which image of the batch the timeline shows, from 0 (default 0)",
+    )
+    attend.add_argument("--columns", type=positive_int, default=10, help="steps shown in the timeline (default 10)")
+    add_overwrite_option(attend)
+    attend.set_defaults(handler=command_attend)

@@ -1,0 +1,117 @@
+"""``negprompt generate``: images with negative prompts, or a PNG's image again (``--from-png``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from negprompt.interfaces.options import (
+    SDXL_SIZE_OPTIONS,
+    CommandError,
+    CommandResult,
+    add_overwrite_option,
+    add_prompt_options,
+    check_prompt_args,
+    rule_option_flags,
+    run_settings_from_args,
+    session_from_args,
+    unused_negative_warnings,
+)
+
+# Settings a PNG records: with --from-png they come from the PNG, so giving them is an error.
+FROM_PNG_OWN = {
+    "negative_scale": "--negative-scale",
+    "negative_window": "--negative-window",
+    "scale": "--scale",
+    "steps": "--steps",
+    "scheduler": "--scheduler",
+    "seed": "--seed",
+    "size": "--size",
+    "width": "--width",
+    "height": "--height",
+    "model": "--model",
+    "interval": "--interval",
+    "interval_sigma": "--interval-sigma",
+    "prompt_2": "--prompt-2",
+    "embedded_guidance": "--embedded-guidance",
+    "negative_2": "--negative-2",
+    **{name: "--" + name.replace("_", "-") for name in SDXL_SIZE_OPTIONS},
+}
+
+ORDER = 10  # its place in negprompt --help
+
+
+def options_given(args: argparse.Namespace, options: dict[str, str]) -> list[str]:
+    """The flags of ``options`` (dest → flag) given on the command line, plus --rule/--rescale and rule options."""
+    given = [flag for dest, flag in options.items() if getattr(args, dest, None) is not None]
+    if args.rule != "sd":
+        given.append("--rule")
+    if args.rescale:
+        given.append("--rescale")
+    given += [flag for dest, flag in rule_option_flags().items() if getattr(args, dest, None) is not None]
+    return given
+
+
+def check_from_png_args(args: argparse.Namespace) -> None:
+    """With --from-png the PNG gives the prompts and settings: giving them too is an error."""
+    if args.prompt is not None or args.negative:
+        raise CommandError("--from-png takes its prompts from the PNG; give no prompt or --negative with it")
+    ignored = options_given(args, FROM_PNG_OWN)
+    if ignored:
+        raise CommandError(
+            f"--from-png regenerates with the PNG's own settings; drop {', '.join(ignored)} "
+            "(only --out, --no-overwrite, --device, --dtype, --embedding and -q go with it)"
+        )
+
+
+def command_generate(args: argparse.Namespace) -> CommandResult:
+    """Generates the images the options (or the PNG of --from-png) describe and writes them as PNGs."""
+    from negprompt.interfaces.outputs import check_outputs, report_written
+
+    if args.from_png:
+        check_from_png_args(args)
+        from negprompt.interfaces.png import read_png_settings
+
+        settings, index = read_png_settings(args.from_png)
+        paths = check_outputs(args.out, [settings.seeds[index]], overwrite=not args.no_overwrite)
+        indices = [index]
+    else:
+        check_prompt_args(args)
+        paths = check_outputs(args.out, args.seed or [0], overwrite=not args.no_overwrite)
+        settings = indices = None
+    existed = [path for path in paths if path.exists()]
+    from negprompt.interfaces.png import save_generation
+    from negprompt.session import respec
+
+    warnings: tuple[str, ...] = ()
+    if settings is not None:
+        session = session_from_args(args, settings)
+        settings = respec(settings, session)
+    else:
+        session = session_from_args(args)
+        settings = session.spec_from(run_settings_from_args(args))
+        warnings = unused_negative_warnings(session, settings)
+    generation = session.run(settings, progress=not args.quiet)
+    written = save_generation(generation, Path(args.out), indices)
+    for line in report_written(written, existed):
+        print(line)
+    return CommandResult(0, warnings)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Adds ``generate``."""
+    generate = commands.add_parser("generate", help="generate images with negative prompts")
+    add_prompt_options(generate)
+    generate.add_argument(
+        "-o",
+        "--out",
+        default="negprompt.png",
+        help="output PNG (default negprompt.png in the current folder; several seeds: NAME-s<seed>.png beside it)",
+    )
+    generate.add_argument(
+        "--from-png",
+        metavar="FILE",
+        help="regenerate the image a negprompt PNG was made with, from its own settings (default: off)",
+    )
+    add_overwrite_option(generate)
+    generate.set_defaults(handler=command_generate)

@@ -1,0 +1,533 @@
+"""Command-line options shared by the built-in commands and command plugins: the API a plugin's
+``register(subparsers)`` (entry-point group ``negprompt.commands``) builds its commands with.
+
+- option types: ``type=`` callables for argparse (:func:`positive_int`, :func:`seed_list`, …);
+- ``add_*_options``: groups of flags added to a command's parser;
+- checks that read the parsed arguments on their own (:func:`check_prompt_args`), before anything heavy
+  is imported;
+- conversions from parsed arguments to run settings: :func:`run_settings_from_args` (what
+  :meth:`Session.spec_from <negprompt.session.Session.spec_from>` takes), :func:`session_from_args` (which also quiets
+  the libraries' loading chatter), :func:`size_pair`.
+
+Importing this module costs argparse only: torch, diffusers and the model code are imported by the
+functions that need them, after the checks.
+
+A handler returns an exit code, or a :class:`CommandResult` to have warnings printed after it succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from negprompt.errors import NegpromptError
+from negprompt.limits import MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS
+from negprompt.runsettings import RunSettings
+
+
+class CommandError(NegpromptError):
+    """A user error found by a command itself."""
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a handler may return instead of a bare exit code: the code, and warnings that ``negprompt``
+    prints on stderr once the command has succeeded (so a usage error stays one line)."""
+
+    code: int = 0
+    warnings: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------- option types
+
+
+def whole_number(text: str) -> int:
+    """Any integer."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def non_negative_int(text: str) -> int:
+    """An integer ≥ 0."""
+    value = whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative; give 0 or more")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer ≥ 1."""
+    value = whole_number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (1 or more)")
+    return value
+
+
+def step_count(text: str) -> int:
+    """A number of inference steps, 1–MAX_STEPS."""
+    value = whole_number(text)
+    if not 1 <= value <= MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"{text!r} steps: give 1–{MAX_STEPS}")
+    return value
+
+
+def image_side(text: str) -> int:
+    """An image side in pixels, 1–MAX_SIDE."""
+    value = whole_number(text)
+    if not 1 <= value <= MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"{text!r} pixels: give 1–{MAX_SIDE}")
+    return value
+
+
+def number(text: str) -> float:
+    """Any real number."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def seed_list(text: str) -> list[int]:
+    """``3`` or ``0,1,2`` or ``0-7``: seeds in 0–2⁶⁴−1, at most MAX_IMAGES of them."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part.strip()[1:]:
+                low, high = (int(x) for x in part.split("-", 1))
+                if high < low:
+                    raise argparse.ArgumentTypeError(
+                        f"seed range {part.strip()!r} runs backwards; write it low-high, e.g. {high}-{low}"
+                    )
+                bounds = [low, high]
+            else:
+                low = high = int(part)
+                bounds = [low]
+            for seed in bounds:
+                if not 0 <= seed <= MAX_SEED:
+                    raise argparse.ArgumentTypeError(f"seed {seed} is outside 0–{MAX_SEED} (a 64-bit generator seed)")
+            if len(seeds) + high - low + 1 > MAX_IMAGES:
+                raise argparse.ArgumentTypeError(f"seeds {text!r} make over {MAX_IMAGES} images; run them in parts")
+            seeds.extend(range(low, high + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds {text!r}: give integers like 3, 0,1,2 or 0-7") from None
+    return seeds
+
+
+def size_condition(text: str) -> tuple[int, int]:
+    """``H,W`` (or ``TOP,LEFT``): two whole numbers ≥ 0."""
+    try:
+        first, second = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be two whole numbers like 1024,1024 (height,width)") from None
+    if first < 0 or second < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be two whole numbers ≥ 0")
+    return first, second
+
+
+def embedding_option(text: str) -> tuple[str, str]:
+    """``TOKEN=FILE``: a textual-inversion token and its safetensors file."""
+    token, sep, path = text.partition("=")
+    if not sep or not token or not path:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must look like TOKEN=FILE.safetensors, e.g. easynegative=en.safetensors"
+        )
+    return token, path
+
+
+def number_range(text: str, flag: str, example: str) -> tuple[float, float]:
+    """``LO:HI`` given to ``flag`` as two numbers; a one-line error shows ``example``."""
+    try:
+        low, high = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise CommandError(f"{flag} {text!r} must look like LO:HI, e.g. {example}") from None
+    return low, high
+
+
+def sigma_range(text: str) -> tuple[float, float]:
+    """The ``LO:HI`` of --interval-sigma."""
+    return number_range(text, "--interval-sigma", "0.3:5")
+
+
+# ---------------------------------------------------------------- groups of flags
+
+SDXL_SIZE_OPTIONS = (
+    "original_size",
+    "crops_coords_top_left",
+    "target_size",
+    "negative_original_size",
+    "negative_crops_coords_top_left",
+    "negative_target_size",
+)
+MODEL_HELP = "diffusers directory, cached model id, 'shapes' (default) or 'shapes-distilled'"
+
+
+def add_prompt_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that generates: prompt, negatives, rule, sampler, model."""
+    from negprompt.guidance.rules import all_rules
+    from negprompt.sampling.schedulers import SCHEDULER_NAMES
+
+    parser.add_argument("prompt", nargs="?", default=None, help="the positive prompt (may be empty: unconditional)")
+    parser.add_argument(
+        "-n", "--negative", action="append", metavar="TEXT", help="a negative prompt (repeatable; default none)"
+    )
+    parser.add_argument(
+        "--negative-scale",
+        action="append",
+        type=number,
+        metavar="S",
+        help="s⁻ of each negative, in order (rules dual, weighted; default s − 1)",
+    )
+    parser.add_argument(
+        "--negative-window",
+        action="append",
+        metavar="START:END",
+        help="steps in which each negative is active, in order: 5: or 0.2:0.8 or :10 (default all)",
+    )
+    rules = "; ".join(f"{rule.name}: {rule.summary}" for rule in all_rules().values())
+    parser.add_argument("--rule", default="sd", help=f"guidance rule (default sd) — {rules}")
+    parser.add_argument("--scale", type=number, default=None, help="guidance scale s (s⁺); default: the model's")
+    parser.add_argument("--steps", type=step_count, default=None, help="inference steps, 1–1000; default: the model's")
+    parser.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULER_NAMES)}; default: the model's")
+    parser.add_argument("--seed", type=seed_list, default=None, help="seed(s): 3, 0,1,2 or 0-7 (default 0)")
+    parser.add_argument("--size", type=image_side, default=None, help="image side in pixels (default: the model's)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
+    add_quiet_option(parser)
+    add_modifier_options(parser)
+    add_rule_options(parser)
+    add_run_options(parser)
+    add_sdxl_options(parser)
+
+
+def add_modifier_options(parser: argparse.ArgumentParser) -> None:
+    """The group "more guidance rules and modifiers": rescale, embedded guidance, intervals."""
+    more = parser.add_argument_group("more guidance rules and modifiers")
+    more.add_argument("--rescale", type=number, default=0.0, help="guidance rescale φ in [0, 1] (default 0: off)")
+    more.add_argument(
+        "--embedded-guidance",
+        type=number,
+        default=None,
+        metavar="W",
+        help="guidance scale w given as an input to a guidance-distilled model (default: the model's)",
+    )
+    more.add_argument(
+        "--interval",
+        default=None,
+        metavar="START:END",
+        help="guide only in these steps; elsewhere ε̂ = ε_y (default: every step)",
+    )
+    more.add_argument(
+        "--interval-sigma",
+        default=None,
+        metavar="LO:HI",
+        help="guide only where the noise level σ is in [LO, HI] (default: every step)",
+    )
+
+
+def add_sdxl_options(parser: argparse.ArgumentParser) -> None:
+    """Textual-inversion embeddings (any model) and SDXL's second prompts and micro-conditions."""
+    parser.add_argument(
+        "--embedding",
+        action="append",
+        type=embedding_option,
+        metavar="TOKEN=FILE",
+        help="load a textual-inversion embedding (safetensors) used by TOKEN in any prompt (repeatable; default none)",
+    )
+    group = parser.add_argument_group("SDXL only (named as in diffusers' StableDiffusionXLPipeline)")
+    group.add_argument(
+        "--prompt-2", default=None, metavar="TEXT", help="the second text encoder's prompt (default: the prompt)"
+    )
+    group.add_argument(
+        "--negative-2",
+        action="append",
+        metavar="TEXT",
+        help="the second text encoder's negative, one for all or one per --negative (default: the negative)",
+    )
+    for dest in SDXL_SIZE_OPTIONS:
+        corner = "crops" in dest
+        negative = dest.startswith("negative")
+        default = "the positive's" if negative else ("0,0" if corner else "the image size")
+        group.add_argument(
+            "--" + dest.replace("_", "-"),
+            type=size_condition,
+            default=None,
+            metavar="TOP,LEFT" if corner else "H,W",
+            help=f"micro-condition{' of the negatives' if negative else ''} (default {default})",
+        )
+
+
+def add_rule_options(parser: argparse.ArgumentParser) -> None:
+    """One group per rule with options: flags, types, defaults and help from the rule's settings."""
+    from negprompt.guidance.rules import all_rules
+
+    for rule in all_rules().values():
+        options = rule.Settings.options()
+        if not options:
+            continue
+        group = parser.add_argument_group(f"options of rule {rule.name} (--rule {rule.name})")
+        for option in options:
+            kind = rule.Settings.kind(option)
+            unit = f" {option.metadata['unit']}" if option.metadata.get("unit") else ""
+            group.add_argument(
+                rule.Settings.flag(option),
+                dest=rule_option_dest(rule.name, option.name),
+                type=whole_number if kind is int else number,
+                default=None,
+                metavar="N" if kind is int else "X",
+                help=f"{option.metadata['help']} (default {option.default}{unit})",
+            )
+
+
+def add_quiet_option(parser: argparse.ArgumentParser) -> None:
+    """-q/--quiet: no progress bar."""
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar (default: a bar on stderr)")
+
+
+def add_model_options(parser: argparse.ArgumentParser, scale: bool = True) -> None:
+    """--model, --steps, --scheduler (and --scale) of commands that are not prompt commands."""
+    from negprompt.sampling.schedulers import SCHEDULER_NAMES
+
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
+    parser.add_argument("--steps", type=step_count, default=None, help="inference steps, 1–1000 (default: the model's)")
+    parser.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULER_NAMES)} (default: the model's)")
+    if scale:
+        parser.add_argument("--scale", type=number, default=None, help="guidance scale s (default: the model's)")
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype, for every command that loads a model to generate."""
+    from negprompt.devices import DEVICE_CHOICES, DTYPES
+
+    group = parser.add_argument_group("device")
+    group.add_argument(
+        "--device",
+        default=None,
+        metavar="DEVICE",
+        help=f"{'|'.join(DEVICE_CHOICES)} (default auto: CUDA if available, then MPS, else CPU)",
+    )
+    group.add_argument("--dtype", default=None, metavar="DTYPE", help=f"{'|'.join(DTYPES)} (default float32)")
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Image shape and device options of the prompt commands (generate, attend, edit)."""
+    parser.add_argument("--width", type=image_side, default=None, help="image width in pixels (default: --size)")
+    parser.add_argument("--height", type=image_side, default=None, help="image height in pixels (default: --size)")
+    add_device_options(parser)
+
+
+def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    """--no-overwrite: refuse to replace existing outputs."""
+    parser.add_argument(
+        "--no-overwrite",
+        action="store_true",
+        help="refuse to run if an output file (or a non-empty output folder) exists (default: replace it, "
+        "saying 'replaced')",
+    )
+
+
+# ---------------------------------------------------------------- rule options
+
+
+def rule_option_dest(rule: str, option: str) -> str:
+    """The argparse ``dest`` of a rule's option."""
+    return f"rule_option__{rule.replace('-', '_')}__{option}"
+
+
+def rule_option_flags() -> dict[str, str]:
+    """dest → flag of every rule option on the command line."""
+    from negprompt.guidance.rules import all_rules
+
+    return {
+        rule_option_dest(rule.name, option.name): rule.Settings.flag(option)
+        for rule in all_rules().values()
+        for option in rule.Settings.options()
+    }
+
+
+def rule_options_from_args(args: argparse.Namespace) -> dict:
+    """The selected rule's options given on the command line; an option of another rule is an error."""
+    from negprompt.guidance.rules import all_rules
+
+    chosen: dict = {}
+    for rule in all_rules().values():
+        for option in rule.Settings.options():
+            value = getattr(args, rule_option_dest(rule.name, option.name), None)
+            if value is None:
+                continue
+            if rule.name != args.rule:
+                flag = rule.Settings.flag(option)
+                raise CommandError(
+                    f"{flag} is an option of rule {rule.name!r}, but the rule is {args.rule!r}; "
+                    f"add --rule {rule.name} or drop {flag}"
+                )
+            chosen[option.name] = value
+    return chosen
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_prompt_args(args: argparse.Namespace) -> None:
+    """Checks what the prompt options say on their own, before anything is imported or loaded: rule
+    and scheduler names, options of another rule, sizes, windows, σ-interval, prompt syntax and weights,
+    device and dtype names."""
+    from negprompt.guidance import syntax
+    from negprompt.guidance.rules import rule_named
+    from negprompt.guidance.windows import Window
+    from negprompt.sampling.schedulers import SCHEDULER_NAMES
+
+    rule_named(args.rule)
+    if args.scheduler is not None and args.scheduler not in SCHEDULER_NAMES:
+        raise CommandError(f"unknown scheduler {args.scheduler!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
+    rule_options_from_args(args)
+    size_from_args(args)
+    for text in [*(args.negative_window or []), *([args.interval] if args.interval else [])]:
+        Window.parse(text)
+    if args.interval_sigma:
+        sigma_range(args.interval_sigma)
+    for prompt in [args.prompt or "", *(args.negative or []), args.prompt_2 or "", *(args.negative_2 or [])]:
+        syntax.parse(prompt)
+    for name in ("original_size", "target_size", "negative_original_size", "negative_target_size"):
+        value = getattr(args, name, None)
+        if value is not None and min(value) < 1:
+            raise CommandError(
+                f"--{name.replace('_', '-')} {value[0]},{value[1]}: sizes must be positive (height,width)"
+            )
+    check_embedding_args(args)
+    check_device_names(args)
+
+
+def check_device_names(args: argparse.Namespace) -> None:
+    """--device and --dtype, when given, name a known device and dtype."""
+    from negprompt.devices import DEVICE_CHOICES, DTYPES
+
+    if args.device is not None and args.device not in DEVICE_CHOICES:
+        raise CommandError(f"unknown device {args.device!r}; accepted: {', '.join(DEVICE_CHOICES)}")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise CommandError(f"unknown dtype {args.dtype!r}; accepted: {', '.join(DTYPES)}")
+
+
+def check_embedding_args(args: argparse.Namespace) -> None:
+    """Each --embedding names a safetensors file that exists, by a token of the right form."""
+    from negprompt.models.embeddings import check_embedding_source
+
+    for token, path in getattr(args, "embedding", None) or []:
+        check_embedding_source(token, path)
+
+
+def folder_outputs(args: argparse.Namespace) -> list[Path]:
+    """Checks the output folder ``args.out`` before any work; returns the files already in it (to say
+    which get replaced). With --no-overwrite a non-empty folder is an error."""
+    from negprompt.interfaces.outputs import check_destination, refuse_existing
+
+    check_destination(args.out, folder=True)
+    out = Path(args.out)
+    existing = sorted(out.iterdir()) if out.is_dir() else []
+    if args.no_overwrite:
+        refuse_existing(existing)
+    return existing
+
+
+# ---------------------------------------------------------------- parsed arguments → run settings
+
+
+def size_from_args(args: argparse.Namespace) -> dict:
+    """--size (square) or --width/--height, as :meth:`Session.spec` keywords; a conflict is an error."""
+    for name in ("width", "height"):
+        given = getattr(args, name, None)
+        if args.size is not None and given is not None and given != args.size:
+            raise CommandError(
+                f"--size {args.size} conflicts with --{name} {given}; give --size for a square, or --width and --height"
+            )
+    return dict(size=args.size, width=getattr(args, "width", None), height=getattr(args, "height", None))
+
+
+def size_pair(args: argparse.Namespace, session):
+    """--size, or (height, width) when --width/--height are given (the other side: --size or the model's)."""
+    size = size_from_args(args)
+    if size["width"] is None and size["height"] is None:
+        return args.size
+    default = args.size or session.components.default_size
+    return (size["height"] or default, size["width"] or default)
+
+
+def sdxl_from_args(args: argparse.Namespace) -> dict:
+    """The SDXL keywords of :meth:`Session.spec` that were given."""
+    given = {name: getattr(args, name) for name in SDXL_SIZE_OPTIONS if getattr(args, name, None) is not None}
+    if args.prompt_2 is not None:
+        given["prompt_2"] = args.prompt_2
+    if args.negative_2:
+        given["negative_2"] = args.negative_2
+    return given
+
+
+def run_settings_from_args(args: argparse.Namespace) -> RunSettings:
+    """The run the prompt options (:func:`add_prompt_options`) describe, as
+    :class:`~negprompt.runsettings.RunSettings`: ``session.spec_from(run_settings_from_args(args))`` is
+    the run the command line asks for. The one place that turns parsed arguments into run settings."""
+    return RunSettings(
+        args.prompt or "",
+        args.negative,
+        negative_scales=args.negative_scale,
+        negative_windows=args.negative_window,
+        rule=args.rule,
+        scale=args.scale,
+        steps=args.steps,
+        scheduler=args.scheduler,
+        seeds=args.seed or [0],
+        **size_from_args(args),
+        rescale=args.rescale,
+        interval=args.interval,
+        interval_sigma=sigma_range(args.interval_sigma) if args.interval_sigma else None,
+        rule_settings=rule_options_from_args(args),
+        embedded_guidance=args.embedded_guidance,
+        **sdxl_from_args(args),
+    )
+
+
+def unused_negative_warnings(session, spec) -> tuple[str, ...]:
+    """A warning for negative prompts that take no part in the run ``spec`` (rule sd at scale 1), else none."""
+    unused = session.unused_negatives(spec)
+    if not (unused and spec.guidance.scale == 1):
+        return ()
+    return (
+        f"the negative prompt(s) {', '.join(repr(u) for u in unused)} took no part in this run: rule "
+        f"{spec.guidance.rule!r} at scale 1 evaluates the positive alone; give a scale above 1 (on FLUX: "
+        "true CFG, a second pass) or --rule nag or vsf (one pass)",
+    )
+
+
+def session_from_args(args: argparse.Namespace, spec=None, model=None):
+    """The session of a command: ``model``, else ``spec``'s model, else --model, on --device in --dtype
+    (else ``spec``'s, else auto and float32); both are checked before anything is loaded. The
+    --embedding files are loaded into it, and the libraries are quieted first (:func:`quiet_libraries`)."""
+    from negprompt.devices import resolve_device, torch_dtype
+    from negprompt.session import Session
+
+    quiet_libraries()
+    device = args.device if args.device is not None else (spec.device if spec is not None else "auto")
+    dtype = args.dtype if args.dtype is not None else (spec.dtype if spec is not None else "float32")
+    resolve_device(device)
+    torch_dtype(dtype)
+    if model is None:
+        model = spec.model if spec is not None else getattr(args, "model", None)
+    check_embedding_args(args)
+    session = Session(model, device=device, dtype=dtype)
+    for token, path in getattr(args, "embedding", None) or []:
+        session.load_embedding(token, path)
+    return session
+
+
+def quiet_libraries() -> None:
+    """Keeps diffusers' and transformers' loading chatter (progress bars, hints) off the terminal, for the
+    rest of the process: the command line's policy once it loads a model. (It stays here, at the load,
+    rather than in ``main``: the parser must not import diffusers, and commands that load no session,
+    such as ``train``, keep the libraries' output.)"""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()

@@ -1,0 +1,144 @@
+"""The Attention tab: a run's cross-attention maps of chosen words, by step, with their summary."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+
+from negprompt.interfaces.web import handlers
+from negprompt.interfaces.web.handlers import (
+    AttentionRequest,
+    PageJob,
+    error_message,
+)
+from negprompt.interfaces.web.page_jobs import JobFolders, JobPanel, PageJobs, model_event
+from negprompt.interfaces.web.settings import ServerLimits
+from negprompt.sampling.schedulers import SCHEDULER_NAMES
+from negprompt.session import Session
+
+
+def attention_tab(
+    session: Session, limits: ServerLimits, folders: JobFolders, jobs: PageJobs, rules: dict
+) -> tuple[list[Any], JobPanel]:
+    defaults = session.defaults
+    with gr.Row():
+        with gr.Column(scale=1):
+            example, example_negative = handlers.example_pair(session)
+            prompt = gr.Textbox(
+                label="Prompt", value=f"{example} with a sun" if example else "", elem_id="attention-prompt"
+            )
+            negative = gr.Textbox(label="Negative", value=example_negative, elem_id="attention-negative")
+            words = gr.Textbox(
+                label=f"Positive words to map, comma-separated (empty: all; at most {limits.words})",
+                elem_id="attention-words",
+            )
+            negative_words = gr.Textbox(label="Negative words to map (empty: all)", elem_id="attention-negative-words")
+            with gr.Row():
+                rule = gr.Dropdown(list(rules), value="sd", label="Rule", elem_id="attention-rule")
+                scheduler = gr.Dropdown(
+                    list(SCHEDULER_NAMES), value=defaults["scheduler"], label="Scheduler", elem_id="attention-scheduler"
+                )
+            with gr.Row():
+                scale = gr.Number(label="Scale s", value=float(defaults["scale"]), elem_id="attention-scale")
+                steps = gr.Number(
+                    label=f"Steps (1–{limits.steps})", value=defaults["steps"], precision=0, elem_id="attention-steps"
+                )
+                seed = gr.Number(label="Seed", value=0, precision=0, elem_id="attention-seed")
+                columns = gr.Slider(2, 20, value=10, step=1, label="Steps in the timeline", elem_id="attention-columns")
+            panel = JobPanel("attention", "Capture attention")
+            image = gr.Image(
+                label="Image",
+                format="png",
+                interactive=False,
+                height=160,
+                elem_id="attention-image",
+                elem_classes="pixelated",
+            )
+        with gr.Column(scale=2):
+            figure = gr.Image(
+                label="Heat-map timeline (rows: words of the positive, then the negative branch)",
+                format="png",
+                interactive=False,
+                elem_id="attention-timeline",
+            )
+            with gr.Row():
+                with gr.Column(scale=1):
+                    step = gr.Slider(0, 1, value=0, step=1, label="Step", elem_id="attention-step")
+                    step_figure = gr.Image(
+                        label="The maps at this step", format="png", interactive=False, elem_id="attention-step-view"
+                    )
+                with gr.Column(scale=2):
+                    word = gr.Dropdown([], label="Negative word of the r_t curve", elem_id="attention-rt-word")
+                    curve = gr.Image(
+                        label="r_t: the negative word's strength",
+                        format="png",
+                        interactive=False,
+                        elem_id="attention-rt",
+                    )
+                    related = gr.Markdown(elem_id="attention-related")
+    captured = gr.State(None)
+
+    def on_capture(values: dict, request: gr.Request) -> Iterator[dict]:
+        folder = folders.new()
+        asked = AttentionRequest(
+            prompt=values[prompt],
+            negative=values[negative],
+            words=values[words],
+            negative_words=values[negative_words],
+            rule=values[rule],
+            scale=values[scale],
+            steps=values[steps],
+            scheduler=values[scheduler],
+            seed=values[seed],
+            columns=values[columns],
+        )
+
+        def show(result: handlers.AttentionResult) -> dict:
+            first = handlers.content_word(result.negative_words)
+            try:
+                rt, note = handlers.strength_view(result.capture, first)
+            except Exception as error:  # e.g. no content word captured on the positive branch
+                rt, note = None, error_message(error)
+            kept = result.steps
+            return {
+                panel.status: f"captured {len(kept)} steps",
+                image: str(result.png),
+                figure: result.timeline,
+                step: gr.update(minimum=kept[0], maximum=kept[-1], value=kept[-1]),
+                step_figure: handlers.step_view(session, result.capture, kept[-1]),
+                word: gr.update(choices=result.negative_words, value=first),
+                curve: rt,
+                related: note,
+                captured: result.capture,
+            }
+
+        yield from panel.follow(
+            jobs,
+            request.session_hash,
+            PageJob(preview_every=0),
+            lambda job: handlers.attend(session, asked, limits, folder, job),
+            show,
+        )
+
+    fields = {prompt, negative, words, negative_words, rule, scale, steps, scheduler, seed, columns}
+    outputs = panel.outputs(image, figure, step, step_figure, word, curve, related, captured)
+    event = model_event(panel, on_capture, fields, outputs, "attention")
+
+    def on_step(chosen: Any, result: Any) -> Any:
+        if result is None:
+            return None
+        return handlers.step_view(session, result, chosen)
+
+    def on_word(chosen: str, result: Any) -> tuple[Any, str]:
+        if result is None or not chosen:
+            return None, ""
+        try:
+            return handlers.strength_view(result, chosen)
+        except Exception as error:
+            return None, error_message(error)
+
+    step.change(on_step, [step, captured], step_figure, queue=False, api_name=False)
+    word.change(on_word, [word, captured], [curve, related], queue=False, api_name=False)
+    return [event], panel

@@ -1,0 +1,1 @@
+"""Tiny random models and diffusers peers for tests and benchmarks."""
