@@ -237,29 +237,7 @@ class Session:
             if interval is not None:
                 raise SettingsError("give the guidance interval as steps or as noise levels, not both")
             interval = interval_from_sigmas(settings.interval_sigma, scheduler, steps, self.components)
-        prompt = settings.prompt
-        guidance = Guidance(
-            rule=settings.rule,
-            positive=Term(
-                prompt if isinstance(prompt, str) else tuple(prompt),
-                None,
-                positive_window or Window(),
-                prompt_2 if prompt_2 is None or isinstance(prompt_2, str) else tuple(prompt_2),
-                micro,
-            ),
-            negatives=negative_terms(
-                settings.negative,
-                settings.negative_scales,
-                settings.negative_windows,
-                settings.negative_2,
-                negative_micro,
-            ),
-            scale=defaults["scale"] if settings.scale is None else settings.scale,
-            extra_positives=tuple(settings.extra_positives),
-            rescale=settings.rescale,
-            interval=interval,
-            settings=settings.rule_settings,
-        )
+        guidance = self._guidance(settings, positive_window, interval, micro, negative_micro)
         self._check_rule(guidance)
         height, width = image_size(settings.size, settings.height, settings.width, self.components.default_size)
         self._check_size(height, width)
@@ -279,6 +257,39 @@ class Session:
         )
         self._check_windows(guidance, scheduler, steps)
         return spec
+
+    def _guidance(
+        self,
+        settings: RunSettings,
+        positive_window: Window | None,
+        interval: Window | None,
+        micro: MicroConditions | None,
+        negative_micro: MicroConditions | None,
+    ) -> Guidance:
+        """The guidance ``settings`` ask for (checked by ``Guidance`` itself), the model's scale by default."""
+        prompt, prompt_2 = settings.prompt, settings.prompt_2
+        return Guidance(
+            rule=settings.rule,
+            positive=Term(
+                prompt if isinstance(prompt, str) else tuple(prompt),
+                None,
+                positive_window or Window(),
+                prompt_2 if prompt_2 is None or isinstance(prompt_2, str) else tuple(prompt_2),
+                micro,
+            ),
+            negatives=negative_terms(
+                settings.negative,
+                settings.negative_scales,
+                settings.negative_windows,
+                settings.negative_2,
+                negative_micro,
+            ),
+            scale=self.defaults["scale"] if settings.scale is None else settings.scale,
+            extra_positives=tuple(settings.extra_positives),
+            rescale=settings.rescale,
+            interval=interval,
+            settings=settings.rule_settings,
+        )
 
     def _check_family_options(self, given: Mapping[str, Any]) -> None:
         """Refuses the SDXL options (``…_2`` prompts; micro-conditions) the model's family does not read."""
@@ -355,38 +366,8 @@ class Session:
         the runs have in common (same seeds, prompts and state, e.g. a delayed negative before its
         window opens) are computed once. Returns one Generation per spec, in order.
         """
+        self._check_together(specs)
         first = specs[0]
-        shared = (
-            "model",
-            "scheduler",
-            "steps",
-            "height",
-            "width",
-            "eta",
-            "device",
-            "dtype",
-            "rows_per_call",
-            "embedded_guidance",
-        )
-        for other in specs[1:]:
-            differing = [name for name in shared if getattr(other, name) != getattr(first, name)]
-            if differing:
-                raise SettingsError(f"runs batched together must share {', '.join(differing)}")
-        for spec in specs:
-            self.check(spec)
-        loaded = {(e.token, e.sha256) for e in self.components.embeddings.values()}
-        for spec in specs:
-            for token, file, digest in spec.embeddings:
-                if (token, digest) not in loaded:
-                    raise SettingsError(
-                        f"the run uses the embedding {token!r} ({file}, sha256 {digest}), which this session has not "
-                        f"loaded; load it first (--embedding {token}={file})"
-                    )
-        if (first.device, first.dtype) != (self.device, self.dtype):
-            raise SettingsError(
-                f"the run asks for {first.dtype} on {first.device} but this session holds the model in "
-                f"{self.dtype} on {self.device}; make a Session with that device and dtype"
-            )
         groups = [Group(s.guidance, s.seeds) for s in specs]
         with self.lock:
             components = self.components
@@ -423,6 +404,43 @@ class Session:
             )
             start += count
         return generations
+
+    def _check_together(self, specs: Sequence[RunSpec]) -> None:
+        """Specs run together share everything but guidance and seeds, each fits the model
+        (:meth:`check`: also specs read from a PNG or made by ``replace``), their embeddings are loaded,
+        and the session holds the model on their device in their dtype."""
+        first = specs[0]
+        shared = (
+            "model",
+            "scheduler",
+            "steps",
+            "height",
+            "width",
+            "eta",
+            "device",
+            "dtype",
+            "rows_per_call",
+            "embedded_guidance",
+        )
+        for other in specs[1:]:
+            differing = [name for name in shared if getattr(other, name) != getattr(first, name)]
+            if differing:
+                raise SettingsError(f"runs batched together must share {', '.join(differing)}")
+        for spec in specs:
+            self.check(spec)
+        loaded = {(e.token, e.sha256) for e in self.components.embeddings.values()}
+        for spec in specs:
+            for token, file, digest in spec.embeddings:
+                if (token, digest) not in loaded:
+                    raise SettingsError(
+                        f"the run uses the embedding {token!r} ({file}, sha256 {digest}), which this session has not "
+                        f"loaded; load it first (--embedding {token}={file})"
+                    )
+        if (first.device, first.dtype) != (self.device, self.dtype):
+            raise SettingsError(
+                f"the run asks for {first.dtype} on {first.device} but this session holds the model in "
+                f"{self.dtype} on {self.device}; make a Session with that device and dtype"
+            )
 
     def generate(
         self,

@@ -28,14 +28,15 @@ from negprompt.analysis.attention_stats import reduce_layer
 from negprompt.analysis.locality import locality
 from negprompt.analysis.regions import RegionFinder, declared_finder
 from negprompt.api import Generation, to_uint8
-from negprompt.attention.capture import CaptureRequest, capture_attention
+from negprompt.attention.capture import CapturePlan, CaptureRequest, capture_attention
 from negprompt.attention.result import plan_for
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
 from negprompt.models.components import Components
 from negprompt.runsettings import RunSettings
-from negprompt.session import as_session
+from negprompt.runspec import RunSpec
+from negprompt.session import Session, as_session
 
 REGION_SOURCES = ("auto", "attention", "detector")
 
@@ -139,6 +140,36 @@ def attention_removal(
     return (1 - inside[-1] / peak).numpy()
 
 
+def _run_with_attention(
+    session: Session,
+    specs: tuple[RunSpec, RunSpec, RunSpec],
+    plans: tuple[CapturePlan, CapturePlan],
+    bounds: tuple[int, int],
+    threshold: float,
+    progress: bool,
+) -> tuple[list[Generation], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The plain, full and windowed runs with the negative's maps captured in the last two; returns the
+    generations, each image's region from the full run's maps (B, H, W) and the removal scores (B,)
+    of the full and the windowed negative."""
+    components = session.components
+    plan_full, plan_windowed = plans
+    with session.exclusive():
+        with capture_attention(components.denoiser, plan_full, reduce_layer, group=1) as record_full:
+            with capture_attention(components.denoiser, plan_windowed, reduce_layer, group=2) as record_windowed:
+                generations = session.run_together(
+                    list(specs), unet_hooks=[record_full, record_windowed], progress=progress
+                )
+    maps_full = record_full.tensors["maps.negative"][:, 0, :, 0].float()  # (steps, B, S, S)
+    maps_windowed = record_windowed.tensors["maps.negative"][:, 0, :, 0].float()
+    present_full = record_full.tensors["present.negative"]
+    present_windowed = record_windowed.tensors["present.negative"]
+    hw = generations[0].pixels.shape[1:3]
+    regions = attention_region(maps_full, present_full, bounds, threshold, hw)
+    removal_full = attention_removal(maps_full, present_full, regions, (0, plan_full.num_steps))
+    removal_windowed = attention_removal(maps_windowed, present_windowed, regions, bounds)
+    return generations, regions, removal_full, removal_windowed
+
+
 def run_edit(
     prompt: str,
     negative: str,
@@ -183,20 +214,9 @@ def run_edit(
         specs = [replace(spec, rows_per_call=max_rows_per_call) for spec in (plain, full, windowed)]
         generations = session.run_together(specs, progress=progress)
     else:
-        with session.exclusive():
-            with capture_attention(components.denoiser, plan_full, reduce_layer, group=1) as record_full:
-                with capture_attention(components.denoiser, plan_windowed, reduce_layer, group=2) as record_windowed:
-                    generations = session.run_together(
-                        [plain, full, windowed], unet_hooks=[record_full, record_windowed], progress=progress
-                    )
-        maps_full = record_full.tensors["maps.negative"][:, 0, :, 0].float()  # (steps, B, S, S)
-        maps_windowed = record_windowed.tensors["maps.negative"][:, 0, :, 0].float()
-        present_full = record_full.tensors["present.negative"]
-        present_windowed = record_windowed.tensors["present.negative"]
-        hw = generations[0].pixels.shape[1:3]
-        regions = attention_region(maps_full, present_full, bounds, threshold, hw)
-        removal_full = attention_removal(maps_full, present_full, regions, (0, plan_full.num_steps))
-        removal_windowed = attention_removal(maps_windowed, present_windowed, regions, bounds)
+        generations, regions, removal_full, removal_windowed = _run_with_attention(
+            session, (plain, full, windowed), (plan_full, plan_windowed), bounds, threshold, progress
+        )
     images = []
     for i, seed in enumerate(plain.seeds):
         original, with_full, edited = (g.pixels[i] for g in generations)

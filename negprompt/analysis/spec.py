@@ -124,6 +124,43 @@ def _scalar(node: yaml.Node, source: str, name: str, kind: type) -> Any:
     return value
 
 
+def _parse_pair(item: yaml.Node, source: str) -> Pair:
+    """One pair of the spec: its fields checked, its measured word chosen (the last content word of the
+    negative by default) and checked against the prompts."""
+    fields = _mapping(item, source, "a pair")
+    for key, (key_node, _) in fields.items():
+        if key not in PAIR_KEYS:
+            raise SpecError(
+                f"{_where(source, key_node)}: unknown pair field '{key}'; known: {', '.join(sorted(PAIR_KEYS))}"
+            )
+    absent = REQUIRED_PAIR - fields.keys()
+    if absent:
+        raise SpecError(f"{_where(source, item)}: pair lacks field(s) {', '.join(sorted(absent))}")
+    pair = {k: _scalar(v, source, k, str) for k, (_, v) in fields.items()}
+    words = prompt_words(pair["negative"])
+    if not words:
+        raise SpecError(f"{_where(source, item)}: the negative prompt {pair['negative']!r} has no word to measure")
+    content = [w for w in words if w not in {"a", "an", "the", "and", "with", "of"}] or words
+    word = pair.get("word", content[-1]).lower()
+    if word not in words:
+        raise SpecError(
+            f"{_where(source, item)}: word {word!r} is not a word of the negative prompt {pair['negative']!r}"
+        )
+    related = pair.get("related")
+    if related is not None and related.lower() not in prompt_words(pair["prompt"]):
+        raise SpecError(
+            f"{_where(source, item)}: related word {related!r} is not a word of the prompt {pair['prompt']!r}"
+        )
+    return Pair(
+        pair["group"],
+        pair["prompt"],
+        pair["negative"],
+        word,
+        related and related.lower(),
+        item.start_mark.line + 1,
+    )
+
+
 def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
     """Parses and validates a spec; every error names the line and field."""
     try:
@@ -174,42 +211,7 @@ def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
     pairs_node = top["pairs"][1]
     if not isinstance(pairs_node, yaml.SequenceNode) or not pairs_node.value:
         raise SpecError(f"{_where(source, pairs_node)}: field 'pairs' must be a non-empty list")
-    pairs = []
-    for item in pairs_node.value:
-        fields = _mapping(item, source, "a pair")
-        for key, (key_node, _) in fields.items():
-            if key not in PAIR_KEYS:
-                raise SpecError(
-                    f"{_where(source, key_node)}: unknown pair field '{key}'; known: {', '.join(sorted(PAIR_KEYS))}"
-                )
-        absent = REQUIRED_PAIR - fields.keys()
-        if absent:
-            raise SpecError(f"{_where(source, item)}: pair lacks field(s) {', '.join(sorted(absent))}")
-        pair = {k: _scalar(v, source, k, str) for k, (_, v) in fields.items()}
-        words = prompt_words(pair["negative"])
-        if not words:
-            raise SpecError(f"{_where(source, item)}: the negative prompt {pair['negative']!r} has no word to measure")
-        content = [w for w in words if w not in {"a", "an", "the", "and", "with", "of"}] or words
-        word = pair.get("word", content[-1]).lower()
-        if word not in words:
-            raise SpecError(
-                f"{_where(source, item)}: word {word!r} is not a word of the negative prompt {pair['negative']!r}"
-            )
-        related = pair.get("related")
-        if related is not None and related.lower() not in prompt_words(pair["prompt"]):
-            raise SpecError(
-                f"{_where(source, item)}: related word {related!r} is not a word of the prompt {pair['prompt']!r}"
-            )
-        pairs.append(
-            Pair(
-                pair["group"],
-                pair["prompt"],
-                pair["negative"],
-                word,
-                related and related.lower(),
-                item.start_mark.line + 1,
-            )
-        )
+    pairs = [_parse_pair(item, source) for item in pairs_node.value]
     keys = [p.key for p in pairs]
     for pair in pairs:
         if keys.count(pair.key) > 1:

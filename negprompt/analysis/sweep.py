@@ -23,7 +23,6 @@ compared with no negative at all (Ban et al.'s "reverse activation").
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -41,6 +40,7 @@ from negprompt.attention.capture import CaptureRequest, capture_attention
 from negprompt.attention.result import plan_for
 from negprompt.attention.tokens import tokenize_words
 from negprompt.errors import NegpromptError
+from negprompt.files import write_atomically, write_json, write_text
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
 from negprompt.runsettings import RunSettings
@@ -246,19 +246,29 @@ def summarize_sweep(rows: list[dict]) -> dict:
 
 def write_sweep(rows: list[dict], summary: dict, out_dir: str | Path) -> list[Path]:
     """CSV of all rows, JSON and Markdown summaries, and the trade-off plot."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "sweep.csv", out / "sweep.json", out / "sweep.md", out / "sweep.png"]
+
+    def write_csv(final: Path, temporary: Path) -> None:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomically([paths[0]], write_csv)
+    write_json(paths[1], summary, indent=1, default=float)
+    plot_sweep(summary, paths[3])
+    write_text(paths[2], sweep_markdown(summary))
+    return paths
+
+
+def plot_sweep(summary: dict, path: Path) -> None:
+    """Removal rate against locality for every fixed start (the best starred) and the automatic start."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "sweep.csv", out / "sweep.json", out / "sweep.md", out / "sweep.png"]
-    with open(paths[0], "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    paths[1].write_text(json.dumps(summary, indent=1, default=float) + "\n")
 
     fixed = summary["fixed_starts"]
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -298,9 +308,13 @@ def write_sweep(rows: list[dict], summary: dict, out_dir: str | Path) -> list[Pa
     ax.set_title("delayed negative: removal vs locality")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(paths[3], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
+
+def sweep_markdown(summary: dict) -> str:
+    """The summary as Markdown: a row per fixed start and for the automatic start, then reverse activation."""
+    fixed, best = summary["fixed_starts"], summary["best_fixed_start"]
     lines = [
         f"# Delayed negatives: start sweep on {summary['images']} images",
         "",
@@ -328,8 +342,7 @@ def write_sweep(rows: list[dict], summary: dict, out_dir: str | Path) -> list[Pa
     lines.append(f"Thing present with no negative: {summary['plain_present_rate']:.1%} of images.")
     for k, rate in summary["early_only_present_rate"].items():
         lines.append(f"- negative only in steps [0, {k}): present in {rate:.1%} of images")
-    paths[2].write_text("\n".join(lines) + "\n")
-    return paths
+    return "\n".join(lines) + "\n"
 
 
 def check_sweep_settings(settings: SweepSettings, num_steps: int) -> None:

@@ -229,13 +229,7 @@ def plan_capture(
         layout=layout,
         text_length=text_keys.length,
     )
-    length = text_keys.length
-    for branch in plan.branches:
-        selection = torch.zeros(batch, len(words[branch]), length)
-        for i, tokenized in enumerate(prompts[branch]):
-            for w, word in enumerate(words[branch]):
-                selection[i, w, list(tokenized.positions_of(word))] = 1.0
-        plan.selection[branch] = selection
+    plan.selection = {b: word_selection(prompts[b], words[b], text_keys.length) for b in plan.branches}
     needed = plan.memory_bytes()
     limit = int(request.memory_limit_mb * 2**20)
     if needed > limit:
@@ -244,6 +238,15 @@ def plan_capture(
             "raise the limit or keep fewer steps, layers, words or a smaller map size"
         )
     return plan
+
+
+def word_selection(prompts: Sequence[TokenizedPrompt], words: Sequence[str], length: int) -> torch.Tensor:
+    """(B, words, L) 0/1: the text-key positions of each word in each image's prompt."""
+    selection = torch.zeros(len(prompts), len(words), length)
+    for i, tokenized in enumerate(prompts):
+        for w, word in enumerate(words):
+            selection[i, w, list(tokenized.positions_of(word))] = 1.0
+    return selection
 
 
 # ---------------------------------------------------------------- recording
