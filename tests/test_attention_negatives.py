@@ -207,3 +207,22 @@ def test_cli_records_nag_and_refuses_bad_parameters(tmp_path, capsys):
         (["--rule", "nag", "--negative-window", "9:"], "window"),
     ):
         assert_usage_error(main([*base, *flags, "--out", str(bad)]), capsys, message, bad)
+
+
+def test_a_capture_of_one_group_records_only_its_own_negative(tiny_sd):
+    """Two NAG groups in one run: the capture of the first records the negative read in its calls only,
+    as when it runs alone (the second group's calls read another negative at the same steps)."""
+    from negprompt.attention.capture import capture_attention
+    from negprompt.attention.result import plan_for
+
+    session = Session(tiny_sd)
+    first = session.spec(PROMPT, "red glasses", rule="nag", **OPTIONS)
+    second = session.spec("a dog on a beach", "blue glasses", rule="nag", **OPTIONS)
+    request = CaptureRequest(words={"negative": ["glasses"]})
+    alone = capture(first, request, session, reducer=reduce_layer).tensors["maps.negative"]
+    other = capture(second, request, session, reducer=reduce_layer).tensors["maps.negative"]
+    assert not torch.equal(alone, other)  # the two groups' negatives give other maps
+    with session.exclusive() as components:
+        with capture_attention(components.denoiser, plan_for(first, request, session), reduce_layer, 0) as recorder:
+            session.run_together([first, second], unet_hooks=[recorder])
+    assert torch.equal(recorder.tensors["maps.negative"], alone)
