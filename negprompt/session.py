@@ -18,7 +18,6 @@ sampling loop relies on both.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from typing import Any
 
 from negprompt.devices import dtype_name, resolve_device, torch_dtype
 from negprompt.guidance.plan import Guidance, MicroConditions, Term
-from negprompt.guidance.windows import Window
+from negprompt.guidance.windows import Window, check_sigma_interval
 from negprompt.models.components import Components
 from negprompt.models.conditioning import Conditioning, PromptInput
 from negprompt.models.embeddings import Embedding, EmbeddingError, add_embedding, check_embedding_source, file_digest
@@ -542,8 +541,7 @@ def interval_from_sigmas(sigmas: tuple[float, float], scheduler: str, steps: int
     schedule shifts with the image size, at the model's default size).
     """
     low, high = sigmas
-    if not (math.isfinite(low) and math.isfinite(high) and 0 <= low < high):
-        raise SettingsError(f"noise-level interval needs 0 ≤ σ_lo < σ_hi, got {low}:{high}")
+    check_sigma_interval(low, high)
     base = components.scheduler
     side = components.default_size
     settings = components.family.timestep_settings(components, steps, side, side)

@@ -194,3 +194,36 @@ def test_every_option_says_its_default():
         and "default" not in (action.help or "").lower()
     ]
     assert not missing, missing
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--scale", "1e18"], "guidance scale 1e+18 is outside ±100"),
+        (["--negative-scale=-1e18"], "negative scale -1e+18 is outside ±100"),
+        (["--rule", "dng", "--dng-lambda", "1e18"], "dng_strength (λ) 1e+18 is outside ±100"),
+        (["--rule", "apg", "--apg-eta", "1e18"], "apg_eta (η) 1e+18 is outside ±100"),
+        (["--rule", "vsf", "--vsf-scale", "1e18"], "vsf_scale (λ) 1e+18 is outside ±100"),
+        (["--rule", "nag", "--nag-scale", "500"], "nag_phi (φ) 500 is outside ±100"),
+        (["--rule", "nag", "--nag-tau", "nan"], "nag_tau must be a finite number, got nan"),
+        (["--interval-sigma", "0:nan"], "noise-level interval needs 0 ≤ σ_lo < σ_hi"),
+        (["--seed", "0-3,2"], "seed 2 is given twice in '0-3,2'"),
+    ],
+)
+def test_numbers_are_refused_before_the_model_loads(extra, message):
+    """Scales, rule options, σ-intervals and repeated seeds are checked on their own: a model that does not
+    exist is never reached, nothing heavy is imported, and the error is one line."""
+    argv = ["generate", "a red circle", "-n", "a hat", "--model", "/nonexistent/model", *extra]
+    program = (
+        "import sys\n"
+        "from negprompt.interfaces.cli import main\n"
+        "try:\n"
+        f"    code = main({argv!r})\n"
+        "except SystemExit as stop:\n"
+        "    code = stop.code\n"
+        f"print(code, [m for m in {HEAVY!r} if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip().splitlines()[-1] == "2 []", (done.stdout[-500:], done.stderr[-500:])
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "/nonexistent" not in lines[0], lines

@@ -185,7 +185,7 @@ def _per_image(prompt: str | tuple[str, ...], batch_size: int) -> list[str]:
     return list(prompt)
 
 
-def _check_scale(value: float | None, what: str) -> None:
+def check_scale(value: float | None, what: str) -> None:
     """Raises unless ``value`` is None or a finite number within ±``MAX_SCALE``."""
     check_number(value, what)
     if value is not None and abs(value) > MAX_SCALE:
@@ -221,7 +221,7 @@ class Guidance:
                 f"settings {type(settings).__name__} do not belong to rule {self.rule!r}; give {rule.Settings.__name__}"
             )
         object.__setattr__(self, "settings", settings)
-        _check_scale(self.scale, "guidance scale")
+        check_scale(self.scale, "guidance scale")
         check_number(self.rescale, "rescale φ")
         if not 0.0 <= self.rescale <= 1.0:
             raise GuidanceError(f"rescale φ must be in [0, 1], got {self.rescale}")
@@ -229,7 +229,7 @@ class Guidance:
         if self.positive.scale is not None:
             raise GuidanceError("the positive prompt's scale is the guidance scale; set `scale` instead")
         for term in self.negatives + self.extra_positives:
-            _check_scale(term.scale, f"scale of prompt {term.prompt!r}")
+            check_scale(term.scale, f"scale of prompt {term.prompt!r}")
         rule.check(self)
 
     @property

@@ -18,6 +18,12 @@ class WindowError(NegpromptError):
     """A window that does not fit the schedule."""
 
 
+def check_sigma_interval(low: float, high: float) -> None:
+    """A guidance interval in noise levels σ_lo:σ_hi: finite, 0 ≤ σ_lo < σ_hi."""
+    if not (math.isfinite(low) and math.isfinite(high) and 0 <= low < high):
+        raise WindowError(f"noise-level interval needs 0 ≤ σ_lo < σ_hi, got {low}:{high}")
+
+
 @dataclass(frozen=True)
 class Window:
     """The steps [start, end) in which a prompt is active; the default covers every step."""

@@ -110,6 +110,11 @@ def seed_list(text: str) -> list[int]:
                     raise argparse.ArgumentTypeError(f"seed {seed} is outside 0–{MAX_SEED} (a 64-bit generator seed)")
             if len(seeds) + high - low + 1 > MAX_IMAGES:
                 raise argparse.ArgumentTypeError(f"seeds {text!r} make over {MAX_IMAGES} images; run them in parts")
+            repeated = sorted(set(seeds) & set(range(low, high + 1)))[:1]
+            if repeated:
+                raise argparse.ArgumentTypeError(
+                    f"seed {repeated[0]} is given twice in {text!r}; each seed is one image (and one file)"
+                )
             seeds.extend(range(low, high + 1))
     except ValueError:
         raise argparse.ArgumentTypeError(f"seeds {text!r}: give integers like 3, 0,1,2 or 0-7") from None
@@ -374,19 +379,23 @@ def check_prompt_args(args: argparse.Namespace) -> None:
     and scheduler names, options of another rule, sizes, windows, σ-interval, prompt syntax and weights,
     device and dtype names."""
     from negprompt.guidance import syntax
+    from negprompt.guidance.plan import check_scale
     from negprompt.guidance.rules import rule_named
-    from negprompt.guidance.windows import Window
+    from negprompt.guidance.windows import Window, check_sigma_interval
     from negprompt.sampling.schedulers import SCHEDULER_NAMES
 
-    rule_named(args.rule)
+    rule = rule_named(args.rule)
     if args.scheduler is not None and args.scheduler not in SCHEDULER_NAMES:
         raise CommandError(f"unknown scheduler {args.scheduler!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
-    rule_options_from_args(args)
+    check_scale(args.scale, "guidance scale")
+    for value in args.negative_scale or []:
+        check_scale(value, "negative scale")
+    rule.Settings(**rule_options_from_args(args)).validate()  # the model's defaults cannot make them valid
     size_from_args(args)
     for text in [*(args.negative_window or []), *([args.interval] if args.interval else [])]:
         Window.parse(text)
     if args.interval_sigma:
-        sigma_range(args.interval_sigma)
+        check_sigma_interval(*sigma_range(args.interval_sigma))
     for prompt in [args.prompt or "", *(args.negative or []), args.prompt_2 or "", *(args.negative_2 or [])]:
         syntax.parse(prompt)
     for name in ("original_size", "target_size", "negative_original_size", "negative_target_size"):

@@ -11,6 +11,7 @@ from negprompt.guidance.rules.base import (
     GuidanceError,
     NegativeAsBase,
     RuleSettings,
+    check_scale_like,
     option,
 )
 
@@ -29,6 +30,7 @@ class APGSettings(RuleSettings):
 
     def validate(self) -> None:
         super().validate()
+        check_scale_like(self.eta, "apg_eta (η)")
         if self.norm_threshold < 0:
             raise GuidanceError(f"apg_norm_threshold must be ≥ 0 (0 = no clipping), got {self.norm_threshold}")
         if not -1 < self.momentum < 1:

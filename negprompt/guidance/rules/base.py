@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from negprompt.errors import NegpromptError
 from negprompt.layers.layout import AttentionLayout
+from negprompt.limits import MAX_SCALE
 
 if TYPE_CHECKING:  # rules are declared without importing torch (the command line lists their options)
     from torch import Tensor
@@ -35,6 +36,16 @@ def check_number(value: Any, what: str) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise GuidanceError(f"{what} must be a finite number, got {value!r}")
+
+
+def check_scale_like(value: float, what: str) -> None:
+    """Raises unless ``value`` lies within ±MAX_SCALE: an option that multiplies a guidance term (or
+    adds to attention logits) saturates the prediction beyond it, as a guidance scale does."""
+    if abs(value) > MAX_SCALE:
+        raise GuidanceError(
+            f"{what} {value:g} is outside ±{MAX_SCALE:g}: it weighs a guidance term, and beyond that the result "
+            "is saturated noise"
+        )
 
 
 # ---------------------------------------------------------------- settings

@@ -15,6 +15,7 @@ from negprompt.guidance.rules.base import (
     Rule,
     RuleSettings,
     StepContext,
+    check_scale_like,
     option,
     single_negative,
 )
@@ -37,6 +38,7 @@ class DNGSettings(RuleSettings):
         super().validate()
         if self.strength < 0:
             raise GuidanceError(f"dng_strength (λ) must be ≥ 0, got {self.strength}")
+        check_scale_like(self.strength, "dng_strength (λ)")
         if not 0 <= self.p_min < self.p_max < 1:
             raise GuidanceError(f"DNG clamp needs 0 ≤ p_min < p_max < 1, got p_min {self.p_min}, p_max {self.p_max}")
         if not self.p_min <= self.prior <= self.p_max:

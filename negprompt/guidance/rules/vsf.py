@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from negprompt.guidance.rules.base import GuidanceError, NegativeInAttention, RuleSettings, option
+from negprompt.guidance.rules.base import GuidanceError, NegativeInAttention, RuleSettings, check_scale_like, option
 from negprompt.layers.layout import AttentionLayout
 
 
@@ -20,6 +20,8 @@ class VSFSettings(RuleSettings):
         super().validate()
         if self.scale < 0:
             raise GuidanceError(f"vsf_scale (λ) must be ≥ 0, got {self.scale}")
+        check_scale_like(self.scale, "vsf_scale (λ)")
+        check_scale_like(self.offset, "vsf_offset (b)")
 
 
 class ValueSignFlip(NegativeInAttention):
