@@ -142,6 +142,20 @@ def test_existing_outputs_are_replaced_with_a_word_or_refused_with_no_overwrite(
 HEAVY = ("torch", "diffusers", "transformers", "numpy", "PIL")
 
 
+def main_in_a_fresh_interpreter(argv: list[str]) -> subprocess.CompletedProcess:
+    """Runs ``main(argv)`` in a new Python; its last stdout line is the exit code and the heavy modules imported."""
+    program = (
+        "import sys\n"
+        "from negprompt.interfaces.cli import main\n"
+        "try:\n"
+        f"    code = main({argv!r})\n"
+        "except SystemExit as stop:\n"
+        "    code = stop.code\n"
+        f"print(code, [m for m in {HEAVY!r} if m in sys.modules])\n"
+    )
+    return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -165,16 +179,7 @@ HEAVY = ("torch", "diffusers", "transformers", "numpy", "PIL")
     ],
 )
 def test_help_and_usage_errors_import_neither_torch_nor_diffusers(argv):
-    program = (
-        "import sys\n"
-        "from negprompt.interfaces.cli import main\n"
-        "try:\n"
-        f"    code = main({argv!r})\n"
-        "except SystemExit as stop:\n"
-        "    code = stop.code\n"
-        f"print(code, [m for m in {HEAVY!r} if m in sys.modules])\n"
-    )
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    done = main_in_a_fresh_interpreter(argv)
     assert done.stdout.strip().splitlines()[-1] in ("0 []", "2 []"), (done.stdout[-500:], done.stderr[-500:])
 
 
@@ -214,16 +219,7 @@ def test_numbers_are_refused_before_the_model_loads(extra, message):
     """Scales, rule options, σ-intervals and repeated seeds are checked on their own: a model that does not
     exist is never reached, nothing heavy is imported, and the error is one line."""
     argv = ["generate", "a red circle", "-n", "a hat", "--model", "/nonexistent/model", *extra]
-    program = (
-        "import sys\n"
-        "from negprompt.interfaces.cli import main\n"
-        "try:\n"
-        f"    code = main({argv!r})\n"
-        "except SystemExit as stop:\n"
-        "    code = stop.code\n"
-        f"print(code, [m for m in {HEAVY!r} if m in sys.modules])\n"
-    )
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    done = main_in_a_fresh_interpreter(argv)
     assert done.stdout.strip().splitlines()[-1] == "2 []", (done.stdout[-500:], done.stderr[-500:])
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "/nonexistent" not in lines[0], lines
