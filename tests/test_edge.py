@@ -223,3 +223,11 @@ def test_numbers_are_refused_before_the_model_loads(extra, message):
     assert done.stdout.strip().splitlines()[-1] == "2 []", (done.stdout[-500:], done.stderr[-500:])
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "/nonexistent" not in lines[0], lines
+
+
+@pytest.mark.parametrize("command", ["evaluate", "bench-methods", "edit-sweep"])
+def test_a_refused_scale_leaves_no_job_behind(command, tmp_path, capsys):
+    """The scale is refused while the arguments are parsed: no job.json, logs or shards for a rerun to trip on."""
+    out = tmp_path / "out"
+    code = main([command, "--scale", "inf", "--out", str(out)])
+    assert_usage_error(code, capsys, "guidance scale must be a finite number, got inf", out)

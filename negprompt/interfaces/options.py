@@ -90,6 +90,19 @@ def number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
+def guidance_scale(text: str) -> float:
+    """A guidance scale: a finite number within ±MAX_SCALE (``negprompt.limits``)."""
+    from negprompt.guidance.plan import check_scale
+    from negprompt.guidance.rules.base import GuidanceError
+
+    value = number(text)
+    try:
+        check_scale(value, "guidance scale")
+    except GuidanceError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
 def seed_list(text: str) -> list[int]:
     """``3`` or ``0,1,2`` or ``0-7``: seeds in 0–2⁶⁴−1, at most MAX_IMAGES of them."""
     seeds: list[int] = []
@@ -193,7 +206,7 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     )
     rules = "; ".join(f"{rule.name}: {rule.summary}" for rule in all_rules().values())
     parser.add_argument("--rule", default="sd", help=f"guidance rule (default sd) — {rules}")
-    parser.add_argument("--scale", type=number, default=None, help="guidance scale s (s⁺); default: the model's")
+    parser.add_argument("--scale", type=guidance_scale, default=None, help="guidance scale s (s⁺); default: the model's")
     parser.add_argument("--steps", type=step_count, default=None, help="inference steps, 1–1000; default: the model's")
     parser.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULER_NAMES)}; default: the model's")
     parser.add_argument("--seed", type=seed_list, default=None, help="seed(s): 3, 0,1,2 or 0-7 (default 0)")
@@ -298,7 +311,7 @@ def add_model_options(parser: argparse.ArgumentParser, scale: bool = True) -> No
     parser.add_argument("--steps", type=step_count, default=None, help="inference steps, 1–1000 (default: the model's)")
     parser.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULER_NAMES)} (default: the model's)")
     if scale:
-        parser.add_argument("--scale", type=number, default=None, help="guidance scale s (default: the model's)")
+        parser.add_argument("--scale", type=guidance_scale, default=None, help="guidance scale s (default: the model's)")
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:
@@ -387,7 +400,6 @@ def check_prompt_args(args: argparse.Namespace) -> None:
     rule = rule_named(args.rule)
     if args.scheduler is not None and args.scheduler not in SCHEDULER_NAMES:
         raise CommandError(f"unknown scheduler {args.scheduler!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
-    check_scale(args.scale, "guidance scale")
     for value in args.negative_scale or []:
         check_scale(value, "negative scale")
     rule.Settings(**rule_options_from_args(args)).validate()  # the model's defaults cannot make them valid
