@@ -253,6 +253,21 @@ def test_resume_after_a_crash_gives_the_same_table(tiny_sd_dir, tmp_path, monkey
     assert read_rows(tmp_path / "crashed") == straight
 
 
+@pytest.mark.parametrize("kept", [0, 5])
+def test_resume_after_the_header_was_cut_short(tiny_sd_dir, tmp_path, kept):
+    """A disk that fills before the first row leaves an empty results.csv, or part of its header: the
+    rerun starts the table again instead of refusing it."""
+    from negprompt.analysis.spec import load_spec
+
+    spec = load_spec(write_spec(tmp_path, tiny_sd_dir))
+    run_study(spec, tmp_path / "straight", progress=False)
+    run_study(spec, tmp_path / "cut", progress=False)
+    results = tmp_path / "cut" / RESULTS_FILE
+    results.write_bytes(results.read_bytes()[:kept])
+    run_study(spec, tmp_path / "cut", progress=False)
+    assert results.read_bytes() == (tmp_path / "straight" / RESULTS_FILE).read_bytes()
+
+
 def test_results_of_another_spec_are_refused_and_untouched(tiny_sd_dir, tmp_path):
     from negprompt.analysis.spec import load_spec
 

@@ -76,6 +76,9 @@ def completed_pairs(spec: StudySpec, out_dir: Path, steps_per_run: int) -> set[i
     lines = text.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines = lines[:-1]  # a write cut short
+    if not lines and HEADER.startswith(text):  # cut short before the header was whole (e.g. a full disk)
+        path.unlink()
+        return set()
     if not lines or lines[0].rstrip("\n") != ",".join(COLUMNS):
         raise SpecError(f"{path} is not a results table of negprompt (header differs)")
     expected = len(spec.seeds) * steps_per_run * len(DEFINITIONS)
