@@ -231,3 +231,17 @@ def test_a_refused_scale_leaves_no_job_behind(command, tmp_path, capsys):
     out = tmp_path / "out"
     code = main([command, "--scale", "inf", "--out", str(out)])
     assert_usage_error(code, capsys, "guidance scale must be a finite number, got inf", out)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--max-minutes", "-1"], "argument --max-minutes: '-1' must be above 0"),
+        (["train", "--max-minutes", "nan"], "argument --max-minutes: 'nan' is not a finite number"),
+        (["edit-sweep", "--tau", "nan"], "argument --tau: 'nan' is not a finite number"),
+        (["attend", "a red circle", "--word", "circle", "--memory-limit", "nan"], "'nan' is not a finite number"),
+    ],
+)
+def test_numbers_that_would_run_silently_wrong_are_refused(argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert_usage_error(main([*argv, "--out", str(out)]), capsys, message, out)

@@ -18,6 +18,7 @@ A handler returns an exit code, or a :class:`CommandResult` to have warnings pri
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,22 @@ def number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def finite_number(text: str) -> float:
+    """A real number (not nan or ±inf)."""
+    value = number(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_number(text: str) -> float:
+    """A finite number above 0."""
+    value = finite_number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    return value
 
 
 def guidance_scale(text: str) -> float:
@@ -206,7 +223,9 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     )
     rules = "; ".join(f"{rule.name}: {rule.summary}" for rule in all_rules().values())
     parser.add_argument("--rule", default="sd", help=f"guidance rule (default sd) — {rules}")
-    parser.add_argument("--scale", type=guidance_scale, default=None, help="guidance scale s (s⁺); default: the model's")
+    parser.add_argument(
+        "--scale", type=guidance_scale, default=None, help="guidance scale s (s⁺); default: the model's"
+    )
     parser.add_argument("--steps", type=step_count, default=None, help="inference steps, 1–1000; default: the model's")
     parser.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULER_NAMES)}; default: the model's")
     parser.add_argument("--seed", type=seed_list, default=None, help="seed(s): 3, 0,1,2 or 0-7 (default 0)")
@@ -311,7 +330,9 @@ def add_model_options(parser: argparse.ArgumentParser, scale: bool = True) -> No
     parser.add_argument("--steps", type=step_count, default=None, help="inference steps, 1–1000 (default: the model's)")
     parser.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULER_NAMES)} (default: the model's)")
     if scale:
-        parser.add_argument("--scale", type=guidance_scale, default=None, help="guidance scale s (default: the model's)")
+        parser.add_argument(
+            "--scale", type=guidance_scale, default=None, help="guidance scale s (default: the model's)"
+        )
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:

@@ -16,10 +16,12 @@ from negprompt.interfaces.options import (
     add_device_options,
     add_model_options,
     add_quiet_option,
+    finite_number,
     non_negative_int,
     number,
     number_range,
     positive_int,
+    positive_number,
     seed_list,
     session_from_args,
 )
@@ -271,7 +273,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_model_options(sweep)
     sweep.add_argument(
         "--tau",
-        type=number,
+        type=finite_number,
         default=0.02,
         help="automatic start: map-motion threshold, mean absolute change of the maps per step (default 0.02)",
     )
@@ -357,7 +359,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument(
         "--max-minutes",
-        type=number,
+        type=positive_number,
         default=None,
         help="stop (resumably) after this many minutes (default: run to the end)",
     )

@@ -11,9 +11,9 @@ from negprompt.interfaces.options import (
     add_overwrite_option,
     add_prompt_options,
     check_prompt_args,
+    finite_number,
     folder_outputs,
     non_negative_int,
-    number,
     positive_int,
     run_settings_from_args,
     seed_list,
@@ -125,7 +125,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--map-size", type=positive_int, default=None, help="side of stored maps (default: largest layer's)"
     )
     attend.add_argument(
-        "--memory-limit", type=number, default=1024.0, help="MiB the capture may store (default 1024 MiB)"
+        "--memory-limit", type=finite_number, default=1024.0, help="MiB the capture may store (default 1024 MiB)"
     )
     attend.add_argument(
         "--image",
