@@ -39,8 +39,8 @@ def check_number(value: Any, what: str) -> None:
 
 
 def check_scale_like(value: float, what: str) -> None:
-    """Raises unless ``value`` lies within ±MAX_SCALE: an option that multiplies a guidance term (or
-    adds to attention logits) saturates the prediction beyond it, as a guidance scale does."""
+    """Raises unless ``value`` lies within ±MAX_SCALE: an option that multiplies a guidance term saturates
+    the prediction beyond it, as a guidance scale does."""
     if abs(value) > MAX_SCALE:
         raise GuidanceError(
             f"{what} {value:g} is outside ±{MAX_SCALE:g}: it weighs a guidance term, and beyond that the result "

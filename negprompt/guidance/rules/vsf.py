@@ -21,7 +21,6 @@ class VSFSettings(RuleSettings):
         if self.scale < 0:
             raise GuidanceError(f"vsf_scale (λ) must be ≥ 0, got {self.scale}")
         check_scale_like(self.scale, "vsf_scale (λ)")
-        check_scale_like(self.offset, "vsf_offset (b)")
 
 
 class ValueSignFlip(NegativeInAttention):
