@@ -35,9 +35,9 @@ from negprompt.guidance.rules.base import (
     RuleSettings,
     StepContext,
     check_number,
+    check_scale,
 )
 from negprompt.guidance.windows import Window, WindowError
-from negprompt.limits import MAX_SCALE
 
 if TYPE_CHECKING:
     import torch
@@ -183,13 +183,6 @@ def _per_image(prompt: str | tuple[str, ...], batch_size: int) -> list[str]:
     if len(prompt) != batch_size:
         raise GuidanceError(f"{len(prompt)} prompts given for a batch of {batch_size} images")
     return list(prompt)
-
-
-def check_scale(value: float | None, what: str) -> None:
-    """Raises unless ``value`` is None or a finite number within ±``MAX_SCALE``."""
-    check_number(value, what)
-    if value is not None and abs(value) > MAX_SCALE:
-        raise GuidanceError(f"{what} {value:g} is outside ±{MAX_SCALE:g}; guidance scales are used at 1–20")
 
 
 @dataclass(frozen=True)

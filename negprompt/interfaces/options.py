@@ -109,8 +109,7 @@ def positive_number(text: str) -> float:
 
 def guidance_scale(text: str) -> float:
     """A guidance scale: a finite number within ±MAX_SCALE (``negprompt.limits``)."""
-    from negprompt.guidance.plan import check_scale
-    from negprompt.guidance.rules.base import GuidanceError
+    from negprompt.guidance.rules.base import GuidanceError, check_scale
 
     value = number(text)
     try:
@@ -413,8 +412,8 @@ def check_prompt_args(args: argparse.Namespace) -> None:
     and scheduler names, options of another rule, sizes, windows, σ-interval, prompt syntax and weights,
     device and dtype names."""
     from negprompt.guidance import syntax
-    from negprompt.guidance.plan import check_scale
     from negprompt.guidance.rules import rule_named
+    from negprompt.guidance.rules.base import check_scale
     from negprompt.guidance.windows import Window, check_sigma_interval
     from negprompt.sampling.schedulers import SCHEDULER_NAMES
 

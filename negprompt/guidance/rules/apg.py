@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING
 
 from negprompt.guidance import formulas
 from negprompt.guidance.rules.base import (
+    WEIGHS_A_TERM,
     BranchPredictions,
     GuidanceError,
     NegativeAsBase,
     RuleSettings,
-    check_scale_like,
+    check_scale,
     option,
 )
 
@@ -30,7 +31,7 @@ class APGSettings(RuleSettings):
 
     def validate(self) -> None:
         super().validate()
-        check_scale_like(self.eta, "apg_eta (η)")
+        check_scale(self.eta, "apg_eta (η)", WEIGHS_A_TERM)
         if self.norm_threshold < 0:
             raise GuidanceError(f"apg_norm_threshold must be ≥ 0 (0 = no clipping), got {self.norm_threshold}")
         if not -1 < self.momentum < 1:

@@ -38,14 +38,16 @@ def check_number(value: Any, what: str) -> None:
         raise GuidanceError(f"{what} must be a finite number, got {value!r}")
 
 
-def check_scale_like(value: float, what: str) -> None:
-    """Raises unless ``value`` lies within ±MAX_SCALE: an option that multiplies a guidance term saturates
-    the prediction beyond it, as a guidance scale does."""
-    if abs(value) > MAX_SCALE:
-        raise GuidanceError(
-            f"{what} {value:g} is outside ±{MAX_SCALE:g}: it weighs a guidance term, and beyond that the result "
-            "is saturated noise"
-        )
+SCALE_USE = "guidance scales are used at 1–20"
+WEIGHS_A_TERM = "it weighs a guidance term, and beyond that the result is saturated noise"
+
+
+def check_scale(value: float | None, what: str, why: str = SCALE_USE) -> None:
+    """Raises unless ``value`` is None or a finite number within ±MAX_SCALE: a guidance scale, or a rule
+    option that multiplies a guidance term (``why``: WEIGHS_A_TERM), saturates the prediction beyond it."""
+    check_number(value, what)
+    if value is not None and abs(value) > MAX_SCALE:
+        raise GuidanceError(f"{what} {value:g} is outside ±{MAX_SCALE:g}; {why}")
 
 
 # ---------------------------------------------------------------- settings

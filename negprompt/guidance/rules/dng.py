@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING
 from negprompt.guidance import formulas
 from negprompt.guidance.rules.base import (
     UNCONDITIONAL,
+    WEIGHS_A_TERM,
     BranchPredictions,
     GuidanceError,
     Rule,
     RuleSettings,
     StepContext,
-    check_scale_like,
+    check_scale,
     option,
     single_negative,
 )
@@ -38,7 +39,7 @@ class DNGSettings(RuleSettings):
         super().validate()
         if self.strength < 0:
             raise GuidanceError(f"dng_strength (λ) must be ≥ 0, got {self.strength}")
-        check_scale_like(self.strength, "dng_strength (λ)")
+        check_scale(self.strength, "dng_strength (λ)", WEIGHS_A_TERM)
         if not 0 <= self.p_min < self.p_max < 1:
             raise GuidanceError(f"DNG clamp needs 0 ≤ p_min < p_max < 1, got p_min {self.p_min}, p_max {self.p_max}")
         if not self.p_min <= self.prior <= self.p_max:

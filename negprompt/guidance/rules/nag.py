@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from negprompt.guidance.rules.base import GuidanceError, NegativeInAttention, RuleSettings, check_scale_like, option
+from negprompt.guidance.rules.base import (
+    WEIGHS_A_TERM,
+    GuidanceError,
+    NegativeInAttention,
+    RuleSettings,
+    check_scale,
+    option,
+)
 from negprompt.layers.layout import AttentionLayout
 
 
@@ -21,7 +28,7 @@ class NAGSettings(RuleSettings):
         super().validate()
         if self.phi < 0:
             raise GuidanceError(f"nag_phi (φ) must be ≥ 0, got {self.phi}")
-        check_scale_like(self.phi, "nag_phi (φ)")
+        check_scale(self.phi, "nag_phi (φ)", WEIGHS_A_TERM)
         if self.tau <= 1:
             raise GuidanceError(
                 f"nag_tau (τ) must be > 1 (a clip of the norm ratio below 1 shrinks the output), got {self.tau}"

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from negprompt.guidance.rules.base import GuidanceError, NegativeInAttention, RuleSettings, check_scale_like, option
+from negprompt.guidance.rules.base import (
+    WEIGHS_A_TERM,
+    GuidanceError,
+    NegativeInAttention,
+    RuleSettings,
+    check_scale,
+    option,
+)
 from negprompt.layers.layout import AttentionLayout
 
 
@@ -20,7 +27,7 @@ class VSFSettings(RuleSettings):
         super().validate()
         if self.scale < 0:
             raise GuidanceError(f"vsf_scale (λ) must be ≥ 0, got {self.scale}")
-        check_scale_like(self.scale, "vsf_scale (λ)")
+        check_scale(self.scale, "vsf_scale (λ)", WEIGHS_A_TERM)
 
 
 class ValueSignFlip(NegativeInAttention):
