@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# A lowered ATen kernel set (ATEN_CPU_CAPABILITY=default or avx2) plays an older CPU; oneDNN must play
+# it too, else on an AMX CPU PyTorch's bfloat16 attention refuses to run ("pack_vnni2 is only supported
+# when avx512 is supported"). Set before torch starts; launched workers inherit it.
+if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2"):
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Two threads (the machine the goldens were recorded on), or what OMP_NUM_THREADS asks for: a run
