@@ -197,6 +197,8 @@ def plan_capture(
     ``branch_prompts``: per branch, each image's prompt as plain text (no prompt-editing syntax);
     ``text_keys``: how the text keys are laid out (default: ``tokenizer``'s tokens, padded to its
     length); ``layout``: the family's attention layout (which layers; a transformer's patch)."""
+    if layout.kind == "unread":
+        raise CaptureError(f"negprompt cannot yet capture the attention of {layout.family or 'this model'}")
     text_keys = text_keys or TextKeys.of(tokenizer)
     unknown = [b for b in request.words if b not in branch_prompts]
     if unknown:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-LayoutKind = Literal["cross", "joint", "none"]
+LayoutKind = Literal["cross", "joint", "unread", "none"]
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,9 @@ class AttentionLayout:
     ``kind``: ``"cross"`` — UNet cross-attention layers, image queries on text keys only (SD, SDXL,
     the bundled model); ``"joint"`` — MMDiT joint attention (Esser et al. 2024, Fig. 2): image and
     text tokens attend over [text; image] keys together, the text a stream of its own through the
-    blocks (SD3, FLUX); ``"none"`` — no attention layer reads the text.
+    blocks (SD3, FLUX); ``"unread"`` — attention layers read the text, but negprompt has no reader for
+    them yet (capture and rules acting inside attention refuse such a model, naming ``family``);
+    ``"none"`` — no attention layer reads the text.
     ``text_start_tokens``: start tokens leading the text keys, attention sinks a negative's keys
     leave out (CLIP's 1; FLUX's T5 tokens have none).
     ``patch``: latent cells per side of one image token of a transformer's attention (1 for UNets,
@@ -32,7 +34,14 @@ class AttentionLayout:
     patch: int = 1
     keys_from_second_prompt: bool = False
 
+    family: str = ""  # the family's description, for refusals
+
     @property
     def reads_text(self) -> bool:
         """Whether any attention layer has text keys."""
         return self.kind != "none"
+
+    @property
+    def readable(self) -> bool:
+        """Whether negprompt can read (capture) and change (NAG, VSF) the text's attention."""
+        return self.kind in ("cross", "joint")

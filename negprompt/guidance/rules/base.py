@@ -335,6 +335,11 @@ class NegativeInAttention(Rule):
             raise GuidanceError(
                 f"rule {self.name!r} acts in cross-attention layers, and this model's denoiser has none"
             )
+        if not layout.readable:
+            raise GuidanceError(
+                f"rule {self.name!r} acts inside attention, which negprompt cannot yet change on "
+                f"{layout.family or 'this model'}; choose a rule on predictions (sd, cfg, dual, weighted, perp-neg)"
+            )
 
     def neutral(self, settings: Any) -> bool:
         """Whether the settings leave the attention output unchanged (then nothing is installed)."""
