@@ -89,7 +89,8 @@ class Session:
     def defaults(self) -> dict[str, Any]:
         """Default steps, scale and scheduler of the model (its ``negprompt.json``, else diffusers'),
         with whatever else the model declares there (see ``Components.declarations``)."""
-        return {**FALLBACK_DEFAULTS, **self.components.family.default_sampling, **self.components.declarations}
+        family_defaults = self.components.family.sampling_defaults(self.components)
+        return {**FALLBACK_DEFAULTS, **family_defaults, **self.components.declarations}
 
     def __repr__(self) -> str:
         return f"Session({self.model!r}, {self.components.family.name}, device={self.device!r}, dtype={self.dtype!r})"
@@ -184,8 +185,11 @@ class Session:
         guidance.rule_object.check_prediction(prediction_type(self.components.scheduler))
 
     def _check_windows(self, guidance: Guidance, scheduler: str, steps: int) -> None:
-        """Every window, the interval and every prompt edit fit the schedule's denoiser calls."""
-        guidance.validate(denoiser_calls(scheduler, self.components.scheduler, steps))
+        """Every window, the interval and every prompt edit fit the schedule's denoiser calls, and the model's
+        family takes the guidance (e.g. a step-distilled model only its positive branch)."""
+        calls = denoiser_calls(scheduler, self.components.scheduler, steps)
+        guidance.validate(calls)
+        self.components.family.check_guidance(self.components, guidance, calls)
 
     # ---------------------------------------------------------------- specifications
 

@@ -27,7 +27,17 @@ def models(tiny_sd, tiny_sdxl, tiny_sd3, tiny_flux):
 
 
 def test_every_family_is_found_by_its_name_and_from_its_parts(models):
-    assert set(FAMILIES) == {"stable-diffusion", "stable-diffusion-xl", "pixel", "stable-diffusion-3", "flux"}
+    assert set(FAMILIES) == {
+        "stable-diffusion",
+        "stable-diffusion-xl",
+        "pixel",
+        "stable-diffusion-3",
+        "flux",
+        "chroma",
+        "flux2-klein",
+        "qwen-image",
+        "z-image",
+    }
     for name, components in models.items():
         assert family_named(name) is components.family is family_for_parts(components)
     with pytest.raises(UnsupportedModelError, match="no model family 'pixart'; families: stable-diffusion, "):
@@ -104,7 +114,7 @@ def test_a_rule_processor_hands_the_negative_to_an_observer_it_wraps(tiny_sd):
     negative = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
     before = dict(unet.attn_processors)
     with torch.no_grad(), installed(unet, watch):
-        with negative_in_attention(unet, layout, slice(0, 1), negative, vsf_combine(2.0, 0.0, 1), "negative_2"):
+        with negative_in_attention(unet, layout, slice(0, 1), {"encoder_hidden_states": negative}, vsf_combine(2.0, 0.0, 1), "negative_2"):
             unet(latents, torch.tensor([10]), encoder_hidden_states=context)
     assert all(processor is before[key] for key, processor in unet.attn_processors.items())  # both restored
     cross = set(attention_paths(unet, "cross"))

@@ -97,6 +97,8 @@ def cross_attention_layers(unet: Any) -> list[LayerInfo]:
 def attention_layers(denoiser: Any, layout: AttentionLayout) -> list[LayerInfo]:
     """The layers whose attention maps text to pixels: a UNet's cross-attention layers, or every joint
     attention layer of an MMDiT transformer (maps (latent side / ``patch``)², ``patch`` latent cells per token)."""
+    if layout.reader is not None:
+        return [LayerInfo(path, layout.patch) for path in layout.reader.paths(denoiser)]
     if layout.kind == "cross":
         return cross_attention_layers(denoiser)
     return [LayerInfo(path, layout.patch) for path in attention_paths(denoiser, layout.kind)]
@@ -474,6 +476,8 @@ def capture_attention(
     def make(path: str, original: Any) -> Any:
         if path not in wanted:
             return None
+        if plan.layout.reader is not None:
+            return plan.layout.reader.capture_processor(path, original, recorder)
         if plan.layout.kind == "joint":
             return JointCaptureProcessor(original, recorder, path, plan.text_length)
         return CaptureProcessor(original, recorder, path)

@@ -19,7 +19,7 @@ import this module in ``prepare`` only.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -121,13 +121,20 @@ def negative_in_attention(
     denoiser: Any,
     layout: AttentionLayout,
     rows: slice,
-    negative: torch.Tensor,
+    negative_inputs: Mapping[str, Any],
     combine: Combine,
     branch: str = "negative",
 ) -> Iterator[None]:
-    """For one call, the positive's rows ``rows`` read the negative's text states ``negative`` (B, L⁻, D)
-    inside every layer with text keys, combined by ``combine``; the processors found are restored on
-    exit (also on error)."""
+    """For one call, the positive's rows ``rows`` read the negative's text states (``negative_inputs``: the
+    negative's denoiser inputs, :func:`negprompt.models.conditioning.denoiser_inputs`; its
+    ``encoder_hidden_states`` (B, L⁻, D)) inside every layer with text keys, combined by ``combine``; the
+    processors found are restored on exit (also on error). A family's own reader (``layout.reader``) does it
+    on layers the built-in readers do not cover."""
+    if layout.reader is not None:
+        with layout.reader.negative_in_attention(denoiser, rows, dict(negative_inputs), combine, branch):
+            yield
+        return
+    negative = negative_inputs["encoder_hidden_states"]
     if layout.kind == "joint":
         from negprompt.guidance.joint_attention_processors import negative_in_joint_attention
 

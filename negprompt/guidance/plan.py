@@ -38,6 +38,7 @@ from negprompt.guidance.rules.base import (
     check_scale,
 )
 from negprompt.guidance.windows import Window, WindowError
+from negprompt.layers.layout import AttentionLayout
 
 if TYPE_CHECKING:
     import torch
@@ -308,10 +309,12 @@ class Guidance:
         step: int,
         num_steps: int,
         state: dict[str, torch.Tensor] | None = None,
+        attention: AttentionLayout | None = None,
     ) -> torch.Tensor:
-        """ε̂ from the branch predictions of :meth:`branches_at` (each (B, C, H, W))."""
+        """ε̂ from the branch predictions of :meth:`branches_at` (each (B, C, H, W)); ``attention``: the
+        model's attention layout, for rules that act per image token (the sampling loop gives it)."""
         active = frozenset(self.active_terms(step, num_steps))
-        branches = BranchPredictions(predictions, active, tuple(self.terms), step, num_steps)
+        branches = BranchPredictions(predictions, active, tuple(self.terms), step, num_steps, attention)
         if not self.guided_at(step, num_steps):
             return branches.eps("positive")
         if state is None:

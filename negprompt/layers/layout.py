@@ -5,8 +5,8 @@ Imports nothing heavy: the command line reads it while parsing (rules name it in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 LayoutKind = Literal["cross", "joint", "unread", "none"]
 
@@ -35,6 +35,9 @@ class AttentionLayout:
     keys_from_second_prompt: bool = False
 
     family: str = ""  # the family's description, for refusals
+    # The family's own reader of its attention (a ``negprompt.layers.readers.AttentionReader``), for layers the
+    # built-in cross/joint readers do not cover; None: the built-in reader of ``kind``.
+    reader: Any = field(default=None, compare=False)
 
     @property
     def reads_text(self) -> bool:
@@ -43,5 +46,10 @@ class AttentionLayout:
 
     @property
     def readable(self) -> bool:
-        """Whether negprompt can read (capture) and change (NAG, VSF) the text's attention."""
+        """Whether negprompt can read (capture) the text's attention."""
         return self.kind in ("cross", "joint")
+
+    @property
+    def changeable(self) -> bool:
+        """Whether negprompt can change the text's attention (NAG, VSF)."""
+        return self.readable and (self.reader is None or self.reader.negative_in_attention is not None)

@@ -6,12 +6,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from negprompt.errors import NegpromptError
+from negprompt.models.chroma import ChromaFamily
 from negprompt.models.family import ModelFamily
 from negprompt.models.flux import FluxFamily
+from negprompt.models.flux2_klein import Flux2KleinFamily
 from negprompt.models.pixel import PixelFamily
+from negprompt.models.qwen_image import QwenImageFamily
 from negprompt.models.stable_diffusion import StableDiffusionFamily
 from negprompt.models.stable_diffusion_3 import StableDiffusion3Family
 from negprompt.models.stable_diffusion_xl import StableDiffusionXLFamily
+from negprompt.models.z_image import ZImageFamily
 
 # Every family, by its name; a new family is one module and one line here.
 FAMILIES: dict[str, ModelFamily] = {
@@ -22,6 +26,10 @@ FAMILIES: dict[str, ModelFamily] = {
         PixelFamily(),
         StableDiffusion3Family(),
         FluxFamily(),
+        Flux2KleinFamily(),
+        ZImageFamily(),
+        ChromaFamily(),
+        QwenImageFamily(),
     )
 }
 

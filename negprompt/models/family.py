@@ -197,6 +197,16 @@ class ModelFamily:
 
     # ---------------------------------------------------------------- denoising
 
+    def sampling_defaults(self, components: Parts) -> dict[str, Any]:
+        """The family's pipeline defaults for this model (``default_sampling``; a step-distilled FLUX.2 [klein]
+        runs at scale 1)."""
+        return dict(self.default_sampling)
+
+    def check_guidance(self, components: Parts, guidance: Any, calls: int) -> None:
+        """Raises a one-line :class:`~negprompt.errors.NegpromptError` for guidance (a
+        ``negprompt.guidance.plan.Guidance`` over ``calls`` denoiser calls) this model cannot take; nothing
+        here (a step-distilled FLUX.2 [klein] takes the positive branch alone)."""
+
     def timestep_settings(self, components: Parts, num_steps: int, height: int, width: int) -> dict[str, Any]:
         """Keywords for ``scheduler.set_timesteps(num_steps, …)`` as the family's pipeline passes them
         (none here; FLUX's σ list and image-size shift μ)."""

@@ -275,7 +275,7 @@ def sample_groups(
         for g, group in enumerate(groups):
             predictions = predictions_of[g]
             state_before = {k: v.clone() for k, v in states[g].items()}
-            guided = group.guidance.combine(predictions, step, calls, states[g])
+            guided = group.guidance.combine(predictions, step, calls, states[g], attention_layout)
             group.guidance.update_state(states[g], predictions, guided, context)
             guided_parts.append(guided)
             if callback is not None or trace is not None:

@@ -148,7 +148,8 @@ class BranchPredictions:
     ``active``: the terms inside their window at this step; ``terms``: every term's branch name in
     order (``positive``, ``positive_2`` …, ``negative``, ``negative_2`` …). A term outside its window
     is replaced by the empty prompt: :meth:`eps` then gives ε_∅. ``step`` counts denoiser calls,
-    0 … ``num_steps`` − 1.
+    0 … ``num_steps`` − 1. ``attention``: the model's attention layout (its family's), whose ``patch``
+    says how many latent cells per side make one image token, for rules that act per token.
     """
 
     predictions: Mapping[str, Tensor]
@@ -156,6 +157,7 @@ class BranchPredictions:
     terms: tuple[str, ...]
     step: int = 0
     num_steps: int = 1
+    attention: AttentionLayout | None = None
 
     def eps(self, name: str) -> Tensor:
         return self.predictions[name] if name in self.active else self.predictions[UNCONDITIONAL]
@@ -335,7 +337,7 @@ class NegativeInAttention(Rule):
             raise GuidanceError(
                 f"rule {self.name!r} acts in cross-attention layers, and this model's denoiser has none"
             )
-        if not layout.readable:
+        if not layout.changeable:
             raise GuidanceError(
                 f"rule {self.name!r} acts inside attention, which negprompt cannot yet change on "
                 f"{layout.family or 'this model'}; choose a rule on predictions (sd, cfg, dual, weighted, perp-neg)"
@@ -367,7 +369,7 @@ class NegativeInAttention(Rule):
             denoiser,
             context.attention,
             slice(first, first + count),
-            conditioning[negative]["encoder_hidden_states"],
+            conditioning[negative],
             self.combine_in_attention(guidance.settings, context.attention),
             negative,
         )

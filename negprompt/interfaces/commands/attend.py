@@ -65,6 +65,9 @@ def command_attend(args: argparse.Namespace) -> CommandResult:
     session = session_from_args(args)
     settings = session.spec_from(run_settings_from_args(args))
     warnings = unused_negative_warnings(session, settings)
+    layout = session.components.attention_layout
+    if layout.kind == "unread":  # before its prompts are split into words with a tokenizer capture may not read
+        raise CommandError(f"negprompt cannot yet capture the attention of {layout.family or 'this model'}")
     request = CaptureRequest(
         words=words_to_map(args, settings, session.components.tokenizer),
         layers=args.layers,

@@ -1,0 +1,57 @@
+"""A family's own reader of its denoiser's text attention: for transformers whose layers the built-in readers
+(:mod:`negprompt.layers.attention`: UNet cross-attention, SD3's and FLUX's joint attention) do not cover.
+
+A family whose attention layers differ (FLUX.2's fused single-stream layers, Qwen-Image's complex rotary
+positions, Z-Image's single stream with per-row text lengths, Chroma's text masks) gives its
+:class:`~negprompt.layers.layout.AttentionLayout` a ``reader``; capture and the rules that act inside attention
+then ask the reader, never a class name. Readers live in the family's module (or a module of their own under
+``negprompt/layers/``) and use :func:`negprompt.layers.processors.installed` to swap processors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from negprompt.layers.attention import Combine
+
+
+@runtime_checkable
+class Recorder(Protocol):
+    """What a capture processor reports to (``negprompt.attention.capture.AttentionRecorder`` is one)."""
+
+    @property
+    def active(self) -> bool:
+        """Whether the current call is recorded (a recorded step and group)."""
+        ...
+
+    def record(self, path: str, probabilities: torch.Tensor, heads: int) -> None:
+        """Takes one layer's image-query × text-key probabilities (B·heads, N, L): softmax over ALL the layer's
+        keys, then the L text keys in the text's own token order (key j = the text's token j as the family's
+        ``text_key_segments`` count them; zeros for masked or absent keys), rows in the call's batch order."""
+        ...
+
+
+@runtime_checkable
+class AttentionReader(Protocol):
+    """Reads (and for NAG/VSF, changes) a family's text attention."""
+
+    def paths(self, denoiser: Any) -> list[str]:
+        """Module paths, in the denoiser's order, of the attention layers whose image queries read text keys."""
+        ...
+
+    def capture_processor(self, path: str, original: Any, recorder: Recorder) -> Any:
+        """A processor for the layer at ``path`` that returns what ``original`` returns and, while
+        ``recorder.active``, calls ``recorder.record(path, probabilities, heads)``. It should be an
+        :class:`~negprompt.layers.processors.AttentionObserver` (``wants_context``/``observe_context``) if the
+        family's negative reader reports the negative's attention to it."""
+        ...
+
+    # None: rules acting inside attention (NAG, VSF) are refused on the family.
+    negative_in_attention: Callable[[Any, slice, dict[str, Any], Combine, str], AbstractContextManager[None]] | None
+    """(denoiser, rows of the positive in the call, the negative's denoiser inputs (``denoiser_inputs``),
+    combine, branch name) → a context manager that, for one call, gives the positive's rows ``combine`` of their
+    attention over the positive's and the negative's text, and restores the processors on exit."""
