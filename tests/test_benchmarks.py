@@ -52,3 +52,16 @@ def test_bench_mmdit_tiny_run_writes_its_ratios(benchmarks_on_path, monkeypatch,
     for measured in result["models"].values():
         assert set(measured["ratios"]) == set(measured["targets"]) and all(v > 0 for v in measured["ratios"].values())
         assert measured["median_seconds"]["diffusers"] > 0
+
+
+def test_bench_families_tiny_run_writes_a_ratio_per_family(benchmarks_on_path, monkeypatch, tmp_path):
+    import bench_families
+
+    out = tmp_path / "families.json"
+    argv = ["bench_families.py", "--size", "32", "--steps", "2", "--batch", "1", "--repeats", "1", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_families.main()
+    result = json.loads(out.read_text())
+    assert set(result["families"]) == {"chroma", "flux2-klein", "qwen-image", "z-image"}
+    for measured in result["families"].values():
+        assert measured["ratios"]["ours_vs_diffusers"] > 0 and measured["median_seconds"]["diffusers"] > 0

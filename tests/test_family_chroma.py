@@ -13,7 +13,7 @@ import torch
 from helpers import assert_usage_error
 
 from negprompt.analysis.attention_stats import reduce_layer
-from negprompt.attention.capture import CaptureError, CaptureRequest
+from negprompt.attention.capture import CaptureRequest
 from negprompt.attention.result import capture
 from negprompt.guidance import formulas
 from negprompt.guidance.plan import Guidance, Term
@@ -187,9 +187,8 @@ def test_every_rule_runs_on_velocities_or_is_refused_in_one_line(chroma, rule):
     negatives = [NEGATIVE, "glasses"] if rule in ("dual", "weighted", "perp-neg") else [NEGATIVE]
     session = Session(chroma)
     options = dict(rule=rule, scale=4.0, steps=3, size=32, seeds=[3])
-    if rule in ("dng", "apg", "nag", "vsf"):
-        message = "not exact on the velocity" if rule in ("dng", "apg") else "cannot yet change on Chroma"
-        with pytest.raises(GuidanceError, match=message) as error:
+    if rule in ("dng", "apg"):
+        with pytest.raises(GuidanceError, match="not exact on the velocity") as error:
             session.spec(PROMPT, [] if rule == "cfg" else negatives, **options)
         assert "\n" not in str(error.value)
         return
@@ -273,17 +272,262 @@ def test_a1111_weights_and_edits_on_each_prompt(chroma, where):
     assert not torch.allclose(edited.trace[STEPS // 2].guided, reference.trace[STEPS // 2].guided, atol=1e-4)
 
 
-# ---------------------------------------------------------------- attention: phase 1 refuses
+# ---------------------------------------------------------------- attention: capture
 
 
-def test_attention_is_unread_so_capture_and_rules_in_attention_refuse(chroma):
-    layout = chroma.attention_layout
-    assert (layout.kind, layout.readable, layout.reads_text, layout.patch) == ("unread", False, True, 2)
+class ListRecorder:
+    """A recorder that keeps every layer's probabilities as recorded (the reader's seam, without the plan)."""
+
+    active = True
+
+    def __init__(self):
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def record(self, path, probabilities, heads):
+        self.seen[path] = probabilities.reshape(-1, heads, *probabilities.shape[1:])
+
+    def wants_context(self, branch):
+        return False
+
+
+def _heads(attn, x):
+    return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+
+def _direct_scores(attn, inputs, text_length):
+    """softmax(q·kᵀ/√d + mask) over ALL keys of the image queries, computed here from the layer's own inputs as
+    FluxAttnProcessor does (projections, q/k norms, rotary on [text; image]), with the mask the call carries:
+    (B, H, N, L + N)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    hidden, context, mask, rotary = inputs
+    if context is not None:
+        tokens = torch.cat([context, hidden], dim=1)
+        q = torch.cat(
+            [attn.norm_added_q(_heads(attn, attn.add_q_proj(context))), attn.norm_q(_heads(attn, attn.to_q(hidden)))], 2
+        )
+        k = torch.cat(
+            [attn.norm_added_k(_heads(attn, attn.add_k_proj(context))), attn.norm_k(_heads(attn, attn.to_k(hidden)))], 2
+        )
+    else:
+        tokens = hidden
+        q, k = attn.norm_q(_heads(attn, attn.to_q(tokens))), attn.norm_k(_heads(attn, attn.to_k(tokens)))
+    q, k = apply_rotary_emb(q, rotary, sequence_dim=2), apply_rotary_emb(k, rotary, sequence_dim=2)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    assert tokens.shape[1] == mask.shape[-1]
+    return scores.softmax(dim=-1)[:, :, text_length:]
+
+
+@pytest.mark.parametrize("family", ["reference", "additive"])
+def test_captured_probabilities_equal_a_direct_softmax_under_each_rows_mask(chroma, additive, family):
+    """Each layer's recorded (B·heads, N, L) equals the text block of softmax over ALL keys of the row, masked keys
+    excluded (reference) or the mask added (the pipeline's form), computed from the layer's q/k (≤ 1e-5); rows of
+    different lengths in one call keep their own masks; capture leaves the call's output bit-identical."""
+    from negprompt.layers.processors import installed
+
+    components = chroma if family == "reference" else additive
+    transformer, reader = components.transformer, components.attention_layout.reader
+    rows = [components.family.encode_one(components, PromptInput(text)) for text in (PROMPT, "hat")]
+    kept = [int(row.extra[TEXT_MASK].sum()) for row in rows]
+    latents = torch.randn(2, 4, HEIGHT // 2, WIDTH // 2, generator=torch.Generator().manual_seed(0))
+    inputs = {}
+
+    def keep_inputs(path):
+        def hook(module, args, kwargs):
+            inputs[path] = (
+                kwargs["hidden_states"],
+                kwargs.get("encoder_hidden_states"),
+                kwargs["attention_mask"],
+                kwargs["image_rotary_emb"],
+            )
+
+        return hook
+
+    paths = reader.paths(transformer)
+    assert paths == [
+        "transformer_blocks.0.attn",
+        "single_transformer_blocks.0.attn",
+        "single_transformer_blocks.1.attn",
+    ]
+    recorder = ListRecorder()
+    hooks = [transformer.get_submodule(p).register_forward_pre_hook(keep_inputs(p), with_kwargs=True) for p in paths]
+    with torch.no_grad():
+        plain = components.family.denoise(components, latents, torch.tensor(700.0), rows, {})
+        with installed(transformer, lambda path, original: reader.capture_processor(path, original, recorder)):
+            captured = components.family.denoise(components, latents, torch.tensor(700.0), rows, {})
+        for hook in hooks:
+            hook.remove()
+        assert torch.equal(plain, captured)
+        for path in paths:
+            attn = transformer.get_submodule(path)
+            direct = _direct_scores(attn, inputs[path], T5_TOKENS)[..., :T5_TOKENS]
+            assert recorder.seen[path].shape == direct.shape == (2, 2, HEIGHT * WIDTH // 16, T5_TOKENS)
+            assert (recorder.seen[path] - direct).abs().max() <= 1e-5
+    probabilities = recorder.seen[paths[-1]]
+    for row, length in enumerate(kept):
+        assert (probabilities[row, :, :, :length] > 0).all()
+        padding = probabilities[row, :, :, length:]
+        assert (padding == 0).all() if family == "reference" else (padding > 0).all()
+
+
+def test_capture_keeps_images_and_finds_each_words_t5_keys(chroma):
     session = Session(chroma)
-    spec = session.spec(PROMPT, NEGATIVE, steps=2, size=32, seeds=[1])
-    with pytest.raises(CaptureError, match="cannot yet capture the attention of Chroma") as error:
-        capture(spec, CaptureRequest({"positive": ["cat"]}), session, reducer=reduce_layer)
-    assert "\n" not in str(error.value)
+    spec = session.spec(PROMPT, NEGATIVE, scale=4.0, steps=3, size=32, seeds=(1, 2))
+    plain = session.run(spec).images
+    words = CaptureRequest({"positive": ["cat", "glasses"], "negative": ["hat"]}, average_layers=False)
+    result = capture(spec, words, session, reducer=reduce_layer)
+    assert [np.asarray(a).tolist() for a in result.generation.images] == [np.asarray(a).tolist() for a in plain]
+    assert [layer["path"] for layer in result.index["layers"]] == chroma.attention_layout.reader.paths(
+        chroma.transformer
+    )
+    assert [layer["side"] for layer in result.index["layers"]] == [8, 8, 8]  # 32 px / 2 (VAE) / 2 (patch)
+    tokens = chroma.tokenizer.convert_ids_to_tokens(chroma.tokenizer(PROMPT).input_ids)
+    assert chroma.attention_layout.text_start_tokens == 0  # T5: no start token leads the keys
+    assert result.index["tokens"]["positive"][0] == {"cat": [tokens.index("▁cat")], "glasses": [6]}
+    negative_tokens = chroma.tokenizer.convert_ids_to_tokens(chroma.tokenizer(NEGATIVE).input_ids)
+    assert result.index["tokens"]["negative"][0]["hat"] == [negative_tokens.index("▁hat")]
+    for branch in ("positive", "negative"):
+        mass, maps = result.tensors[f"mass.{branch}"], result.tensors[f"maps.{branch}"]
+        assert mass.shape[:3] == (3, 3, 2) and torch.isfinite(mass).all() and (mass > 0).all()
+        assert (maps.float().amax(dim=(-1, -2)) > 0).all()
+
+
+def test_the_strength_study_and_attend_run_on_chroma(chroma_dir, tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"name: t\nmodel: {chroma_dir}\nsteps: 3\nscale: 4\nsize: 32\nseeds: [1]\npairs:\n"
+        "  - {group: noun, prompt: a photo of a cat, negative: red hat}\n"
+        "  - {group: adjective, prompt: a woman in the street, negative: glasses, related: woman}\n"
+    )
+    assert main(["study", str(spec), "--out", str(tmp_path / "s"), "-q"]) == 0
+    assert main(["report", str(tmp_path / "s")]) == 0
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "| noun |" in report and "| adjective |" in report
+    out = tmp_path / "attend"
+    args = ["attend", PROMPT, "-n", NEGATIVE, "--model", str(chroma_dir), "--steps", "2", "--size", "32", "-q"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert any(out.glob("*.png"))
+    capsys.readouterr()
+
+
+def test_the_built_in_study_spec_parses_and_needs_the_model_in_the_cache(tmp_path, capsys, monkeypatch):
+    from negprompt.analysis.spec import load_spec
+
+    spec = load_spec("ban2024-chroma")
+    assert (spec.model, spec.steps, spec.scale, spec.size, spec.map_size) == (
+        "lodestones/Chroma1-HD",
+        35,
+        5.0,
+        1024,
+        64,
+    )
+    assert len(spec.pairs) == 20 and len(spec.seeds) == 10
+    from negprompt.interfaces.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["study", "--help"])
+    assert "ban2024-chroma" in capsys.readouterr().out
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    out = tmp_path / "study"
+    code = main(["study", "ban2024-chroma", "--out", str(out), "-q"])
+    assert_usage_error(code, capsys, "model id 'lodestones/Chroma1-HD' is not in the local Hugging Face cache", out)
+
+
+# ---------------------------------------------------------------- attention: NAG and VSF
+
+
+@pytest.mark.parametrize("family", ["reference", "additive"])
+def test_nag_in_a_joint_layer_equals_its_formula_under_both_masks(chroma, additive, family):
+    """The joint block's image output under NAG equals to_out(nag(Z⁺, Z⁻)) computed here: Z⁺ the image queries'
+    attention over [positive text; image] under the positive's mask, Z⁻ over [negative text; image] under the
+    negative's, whose stream enters as norm1_context(context_embedder(T5 states), temb[:, 6:]) (≤ 1e-5)."""
+    from negprompt.guidance.attention_processors import nag_combine
+    from negprompt.models.conditioning import denoiser_inputs
+
+    components = chroma if family == "reference" else additive
+    transformer = components.transformer
+    block, attn = transformer.transformer_blocks[0], transformer.transformer_blocks[0].attn
+    positive = components.family.encode_one(components, PromptInput(PROMPT))
+    negative = components.family.encode_one(components, PromptInput(NEGATIVE))
+    latents = torch.randn(1, 4, HEIGHT // 2, WIDTH // 2, generator=torch.Generator().manual_seed(0))
+    seen = {}
+    hooks = [
+        block.register_forward_pre_hook(lambda m, a, k: seen.update(temb=k["temb"]), with_kwargs=True),
+        attn.register_forward_hook(lambda m, a, k, out: seen.update(inputs=k, out=out), with_kwargs=True),
+    ]
+    phi, tau, alpha = 3.0, 2.5, 0.5
+    reader = components.attention_layout.reader
+    with torch.no_grad():
+        with reader.negative_in_attention(
+            transformer, slice(0, 1), denoiser_inputs([negative]), nag_combine(phi, tau, alpha), "negative"
+        ):
+            components.family.denoise(components, latents, torch.tensor(700.0), [positive], {})
+        for hook in hooks:
+            hook.remove()
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        hidden, context = seen["inputs"]["hidden_states"], seen["inputs"]["encoder_hidden_states"]
+        mask, rotary = seen["inputs"]["attention_mask"], seen["inputs"]["image_rotary_emb"]
+        stream = block.norm1_context(transformer.context_embedder(negative.hidden_states), emb=seen["temb"][:, 6:])[0]
+        q = apply_rotary_emb(
+            attn.norm_q(_heads(attn, attn.to_q(hidden))), tuple(r[T5_TOKENS:] for r in rotary), sequence_dim=2
+        )
+        image_k, image_v = attn.norm_k(_heads(attn, attn.to_k(hidden))), _heads(attn, attn.to_v(hidden))
+
+        def attend(text, text_keep):
+            k = torch.cat([attn.norm_added_k(_heads(attn, attn.add_k_proj(text))), image_k], dim=2)
+            v = torch.cat([_heads(attn, attn.add_v_proj(text)), image_v], dim=2)
+            k = apply_rotary_emb(k, rotary, sequence_dim=2)
+            keep = torch.cat([text_keep, torch.ones(1, image_k.shape[2], dtype=torch.bool)], dim=1)[:, None, None, :]
+            scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+            scores = scores.masked_fill(~keep, float("-inf")) if mask.dtype == torch.bool else scores + keep.float()
+            return (scores.softmax(dim=-1) @ v).transpose(1, 2).flatten(2)
+
+        z_positive = attend(context, positive.extra[TEXT_MASK])
+        z_negative = attend(stream, negative.extra[TEXT_MASK])
+        expected = attn.to_out[1](attn.to_out[0](formulas.nag(z_positive, z_negative, phi, tau, alpha)))
+    assert (mask.dtype == torch.bool) == (family == "reference")
+    assert (seen["out"][0] - expected).abs().max() <= 1e-5
+    assert (z_positive - z_negative).abs().max() > 1e-3  # the negative is read
+
+
+def nag_spec(session, negative, rule="nag", **kwargs):
+    options = dict(rule=rule, scale=1.0, steps=3, size=32, seeds=(1, 2))
+    return session.spec(PROMPT, negative, **{**options, **kwargs})
+
+
+def largest_change(run, plain) -> float:
+    return max(float((a.guided - b.guided).abs().max()) for a, b in zip(run.trace, plain.trace))
+
+
+@pytest.mark.parametrize("family", ["reference", "additive"])
+def test_the_negative_text_stream_follows_the_blocks_and_nag_vsf_change_the_image(chroma, additive, family):
+    """NAG with the prompt itself as the negative: Z⁻ = Z⁺ in every layer only if the negative's stream (and
+    its mask) follows the positive's through every block, so NAG changes nothing (≤ 1e-5); VSF with a bias of
+    −10⁴ on the negative's keys changes nothing either; with a real negative both change the image."""
+    session = Session(chroma if family == "reference" else additive)
+    plain = session.run(session.spec(PROMPT, steps=3, size=32, seeds=(1, 2), scale=1.0, rule="cfg"), trace=True)
+    same = session.run(nag_spec(session, PROMPT), trace=True)
+    assert same.unet_batch_rows == plain.unet_batch_rows == 2 * 3  # one pass a step
+    assert largest_change(same, plain) <= 1e-5
+    silenced = nag_spec(session, NEGATIVE, rule="vsf", rule_settings={"offset": -1e4})
+    assert largest_change(session.run(silenced, trace=True), plain) <= 1e-5
+    for rule in ("nag", "vsf"):
+        guided = session.run(nag_spec(session, NEGATIVE, rule=rule), trace=True)
+        assert largest_change(guided, plain) > 1e-3
+        assert np.abs(np.asarray(guided.images, float) - np.asarray(plain.images, float)).max() > 0
+
+
+def test_capture_with_nag_records_the_negative_and_keeps_images(chroma):
+    session = Session(chroma)
+    spec = nag_spec(session, NEGATIVE, scale=3.0)  # ∅ and the guided positive in one call
+    alone = session.run(spec).images
+    result = capture(spec, CaptureRequest({"positive": ["cat"], "negative": ["hat"]}), session, reducer=reduce_layer)
+    assert [np.asarray(a).tolist() for a in result.generation.images] == [np.asarray(a).tolist() for a in alone]
+    assert result.tensors["present.negative"].all()
+    frobenius = result.tensors["frobenius.negative"]
+    assert torch.isfinite(frobenius).all() and (frobenius > 0).all()
 
 
 # ---------------------------------------------------------------- command line
@@ -307,7 +551,6 @@ def test_cli_refuses_bad_input_in_one_line(chroma_dir, tmp_path, capsys):
         (["--prompt-2", "a dog"], "prompt_2: option(s) of SDXL, SD3 and FLUX models"),
         (["--embedded-guidance", "3.5"], "takes no guidance scale as an input"),
         (["--rule", "dng"], "not exact on the velocity predictions"),
-        (["--rule", "nag"], "cannot yet change on Chroma"),
         (["--size", "30"], "not a positive multiple of 4"),
     ]
     for extra, message in refusals:
@@ -317,9 +560,6 @@ def test_cli_refuses_bad_input_in_one_line(chroma_dir, tmp_path, capsys):
     assert_usage_error(code, capsys, "these words would be cut: 'cat cat cat cat'", out)
     code = main([base[0], PROMPT, "-n", long_prompt, *base[4:], *model])  # a negative over the limit too
     assert_usage_error(code, capsys, "over the model's limit of 32 (max_sequence_length)", out)
-    attend = tmp_path / "attend"
-    code = main(["attend", PROMPT, "-n", NEGATIVE, *model, "--steps", "2", "--size", "32", "-q", "--out", str(attend)])
-    assert_usage_error(code, capsys, "cannot yet capture the attention of Chroma", attend)
 
 
 def test_prompts_over_t5s_limit_are_refused_naming_the_cut_words(chroma):

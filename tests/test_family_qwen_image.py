@@ -13,8 +13,10 @@ from helpers import assert_usage_error
 from PIL import Image
 
 from negprompt.analysis.attention_stats import reduce_layer
-from negprompt.attention.capture import CaptureError, CaptureRequest
+from negprompt.analysis.spec import load_spec
+from negprompt.attention.capture import CaptureRequest
 from negprompt.attention.result import capture
+from negprompt.attention.tokens import tokenize_words
 from negprompt.guidance.plan import UNCONDITIONAL, Guidance, Term
 from negprompt.guidance.rules import all_rules
 from negprompt.guidance.rules.base import GuidanceError
@@ -267,14 +269,164 @@ def test_every_rule_runs_on_velocities_or_is_refused_in_one_line(qwen, rule):
     assert "\n" not in str(error.value)
 
 
-def test_capture_refuses_the_family_in_one_line(qwen):
+# ---------------------------------------------------------------- attention capture
+
+
+class ListRecorder:
+    """A recorder that keeps every layer's probabilities (the Recorder protocol of negprompt.layers.readers)."""
+
+    def __init__(self, text_length: int) -> None:
+        self.active, self.text_length, self.seen = True, text_length, {}
+
+    def record(self, path, probabilities, heads):
+        self.seen[path] = (probabilities, heads)
+
+
+def direct_text_probabilities(attn, image, text, mask, rotary) -> torch.Tensor:
+    """The text block of the softmax over every unmasked key of each row, (B, H, N, L) float64, from the q and k
+    QwenDoubleStreamAttnProcessor2_0 computes (written out here as its lines do it, in (B, S, H, d))."""
+    from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+    head_dim = attn.inner_dim // attn.heads
+
+    def queries_keys(x, to_q, to_k, norm_q, norm_k):
+        return norm_q(to_q(x).unflatten(-1, (-1, head_dim))), norm_k(to_k(x).unflatten(-1, (-1, head_dim)))
+
+    image_q, image_k = queries_keys(image, attn.to_q, attn.to_k, attn.norm_q, attn.norm_k)
+    _, text_k = queries_keys(text, attn.add_q_proj, attn.add_k_proj, attn.norm_added_q, attn.norm_added_k)
+    image_freqs, text_freqs = rotary
+    image_q = apply_rotary_emb_qwen(image_q, image_freqs, use_real=False)
+    image_k = apply_rotary_emb_qwen(image_k, image_freqs, use_real=False)
+    text_k = apply_rotary_emb_qwen(text_k, text_freqs, use_real=False)
+    keys = torch.cat([text_k, image_k], dim=1)  # [text; image], the processor's order
+    scores = torch.einsum("bnhd,bshd->bhns", image_q.double(), keys.double()) * head_dim**-0.5
+    if mask is not None:
+        kept = torch.cat([mask.bool(), torch.ones(mask.shape[0], image.shape[1], dtype=torch.bool)], dim=1)
+        scores = scores.masked_fill(~kept[:, None, None, :], float("-inf"))
+    return scores.softmax(-1)[..., : text.shape[1]]
+
+
+def layer_probabilities(components, rows, latents, path, text_length=512):
+    """(recorded (B·H, N, text_length), the layer's inputs) of the layer at ``path`` in one denoiser call."""
+    transformer, family = components.transformer, components.family
+    reader = components.attention_layout.reader
+    recorder, inputs = ListRecorder(text_length), {}
+    originals = dict(transformer.attn_processors)
+
+    def spy(original):
+        def call(attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, **kwargs):
+            inputs.update(hidden=hidden_states, text=encoder_hidden_states, mask=encoder_hidden_states_mask, **kwargs)
+            return original(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, **kwargs)
+
+        return call
+
+    key = f"{path}.processor"
+    transformer.set_attn_processor({**originals, key: reader.capture_processor(path, spy(originals[key]), recorder)})
+    try:
+        with torch.no_grad():
+            family.denoise(components, latents, torch.tensor(700.0), rows, {})
+    finally:
+        transformer.set_attn_processor(originals)
+    return recorder.seen[path][0], inputs
+
+
+def test_recorded_probabilities_equal_the_layers_softmax_over_its_unmasked_keys(qwen):
+    """One call with the positive (12 text tokens) and the negative (8, padded and masked): the recorded text block
+    equals the softmax of the processor's own q·kᵀ/√d over each row's unmasked keys (1e-5), zeros at the padding and
+    past the call's text length up to L = 512; the negative's row equals the negative alone in a call (no padding,
+    no mask: the mask is honoured)."""
+    family, path = qwen.family, "transformer_blocks.1.attn"
+    rows = [family.encode_one(qwen, PromptInput(text)) for text in (PROMPT, NEGATIVE)]
+    latents = torch.randn(2, 4, HEIGHT // 2, WIDTH // 2, generator=torch.Generator().manual_seed(0))
+    recorded, inputs = layer_probabilities(qwen, rows, latents, path)
+    heads, images = qwen.transformer.config.num_attention_heads, (HEIGHT // 4) * (WIDTH // 4)
+    assert recorded.shape == (2 * heads, images, 512) and inputs["mask"] is not None
+    direct = direct_text_probabilities(
+        qwen.transformer.get_submodule(path),
+        inputs["hidden"],
+        inputs["text"],
+        inputs["mask"],
+        inputs["image_rotary_emb"],
+    )
+    recorded = recorded.reshape(2, heads, images, 512)
+    assert torch.allclose(recorded[..., :12].double(), direct, atol=1e-5)
+    assert recorded[1, ..., 8:].abs().max() == 0 and recorded[0, ..., 12:].abs().max() == 0
+    text_mass = recorded.sum(-1)
+    assert (text_mass > 0).all() and (text_mass < 1).all()  # the image keys take the rest of each row
+    alone, alone_inputs = layer_probabilities(qwen, rows[1:], latents[1:], path)
+    assert alone_inputs["mask"] is None
+    assert torch.allclose(alone.reshape(1, heads, images, 512), recorded[1:], atol=1e-5)
+
+
+def test_capture_records_words_on_both_branches_and_leaves_images_bit_identical(qwen):
     session = Session(qwen)
-    spec = session.spec(PROMPT, NEGATIVE, steps=2, size=32, seeds=[1])
-    with pytest.raises(CaptureError, match="cannot yet capture the attention of Qwen-Image") as error:
-        capture(spec, CaptureRequest({"positive": ["cat"]}), session, reducer=reduce_layer)
-    assert "\n" not in str(error.value)
-    layout = qwen.attention_layout
-    assert (layout.kind, layout.patch, layout.text_start_tokens, layout.readable) == ("unread", 2, 0, False)
+    spec = session.spec(PROMPT, NEGATIVE, scale=4.0, steps=3, size=32, seeds=(1, 2), rule="token-renorm")
+    plain_images = session.run(spec).images
+    request = CaptureRequest({"positive": ["cat", "glasses"], "negative": ["hat"]}, average_layers=False)
+    result = capture(spec, request, session, reducer=reduce_layer)
+    assert [np.asarray(a).tolist() for a in result.generation.images] == [np.asarray(a).tolist() for a in plain_images]
+    paths = [f"transformer_blocks.{i}.attn" for i in range(2)]
+    assert [layer["path"] for layer in result.index["layers"]] == paths
+    assert [layer["side"] for layer in result.index["layers"]] == [8, 8]  # 16 latent cells / patch 2
+    for branch in ("positive", "negative"):
+        assert result.present(branch).all()
+        for name in ("frobenius", "mass"):
+            values = result.tensors[f"{name}.{branch}"]
+            assert values.shape[:3] == (3, 2, 2) and torch.isfinite(values).all() and (values > 0).all()
+    maps = result.maps("positive", "cat", layer=1)
+    assert maps.shape == (3, 2, 8, 8) and (maps.flatten(1).amax(1) > 0).all()
+    # the keys are the embedding's tokens: the prompt's own first (no start token), the template's 34 dropped
+    assert qwen.attention_layout.text_start_tokens == 0 and qwen.attention_layout.readable
+    assert result.index["tokens"]["positive"][0] == {"cat": [4], "glasses": [6]}
+    assert result.index["tokens"]["negative"][0] == {"hat": [2]}
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, "a cat, with (red) glasses", NEGATIVE])
+def test_word_positions_are_the_text_keys_of_the_embedding(qwen, prompt):
+    """Each word's positions hold its tokens at the text keys: the templated tokens after the first 34; <end> is the
+    template's <|im_end|> closing the prompt, and the keys' first position is the prompt's first token."""
+    tokenizer = qwen.tokenizer
+    keys = qwen.family.text_key_segments(qwen)
+    assert keys == [(tokenizer, 0, 512)]
+    tokenized = tokenize_words(tokenizer, prompt, 512)
+    ids = templated_tokens(tokenizer, prompt)[0][TEMPLATE_TOKENS:]
+    assert tokenized.words and len(tokenized.words) == len(prompt.replace(",", "").split())
+    for word, positions in zip(tokenized.words, tokenized.positions):
+        assert tokenizer.decode([ids[p] for p in positions]).strip().lower().rstrip(",") == word.rstrip(",")
+    assert tokenizer.convert_ids_to_tokens(ids[tokenized.end]) == "<|im_end|>" and tokenized.positions[0] == (0,)
+    assert len(ids) == tokenized.end + 5  # the embedding's length: the prompt's tokens and the 5 closing ones
+
+
+def test_the_strength_study_and_attend_run_on_the_family(qwen_dir, tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"name: t\nmodel: {qwen_dir}\nsteps: 2\nscale: 4\nsize: 32\nseeds: [1]\npairs:\n"
+        "  - {group: noun, prompt: a photo of a cat, negative: red hat}\n"
+        "  - {group: adjective, prompt: a woman in the street, negative: glasses, related: woman}\n"
+    )
+    assert main(["study", str(spec), "--out", str(tmp_path / "s"), "-q"]) == 0
+    assert main(["report", str(tmp_path / "s")]) == 0
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "| noun |" in report and "| adjective |" in report
+    out = tmp_path / "attend"
+    args = ["attend", PROMPT, "-n", NEGATIVE, "--model", str(qwen_dir), "--steps", "2", "--size", "32", "-q"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert any(out.glob("*.png")) and json.loads((out / "maps.json").read_text())["words"]["negative"] == [
+        "a",
+        "red",
+        "hat",
+    ]
+    capsys.readouterr()
+
+
+def test_the_built_in_study_spec_parses_and_needs_the_model_in_the_cache(tmp_path, capsys, monkeypatch):
+    spec = load_spec("ban2024-qwenimage")
+    assert (spec.model, spec.steps, spec.scale, spec.size, spec.map_size) == ("Qwen/Qwen-Image", 50, 4.0, 1024, 64)
+    assert len(spec.pairs) == 20 and len(spec.seeds) == 10
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    out = tmp_path / "study"
+    code = main(["study", "ban2024-qwenimage", "--out", str(out), "-q"])
+    assert_usage_error(code, capsys, "model id 'Qwen/Qwen-Image' is not in the local Hugging Face cache", out)
 
 
 # ---------------------------------------------------------------- loading, CLI, bad input
@@ -320,8 +472,10 @@ def test_cli_refuses_bad_input_in_one_line(qwen_dir, tmp_path, capsys):
     assert_usage_error(main([*base, "--rule", "dng"]), capsys, "not exact on the velocity predictions", out)
     assert_usage_error(main([*base, "--size", "30"]), capsys, "not a positive multiple of 4", out)
     attend = ["attend", PROMPT, "-n", NEGATIVE, "--model", str(qwen_dir), "--steps", "2", "--size", "32", "-q"]
-    code = main([*attend, "--out", str(tmp_path / "maps")])
-    assert_usage_error(code, capsys, "cannot yet capture the attention of Qwen-Image", tmp_path / "maps")
+    code = main([*attend, "--words", "dog", "--out", str(tmp_path / "maps")])
+    assert_usage_error(code, capsys, "word 'dog' is not in the prompt", tmp_path / "maps")
+    code = main([*attend, "--rule", "vsf", "--out", str(tmp_path / "maps")])
+    assert_usage_error(code, capsys, "cannot yet change on Qwen-Image", tmp_path / "maps")
     code = main(["generate", "a photo of a (cat:1.3)", *base[2:]])
     assert_usage_error(code, capsys, "weighs words (1.3), but Qwen-Image normalises each text token", out)
     long_prompt = " ".join(["cat"] * 510 + ["with", "red", "glasses", "in", "the", "street"])  # 516 + 5 tokens

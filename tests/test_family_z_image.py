@@ -1,7 +1,7 @@
 """Z-Image on a tiny random model built from configs: images equal diffusers' ZImagePipeline (CFG with a negative,
 cfg_normalization as rule cfg-renorm, cfg_truncation as a guidance interval), variable-length prompts batched as
 the pipeline batches them, loading, rules on velocities, windows and prompt syntax, the CLI with --from-png, the
-phase-1 refusals of attention capture and NAG/VSF, and bad input."""
+attention capture of the main single-stream layers, the refusal of NAG/VSF, the study spec, and bad input."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from helpers import assert_usage_error
 
 from negprompt.analysis.attention_stats import reduce_layer
-from negprompt.attention.capture import CaptureError, CaptureRequest
+from negprompt.attention.capture import CaptureRequest
 from negprompt.attention.result import capture
 from negprompt.guidance import formulas
 from negprompt.guidance.plan import Guidance, Term
@@ -246,14 +246,131 @@ def test_weighted_with_two_negatives_equals_its_formula(z_image):
         assert torch.allclose(info.guided, expected, atol=1e-6)
 
 
-def test_attention_capture_is_refused_in_one_line(z_image):
+# ---------------------------------------------------------------- attention
+
+
+class ListRecorder:
+    """A recorder that keeps every layer's probabilities (the Recorder protocol of negprompt.layers.readers)."""
+
+    def __init__(self, text_length: int) -> None:
+        self.active, self.text_length = True, text_length
+        self.records: list[tuple[str, torch.Tensor, int]] = []
+
+    def record(self, path: str, probabilities: torch.Tensor, heads: int) -> None:
+        self.records.append((path, probabilities, heads))
+
+
+def test_the_layout_reads_the_main_layers_and_refuses_nag_and_vsf(z_image):
     layout = z_image.attention_layout
-    assert (layout.kind, layout.readable, layout.patch, layout.text_start_tokens) == ("unread", False, 2, 3)
+    assert (layout.kind, layout.readable, layout.changeable) == ("joint", True, False)
+    assert (layout.patch, layout.text_start_tokens) == (2, 3)  # <|im_start|>, user, newline lead the caption
+    assert layout.reader.paths(z_image.transformer) == ["layers.0.attention", "layers.1.attention"]
+
+
+def test_recorded_probabilities_equal_the_softmax_of_the_layers_own_queries_and_keys(z_image, monkeypatch):
+    """Rows of different caption lengths (a batch mask) and image tokens not a multiple of 32 (image pads between
+    image and caption keys): each row's probabilities are softmax(q·kᵀ/√d) over every unmasked key of the q and k
+    the layer's own processor hands to its attention kernel, the caption's L_i keys in token order, zeros after."""
+    from diffusers.models.transformers import transformer_z_image
+
+    from negprompt.layers.processors import installed
+
+    transformer, family = z_image.transformer, z_image.family
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+    kernel = transformer_z_image.dispatch_attention_fn
+
+    def spy(query, key, value, attn_mask=None, **kwargs):
+        seen.append((query, key, attn_mask))
+        return kernel(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(transformer_z_image, "dispatch_attention_fn", spy)
+    long_prompt = " ".join(["cat"] * 30)  # 45 templated tokens: padded to 64; the negative's 18 to 32
+    rows = [family.encode_one(z_image, PromptInput(text)) for text in (NEGATIVE, long_prompt)]
+    lengths = [row.hidden_states.shape[1] for row in rows]
+    assert lengths == [18, 45]  # the tiny vocabulary spells "assistant" in pieces
+    reader, text_length = z_image.attention_layout.reader, 64
+    recorder, paths = ListRecorder(text_length), reader.paths(transformer)
+    latents = torch.randn(2, 4, 16, 20, generator=torch.Generator().manual_seed(0))  # 8 × 10 = 80 image tokens
+    with torch.no_grad():
+        plain = family.denoise(z_image, latents, torch.tensor(700.0), rows, {})
+        seen.clear()
+
+        def make(path, original):
+            return reader.capture_processor(path, original, recorder) if path in paths else None
+
+        with installed(transformer, make), reader.capturing(transformer):
+            captured = family.denoise(z_image, latents, torch.tensor(700.0), rows, {})
+    assert torch.equal(captured, plain)  # the layer's own processor computes the output
+    assert not transformer._forward_pre_hooks  # the hook is gone
+    assert [path for path, _, _ in recorder.records] == paths
+    images, caption_start = 80, 96
+    for (_, probabilities, heads), (query, key, mask) in zip(recorder.records, seen[-len(paths) :]):
+        assert mask is not None and probabilities.shape == (2 * heads, images, text_length)
+        q, k = query.transpose(1, 2).float(), key.transpose(1, 2).float()  # (B, H, S, d)
+        scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        reference = scores.masked_fill(~mask, float("-inf")).softmax(-1)  # mask (B, 1, 1, S), as the kernel gets it
+        recorded = probabilities.reshape(2, heads, images, text_length)
+        for i, length in enumerate(lengths):
+            expected = reference[i, :, :images, caption_start : caption_start + length]
+            assert torch.allclose(recorded[i, :, :, :length], expected, atol=1e-5)
+            assert recorded[i, :, :, length:].abs().max() == 0
+            assert 0 < float(expected.sum(-1).min()) < 1  # the image and pad keys take the rest
+
+
+def test_capture_records_both_branches_at_the_words_tokens_and_leaves_images_bit_identical(z_image):
     session = Session(z_image)
-    spec = session.spec(PROMPT, NEGATIVE, steps=2, size=(HEIGHT, WIDTH), seeds=[1])
-    with pytest.raises(CaptureError, match="cannot yet capture the attention of Z-Image") as error:
-        capture(spec, CaptureRequest({"positive": ["cat"]}), session, reducer=reduce_layer)
-    assert "\n" not in str(error.value)
+    spec = session.spec(PROMPT, NEGATIVE, scale=4.0, steps=3, size=(HEIGHT, WIDTH), seeds=list(SEEDS))
+    plain = session.run(spec).images
+    words = CaptureRequest({"positive": ["cat", "glasses"], "negative": ["hat"]}, average_layers=False)
+    result = capture(spec, words, session, reducer=reduce_layer)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.generation.images, plain))
+    assert [layer["path"] for layer in result.index["layers"]] == ["layers.0.attention", "layers.1.attention"]
+    for branch, word in (("positive", "cat"), ("positive", "glasses"), ("negative", "hat")):
+        assert torch.isfinite(result.frobenius(branch, word)).all() and (result.frobenius(branch, word) > 0).all()
+        assert float(result.maps(branch, word).abs().amax()) > 0
+    # Key j is token j of the templated prompt: <|im_start|> user \n a photo of a cat with glasses <|im_end|> …
+    tokenizer = z_image.tokenizer
+    for branch, text, word in (("positive", PROMPT, "cat"), ("negative", NEGATIVE, "hat")):
+        ids = tokenizer(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+            )
+        ).input_ids
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        for image in range(len(SEEDS)):
+            (position,) = result.index["tokens"][branch][image][word]
+            assert tokens[position] == "Ġ" + word
+    assert result.index["tokens"]["positive"][0] == {"cat": [7], "glasses": [9]}
+    assert result.index["tokens"]["negative"][0] == {"hat": [5]}
+
+
+def test_the_strength_study_and_attend_run_on_z_image(z_image_dir, tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"name: t\nmodel: {z_image_dir}\nsteps: 3\nscale: 4\nsize: 32\nseeds: [1]\npairs:\n"
+        "  - {group: noun, prompt: a photo of a cat, negative: red hat}\n"
+        "  - {group: adjective, prompt: a woman in the street, negative: glasses, related: woman}\n"
+    )
+    assert main(["study", str(spec), "--out", str(tmp_path / "s"), "-q"]) == 0
+    assert main(["report", str(tmp_path / "s")]) == 0
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "| noun |" in report and "| adjective |" in report
+    out = tmp_path / "attend"
+    args = ["attend", PROMPT, "-n", NEGATIVE, "--model", str(z_image_dir), "--steps", "2", "--size", "32"]
+    assert main([*args, "--out", str(out), "-q"]) == 0
+    assert any(out.glob("*.png"))
+    capsys.readouterr()
+
+
+def test_the_z_image_study_spec_parses_and_names_the_pipelines_defaults():
+    from pathlib import Path
+
+    from negprompt.analysis.spec import load_spec
+
+    spec = load_spec(Path(__file__).parents[1] / "negprompt" / "studies" / "ban2024-zimage.yaml")
+    assert spec.model == "Tongyi-MAI/Z-Image" and spec.rule == "sd"
+    assert (spec.steps, spec.scale, spec.size, spec.map_size) == (50, 6.0, 1024, 64)  # g = 5; 128 cells / 2
+    assert len(spec.pairs) == 20 and load_spec("ban2024-zimage") == spec
 
 
 # ---------------------------------------------------------------- windows and prompt syntax

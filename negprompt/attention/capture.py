@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -326,6 +326,11 @@ class AttentionRecorder:
     def active(self) -> bool:
         return self._slot is not None and bool(self._layout)
 
+    @property
+    def text_length(self) -> int:
+        """L: the text keys the recorded probabilities hold (a single-stream layer's text tokens lead its own)."""
+        return self.plan.text_length
+
     def record(self, path: str, probabilities: torch.Tensor, heads: int) -> None:
         """Takes one layer's probabilities (B_total·heads, Q, L) for the current step."""
         plan, slot = self.plan, self._slot
@@ -482,7 +487,9 @@ def capture_attention(
             return JointCaptureProcessor(original, recorder, path, plan.text_length)
         return CaptureProcessor(original, recorder, path)
 
-    with installed(denoiser, make):
+    # A reader may need a context of its own while its processors record (Z-Image's: a hook reading each call's rows).
+    capturing = getattr(plan.layout.reader, "capturing", None)
+    with installed(denoiser, make), nullcontext() if capturing is None else capturing(denoiser):
         try:
             yield recorder
         finally:

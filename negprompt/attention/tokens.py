@@ -1,9 +1,10 @@
 """Words of a prompt and the token positions each occupies in the text encoder's input.
 
 Works for CLIP's byte-level BPE (a word may span several tokens, marked by ``</w>`` at its end),
-T5's SentencePiece (a word starts at a token beginning with ``▁``) and word-level tokenizers (one
-token per word). Positions count the start token as 0, as the cross-attention keys do; a T5 prompt
-has no start token. :class:`TextKeys` lays out several tokenizers' tokens along one key sequence
+T5's SentencePiece (a word starts at a token beginning with ``▁``), GPT-2-style byte-level BPE (Qwen's:
+a word starts at a token beginning with ``Ġ``, a space) and word-level tokenizers (one token per word).
+Positions count the start token as 0, as the cross-attention keys do; a T5 or Qwen prompt has no start
+token. :class:`TextKeys` lays out several tokenizers' tokens along one key sequence
 (SD3's: CLIP's 77, then T5's).
 """
 
@@ -61,12 +62,24 @@ def _model_kind(tokenizer: Any) -> str | None:
     return None if backend is None else type(backend.model).__name__
 
 
+def _marks_word_starts(tokenizer: Any) -> bool:
+    """Whether a BPE tokenizer marks a word's first token (GPT-2-style byte-level BPE, Qwen's: ``Ġ`` for the space
+    before it) instead of its last (CLIP's ``</w>`` suffix)."""
+    return _is_bpe(tokenizer) and not getattr(tokenizer.backend_tokenizer.model, "end_of_word_suffix", None)
+
+
 def tokenize_words(tokenizer: Any, prompt: str, length: int | None = None) -> TokenizedPrompt:
     """Splits ``prompt`` into words and maps each to its token positions (padded to ``length`` tokens,
     default the tokenizer's ``model_max_length``).
 
-    A textual-inversion embedding is one word, named by its token, over all its vectors' positions.
+    A textual-inversion embedding is one word, named by its token, over all its vectors' positions. A
+    tokenizer with its own ``words_at_keys(prompt, length)`` (a family's text keys, e.g. a prompt inside a chat
+    template) gives (tokens, words, positions, start, end) itself.
     """
+    own = getattr(tokenizer, "words_at_keys", None)
+    if own is not None:
+        tokens, words, positions, start, end = own(prompt, length)
+        return TokenizedPrompt(prompt, tuple(tokens), tuple(words), tuple(map(tuple, positions)), start, end)
     ids = tokenizer(
         expand_embeddings(tokenizer, prompt),
         padding="max_length",
@@ -75,6 +88,8 @@ def tokenize_words(tokenizer: Any, prompt: str, length: int | None = None) -> To
     ).input_ids
     if _model_kind(tokenizer) == "Unigram":
         return _sentencepiece_words(tokenizer, prompt, ids)
+    if _marks_word_starts(tokenizer):
+        return _sentencepiece_words(tokenizer, prompt, ids, marker="Ġ")
     tokens = tuple(tokenizer.convert_ids_to_tokens(ids))
     special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     start = 0 if ids and ids[0] == tokenizer.bos_token_id else -1
@@ -111,13 +126,16 @@ def tokenize_words(tokenizer: Any, prompt: str, length: int | None = None) -> To
     return TokenizedPrompt(prompt, tokens, tuple(words), tuple(positions), max(start, 0), end)
 
 
-def _sentencepiece_words(tokenizer: Any, prompt: str, ids: list[int]) -> TokenizedPrompt:
-    """Words of a SentencePiece (T5) tokenization: a word starts at a token beginning with ``▁``."""
+def _sentencepiece_words(tokenizer: Any, prompt: str, ids: list[int], marker: str = "▁") -> TokenizedPrompt:
+    """Words of a tokenization that marks a word's first token: a word starts at a token beginning with ``marker``
+    (SentencePiece's ``▁``, T5; byte-level BPE's ``Ġ``, Qwen). The prompt ends at the first end or padding token
+    (Qwen's tokenizer adds no end token)."""
     tokens = tuple(tokenizer.convert_ids_to_tokens(ids))
-    end = next((i for i, token in enumerate(ids) if token == tokenizer.eos_token_id), len(ids))
+    stops = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    end = next((i for i, token in enumerate(ids) if token in stops), len(ids))
     groups: list[list[int]] = []
     for position in range(end):
-        if tokens[position].startswith("▁") or not groups:
+        if tokens[position].startswith(marker) or not groups:
             groups.append([])
         groups[-1].append(position)
     groups = [g for g in groups if tokenizer.decode([ids[p] for p in g]).strip()]  # a lone "▁" is no word

@@ -44,11 +44,17 @@ def nag_combine(phi: float, tau: float, alpha: float) -> Combine:
     """Z⁺ over the positive's keys and Z⁻ over the negative's (each with the image keys in a joint
     layer) in one attention call, then :func:`negprompt.guidance.formulas.nag`."""
 
-    def combine(query, text, negative, image=None):
+    def combine(query, text, negative, image=None, text_bias=None):
+        bias = None
+        if text_bias is not None:  # (2B, 1, 1, L [+ M]): the positive's rows, then the negative's
+            bias = torch.cat([_with_image_keys(b, image) for b in text_bias])[:, None, None, :]
         if image is not None:
             text, negative = join_tokens(text, image), join_tokens(negative, image)
         both = F.scaled_dot_product_attention(
-            torch.cat([query, query]), torch.cat([text[0], negative[0]]), torch.cat([text[1], negative[1]])
+            torch.cat([query, query]),
+            torch.cat([text[0], negative[0]]),
+            torch.cat([text[1], negative[1]]),
+            attn_mask=None if bias is None else bias.to(query.dtype),
         )
         positive, negative_out = merge_heads(both).chunk(2)
         return formulas.nag(positive, negative_out, phi, tau, alpha)
@@ -61,14 +67,33 @@ def vsf_combine(scale: float, offset: float, start_tokens: int) -> Combine:
     positive's (and the image keys, in a joint layer) with their values' sign flipped; its first
     ``start_tokens`` tokens (CLIP's start token, the attention sink) left out."""
 
-    def combine(query, text, negative, image=None):
+    def combine(query, text, negative, image=None, text_bias=None):
         keys, values = text if image is None else join_tokens(text, image)
+        bias = None
+        if text_bias is not None:
+            positive_bias = _with_image_keys(text_bias[0], image)
+            bias = torch.cat([positive_bias, text_bias[1][:, start_tokens:].float()], dim=1)[:, None, None, :]
         z = formulas.vsf_attention(
-            query, keys, values, negative[0][:, :, start_tokens:], negative[1][:, :, start_tokens:], scale, offset
+            query,
+            keys,
+            values,
+            negative[0][:, :, start_tokens:],
+            negative[1][:, :, start_tokens:],
+            scale,
+            offset,
+            key_bias=bias,
         )
         return merge_heads(z)
 
     return combine
+
+
+def _with_image_keys(text_bias: torch.Tensor, image: Any) -> torch.Tensor:
+    """Logit offsets (B, L [+ M]) of [text; image] keys: the text keys' ``text_bias`` (B, L), then 0 for the M
+    image keys of a joint layer (``image``: its keys and values, or None)."""
+    if image is None:
+        return text_bias.float()
+    return torch.cat([text_bias.float(), text_bias.new_zeros(text_bias.shape[0], image[0].shape[2]).float()], dim=1)
 
 
 class NegativeAttentionProcessor:

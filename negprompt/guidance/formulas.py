@@ -177,7 +177,14 @@ def nag(z_positive: Tensor, z_negative: Tensor, phi: float, tau: float, alpha: f
 
 
 def vsf_attention(
-    query: Tensor, key: Tensor, value: Tensor, key_negative: Tensor, value_negative: Tensor, scale: float, offset: float
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_negative: Tensor,
+    value_negative: Tensor,
+    scale: float,
+    offset: float,
+    key_bias: Tensor | None = None,
 ) -> Tensor:
     """Value Sign Flip (VSF, 2025): the negative's tokens join the keys, their values with the sign flipped
     and scaled by λ, in one attention pass:
@@ -185,7 +192,8 @@ def vsf_attention(
     Z = softmax([q·Kᵀ/√d, q·K⁻ᵀ/√d + b]) · [V; −λV⁻],
 
     with b (``offset``) added to the negative keys' scaled logits. Shapes: q (B, H, Q, d), K/V (B, H, L, d),
-    K⁻/V⁻ (B, H, L⁻, d) → Z (B, H, Q, d).
+    K⁻/V⁻ (B, H, L⁻, d) → Z (B, H, Q, d). ``key_bias``: further logit offsets of the keys [K; K⁻], broadcastable
+    to (B, H, Q, L + L⁻) (a text mask's: −∞ leaves a key out), or None.
     """
     import torch
     import torch.nn.functional as F
@@ -196,4 +204,6 @@ def vsf_attention(
     if offset:
         bias = torch.zeros(1, key.shape[2] + key_negative.shape[2], dtype=query.dtype, device=query.device)
         bias[:, key.shape[2] :] = offset  # (1, L + L⁻), broadcast over queries: added after the 1/√d scale
+    if key_bias is not None:
+        bias = key_bias.to(query.dtype) if bias is None else key_bias.to(query.dtype) + bias
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias)

@@ -25,7 +25,9 @@ from diffusers.models.attention_processor import Attention
 KeysValues = tuple[torch.Tensor, torch.Tensor]  # keys, values, each (B, H, L, d)
 # What replaces softmax(qKᵀ/√d)V for a rule acting inside attention (NAG, VSF): (image queries
 # (B, H, Q, d), positive text keys/values, negative text keys/values, image keys/values (joint layers:
-# the image tokens are keys too; None for cross-attention)) → Z (B, Q, H·d)
+# the image tokens are keys too; None for cross-attention)) → Z (B, Q, H·d). Optional keyword ``text_bias``:
+# logit offsets (B, L) and (B, L⁻) of the positive's and the negative's text keys, relative to the image keys
+# (a text mask's: −∞ leaves a key out; Chroma's), None: none.
 Combine = Callable[[torch.Tensor, KeysValues, KeysValues, "KeysValues | None"], torch.Tensor]
 
 

@@ -47,13 +47,34 @@ def installed(denoiser: Any, make: MakeProcessor) -> Iterator[None]:
     """Installs ``make(path, original)`` on every attention layer of ``denoiser`` (``path``: the layer's
     module path, e.g. ``up_blocks.1.attentions.0.transformer_blocks.0.attn2``) where it returns a
     processor; restores the processors found on exit (also on error)."""
-    originals = dict(denoiser.attn_processors)
+    originals = processors_of(denoiser)
     replacement = {}
     for key, original in originals.items():
         made = make(key.removesuffix(".processor"), original)
         replacement[key] = original if made is None else made
-    denoiser.set_attn_processor(replacement)
+    set_processors(denoiser, replacement)
     try:
         yield
     finally:
-        denoiser.set_attn_processor(originals)
+        set_processors(denoiser, originals)
+
+
+def processors_of(denoiser: Any) -> dict[str, Any]:
+    """Every attention layer's processor, keyed ``<module path>.processor``: diffusers' ``attn_processors``, or,
+    for a model without diffusers' attention mixin (Z-Image's transformer), each module's with ``set_processor``."""
+    if hasattr(denoiser, "attn_processors"):
+        return dict(denoiser.attn_processors)
+    return {
+        f"{path}.processor": module.processor
+        for path, module in denoiser.named_modules()
+        if hasattr(module, "set_processor") and hasattr(module, "processor")
+    }
+
+
+def set_processors(denoiser: Any, processors: dict[str, Any]) -> None:
+    """Sets the processors :func:`processors_of` returns (every layer's)."""
+    if hasattr(denoiser, "set_attn_processor"):
+        denoiser.set_attn_processor(processors)
+        return
+    for key, processor in processors.items():
+        denoiser.get_submodule(key.removesuffix(".processor")).set_processor(processor)

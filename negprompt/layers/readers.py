@@ -28,16 +28,32 @@ class Recorder(Protocol):
         """Whether the current call is recorded (a recorded step and group)."""
         ...
 
+    @property
+    def text_length(self) -> int:
+        """L: the number of text keys :meth:`record` takes (where a layer's tokens lead with the text, its length)."""
+        ...
+
     def record(self, path: str, probabilities: torch.Tensor, heads: int) -> None:
         """Takes one layer's image-query × text-key probabilities (B·heads, N, L): softmax over ALL the layer's
         keys, then the L text keys in the text's own token order (key j = the text's token j as the family's
         ``text_key_segments`` count them; zeros for masked or absent keys), rows in the call's batch order."""
         ...
 
+    def wants_context(self, branch: str) -> bool:
+        """Whether the attention on a context recorded as ``branch`` (a negative read inside the positive's pass,
+        NAG and VSF; no row of the call) is wanted at the current call."""
+        ...
+
+    def record_context(self, path: str, branch: str, probabilities: torch.Tensor, heads: int) -> None:
+        """Takes one layer's probabilities (B·heads, N, L) of such a context, recorded as ``branch``."""
+        ...
+
 
 @runtime_checkable
 class AttentionReader(Protocol):
-    """Reads (and for NAG/VSF, changes) a family's text attention."""
+    """Reads (and for NAG/VSF, changes) a family's text attention. Optional: ``capturing(denoiser)``, a context
+    manager that capture enters while the reader's processors are installed (e.g. hooks that read each call's
+    row lengths, which a layer's own inputs do not give)."""
 
     def paths(self, denoiser: Any) -> list[str]:
         """Module paths, in the denoiser's order, of the attention layers whose image queries read text keys."""

@@ -123,9 +123,13 @@ class ChromaFamily(ModelFamily):
         return [(components.tokenizer, 0, text_length(components, components.tokenizer, self.default_text_length))]
 
     def attention_layout(self, components: Parts) -> AttentionLayout:
-        """Joint attention over [text; image] keys as FLUX's, masked: negprompt does not read it yet, so capture
-        and the rules acting inside attention refuse the model."""
-        return AttentionLayout("unread", text_start_tokens=0, patch=2, family=self.description)
+        """Joint attention over [text; image] keys as FLUX's, under the text mask: read by
+        :class:`~negprompt.layers.chroma_attention.ChromaAttentionReader` (capture, NAG and VSF) in the form each
+        call carries, boolean or this family's ``additive_mask``."""
+        from negprompt.layers.chroma_attention import ChromaAttentionReader
+
+        reader = ChromaAttentionReader(text_length(components, components.tokenizer, self.default_text_length))
+        return AttentionLayout("joint", text_start_tokens=0, patch=2, family=self.description, reader=reader)
 
     # ---------------------------------------------------------------- geometry
 

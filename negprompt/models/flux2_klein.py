@@ -102,6 +102,38 @@ def check_klein_prompt(tokenizer: Any, prompt: str, length: int) -> None:
     )
 
 
+class TemplateKeys:
+    """The text keys of FLUX.2 [klein]: Qwen's tokens of the prompt inside the chat template (the template's
+    tokens first), padded to the model's text length; a text-key segment for capture
+    (``negprompt.attention.tokens.tokenize_words`` asks :meth:`words_at_keys`)."""
+
+    def __init__(self, tokenizer: Any, length: int) -> None:
+        self.tokenizer, self.length = tokenizer, length
+        self.model_max_length = length
+
+    def words_at_keys(
+        self, prompt: str, length: int | None = None
+    ) -> tuple[list[str], list[str], list[list[int]], int, int]:
+        """(tokens, words, each word's key positions, start, end): a word starts at a token that begins with
+        ``Ġ`` (the space before it) or at the prompt's first token; ``<start>`` is the template's first token
+        (``<|im_start|>``), ``<end>`` the ``<|im_end|>`` after the prompt."""
+        length = length or self.length
+        ids, spans, start = templated_tokens(self.tokenizer, prompt)
+        stop = start + len(prompt)
+        own = [i for i, (first, last) in enumerate(spans) if start <= first and last <= stop and last > first]
+        tokens = self.tokenizer.convert_ids_to_tokens(ids[:length])
+        tokens += [self.tokenizer.pad_token or ""] * (length - len(tokens))
+        groups: list[list[int]] = []
+        for position in (i for i in own if i < length):
+            if tokens[position].startswith("Ġ") or not groups:
+                groups.append([])
+            groups[-1].append(position)
+        groups = [g for g in groups if self.tokenizer.decode([ids[p] for p in g]).strip()]
+        words = [self.tokenizer.decode([ids[p] for p in g]).strip().lower() for g in groups]
+        end = min(own[-1] + 1 if own else sum(1 for first, last in spans if last <= start and last > first), length - 1)
+        return tokens, words, groups, 0, end
+
+
 def token_weights(tokenizer: Any, chunks: list[tuple[str, float]], length: int) -> list[float]:
     """A weight per token of the templated, padded prompt (``length`` tokens): a prompt token takes the weight
     of the chunk holding its last character (byte-level BPE tokens carry the space before a word), template
@@ -198,7 +230,7 @@ class Flux2KleinFamily(ModelFamily):
             raise DistilledGuidanceError(
                 f"this FLUX.2 [klein] is step-distilled (is_distilled in model_index.json) and runs one pass a step "
                 f"on the prompt alone, but rule {guidance.rule!r} at scale {guidance.scale:g} evaluates {branches} "
-                f"at step {step}; use scale 1 (negatives on distilled Klein need NAG or VSF, not yet available)"
+                f"at step {step}; use scale 1, with rule nag or vsf for a negative"
             )
 
     # ---------------------------------------------------------------- prompts
@@ -214,8 +246,9 @@ class Flux2KleinFamily(ModelFamily):
         return Conditioning(encode_klein(components.tokenizer, components.text_encoder, item.text, length))
 
     def text_key_segments(self, components: Parts) -> list[tuple[Any, int, int]]:
-        """Qwen's tokens of the templated prompt, padded to ``max_sequence_length``."""
-        return [(components.tokenizer, 0, self.text_length(components))]
+        """Qwen's tokens of the templated prompt (the template's tokens first), padded to ``max_sequence_length``."""
+        length = self.text_length(components)
+        return [(TemplateKeys(components.tokenizer, length), 0, length)]
 
     def template_start_tokens(self, components: Parts) -> int:
         """Tokens of the chat template before the prompt's own (``<|im_start|>``, ``user``, a newline)."""
@@ -223,11 +256,18 @@ class Flux2KleinFamily(ModelFamily):
         return sum(1 for first, last in spans if last <= start and last > first)
 
     def attention_layout(self, components: Parts) -> AttentionLayout:
-        """Phase 1: negprompt has no reader of FLUX.2's attention yet (its single-stream blocks fuse attention
-        with the MLP); capture, NAG and VSF refuse the model. Text keys lead [text; image], the template's
-        tokens first; one image token per latent cell of the loop."""
+        """Joint attention over [text; image] keys in every block, read by
+        :class:`~negprompt.layers.flux2_klein_attention.Flux2KleinReader` (double-stream and parallel single-stream
+        layers; NAG and VSF run the negative's text as a stream of its own). Text keys lead [text; image], the
+        template's tokens first; one image token per latent cell of the loop."""
+        from negprompt.layers.flux2_klein_attention import Flux2KleinReader
+
         return AttentionLayout(
-            "unread", family=self.description, text_start_tokens=self.template_start_tokens(components), patch=1
+            "joint",
+            family=self.description,
+            text_start_tokens=self.template_start_tokens(components),
+            patch=1,
+            reader=Flux2KleinReader(),
         )
 
     # ---------------------------------------------------------------- geometry

@@ -175,13 +175,21 @@ class QwenImageFamily(ModelFamily):
         return Conditioning(encode_qwen(components.tokenizer, components.text_encoder, item.text, length))
 
     def text_key_segments(self, components: Parts) -> list[tuple[Any, int, int]]:
-        """Phase 1 reads no attention: the tokenizer over the longest embedding (the keys are unpadded)."""
+        """The text keys are the embedding's tokens: the prompt's own tokens first (the template's 34 before them are
+        dropped; a prompt is tokenized in the template as alone), then the template's 5 closing ones; L = the
+        longest embedding (``text_length``), zeros past a row's own length."""
         return [(components.tokenizer, 0, self.text_length(components))]
 
     def attention_layout(self, components: Parts) -> AttentionLayout:
-        """Joint attention over [text; image] keys, which negprompt does not read yet; the template's first
-        tokens are dropped, so no start token leads the text; each image token a 2×2 patch."""
-        return AttentionLayout("unread", text_start_tokens=0, patch=PATCH, family=self.description)
+        """Joint attention over [text; image] keys, read by
+        :class:`~negprompt.layers.qwen_image_attention.QwenImageReader`
+        (complex rotary positions, a key mask); the template's first tokens are dropped, so no start token leads the
+        text; each image token a 2×2 patch."""
+        from negprompt.layers.qwen_image_attention import QwenImageReader
+
+        return AttentionLayout(
+            "joint", text_start_tokens=0, patch=PATCH, family=self.description, reader=QwenImageReader()
+        )
 
     # ---------------------------------------------------------------- geometry
 

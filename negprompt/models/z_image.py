@@ -152,6 +152,38 @@ def truncation_interval(components: Parts, steps: int, truncation: float, height
     return Window(0, guided)
 
 
+class TemplatedKeys:
+    """How a prompt's words sit on Z-Image's caption keys: key j is token j of the prompt in the chat template
+    (the template's ``<|im_start|>user\\n`` first), as :func:`encode_qwen` feeds it; a word starts at a token
+    with the byte-level space ``Ġ`` (or at the prompt's first token). The ``words_at_keys`` of
+    ``negprompt.attention.tokens.tokenize_words``."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def words_at_keys(self, prompt: str, length: int | None) -> tuple[list[str], list[str], list[list[int]], int, int]:
+        """(tokens padded to ``length``, words, each word's key positions, start key, end key (``<|im_end|>``))."""
+        tokenizer = self.tokenizer
+        text = templated(tokenizer, prompt)
+        encoded = tokenizer(text, return_offsets_mapping=True, verbose=False)
+        length = length or len(encoded.input_ids)
+        ids, spans = encoded.input_ids[:length], encoded.offset_mapping[:length]
+        before, _ = chat_template_parts(tokenizer)
+        first = len(before) if text.startswith(before + prompt) else text.find(prompt)
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        groups: list[list[int]] = []
+        for i, (begin, end) in enumerate(spans):
+            if begin >= first and end <= first + len(prompt) and end > begin:
+                if tokens[i].startswith("Ġ") or not groups:
+                    groups.append([])
+                groups[-1].append(i)
+        groups = [g for g in groups if tokenizer.decode([ids[i] for i in g]).strip()]
+        words = [tokenizer.decode([ids[i] for i in g]).strip().lower() for g in groups]
+        end = next((i for i, token in enumerate(ids) if token == tokenizer.eos_token_id), len(ids))
+        padded = tokens + [str(tokenizer.pad_token)] * (length - len(tokens))
+        return padded, words, groups, 0, end
+
+
 class ZImageFamily(ModelFamily):
     """Z-Image and Z-Image-Turbo (ZImagePipeline directories)."""
 
@@ -180,15 +212,21 @@ class ZImageFamily(ModelFamily):
         return Conditioning(encode_qwen(components.tokenizer, components.text_encoder, item.text, length))
 
     def text_key_segments(self, components: Parts) -> list[tuple[Any, int, int]]:
-        """Phase 1 reads no attention: the tokenizer over the longest caption (the keys are unpadded)."""
-        return [(components.tokenizer, 0, self.text_length(components))]
+        """The caption keys: the templated prompt's Qwen tokens (key j = token j, the template's included), up to
+        ``max_sequence_length``."""
+        return [(TemplatedKeys(components.tokenizer), 0, self.text_length(components))]
 
     def attention_layout(self, components: Parts) -> AttentionLayout:
-        """Single-stream attention over [image; caption] tokens, which negprompt does not read yet; the chat
-        template's opening tokens lead the caption's keys."""
+        """Single-stream attention over [image; caption] tokens, read by :class:`ZImageReader` (the main layers'
+        image-query × caption-key block; NAG and VSF refused); the chat template's opening tokens lead the
+        caption's keys."""
+        from negprompt.layers.z_image_attention import ZImageReader
+
         before, _ = chat_template_parts(components.tokenizer)
         start = len(components.tokenizer(before, add_special_tokens=False, verbose=False).input_ids)
-        return AttentionLayout("unread", text_start_tokens=start, patch=PATCH, family=self.description)
+        return AttentionLayout(
+            "joint", text_start_tokens=start, patch=PATCH, family=self.description, reader=ZImageReader()
+        )
 
     # ---------------------------------------------------------------- geometry
 
