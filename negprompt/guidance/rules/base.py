@@ -53,8 +53,9 @@ def check_scale(value: float | None, what: str, why: str = SCALE_USE) -> None:
 # ---------------------------------------------------------------- settings
 
 
-def option(default: float | int, help: str, *, flag: str | None = None, unit: str = "") -> Any:
-    """A settings field: its default, a help line, the command-line name (default: the field's) and unit."""
+def option(default: float | int | str, help: str, *, flag: str | None = None, unit: str = "") -> Any:
+    """A settings field: its default, a help line, the command-line name (default: the field's) and unit.
+    A ``str`` field is text (e.g. a name or JSON); every other field is a number."""
     from dataclasses import field
 
     return field(default=default, metadata={"help": help, "flag": flag, "unit": unit})
@@ -85,13 +86,19 @@ class RuleSettings:
 
     @classmethod
     def kind(cls, option_field: Field) -> type:
-        """int or float: the type a field's values must have."""
+        """int, float or str: the type a field's values must have."""
+        if option_field.type in (str, "str"):
+            return str
         return int if option_field.type in (int, "int") else float
 
     def validate(self) -> None:
-        """Finite numbers of the right kind; subclasses add their bounds (and call this first)."""
+        """Finite numbers (or text) of the right kind; subclasses add their bounds (and call this first)."""
         for option_field in self.options():
             value = getattr(self, option_field.name)
+            if self.kind(option_field) is str:
+                if not isinstance(value, str):
+                    raise GuidanceError(f"{self.qualified(option_field.name)} must be text, got {value!r}")
+                continue
             check_number(value, self.qualified(option_field.name))
             if self.kind(option_field) is int and not isinstance(value, int):
                 raise GuidanceError(f"{self.qualified(option_field.name)} must be an integer, got {value!r}")
