@@ -236,6 +236,7 @@ class Generation:
     trace: list[StepInfo] | None = None
     unet_batch_rows: int = 0
     num_steps: int = 0
+    negative_stops: dict[str, int | None] = field(default_factory=dict)  # auto-ended negatives' stop steps
     images: list[Image.Image] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -403,6 +403,7 @@ class Session:
                     trace=steps,
                     unet_batch_rows=output.unet_batch_rows,
                     num_steps=output.num_steps,
+                    negative_stops=output.negative_stops[g],
                 )
             )
             start += count

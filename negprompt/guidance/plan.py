@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from negprompt.guidance import formulas, syntax
+from negprompt.guidance import economy, formulas, syntax
 from negprompt.guidance.rules import rule_named
 from negprompt.guidance.rules.base import (
     UNCONDITIONAL,
@@ -225,6 +225,7 @@ class Guidance:
         for term in self.negatives + self.extra_positives:
             check_scale(term.scale, f"scale of prompt {term.prompt!r}")
         rule.check(self)
+        economy.check_economy(self)
 
     @property
     def rule_object(self) -> Rule:

@@ -4,6 +4,10 @@ Steps are counted by UNet call, 0 … N−1, where N = ``len(scheduler.timesteps
 30 inference steps N = 31, as in the article's code). A window [start, end) is given either as
 step indices (ints, 0 ≤ start < end ≤ N) or as fractions of the schedule (floats in [0, 1]); a
 fraction f stands for step ``floor(f · N)``. ``end=None`` means "to the last step".
+
+A negative's window may also say how it is computed (docs/cheap-negatives.md): ``end="auto"`` ends it where
+its effect has converged (decided while sampling, :mod:`negprompt.guidance.economy`), and ``every=K``
+evaluates it every K-th step, its difference to the reference branch reused in between.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ class WindowError(NegpromptError):
     """A window that does not fit the schedule."""
 
 
+AUTO = "auto"  # the end of a window decided while sampling, where the negative's effect has converged
+
+
 def check_sigma_interval(low: float, high: float) -> None:
     """A guidance interval in noise levels σ_lo:σ_hi: finite, 0 ≤ σ_lo < σ_hi."""
     if not (math.isfinite(low) and math.isfinite(high) and 0 <= low < high):
@@ -29,11 +36,14 @@ class Window:
     """The steps [start, end) in which a prompt is active; the default covers every step."""
 
     start: int | float = 0
-    end: int | float | None = None
+    end: int | float | str | None = None  # str: only AUTO
+    every: int = 1  # evaluated every K-th step of the window, reused in between (negatives of sd, dual)
 
     def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise WindowError(f"negative evaluation period must be a whole number of steps ≥ 1, got {self.every!r}")
         for name, value in (("start", self.start), ("end", self.end)):
-            if value is None:
+            if value is None or (name == "end" and value == AUTO):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise WindowError(f"window {name} must be a step index (int) or a fraction (float), got {value!r}")
@@ -45,7 +55,18 @@ class Window:
     @property
     def is_full(self) -> bool:
         # The end 1.0 (a fraction) is the whole schedule; the end 1 (a step index) is step 0 alone.
-        return self.start == 0 and (self.end is None or (isinstance(self.end, float) and self.end == 1.0))
+        whole = self.end is None or (isinstance(self.end, float) and self.end == 1.0)
+        return self.start == 0 and whole and self.every == 1
+
+    @property
+    def is_auto(self) -> bool:
+        """Whether the end is decided while sampling (``START:auto``)."""
+        return self.end == AUTO
+
+    @property
+    def economical(self) -> bool:
+        """Whether the branch is computed at fewer steps than its window holds (an auto end or every > 1)."""
+        return self.is_auto or self.every > 1
 
     def resolve(self, num_steps: int) -> tuple[int, int]:
         """The window as step indices [start, end) for a schedule of ``num_steps`` UNet calls."""
@@ -61,7 +82,7 @@ class Window:
             return value
 
         start = to_index(self.start, "start")
-        end = num_steps if self.end is None else to_index(self.end, "end")
+        end = num_steps if self.end is None or self.end == AUTO else to_index(self.end, "end")
         if start >= end:
             raise WindowError(
                 f"window [{self.start}, {self.end}) is empty on a schedule of {num_steps} steps "
@@ -75,34 +96,39 @@ class Window:
 
     def describe(self) -> str:
         end = "end" if self.end is None else self.end
-        return f"[{self.start}, {end})"
+        return f"[{self.start}, {end})" + (f" every {self.every}" if self.every != 1 else "")
 
     def to_json(self) -> list:
-        return [self.start, self.end]
+        return [self.start, self.end] if self.every == 1 else [self.start, self.end, self.every]
 
     @classmethod
     def from_json(cls, value: list | None) -> "Window":
         if value is None:
             return cls()
-        start, end = value
-        return cls(start, end)
+        if isinstance(value, str) or not hasattr(value, "__len__") or len(value) not in (2, 3):
+            raise WindowError(f"a window is [start, end] or [start, end, every], got {value!r}")
+        return cls(*value)
 
     @classmethod
     def parse(cls, text: str) -> "Window":
         """Parses ``START:END`` (either side may be empty); a value with a dot is a fraction.
 
-        ``5:`` = from step 5 on; ``:0.5`` = the first half; ``0.25:0.75`` = the middle half.
+        ``5:`` = from step 5 on; ``:0.5`` = the first half; ``0.25:0.75`` = the middle half; ``0:auto`` =
+        from step 0 until the negative's effect has converged (negatives of rules sd and dual).
         """
         if ":" not in text:
             raise WindowError(f"window {text!r} must look like START:END, e.g. 5:, :0.5 or 0.25:0.75")
         start_text, end_text = (part.strip() for part in text.split(":", 1))
 
-        def number(part: str, default):
+        def number(part: str, default, may_be_auto: bool = False):
             if part == "":
                 return default
+            if part == AUTO and may_be_auto:
+                return AUTO
             try:
                 return float(part) if any(c in part for c in ".eE") else int(part)
             except ValueError:
-                raise WindowError(f"window {text!r}: {part!r} is not a step index or a fraction") from None
+                also = " (the end may also be auto)" if may_be_auto else ""
+                raise WindowError(f"window {text!r}: {part!r} is not a step index or a fraction{also}") from None
 
-        return cls(number(start_text, 0), number(end_text, None))
+        return cls(number(start_text, 0), number(end_text, None, may_be_auto=True))

@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from negprompt.errors import NegpromptError
+from negprompt.guidance.economy import NegativeEconomy
 from negprompt.guidance.plan import Guidance, StepContext
 from negprompt.models.components import Components
 from negprompt.models.conditioning import Conditioning, PromptInput, denoiser_inputs
@@ -103,6 +104,7 @@ class SampleOutput:
     trace: list[StepInfo] | None
     unet_batch_rows: int  # Σ over steps of the rows fed to the UNet (branches × images)
     num_steps: int  # UNet calls (len of the scheduler's timesteps)
+    negative_stops: tuple[dict[str, int | None], ...] = ()  # per group: each auto-ended negative's stop step
 
 
 def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -143,6 +145,14 @@ def predicted_clean(
     if kind == "v_prediction":
         return alpha_bar.sqrt() * model_input - (1 - alpha_bar).sqrt() * prediction
     return prediction  # "sample"
+
+
+def clean_factor(scheduler: Any, model_input: torch.Tensor, timestep: torch.Tensor) -> float:
+    """κ_t = |∂x̂₀/∂prediction| at ``timestep``: x̂₀ is affine in the prediction (:func:`predicted_clean`), so
+    κ_t is the change of x̂₀ for a unit prediction (√(1−ᾱ)/√ᾱ for ε, √(1−ᾱ) for v, σ for a velocity)."""
+    zero = torch.zeros_like(model_input)
+    one = predicted_clean(scheduler, zero, torch.ones_like(model_input), timestep)
+    return float((one - predicted_clean(scheduler, zero, zero, timestep)).abs().flatten()[0])
 
 
 def decode(components: Components, latents: torch.Tensor) -> np.ndarray:
@@ -238,6 +248,7 @@ def sample_groups(
     timesteps = scheduler.timesteps
     calls = len(timesteps)
     plans = [GroupPlan.of(group, calls) for group in groups]
+    economies = [NegativeEconomy.of(group.guidance) for group in groups]  # None: every planned row computed
     states = [group.guidance.new_state(len(group.seeds)) for group in groups]
     alpha_bars = [float(_alpha_bar(scheduler, t)) for t in timesteps] + [1.0]
     rows_inputs = RowInputs.of(components, height, width)
@@ -258,7 +269,11 @@ def sample_groups(
         model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         context = StepContext(step, calls, alpha_bars[step], alpha_bars[step + 1], attention_layout)
         # Each group's branches (in plan order) with every image's input at this step.
-        layouts = [layout_at(group, plan.rows[step], step, calls, rows_inputs) for group, plan in zip(groups, plans)]
+        planned = [
+            plan.rows[step] if economy is None else economy.rows_at(step, plan.rows[step])
+            for plan, economy in zip(plans, economies)
+        ]
+        layouts = [layout_at(group, branches, step, calls, rows_inputs) for group, branches in zip(groups, planned)]
         predictions_of: dict[int, dict[str, torch.Tensor]] = {}
         for sharing in shared_calls(groups, plans, layouts, latents, slices):
             g = sharing[0]  # the call holds this group's rows; the others are in the same state
@@ -274,6 +289,9 @@ def sample_groups(
         guided_parts = []
         for g, group in enumerate(groups):
             predictions = predictions_of[g]
+            if economies[g] is not None:  # stand-ins for the negatives not computed at this step
+                factor = clean_factor(scheduler, model_input[slices[g]][:1], t)
+                predictions = economies[g].complete(step, plans[g].rows[step], predictions, factor)
             state_before = {k: v.clone() for k, v in states[g].items()}
             guided = group.guidance.combine(predictions, step, calls, states[g], attention_layout)
             group.guidance.update_state(states[g], predictions, guided, context)
@@ -303,6 +321,7 @@ def sample_groups(
         trace=trace,
         unet_batch_rows=rows,
         num_steps=calls,
+        negative_stops=tuple({} if economy is None else economy.stops() for economy in economies),
     )
 
 

@@ -1,0 +1,178 @@
+"""Where does the negative act on the bundled model? Signals per step against removal when it stops there.
+
+1. Plain images (no negative) of bench-methods' prompts ("a {color} {shape}", seed = index) pick the
+   images that hold the negative's thing (the detectors say so).
+2. On those, rule ``dual`` with s⁻ = s − 1 (equal to ``sd``, eq. 9, step by step, and it evaluates ∅ too)
+   gives per step: Δ_t = ε_ỹ − ε_y (d_t = −Δ_t of the issue), e_t = σ_t‖Δ_t‖ (the auto end's signal),
+   the cosine between consecutive d_t, the
+   relative change c_t = ‖Δ_t − Δ_{t−1}‖/‖Δ_t‖, the relative norm ‖Δ_t‖/‖ε_y‖, r_t = ‖ε_ỹ − ε_∅‖/‖ε_y − ε_∅‖
+   and the x̂₀ difference the negative makes, σ_t(s − 1)‖ε_ỹ − ε_∅‖ (RMS per latent value).
+3. Rule ``sd`` with the negative's branch stopped at step k, two ways: "hold" (the last Δ reused to the
+   end: the auto end's stand-in, one row a step after k) and "drop" (guidance interval 0:k, ε̂ = ε_y after
+   k, also one row). Removal (share of the thing-holding images without it), colour and shape kept,
+   and the pixels changed against the full negative's image.
+4. Offline, where the criterion c_t < τ for m computed steps in a row would stop, for a grid of (τ, m).
+
+Usage: OMP_NUM_THREADS=1 python scripts/negative_convergence.py [--images 200] [--negative "a hat"]
+Writes scripts/negative_convergence.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from negprompt.analysis.locality import changed_pixels
+from negprompt.api import to_uint8
+from negprompt.guidance import economy
+from negprompt.guidance.plan import Term
+from negprompt.guidance.windows import Window
+from negprompt.sampling.schedule import alpha_bar_of
+from negprompt.sampling.schedulers import make_scheduler
+from negprompt.session import Session
+from negprompt.shapes.detectors import detect
+from negprompt.shapes.evaluation import Row, row_prompts
+
+FULL = Window()
+STOPS = (1, 2, 3, 4, 5, 6, 8, 10, 14)
+GRID = [(tau, m) for tau in (0.05, 0.1, 0.15, 0.2, 0.3) for m in (1, 2, 3)]
+
+
+def found(pixels: np.ndarray, word: str) -> list[dict]:
+    out = []
+    for image in pixels:
+        f = detect(to_uint8(image))
+        out.append({"thing": bool(getattr(f, word)), "color": f.color, "shape": f.shape})
+    return out
+
+
+def judge(pixels: np.ndarray, word: str, named: list, reference: np.ndarray) -> dict:
+    rows = found(pixels, word)
+    return {
+        "removal": float(np.mean([not r["thing"] for r in rows])),
+        "kept": float(np.mean([r["color"] == c and r["shape"] == s for r, (c, s) in zip(rows, named)])),
+        "changed_vs_full": float(np.mean([changed_pixels(a, b).mean() for a, b in zip(reference, pixels)])),
+    }
+
+
+def stop_at(k: int):
+    """A stand-in for the criterion that ends the negative after step k − 1 (it has seen k effects)."""
+    return lambda effects, *args, **kwargs: len(effects) >= k
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--negative", default="a hat")
+    parser.add_argument("--model", default="shapes")
+    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    args = parser.parse_args()
+    word = args.negative.split()[-1]
+    session = Session(args.model)
+    scale = float(session.defaults["scale"])
+    prompts, named = row_prompts(Row("bench", "a {color} {shape}"), args.images)
+    timing = {}
+
+    start = time.perf_counter()
+    holding = []
+    for first in range(0, args.images, 50):
+        seeds = range(first, min(args.images, first + 50))
+        plain = session.run(session.spec(tuple(prompts[i] for i in seeds), None, rule="cfg", seeds=seeds))
+        holding += [i for i, r in zip(seeds, found(plain.pixels, word)) if r["thing"]]
+    timing["plain"] = time.perf_counter() - start
+    print(f"{len(holding)} of {args.images} plain images hold {word}", flush=True)
+    texts, kept_named = tuple(prompts[i] for i in holding), [named[i] for i in holding]
+
+    def spec(rule: str, window: Window = FULL, interval: Window | None = None):
+        return session.spec(
+            texts, [Term(args.negative, None, window)], rule=rule, seeds=holding, scale=scale, interval=interval
+        )
+
+    start = time.perf_counter()
+    traced = session.run(spec("dual"), trace=True)
+    timing["traced"] = time.perf_counter() - start
+    full = traced.pixels
+    scheduler = make_scheduler(traced.spec.scheduler, session.components.scheduler)
+    scheduler.set_timesteps(traced.spec.steps)
+    signals, previous = [], None
+    for info in traced.trace:
+        p = info.predictions
+        d = p["positive"] - p["negative"]
+        delta = -d
+        alpha_bar = alpha_bar_of(scheduler, info.timestep)
+        sigma = ((1 - alpha_bar) / alpha_bar) ** 0.5
+        row = {
+            "step": info.step,
+            "sigma": sigma,
+            "relative_norm": float((delta.flatten(1).norm(dim=1) / p["positive"].flatten(1).norm(dim=1)).mean()),
+            "r_t": float(
+                (
+                    (p["negative"] - p["unconditional"]).flatten(1).norm(dim=1)
+                    / (p["positive"] - p["unconditional"]).flatten(1).norm(dim=1)
+                ).mean()
+            ),
+            "x0_difference": float(sigma * (scale - 1) * (p["negative"] - p["unconditional"]).pow(2).mean().sqrt()),
+            "effect_max": float(economy.clean_effect(delta, sigma).max()),
+            "effect_mean": float(economy.clean_effect(delta, sigma).mean()),
+        }
+        if previous is not None:
+            change = economy.relative_change(delta, previous, 1)
+            row["change_max"] = float(change.max())
+            row["change_mean"] = float(change.mean())
+            row["cosine"] = float(torch.nn.functional.cosine_similarity(d.flatten(1), -previous.flatten(1)).mean())
+        previous = delta
+        signals.append(row)
+    print(json.dumps(signals, indent=0), flush=True)
+
+    sweep = {"hold": {}, "drop": {}}
+    start = time.perf_counter()
+    drops = session.run_together([spec("sd", interval=Window(0, k)) for k in STOPS])
+    timing["drop_sweep"] = time.perf_counter() - start
+    for k, generation in zip(STOPS, drops):
+        sweep["drop"][k] = judge(generation.pixels, word, kept_named, full)
+    original = economy.has_converged
+    try:
+        for k in STOPS:
+            economy.has_converged = stop_at(k)
+            start = time.perf_counter()
+            generation = session.run(spec("sd", Window(0, "auto")))
+            sweep["hold"][k] = {
+                **judge(generation.pixels, word, kept_named, full),
+                "rows": generation.unet_batch_rows,
+                "seconds": time.perf_counter() - start,
+            }
+            print("hold", k, sweep["hold"][k], flush=True)
+    finally:
+        economy.has_converged = original
+    sweep["full"] = judge(full, word, kept_named, full)
+
+    effects = [s["effect_max"] for s in signals]
+    criterion = {}
+    for tau, m in GRID:
+        stop = next((i + 1 for i in range(len(effects)) if economy.has_converged(effects[: i + 1], tau, m)), None)
+        criterion[f"tau={tau},m={m}"] = stop
+    result = {
+        "model": args.model,
+        "negative": args.negative,
+        "images": args.images,
+        "holding": holding,
+        "scale": scale,
+        "steps": traced.num_steps,
+        "signals": signals,
+        "sweep": sweep,
+        "criterion_stops": criterion,
+        "timing_s": timing,
+        "command": f"OMP_NUM_THREADS=1 python scripts/negative_convergence.py --images {args.images} "
+        f'--negative "{args.negative}" --model {args.model}',
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({"sweep": sweep, "criterion_stops": criterion}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
