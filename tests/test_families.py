@@ -114,7 +114,9 @@ def test_a_rule_processor_hands_the_negative_to_an_observer_it_wraps(tiny_sd):
     negative = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
     before = dict(unet.attn_processors)
     with torch.no_grad(), installed(unet, watch):
-        with negative_in_attention(unet, layout, slice(0, 1), {"encoder_hidden_states": negative}, vsf_combine(2.0, 0.0, 1), "negative_2"):
+        with negative_in_attention(
+            unet, layout, slice(0, 1), {"encoder_hidden_states": negative}, vsf_combine(2.0, 0.0, 1), "negative_2"
+        ):
             unet(latents, torch.tensor([10]), encoder_hidden_states=context)
     assert all(processor is before[key] for key, processor in unet.attn_processors.items())  # both restored
     cross = set(attention_paths(unet, "cross"))

@@ -184,3 +184,29 @@ def test_an_import_cycle_is_found_also_through_a_function(tmp_path):
         },
     )
     assert cycles(import_graph(package)) == [["negprompt.a", "negprompt.b", "negprompt.c"]]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_over_split_keys_merged_by_logsumexp_equals_attention_over_all(masked):
+    """merge_attention of attention_and_logsumexp over [text; image] parts = softmax over all keys (NAG on joint
+    layers attends to the image keys once and merges each text's part); a fully masked part weighs 0."""
+    import torch
+    import torch.nn.functional as F
+
+    from negprompt.layers.attention import attention_and_logsumexp, merge_attention
+
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 3, 20, 8, generator=g)
+    text = torch.randn(2, 3, 7, 8, generator=g), torch.randn(2, 3, 7, 8, generator=g)
+    image = torch.randn(2, 3, 20, 8, generator=g), torch.randn(2, 3, 20, 8, generator=g)
+    bias = None
+    if masked:  # row 0 keeps 3 text keys, row 1 none
+        bias = torch.zeros(2, 1, 1, 7)
+        bias[0, ..., 3:] = float("-inf")
+        bias[1] = float("-inf")
+    merged = merge_attention([attention_and_logsumexp(query, *text, bias), attention_and_logsumexp(query, *image)])
+    full_bias = None if bias is None else torch.cat([bias, torch.zeros(2, 1, 1, 20)], dim=-1)
+    keys, values = torch.cat([text[0], image[0]], dim=2), torch.cat([text[1], image[1]], dim=2)
+    direct = F.scaled_dot_product_attention(query, keys, values, attn_mask=full_bias)
+    assert torch.isfinite(merged).all()
+    assert torch.allclose(merged, direct, atol=1e-5), float((merged - direct).abs().max())

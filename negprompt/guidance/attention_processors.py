@@ -29,11 +29,14 @@ import torch.nn.functional as F
 from negprompt.guidance import formulas
 from negprompt.layers.attention import (
     Combine,
+    KeysValues,
+    attention_and_logsumexp,
     attention_paths,
     cross_attention_output,
     cross_attention_probabilities,
     cross_keys_values,
     join_tokens,
+    merge_attention,
     merge_heads,
 )
 from negprompt.layers.layout import AttentionLayout
@@ -45,11 +48,11 @@ def nag_combine(phi: float, tau: float, alpha: float) -> Combine:
     layer) in one attention call, then :func:`negprompt.guidance.formulas.nag`."""
 
     def combine(query, text, negative, image=None, text_bias=None):
+        if image is not None:  # a joint layer: the image keys' part once, merged with each text's part
+            return formulas.nag(*_joint_attentions(query, text, negative, image, text_bias), phi, tau, alpha)
         bias = None
-        if text_bias is not None:  # (2B, 1, 1, L [+ M]): the positive's rows, then the negative's
-            bias = torch.cat([_with_image_keys(b, image) for b in text_bias])[:, None, None, :]
-        if image is not None:
-            text, negative = join_tokens(text, image), join_tokens(negative, image)
+        if text_bias is not None:  # (2B, 1, 1, L): the positive's rows, then the negative's
+            bias = torch.cat([b.float() for b in text_bias])[:, None, None, :]
         both = F.scaled_dot_product_attention(
             torch.cat([query, query]),
             torch.cat([text[0], negative[0]]),
@@ -60,6 +63,31 @@ def nag_combine(phi: float, tau: float, alpha: float) -> Combine:
         return formulas.nag(positive, negative_out, phi, tau, alpha)
 
     return combine
+
+
+def _joint_attentions(
+    query: torch.Tensor,
+    text: KeysValues,
+    negative: KeysValues,
+    image: KeysValues,
+    text_bias: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Z⁺ over [positive text; image] keys and Z⁻ over [negative text; image] (B, Q, H·d) for image queries
+    (B, H, Q, d): the attention over the image keys computed once, each text's part beside it (both texts in one
+    call), merged by their log-sum-exps (:func:`negprompt.layers.attention.merge_attention`). The image keys are
+    most keys of a joint layer (4096 image tokens beside 512 text tokens at 1024²): attending to them twice would
+    double the layer's work."""
+    batch = query.shape[0]
+    image_part = attention_and_logsumexp(query, *image)
+    bias = None
+    if text_bias is not None:  # (2B, 1, 1, L): the positive's rows, then the negative's
+        bias = torch.cat([b.float() for b in text_bias])[:, None, None, :]
+    out, lse = attention_and_logsumexp(
+        torch.cat([query, query]), torch.cat([text[0], negative[0]]), torch.cat([text[1], negative[1]]), bias
+    )
+    positive = merge_attention([image_part, (out[:batch], lse[:batch])])
+    negative_out = merge_attention([image_part, (out[batch:], lse[batch:])])
+    return merge_heads(positive), merge_heads(negative_out)
 
 
 def vsf_combine(scale: float, offset: float, start_tokens: int) -> Combine:

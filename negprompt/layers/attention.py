@@ -205,6 +205,55 @@ def logsumexp_over_keys(query: torch.Tensor, keys: torch.Tensor, scale: float, c
     return torch.cat(parts, dim=2)
 
 
+def attention_and_logsumexp(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q·kᵀ/√d + bias)·V and log Σ_k exp(q·k/√d + bias) over the keys: q (B, H, Q, d), K and V
+    (B, H, K, d), ``bias`` broadcastable to (B, H, Q, K) or None → (B, H, Q, d) in q's dtype, (B, H, Q) float32.
+
+    The fused kernels give the log-sum-exp beside their output (PyTorch's flash kernel on CPU, its
+    memory-efficient kernel on CUDA); elsewhere, or if a kernel refuses the inputs, it is computed explicitly.
+    With :func:`merge_attention` the attention over keys split in parts equals the attention over all of them."""
+    scale = query.shape[-1] ** -0.5
+    try:
+        if query.device.type == "cpu":
+            kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+            mask = None if bias is None else bias.to(query.dtype)
+            out, lse = kernel(query, keys, values, 0.0, False, attn_mask=mask, scale=scale)
+            return out, _no_keys_left(lse.float(), bias)
+        if query.device.type == "cuda":
+            kernel = torch.ops.aten._scaled_dot_product_efficient_attention
+            mask = None if bias is None else bias.to(query.dtype).expand(*query.shape[:3], keys.shape[2])
+            out, lse = kernel(query, keys, values, mask, True, scale=scale)[:2]
+            return out, _no_keys_left(lse[..., : query.shape[2]].float(), bias)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        pass
+    scores = query.float() @ keys.float().transpose(-1, -2) * scale
+    if bias is not None:
+        scores = scores + bias.float()
+    lse = torch.logsumexp(scores, dim=-1)
+    return ((scores - lse[..., None]).exp().nan_to_num(0.0) @ values.float()).to(query.dtype), lse
+
+
+def _no_keys_left(lse: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """−∞ where the bias masks every key (the fused kernels give 0 there), so the part weighs nothing when merged."""
+    if bias is None:
+        return lse
+    return lse.masked_fill(torch.isneginf(bias).all(dim=-1).expand(lse.shape), float("-inf"))
+
+
+def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The attention over the union of disjoint key sets from each set's (output (B, H, Q, d), log-sum-exp
+    (B, H, Q)) of :func:`attention_and_logsumexp`: Σ_i w_i·O_i with w_i = exp(lse_i − log Σ_j exp lse_j). A
+    part with every key masked (lse −∞) weighs 0."""
+    lse = torch.stack([part[1] for part in parts])  # (P, B, H, Q)
+    weights = (lse - torch.logsumexp(lse, dim=0)).exp().nan_to_num(0.0)[..., None]
+    merged = sum(
+        torch.where(w > 0, w * out.float(), torch.zeros((), device=out.device)) for w, (out, _) in zip(weights, parts)
+    )
+    return merged.to(parts[0][0].dtype)
+
+
 def text_key_probabilities(query: torch.Tensor, keys: torch.Tensor, text_length: int) -> torch.Tensor:
     """The text-key block of softmax(q·kᵀ/√d) over all keys, float32: queries (B, H, N, d), keys
     [text; image] (B, H, L + M, d) → (B, H, N, L), as exp(q·k_text/√d − log Σ_all exp(q·k/√d)) (no N × K

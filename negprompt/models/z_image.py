@@ -140,10 +140,9 @@ def truncation_interval(components: Parts, steps: int, truncation: float, height
     """The guidance interval [0, K) equal to the pipeline's ``cfg_truncation`` c on a run of ``steps``: K
     steps have normalised time ≤ c (time grows step by step, so they lead the schedule); None when every
     step does (c ≥ 1: no truncation). A c that leaves no step guided raises (that run is rule sd at s = 1)."""
-    from negprompt.sampling.schedule import timesteps_of
-
-    settings = components.family.timestep_settings(components, steps, height, width)
-    times = normalised_times(timesteps_of("default", components.scheduler, steps, **settings))
+    scheduler = type(components.scheduler).from_config(components.scheduler.config)  # the model's own, fresh
+    scheduler.set_timesteps(steps, **components.family.timestep_settings(components, steps, height, width))
+    times = normalised_times(scheduler.timesteps)
     guided = sum(1 for time in times if time <= truncation)
     if guided == len(times):
         return None
