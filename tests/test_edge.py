@@ -61,7 +61,7 @@ def test_steps_whose_first_noise_level_is_too_high_are_refused_on_the_bundled_mo
 @pytest.mark.parametrize(
     "command, extra, message",
     [
-        ("attend", ["--memory-limit", "0"], "over the limit of 0 MiB"),
+        ("attend", ["--memory-limit", "0"], "--memory-limit: '0' must be above 0"),
         ("attend", ["--columns", "0"], "not a positive integer"),
         ("attend", ["--image", "3"], "outside the batch of 1 image"),
         ("edit", ["-n", "a hat", "--threshold", "1"], "threshold must be in (0, 1)"),

@@ -14,6 +14,7 @@ from negprompt.analysis.sweep import automatic_start, motion, summarize_sweep
 from negprompt.errors import NegpromptError
 from negprompt.guidance.windows import Window
 from negprompt.interfaces.cli import main
+from negprompt.shapes.methods import METHODS
 from negprompt.shapes.regions import detector_region
 from negprompt.shapes.scene import render, sample_scene
 
@@ -251,11 +252,12 @@ def test_bench_methods_on_a_tiny_run(tiny_shapes_dir, tmp_path):
     assert main(argv + ["-q", "--out", str(out)]) == 0
     record = json.loads((out / "methods.json").read_text())
     ranking = record["ranking"]
-    assert len(ranking) == 11 and ranking == sorted(ranking, key=lambda r: -r["score"])
+    assert len(ranking) == len(METHODS) and ranking == sorted(ranking, key=lambda r: -r["score"])
     by_method = {r["method"]: r for r in record["cells"]}
     assert by_method["none (cfg)"]["unet_per_image"] == 2 * 3 and by_method["dual s⁻ = s"]["unet_per_image"] == 3 * 3
     assert by_method["nag φ=5"]["unet_per_image"] == 2 * 3  # the negative is no denoiser row
     assert by_method["sd + interval 0:0.8"]["unet_per_image"] < by_method["sd"]["unet_per_image"]
+    assert by_method["sd, every 2"]["unet_per_image"] == 3 + 2  # the negative at steps 0 and 2 of 3
     assert "| rank | method |" in (out / "methods.md").read_text()
 
 

@@ -8,10 +8,12 @@ are not the command line's one line, a cancelled job that keeps the model or lea
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -404,3 +406,264 @@ def test_the_page_runs_flux_with_previews_and_equals_the_command_line(tiny_flux,
     argv += ["--steps", "4", "--size", "32", "--model", str(tiny_flux_dir), "-q", "--out", str(cli_png)]
     assert main(argv) == 0
     assert np.array_equal(read_pixels(result.pngs[0]), read_pixels(cli_png))
+
+
+# ---------------------------------------------------------------- the page's edges (issue 33)
+
+
+@pytest.mark.parametrize(
+    "typed, images, seeds",
+    [
+        ("0", 1, [0]),
+        (" 9007199254740993 ", 1, [9007199254740993]),  # above 2⁵³: a number field would round it to …992
+        ("18446744073709551615", 1, [18446744073709551615]),  # 2⁶⁴ − 1, the largest
+        ("18446744073709551613", 3, [18446744073709551613, 18446744073709551614, 18446744073709551615]),
+        (5, 2, [5, 6]),  # an int from the API
+    ],
+)
+def test_seeds_travel_as_text_and_keep_every_digit(typed, images, seeds):
+    assert handlers.seeds_from(typed, images) == seeds
+
+
+@pytest.mark.parametrize(
+    "typed, images, message",
+    [
+        ("18446744073709551615", 2, "seed 18446744073709551615 leaves no room for 2 images"),
+        ("18446744073709551616", 1, "seed 18446744073709551616 is outside 0–18446744073709551615"),
+        ("-1", 1, "seed -1 is outside 0–18446744073709551615"),
+        ("0-3", 1, "seed '0-3': give one whole number"),
+        ("1,2", 1, "seed '1,2': give one whole number"),
+        ("1e3", 1, "seed '1e3': give one whole number"),
+        ("", 1, "seed '': give one whole number"),
+        (2.5, 1, "seed must be a whole number 0–18446744073709551615, got 2.5"),
+    ],
+)
+def test_a_bad_seed_is_one_line_quoting_what_was_typed(session, tmp_path, typed, images, message):
+    request = GenerateRequest("a red circle", seed=typed, images=images)
+    with pytest.raises(handlers.NegpromptError) as caught:
+        handlers.generate_specs(session, request, LIMITS)
+    line = error_message(caught.value)
+    assert line.startswith("negprompt: error: ") and message in line and "\n" not in line, line
+
+
+def test_the_largest_seed_runs_as_typed(session, tmp_path):
+    request = GenerateRequest("a red circle", (NegativeInput("a hat"),), seed="18446744073709551615", steps=4)
+    result = handlers.generate(session, request, LIMITS, tmp_path, PageJob())
+    assert list(result.generation.spec.seeds) == [18446744073709551615]
+    assert "Seed: 18446744073709551615" in result.infotext
+
+
+def test_one_step_runs_and_the_window_sliders_stay_valid(session, tmp_path):
+    """Steps = 1 (one UNet call): the run works, and the sliders' updates keep minimum < maximum (Gradio
+    refuses a slider whose range is empty), fixed at the only window there is."""
+    import gradio as gr
+
+    from negprompt.interfaces.web.page_jobs import end_range, start_range, start_update, window_updates
+
+    result = handlers.generate(
+        session,
+        GenerateRequest("a red circle", (NegativeInput("a hat"),), steps=1, compare=True),
+        LIMITS,
+        tmp_path,
+        PageJob(),
+    )
+    assert result.generation.spec.steps == 1 and len(result.comparison) == 3
+    assert handlers.schedule_length(session, None, 1) == 1
+    for calls in (1, 2, 20, 100):
+        start, end = window_updates(calls, 20, 5, 20)
+        delayed = start_update(calls, 5)
+        for update, minimum in ((start, 0), (end, 1), (delayed, 0)):
+            kwargs = {k: v for k, v in update.items() if k != "__type__"}
+            gr.Slider(minimum, **kwargs)  # what Gradio builds from an update: raises on an empty range
+            assert kwargs["interactive"] is (calls > 1)
+        assert (start["value"], end["value"], delayed["value"]) == (min(5, calls - 1), calls, min(5, calls - 1))
+        assert (start["maximum"], end["maximum"]) == (start_range(calls), end_range(calls))
+
+
+def test_the_steps_label_names_the_counts_the_model_refuses(session):
+    """The label promised 1–100 while the bundled model refuses 83 and 100 (first σ above its max_sigma):
+    it now says so, per scheduler, and every other count in the range is accepted."""
+    from negprompt.interfaces.web.page_jobs import refused_steps, steps_label
+
+    refused = refused_steps(session, "euler-a", LIMITS.steps)
+    assert refused == [83, 100]
+    for steps in range(1, LIMITS.steps + 1):
+        if steps not in refused:
+            session.check_schedule("euler-a", steps)
+    label = steps_label(LIMITS.steps, refused, "euler-a")
+    assert label == "Steps (1–100; this model refuses 83, 100 with euler-a: too noisy a start)"
+    assert steps_label(100, [], "ddim") == "Steps (1–100)"
+    assert "… (7 counts)" in steps_label(300, [83, 100, 111, 125, 142, 166, 200], "ddim")
+    with pytest.raises(handlers.NegpromptError, match="nearest step count below that starts low enough is 99"):
+        handlers.generate_specs(session, GenerateRequest("a red circle", steps=100), LIMITS)
+
+
+def test_cancel_of_a_waiting_job_says_what_it_did():
+    """A job in line (not started) is taken out of line, and Cancel says so; the places of the others move up."""
+    from negprompt.interfaces.web.page_jobs import PageJobs, waiting_text
+
+    jobs = PageJobs()
+    running = PageJob()
+    jobs.start("a", running)
+    assert jobs.wait("b", "generate") == 1 and jobs.wait("c", "edit") == 2
+    assert jobs.ahead("c", "edit") == 2 and jobs.ahead("c", "generate") is None
+    assert waiting_text(2) == "waiting in line: 2 jobs ahead (one runs at a time)"
+    assert jobs.cancel("b") == "cancelled before it started (it was waiting in line)"
+    assert jobs.ahead("b") is None and jobs.ahead("c") == 1
+    assert jobs.cancel("b") == "nothing to cancel"
+    jobs.leave("c")  # the page was closed
+    assert jobs.ahead("c") is None
+    running.finished.set()
+    assert jobs.cancel("a") == "cancelled" and running.stop.is_set()
+
+
+def test_a_job_turned_away_before_it_started_says_so(session):
+    """Gradio turns a click's job away (a full queue): its place in line goes and the status says why; a
+    job that ran, or was cancelled, keeps the status it has."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from negprompt.interfaces.web.page_jobs import JobPanel, PageJobs
+
+    jobs = PageJobs()
+    with gr.Blocks():
+        panel = JobPanel("generate", "Generate", jobs)
+    page = SimpleNamespace(session_hash="p")
+    status, timer = panel.enqueue(page)
+    assert status == "waiting: next in line" and timer.get_config()["active"] is True
+    assert panel.on_tick(page)[0] == "waiting: next in line"
+    assert "full queue: negprompt serve --max-queue" in panel.not_started(page)
+    assert jobs.ahead("p") is None and panel.on_tick(page)[1].get_config()["active"] is False
+    panel.enqueue(page)
+    jobs.cancel("p")
+    assert panel.not_started(page) == gr.skip()  # cancelled while waiting: the status says so already
+
+
+def test_the_first_click_shows_the_negative_acting(session, tmp_path):
+    """The page's defaults (example pair, seed, side by side on, the Edit tab's start): the image with no
+    negative has the negative's thing (a hat, read by the shapes world's detector) and the negative
+    removes it, on the Generate tab and in the Edit tab's edit."""
+    from negprompt.interfaces.png import read_pixels
+    from negprompt.interfaces.web.settings import EDIT_START, EXAMPLE_SEED
+    from negprompt.shapes.detectors import detect
+
+    prompt, negative = handlers.example_pair(session)
+    request = GenerateRequest(prompt, (NegativeInput(negative),), seed=str(EXAMPLE_SEED), compare=True)
+    result = handlers.generate(session, request, LIMITS, tmp_path, PageJob())
+    plain, negated, _ = (detect(read_pixels(path)) for path, _ in result.comparison)
+    assert (negative, plain.hat, negated.hat) == ("a hat", True, False)
+    edited = handlers.edit(
+        session, EditRequest(prompt, negative, start=EDIT_START, seed=str(EXAMPLE_SEED)), LIMITS, PageJob()
+    )
+    summary = edited.summary
+    assert summary["present_original"] > 0 and summary["present_full"] == summary["present_edited"] == 0
+
+
+def test_the_page_offers_text_seeds_the_comparison_and_outputs_without_badges(session):
+    import gradio as gr
+
+    from negprompt.interfaces.web.app import JobFolders, build_app
+
+    folders = JobFolders()
+    try:
+        page = build_app(session, LIMITS, folders)
+    finally:
+        folders.remove()
+    blocks = {block.elem_id: block for block in page.blocks.values() if getattr(block, "elem_id", None)}
+    for seed in ("generate-seed", "attention-seed", "edit-seed"):
+        assert isinstance(blocks[seed], gr.Textbox) and blocks[seed].value == "2"
+    assert blocks["generate-compare"].value is True
+    for figure in ("attention-timeline", "attention-step-view", "attention-rt", "edit-figure", "sweep-figure"):
+        assert blocks[figure].show_label is False, figure
+    assert "refuses 83, 100" in blocks["generate-steps"].label
+
+
+def test_overlapping_starts_share_one_label_on_the_sweep_plot():
+    from negprompt.analysis.sweep import _label_groups
+
+    fixed = {
+        0: {"n": 3, "ssim_outside": 0.84, "removal_rate": 1.0},
+        4: {"n": 3, "ssim_outside": 0.987, "removal_rate": 0.07},
+        8: {"n": 3, "ssim_outside": 0.999, "removal_rate": 0.0},
+        12: {"n": 3, "ssim_outside": 1.0, "removal_rate": 0.0},
+        16: {"n": 0},
+    }
+    assert list(_label_groups(fixed).values()) == [[0], [4], [8, 12]]
+
+
+def test_long_log_lines_are_cut():
+    """A malformed request of megabytes is logged by Gradio whole: the server's stderr cuts each line."""
+    import io
+
+    from negprompt.interfaces.web.app import CutLongLines
+
+    target = io.StringIO()
+    stream = CutLongLines(target, limit=10)
+    stream.write("short\nReceived inputs: [")
+    stream.write("x" * 50_000_000)
+    stream.write("]\nnext line\n")
+    assert target.getvalue() == "short\nReceived i … [50000009 more characters cut]\nnext line\n"
+
+
+def test_serve_on_ipv6_and_bounded_requests(tmp_path):
+    """``negprompt serve --host ::1`` serves the page (or, without IPv6, says so in one line); a malformed
+    request of 5 MB leaves no line over the log's bound; an upload over the bound is refused."""
+    from negprompt.interfaces.web.settings import LOG_LINE_CHARS
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            port = probe.getsockname()[1]
+    except OSError:
+        port = None
+    if port is None:  # no IPv6 on this machine: one line, exit 2, before the model loads
+        done = subprocess.run(
+            [sys.executable, "-m", "negprompt", "serve", "--host", "::1"], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 2 and done.stderr.startswith("negprompt: error: cannot listen on ::1")
+        return
+    import httpx
+
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "negprompt", "serve", "--host", "::1", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://[::1]:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, log_path.read_text()[-2000:]
+            try:
+                if httpx.get(url + "/", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "negprompt serve --host ::1 did not answer within 120 s"
+            time.sleep(0.3)
+        started = time.monotonic() - deadline + 120
+        # Too few inputs for the event: Gradio logs the inputs it received (5 MB) with its traceback.
+        malformed = httpx.post(url + "/gradio_api/run/generate", json={"data": ["x" * 5_000_000]}, timeout=60)
+        assert malformed.status_code == 500 and "xxx" not in malformed.text, malformed.text[:200]
+        upload = httpx.post(url + "/gradio_api/upload", files={"files": ("big.bin", b"\0" * 2_000_000)}, timeout=60)
+        assert upload.status_code == 413, upload.text[:200]
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    lines = log_path.read_text().splitlines()
+    print(f"server answered after {started:.1f} s")
+    assert lines[0].startswith(f"negprompt serve: http://[::1]:{port} ")
+    assert max(map(len, lines)) <= LOG_LINE_CHARS + 40 and any("more characters cut" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    "host, written",
+    [("::1", "[::1]"), ("[::1]", "[::1]"), ("::", "[::]"), ("127.0.0.1", "127.0.0.1"), ("localhost", "localhost")],
+)
+def test_an_ipv6_host_is_written_in_brackets_for_gradio_and_urls(host, written):
+    from negprompt.interfaces.web.app import url_host
+
+    assert url_host(host) == written

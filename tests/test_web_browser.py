@@ -171,7 +171,7 @@ def type_number(page, elem_id: str, value: float) -> None:
 def fill_generate(page, settings: dict) -> None:
     type_text(page, "generate-prompt", settings["prompt"])
     type_text(page, "generate-negative-0", settings["negative"])
-    type_number(page, "generate-seed", settings["seed"])
+    type_text(page, "generate-seed", str(settings["seed"]))  # seeds travel as text: every digit of 2⁶⁴ − 1
 
 
 def click_run(page, tab: str, button: str | None = None) -> None:
@@ -343,4 +343,28 @@ def test_edit_tab_shows_the_change_map_and_the_numbers(server, browser, artifact
     wait_for_image(page, "edit-figure")
     assert "SSIM outside the region" in page.locator("#edit-table").inner_text()
     page.screenshot(path=artifacts / "edit.png", full_page=True)
+    page.context.close()
+
+
+def test_one_step_and_the_largest_seed(server, browser, artifacts, timings):
+    """Steps = 1 (one UNet call: the window sliders keep a valid, fixed range) and seed 2⁶⁴ − 1, typed
+    into the page, run as typed; the server logs no error on the way."""
+    page = open_page(browser, server)
+    steps = page.locator("#generate-steps input[type=number]")
+    steps.fill("1")
+    steps.blur()
+    page.wait_for_function(  # the sliders moved onto the one-call schedule, fixed
+        "() => document.querySelector('#generate-window-end-0 input[type=range]').disabled", timeout=WAIT_MS
+    )
+    largest = str(2**64 - 1)
+    type_text(page, "generate-seed", largest)
+    started = time.monotonic()
+    click_run(page, "generate")
+    assert wait_until_finished(page, "generate").startswith("done: 1 image(s)"), status_of(page, "generate")
+    timings["one step, largest seed, after the click"] = round(time.monotonic() - started, 3)
+    info = page.locator("#generate-info textarea").input_value()
+    assert "Steps: 1," in info and f"Seed: {largest}," in info, info
+    page.screenshot(path=artifacts / "one-step-largest-seed.png", full_page=True)
+    log = (artifacts / "serve.log").read_text()
+    assert "Traceback" not in log and "Slider minimum" not in log, log[-2000:]
     page.context.close()

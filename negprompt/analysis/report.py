@@ -10,6 +10,7 @@ Claims from the article the summary checks, per group and definition:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections import defaultdict
@@ -18,20 +19,101 @@ from pathlib import Path
 import numpy as np
 
 from negprompt.analysis.spec import SpecError
-from negprompt.analysis.study import RESULTS_FILE, SPEC_FILE
+from negprompt.analysis.study import COLUMNS, RESULTS_FILE, SPEC_FILE, check_pair_rows, pair_number
+from negprompt.files import write_atomically
 
 FALL_MARGIN = 0.02  # "falls": the last value is at least 2 % of the peak below it
 LEVEL_MARGIN = 0.02  # "levels off": the last value within 2 % of the peak, and no fall
 
 
+MAX_R_T = 1e6  # r_t is a ratio of attention norms (0.1–10 in every study run here); beyond 1e6 a table is damaged
+
+
+class ReportError(SpecError):
+    """A study folder whose spec.json or results.csv cannot be read as negprompt wrote them."""
+
+
+def _read_spec(path: Path) -> dict:
+    """The spec of a study folder's spec.json, with the fields the report reads checked."""
+    if not path.is_file():
+        raise ReportError(f"{path} is not a file; a study folder holds its spec there")
+    try:
+        recorded = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise ReportError(f"{path} is not the JSON negprompt study writes; rerun the study into a new folder") from None
+    spec = recorded.get("spec") if isinstance(recorded, dict) else None
+    fields = {
+        "name": str,
+        "model": str,
+        "scheduler": str,
+        "steps": int,
+        "scale": (int, float),
+        "seeds": list,
+        "pairs": list,
+    }
+    if not isinstance(spec, dict) or not all(isinstance(spec.get(key), kind) for key, kind in fields.items()):
+        raise ReportError(f"{path} holds no study spec (name, model, scheduler, steps, scale, seeds, pairs)")
+    for pair in spec["pairs"]:
+        if not isinstance(pair, dict) or not all(
+            isinstance(pair.get(key), str) for key in ("group", "prompt", "negative", "word")
+        ):
+            raise ReportError(f"{path}: a pair of its spec is not group, prompt, negative and word")
+    return spec
+
+
 def read_results(folder: Path) -> tuple[dict, list[dict]]:
+    """The spec and the rows of a study folder, each row checked (:func:`check_pair_rows`: columns, pair,
+    seeds, whole pairs) and its r_t a number from 0 to ``MAX_R_T``; a torn last line (a study in progress
+    or killed) is left out. Raises :class:`ReportError` naming the file and line of the first bad row."""
     spec_path, results_path = folder / SPEC_FILE, folder / RESULTS_FILE
-    if not spec_path.exists() or not results_path.exists():
-        raise SpecError(f"{folder} holds no study results ({SPEC_FILE} and {RESULTS_FILE}); run negprompt study first")
-    spec = json.loads(spec_path.read_text())["spec"]
-    with open(results_path, newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r.get("r_t") not in (None, "")]
-    return spec, rows
+    if not (spec_path.exists() or spec_path.is_symlink()) or not (results_path.exists() or results_path.is_symlink()):
+        raise ReportError(
+            f"{folder} holds no study results ({SPEC_FILE} and {RESULTS_FILE}); run negprompt study first"
+        )
+    spec = _read_spec(spec_path)
+    if not results_path.is_file():
+        raise ReportError(f"{results_path} is not a file; a study folder holds its table there")
+    try:
+        text = results_path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ReportError(
+            f"{results_path} is not UTF-8 text (byte {error.start}); it is not a results table of negprompt"
+        ) from None
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]  # torn by a kill or a full disk: the study drops it too
+    if not lines:
+        return spec, []
+    if lines[0].rstrip("\r\n") != ",".join(COLUMNS):
+        raise ReportError(f"{results_path} is not a results table of negprompt (its header is not {','.join(COLUMNS)})")
+    try:
+        parsed = list(csv.reader(lines[1:]))
+    except csv.Error as error:
+        raise ReportError(f"{results_path} cannot be read as CSV ({error})") from None
+    by_pair: dict[str, list[tuple[int, list[str]]]] = defaultdict(list)
+    for line, fields in enumerate(parsed, 2):
+        by_pair[fields[0] if fields else ""].append((line, fields))
+    steps = set()
+    for key, rows in by_pair.items():
+        first = rows[0][0]
+        if pair_number(key) is None or pair_number(key) >= len(spec["pairs"]):
+            raise ReportError(f"{results_path}, line {first}: pair {key[:20]!r} is not a pair of the study")
+        try:
+            steps.add(check_pair_rows(rows, int(key), spec["pairs"][int(key)], spec["seeds"]))
+        except ValueError as error:
+            raise ReportError(
+                f"{results_path}: {error}; the table is damaged (rerun the study into a new folder)"
+            ) from None
+        for line, fields in rows:
+            value = float(fields[10])
+            if not (0 <= value <= MAX_R_T):  # NaN fails too
+                raise ReportError(
+                    f"{results_path}, line {line}: r_t {fields[10]!r} is not a number from 0 to {MAX_R_T:g}; "
+                    "the table is damaged (rerun the study into a new folder)"
+                )
+    if len(steps) > 1:
+        raise ReportError(f"{results_path}: pairs have different step counts ({sorted(steps)}); the table is damaged")
+    return spec, [dict(zip(COLUMNS, fields)) for fields in parsed]
 
 
 def curves(rows: list[dict], definition: str) -> dict[tuple[str, str], np.ndarray]:
@@ -86,13 +168,20 @@ def shape_of(stat: dict) -> str:
     return "rises, then falls slightly"
 
 
-def _plot(stats: dict, pair_curves: dict, definition: str, out: Path) -> list[Path]:
+def _png(fig, dpi: int) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def _plot(stats: dict, pair_curves: dict, definition: str) -> dict[str, bytes]:
+    """The curves and per-pair figures of one definition: file name → PNG bytes (written by the caller)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    written = {}
     fig, ax = plt.subplots(figsize=(7, 4))
     for group, stat in sorted(stats.items()):
         steps = np.arange(len(stat["mean"]))
@@ -104,10 +193,8 @@ def _plot(stats: dict, pair_curves: dict, definition: str, out: Path) -> list[Pa
     ax.set_title(f"negative strength r_t, {definition} definition: mean ± std per group")
     ax.legend()
     fig.tight_layout()
-    path = out / f"curves_{definition}.png"
-    fig.savefig(path, dpi=120)
+    written[f"curves_{definition}.png"] = _png(fig, 120)
     plt.close(fig)
-    written.append(path)
 
     keys = sorted(pair_curves)
     cols = 5
@@ -123,15 +210,14 @@ def _plot(stats: dict, pair_curves: dict, definition: str, out: Path) -> list[Pa
         ax.axis("off")
     fig.suptitle(f"r_t per pair ({definition}): mean and min–max over seeds")
     fig.tight_layout()
-    path = out / f"pairs_{definition}.png"
-    fig.savefig(path, dpi=100)
+    written[f"pairs_{definition}.png"] = _png(fig, 100)
     plt.close(fig)
-    written.append(path)
     return written
 
 
 def make_report(folder: str | Path) -> tuple[Path, list[Path]]:
-    """Writes ``report.md`` and the figures into ``folder``; returns their paths."""
+    """Writes ``report.md``, ``report.json`` and the figures into ``folder``, all or none (each checked
+    writable first); returns the report's and figures' paths."""
     folder = Path(folder)
     spec, rows = read_results(folder)
     if not rows:
@@ -151,12 +237,12 @@ def make_report(folder: str | Path) -> tuple[Path, list[Path]]:
         "(Ban et al.'s `compute_activation_ratio`).",
         "",
     ]
-    figures: list[Path] = []
+    figures: dict[str, bytes] = {}
     summary = {}
     for definition in ("article", "released"):
         pair_curves = curves(rows, definition)
         stats = group_statistics(pair_curves)
-        figures += _plot(stats, pair_curves, definition, folder)
+        figures.update(_plot(stats, pair_curves, definition))
         lines += [
             f"## {definition} definition",
             "",
@@ -185,7 +271,14 @@ def make_report(folder: str | Path) -> tuple[Path, list[Path]]:
     related = sorted({(r["prompt"], r["negative"], r["related"]) for r in rows})
     lines += ["## r(i) used", "", "| prompt | negative | r(i) |", "|---|---|---|"]
     lines += [f"| {p} | {n} | {rel} |" for p, n, rel in related]
-    report = folder / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    (folder / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return report, figures
+    contents = {
+        "report.md": ("\n".join(lines) + "\n").encode(),
+        "report.json": (json.dumps(summary, indent=1) + "\n").encode(),
+        **figures,
+    }
+    paths = [folder / name for name in contents]
+    for path in paths:
+        if path.is_dir():
+            raise ReportError(f"cannot write {path}: it is a folder; move it away to write the report")
+    write_atomically(paths, lambda final, temporary: temporary.write_bytes(contents[final.name]))
+    return folder / "report.md", [folder / name for name in figures]

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from typing import Any
 import yaml
 
 from negprompt.errors import NegpromptError
+from negprompt.limits import MAX_IMAGES, MAX_SCALE, MAX_SEED, MAX_SIDE, MAX_STEPS
 from negprompt.runsettings import RunSettings
 
 TOP_KEYS = {"name", "model", "scheduler", "steps", "scale", "seeds", "size", "map_size", "pairs", "rule"}
@@ -114,14 +117,71 @@ def _mapping(node: yaml.Node, source: str, what: str) -> dict[str, tuple[yaml.No
 
 
 def _scalar(node: yaml.Node, source: str, name: str, kind: type) -> Any:
-    value = yaml.safe_load(yaml.serialize(node)) if isinstance(node, yaml.ScalarNode) else None
+    try:
+        value = yaml.safe_load(yaml.serialize(node)) if isinstance(node, yaml.ScalarNode) else None
+    except (yaml.YAMLError, ValueError):  # e.g. `!!int abc`
+        value = None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        value = float(value) if abs(value) < 2**1000 else math.inf
     if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not value.strip()):
         raise SpecError(
             f"{_where(source, node)}: field '{name}' must be a {'non-empty string' if kind is str else kind.__name__}"
         )
+    if kind is str and not _is_text(value):
+        raise SpecError(
+            f"{_where(source, node)}: field '{name}' holds a character that is not text (a NUL, another control "
+            "character or a byte that is not UTF-8); give plain text"
+        )
     return value
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` is text a prompt, a name or a path may hold: encodable as UTF-8, without control
+    characters other than tab and line breaks."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return not any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in value)
+
+
+def _in_range(node: yaml.Node, source: str, name: str, value: float, low: float, high: float, why: str) -> None:
+    if not (math.isfinite(value) and low <= value <= high):
+        bounds = f"{low}–{high}" if isinstance(low, int) and isinstance(high, int) else f"{low:g}–{high:g}"
+        raise SpecError(f"{_where(source, node)}: field '{name}' must be in {bounds} ({why}), got {value!r}")
+
+
+SAFE_TAGS = frozenset(
+    f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "seq", "map", "timestamp")
+)
+
+
+def _check_tree(root: yaml.Node, source: str) -> None:
+    """Refuses what a spec never needs and a loader could misread: tags other than YAML's plain ones (no
+    Python or custom tags), keys that are not plain scalars, and a key given twice in one mapping. Walked
+    without recursion; aliases are visited once (a recursive alias cannot loop)."""
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.tag not in SAFE_TAGS:
+            raise SpecError(
+                f"{_where(source, node)}: the tag {node.tag!r} is not accepted; a spec is plain YAML "
+                "(strings, numbers, lists and mappings) without tags"
+            )
+        if isinstance(node, yaml.MappingNode):
+            keys: set[str] = set()
+            for key, value in node.value:
+                if not isinstance(key, yaml.ScalarNode):
+                    raise SpecError(f"{_where(source, key)}: a key must be a plain name, not a list or mapping")
+                if key.value in keys:
+                    raise SpecError(f"{_where(source, key)}: key '{key.value}' appears twice in the same mapping")
+                keys.add(key.value)
+                stack += [key, value]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
 
 
 def _parse_pair(item: yaml.Node, source: str) -> Pair:
@@ -164,13 +224,22 @@ def _parse_pair(item: yaml.Node, source: str) -> Pair:
 def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
     """Parses and validates a spec; every error names the line and field."""
     try:
-        root = yaml.compose(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.reader.ReaderError as error:  # a character YAML does not allow (NUL, other controls)
+        line = text[: error.position].count("\n") + 1
+        raise SpecError(
+            f"{source}:{line}: not valid YAML (the character {error.character!r} is not allowed in YAML text)"
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise SpecError(f"{source}{line}: not valid YAML ({getattr(error, 'problem', error)})") from None
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise SpecError(f"{source}{line}: not valid YAML ({problem})") from None
+    except RecursionError:
+        raise SpecError(f"{source}: lists or mappings nest too deeply; a spec nests three levels") from None
     if root is None:
         raise SpecError(f"{source}: the spec is empty; required fields: {', '.join(sorted(REQUIRED_TOP))}")
+    _check_tree(root, source)
     top = _mapping(root, source, "the spec")
     for key, (key_node, _) in top.items():
         if key not in TOP_KEYS:
@@ -199,12 +268,25 @@ def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
             f"{_where(source, top['rule'][1])}: field 'rule' must be one of {', '.join(STUDY_RULES)}, "
             f"got {values['rule']!r}"
         )
-    if not 1 <= values["steps"] <= 1000:
-        raise SpecError(f"{_where(source, top['steps'][1])}: field 'steps' must be in 1–1000")
+    if not 1 <= values["steps"] <= MAX_STEPS:
+        raise SpecError(f"{_where(source, top['steps'][1])}: field 'steps' must be in 1–{MAX_STEPS}")
+    for key, low, high, why in (
+        ("scale", -MAX_SCALE, MAX_SCALE, "a guidance scale"),
+        ("size", 1, MAX_SIDE, "pixels"),
+        ("map_size", 1, MAX_SIDE, "pixels of an attention map"),
+    ):
+        if key in values:
+            _in_range(top[key][1], source, key, values[key], low, high, why)
     seeds_node = top["seeds"][1]
     if not isinstance(seeds_node, yaml.SequenceNode) or not seeds_node.value:
         raise SpecError(f"{_where(source, seeds_node)}: field 'seeds' must be a non-empty list of integers")
+    if len(seeds_node.value) > MAX_IMAGES:
+        raise SpecError(
+            f"{_where(source, seeds_node)}: field 'seeds' lists {len(seeds_node.value)}; at most {MAX_IMAGES}"
+        )
     seeds = tuple(_scalar(n, source, "seeds", int) for n in seeds_node.value)
+    for node, seed in zip(seeds_node.value, seeds):
+        _in_range(node, source, "seeds", seed, 0, MAX_SEED, "a seed takes 64 bits")
     if len(set(seeds)) != len(seeds):
         raise SpecError(f"{_where(source, seeds_node)}: field 'seeds' repeats a seed")
 
@@ -225,10 +307,17 @@ def load_spec(path: str | Path) -> StudySpec:
     if not path.exists() and (BUILTIN_DIR / f"{path.name}.yaml").exists():
         path = BUILTIN_DIR / f"{path.name}.yaml"
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as error:
         builtin = ", ".join(sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml")))
         raise SpecError(f"cannot read spec {str(path)!r} ({error.strerror}); built-in specs: {builtin}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise SpecError(
+            f"{path}:{line}: the spec is not UTF-8 text (byte 0x{data[error.start]:02x}); save it as UTF-8"
+        ) from None
     return parse_spec(text, str(path))
 
 

@@ -18,9 +18,10 @@ import csv
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -31,7 +32,17 @@ from negprompt.attention.capture import CaptureRequest
 from negprompt.attention.result import capture, plan_for
 from negprompt.attention.tokens import tokenize_words
 from negprompt.files import append_text, is_temporary, write_json, write_text
-from negprompt.jobs import ONE_PROCESS, SHARDS_FOLDER, Job, Workers
+from negprompt.jobs import (
+    ONE_PROCESS,
+    SHARDS_FOLDER,
+    Job,
+    PayloadError,
+    StepReport,
+    UnitBar,
+    UnitReport,
+    Workers,
+    json_kind,
+)
 from negprompt.models.prompts import check_prompt
 from negprompt.runspec import RunSpec
 from negprompt.session import Session, as_session
@@ -53,12 +64,19 @@ class StudyProgress:
 def prepare_directory(spec: StudySpec, out_dir: Path) -> None:
     """Creates ``out_dir`` for ``spec`` or checks that it already belongs to it."""
     spec_path = out_dir / SPEC_FILE
-    if spec_path.exists():
-        recorded = json.loads(spec_path.read_text())
+    if spec_path.exists() or spec_path.is_symlink():
+        try:
+            recorded = json.loads(spec_path.read_bytes().decode("utf-8")) if spec_path.is_file() else None
+        except (ValueError, RecursionError):
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise SpecError(f"{spec_path} is not the spec record a study writes (a damaged folder); use a new --out")
         if recorded.get("fingerprint") != spec.fingerprint():
+            other = recorded.get("spec")
+            name = str(other.get("name"))[:40] if isinstance(other, dict) else None
             raise SpecError(
-                f"{out_dir} holds results of another spec ({recorded.get('spec', {}).get('name')!r}, "
-                f"fingerprint {recorded.get('fingerprint')}); use a new --out folder"
+                f"{out_dir} holds results of another spec ({name!r}, fingerprint "
+                f"{str(recorded.get('fingerprint'))[:40]}); use a new --out folder"
             )
         return
     # A temporary spec.json left by a kill is ours.
@@ -67,12 +85,22 @@ def prepare_directory(spec: StudySpec, out_dir: Path) -> None:
     write_json(spec_path, {"fingerprint": spec.fingerprint(), "spec": spec.to_json()}, indent=2)
 
 
+def pair_number(text: str) -> int | None:
+    """The pair number a results row starts with (ASCII digits, at most 9), else None."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else None
+
+
 def completed_pairs(spec: StudySpec, out_dir: Path, steps_per_run: int) -> set[int]:
     """Indices of pairs whose rows are all in the results; drops a torn tail and partial pairs."""
     path = out_dir / RESULTS_FILE
     if not path.exists():
         return set()
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SpecError(
+            f"{path} is not UTF-8 text (byte {error.start}): not a results table of negprompt; use a new --out folder"
+        ) from None
     lines = text.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines = lines[:-1]  # a write cut short
@@ -83,13 +111,20 @@ def completed_pairs(spec: StudySpec, out_dir: Path, steps_per_run: int) -> set[i
         raise SpecError(f"{path} is not a results table of negprompt (header differs)")
     expected = len(spec.seeds) * steps_per_run * len(DEFINITIONS)
     counts: dict[int, int] = {}
-    for row in csv.reader(lines[1:]):
+    try:
+        rows = list(csv.reader(lines[1:]))
+    except csv.Error as error:
+        raise SpecError(f"{path} cannot be read as CSV ({error}); use a new --out folder") from None
+    for number, row in enumerate(rows, 2):
         if len(row) == len(COLUMNS):
+            if pair_number(row[0]) is None:
+                raise SpecError(
+                    f"{path}, line {number}: pair {row[0][:20]!r} is not a pair number (a damaged table); "
+                    "delete the line to redo its pair, or use a new --out folder"
+                )
             counts[int(row[0])] = counts.get(int(row[0]), 0) + 1
     done = {pair for pair, count in counts.items() if count == expected}
-    kept = [lines[0]] + [
-        line for line in lines[1:] if line.split(",", 1)[0].isdigit() and int(line.split(",", 1)[0]) in done
-    ]
+    kept = [lines[0]] + [line for line in lines[1:] if pair_number(line.split(",", 1)[0]) in done]
     if len(kept) != len(text.splitlines(keepends=True)):
         write_text(path, "".join(kept))
     return done
@@ -127,10 +162,13 @@ def check_study(spec: StudySpec, session: Session) -> None:
         plan_for(settings, request, session)
 
 
-def run_pair(spec: StudySpec, index: int, pair: Pair, session: Session) -> tuple[list[tuple], int]:
+def run_pair(
+    spec: StudySpec, index: int, pair: Pair, session: Session, report: UnitReport | None = None
+) -> tuple[list[tuple], int]:
     """Captures one pair over all seeds (one batched run) and returns its result rows."""
     settings, request = pair_run(spec, pair, session)
-    result = capture(settings, request, session, trace=False, reducer=reduce_layer)
+    steps = None if report is None else StepReport(report, label=f"pair {index}, {pair.prompt!r} − {pair.negative!r}: ")
+    result = capture(settings, request, session, trace=False, reducer=reduce_layer, callback=steps)
     curves = strength_curves(result, pair.word, pair.related)
     timesteps = result.index["timesteps"]
     rows = []
@@ -154,6 +192,66 @@ def run_pair(spec: StudySpec, index: int, pair: Pair, session: Session) -> tuple
                     )
                 )
     return rows, result.generation.unet_batch_rows
+
+
+def check_pair_rows(
+    rows: Sequence[tuple[int, list[str]]], index: int, pair: Mapping[str, Any], seeds: Sequence[int]
+) -> int:
+    """Raises ValueError naming the first wrong row unless ``rows`` ((line, fields) pairs) are the whole rows
+    of pair ``index`` (``pair``: its spec entry as JSON) over ``seeds``: every column, each (seed, definition)
+    once per step 0…S−1. Returns S, the pair's UNet calls. ``r_t`` must be a number (NaN or ±inf pass here:
+    the report refuses them, with their line)."""
+    identity = [str(index), str(pair["group"]), str(pair["prompt"]), str(pair["negative"]), str(pair["word"])]
+    seen: dict[tuple[str, str], list[int]] = {}
+    wanted_seeds = {str(seed) for seed in seeds}
+    for line, fields in rows:
+        where = f"line {line}"
+        if len(fields) != len(COLUMNS):
+            raise ValueError(f"{where} has {len(fields)} columns, not the {len(COLUMNS)} of {','.join(COLUMNS)}")
+        if fields[:5] != identity:
+            raise ValueError(f"{where} is not a row of pair {index} ({pair['prompt']!r} → {pair['negative']!r})")
+        seed, step, timestep, definition, value = fields[6], fields[7], fields[8], fields[9], fields[10]
+        if seed not in wanted_seeds:
+            raise ValueError(f"{where}: seed {seed[:20]!r} is not one of the study's seeds")
+        if not (step.isascii() and step.isdigit()) or len(step) > 6:
+            raise ValueError(f"{where}: step {step[:20]!r} is not a step number")
+        if definition not in DEFINITIONS:
+            raise ValueError(f"{where}: definition {definition[:20]!r} is not one of {', '.join(DEFINITIONS)}")
+        for name, text in (("timestep", timestep), ("r_t", value)):
+            try:
+                float(text)
+            except ValueError:
+                raise ValueError(f"{where}: {name} {text[:20]!r} is not a number") from None
+        seen.setdefault((seed, definition), []).append(int(step))
+    if not seen:
+        raise ValueError(f"no rows of pair {index}")
+    count = len(next(iter(seen.values())))
+    if len(seen) != len(wanted_seeds) * len(DEFINITIONS):
+        raise ValueError(
+            f"pair {index} is not whole: it has rows of {len(seen)} (seed, definition) pairs, not {len(wanted_seeds) * len(DEFINITIONS)}"
+        )
+    for (seed, definition), found in seen.items():
+        if sorted(found) != list(range(count)):
+            raise ValueError(
+                f"pair {index} is not whole: each seed and definition needs one row per step 0…{count - 1} "
+                f"(seed {seed}, {definition}: steps {sorted(found)[:6]})"
+            )
+    return count
+
+
+def check_study_payload(record: Mapping[str, Any], unit: int, payload: Any) -> None:
+    """The check of a study's unit (:data:`negprompt.jobs.PayloadCheck`): the CSV text of pair ``unit``'s
+    whole rows, ending in a newline."""
+    spec = record["settings"]["spec"]
+    if not isinstance(payload, str):
+        raise PayloadError(f"the payload is not the CSV text of pair {unit}'s rows (it is {json_kind(payload)})")
+    if not payload.endswith("\n"):
+        raise PayloadError(f"the CSV text of pair {unit} does not end in a newline")
+    try:
+        rows = list(enumerate(csv.reader(payload.splitlines(keepends=True)), 1))
+    except csv.Error as error:
+        raise PayloadError(f"the CSV text of pair {unit} cannot be read ({error})") from None
+    check_pair_rows(rows, unit, spec["pairs"][unit], spec["seeds"])
 
 
 def study_job(spec: StudySpec, out_dir: Path, workers: Workers = ONE_PROCESS) -> Job:
@@ -190,13 +288,20 @@ def run_study(
     started = time.monotonic()
     rows_evaluated = 0
     bar = tqdm(
-        total=len(spec.pairs) * len(spec.seeds), initial=len(done) * len(spec.seeds), unit="img", disable=not progress
+        total=len(spec.pairs) * len(spec.seeds),
+        initial=len(done) * len(spec.seeds),
+        unit="img",
+        desc="study",
+        dynamic_ncols=True,
+        disable=not progress,
     )
-    for index, pair in todo:
-        rows, unet_rows = run_pair(spec, index, pair, session)
+    moving = UnitBar(bar)  # moves at every step of a pair's run, not once a pair
+    for number, (index, pair) in enumerate(todo, 1):
+        moving.begin(len(spec.seeds), f"unit {number} of {len(todo)}")
+        rows, unet_rows = run_pair(spec, index, pair, session, moving.report if progress else None)
+        moving.end()
         _append(out_dir / RESULTS_FILE, rows)
         rows_evaluated += unet_rows
-        bar.update(len(spec.seeds))
         if on_pair_done is not None:
             on_pair_done(index)
     bar.close()
@@ -214,15 +319,17 @@ def _run_sharded(
     started = time.monotonic()
     rows_evaluated = 0
 
+    job = study_job(spec, out_dir, workers)
+
     def compute(index: int) -> str:
         nonlocal rows_evaluated
-        rows, unet_rows = run_pair(spec, index, spec.pairs[index], session)
+        rows, unet_rows = run_pair(spec, index, spec.pairs[index], session, job.report)
         rows_evaluated += unet_rows
         if on_pair_done is not None:
             on_pair_done(index)
         return _csv_text(rows)
 
-    payloads = study_job(spec, out_dir, workers).run(compute, progress)
+    payloads = job.run(compute, progress, check=check_study_payload)
     if payloads is not None:
         finish_study(out_dir, payloads)
     return StudyProgress(len(spec.pairs), len(spec.pairs), time.monotonic() - started, rows_evaluated)

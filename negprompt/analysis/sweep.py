@@ -43,6 +43,7 @@ from negprompt.errors import NegpromptError
 from negprompt.files import write_atomically, write_json, write_text
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
+from negprompt.jobs import StepReport, UnitBar, UnitReport
 from negprompt.runsettings import RunSettings
 from negprompt.runspec import RunSpec
 from negprompt.session import Session, as_session
@@ -102,10 +103,16 @@ def sweep_units(settings: SweepSettings) -> list[tuple[int, tuple[int, ...]]]:
 
 
 def sweep_unit(
-    settings: SweepSettings, session: Session, finder: RegionFinder, pair: int, seeds: Sequence[int]
+    settings: SweepSettings,
+    session: Session,
+    finder: RegionFinder,
+    pair: int,
+    seeds: Sequence[int],
+    report: UnitReport | None = None,
 ) -> list[dict]:
     """The rows of one pair over ``seeds``: one batched run of the plain image and every variant, then
-    one of the automatic starts."""
+    one of the automatic starts. ``report``: told both runs' progress before each UNet call
+    (:meth:`negprompt.jobs.Job.report`)."""
     components = session.components
     prompt, negative = settings.pairs[pair]
     seeds = list(seeds)
@@ -122,18 +129,30 @@ def sweep_unit(
     variants = [("start", s, negative_in(Window(s))) for s in settings.starts]
     variants += [("early", k, negative_in(Window(0, k))) for k in settings.early_ends]
     request = CaptureRequest(words={"positive": content})
+    # Progress: the first run holds 1 + len(variants) groups, the second about one group's rows.
+    calls, first_share = session.denoiser_calls(plain.scheduler, plain.steps), (1 + len(variants)) / (2 + len(variants))
+    label = f"{prompt!r} − {negative!r}, {len(seeds)} seeds: "
+
+    def progress(first: float, share: float, what: str) -> list:
+        return [] if report is None else [StepReport(report, calls, first, share, label + what)]
+
     with session.exclusive():
         with capture_attention(
             components.denoiser, plan_for(plain, request, components), reduce_layer, group=0
         ) as recorder:
-            generations = session.run_together([plain] + [v[2] for v in variants], unet_hooks=[recorder])
+            generations = session.run_together(
+                [plain] + [v[2] for v in variants], unet_hooks=[recorder, *progress(0.0, first_share, "variants, ")]
+            )
     maps = [recorder.tensors["maps.positive"][:, 0, :, w].float() for w in range(len(content))]
     auto = automatic_start(maps, settings.tau)
     # Second pass: one group per distinct automatic start, all in one batched run.
     distinct = sorted(set(auto))
     members = {start: [i for i, s in enumerate(auto) if s == start] for start in distinct}
     auto_settings = [negative_in(Window(start), [seeds[i] for i in members[start]]) for start in distinct]
-    auto_runs = {start: (members[start], g) for start, g in zip(distinct, session.run_together(auto_settings))}
+    automatic = session.run_together(
+        auto_settings, unet_hooks=progress(first_share, 1 - first_share, "automatic starts, ")
+    )
+    auto_runs = {start: (members[start], g) for start, g in zip(distinct, automatic)}
     for i, seed in enumerate(seeds):
         base = generations[0].pixels[i]
         _, plain_present = finder.find(base, word)
@@ -177,10 +196,13 @@ def run_sweep(
     session = as_session(model)
     finder = finder or sweep_finder(session)
     rows: list[dict] = []
-    bar = tqdm(total=len(settings.pairs) * len(settings.seeds), unit="img", disable=not progress)
-    for pair, seeds in sweep_units(settings):
-        rows += sweep_unit(settings, session, finder, pair, seeds)
-        bar.update(len(seeds))
+    bar = tqdm(total=len(settings.pairs) * len(settings.seeds), unit="img", desc="edit-sweep", disable=not progress)
+    units = sweep_units(settings)
+    moving = UnitBar(bar)  # moves at every UNet call, not once a unit
+    for number, (pair, seeds) in enumerate(units, 1):
+        moving.begin(len(seeds), f"unit {number} of {len(units)}")
+        rows += sweep_unit(settings, session, finder, pair, seeds, report=moving.report if progress else None)
+        moving.end()
     bar.close()
     return rows
 
@@ -263,6 +285,24 @@ def write_sweep(rows: list[dict], summary: dict, out_dir: str | Path) -> list[Pa
     return paths
 
 
+def _label_groups(fixed: dict, closeness: float = 0.03) -> dict[tuple[float, float], list]:
+    """The plotted starts grouped by point: a start within ``closeness`` of the plotted range (in both
+    axes) of a group's first point joins that group, whose label then lists them all ("4, 8, 12")."""
+    points = [(s, fixed[s]["ssim_outside"], fixed[s]["removal_rate"]) for s in fixed if fixed[s]["n"]]
+    if not points:
+        return {}
+    span_x = (max(p[1] for p in points) - min(p[1] for p in points)) or 1.0
+    span_y = (max(p[2] for p in points) - min(p[2] for p in points)) or 1.0
+    groups: dict[tuple[float, float], list] = {}
+    for start, x, y in points:
+        near = next(
+            (key for key in groups if abs(key[0] - x) <= closeness * span_x and abs(key[1] - y) <= closeness * span_y),
+            (x, y),
+        )
+        groups.setdefault(near, []).append(start)
+    return groups
+
+
 def plot_sweep(summary: dict, path: Path) -> None:
     """Removal rate against locality for every fixed start (the best starred) and the automatic start."""
     import matplotlib
@@ -275,15 +315,8 @@ def plot_sweep(summary: dict, path: Path) -> None:
     xs = [fixed[s]["ssim_outside"] for s in fixed if fixed[s]["n"]]
     ys = [fixed[s]["removal_rate"] for s in fixed if fixed[s]["n"]]
     ax.plot(xs, ys, "o-", label="fixed start s (negative on from step s)")
-    for s in fixed:
-        if fixed[s]["n"]:
-            ax.annotate(
-                str(s),
-                (fixed[s]["ssim_outside"], fixed[s]["removal_rate"]),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
+    for (x, y), starts in _label_groups(fixed).items():  # starts at (nearly) one point share one label
+        ax.annotate(", ".join(map(str, starts)), (x, y), fontsize=7, xytext=(7, 5), textcoords="offset points")
     best = summary["best_fixed_start"]
     if best is not None:
         ax.plot(

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 from negprompt.errors import NegpromptError
-from negprompt.limits import MAX_WEIGHT
+from negprompt.limits import MAX_PROMPT_NESTING, MAX_WEIGHT
 
 EMPHASIS = 1.1
 
@@ -53,12 +53,59 @@ NUMBER = re.compile(r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$")
 
 
 def parse(prompt: str) -> tuple[Node, ...]:
-    """The prompt as a tree; raises :class:`PromptSyntaxError` on unbalanced brackets."""
+    """The prompt as a tree; raises :class:`PromptSyntaxError` on unbalanced brackets, brackets nested
+    deeper than ``MAX_PROMPT_NESTING`` or a byte that is not UTF-8 (:func:`check_text`)."""
+    check_text(prompt)
+    _check_nesting(prompt)
     nodes, position = _parse_sequence(prompt, 0, closers="")
     if position != len(prompt):
         raise PromptSyntaxError(f"unexpected {prompt[position]!r} at character {position + 1} of {prompt!r}")
     _check_weights(nodes, prompt)
     return nodes
+
+
+def check_text(prompt: str) -> None:
+    """Raises :class:`PromptSyntaxError` if ``prompt`` holds a byte that was not UTF-8: Python keeps such a
+    byte of the command line (or of a file read with ``surrogateescape``) as a lone surrogate, which no
+    tokenizer can encode."""
+    if prompt.isascii():
+        return
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raw = ord(prompt[error.start]) - 0xDC00 if 0xDC80 <= ord(prompt[error.start]) <= 0xDCFF else None
+        what = f"the byte 0x{raw:02x}" if raw is not None else f"the lone surrogate U+{ord(prompt[error.start]):04X}"
+        raise PromptSyntaxError(
+            f"prompt {_shown(prompt)} holds {what} at character {error.start + 1}, which is not UTF-8 text; "
+            "prompts are UTF-8 text"
+        ) from None
+
+
+def _check_nesting(prompt: str) -> None:
+    """Raises :class:`PromptSyntaxError` if brackets nest deeper than ``MAX_PROMPT_NESTING`` (checked in one
+    pass before the recursive parser, which would otherwise exhaust Python's recursion)."""
+    if prompt.count("(") + prompt.count("[") <= MAX_PROMPT_NESTING:
+        return
+    depth, escaped = 0, False
+    for i, c in enumerate(prompt):
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c in "([":
+            depth += 1
+            if depth > MAX_PROMPT_NESTING:
+                raise PromptSyntaxError(
+                    f"brackets nest deeper than {MAX_PROMPT_NESTING} levels at character {i + 1} of {_shown(prompt)}; "
+                    f"at most {MAX_PROMPT_NESTING} (weights multiply, so 15 levels of ( ) already pass the weight bound)"
+                )
+        elif c in ")]":
+            depth = max(depth - 1, 0)
+
+
+def _shown(prompt: str, limit: int = 80) -> str:
+    """``repr(prompt)``, cut to about ``limit`` characters for a one-line message."""
+    return repr(prompt) if len(prompt) <= limit else repr(prompt[:limit]) + f"… ({len(prompt)} characters)"
 
 
 def _check_weights(nodes: tuple[Node, ...], prompt: str, weight: float = 1.0) -> None:
@@ -228,6 +275,7 @@ def has_syntax(prompt: str) -> bool:
 
 def text_at(prompt: str, step: int, num_steps: int) -> str:
     """The prompt at ``step`` with edits applied and weights kept: the key of its embedding."""
+    check_text(prompt)
     if not has_syntax(prompt):
         return prompt
     return render_weighted(resolve(parse(prompt), step, num_steps))
@@ -239,6 +287,7 @@ def render_weighted(chunks: list[tuple[str, float]]) -> str:
 
 def plain_text(prompt: str) -> str:
     """The words of a prompt without any syntax (every edit's text at its last state)."""
+    check_text(prompt)
     if not has_syntax(prompt):
         return prompt
     return "".join(t for t, _ in resolve(parse(prompt), 10**9, 10**9))

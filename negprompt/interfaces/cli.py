@@ -36,7 +36,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``negprompt``: the built-in commands, then the plugins' (:func:`add_plugin_commands`)."""
+    from negprompt.version import __version__
+
     parser = OneLineParser(prog="negprompt", description="Controllable, explainable negative prompts.")
+    parser.add_argument("--version", action="version", version=f"negprompt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_builtin_commands(commands)
     add_plugin_commands(commands)

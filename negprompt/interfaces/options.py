@@ -21,6 +21,7 @@ import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from negprompt.errors import NegpromptError
 from negprompt.limits import MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS
@@ -72,6 +73,14 @@ def step_count(text: str) -> int:
     value = whole_number(text)
     if not 1 <= value <= MAX_STEPS:
         raise argparse.ArgumentTypeError(f"{text!r} steps: give 1–{MAX_STEPS}")
+    return value
+
+
+def negative_period(text: str) -> int:
+    """The K of --negative-every: a whole number of steps ≥ 1."""
+    value = whole_number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a negative is evaluated every K steps, K ≥ 1 (1: every step)")
     return value
 
 
@@ -198,6 +207,17 @@ SDXL_SIZE_OPTIONS = (
 MODEL_HELP = "diffusers directory, cached model id, 'shapes' (default) or 'shapes-distilled'"
 
 
+class GivenOnce(argparse.Action):
+    """An option that may be given once: a second ``--seed 1 --seed 2`` would silently drop the first."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option=None):
+        given = namespace.__dict__.setdefault("_given_once", set())
+        if self.dest in given:
+            parser.error(f"{option} given twice; give every value in one (e.g. {option} 1,2 or 0-7)")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that generates: prompt, negatives, rule, sampler, model."""
     from negprompt.guidance.rules import all_rules
@@ -218,7 +238,16 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
         "--negative-window",
         action="append",
         metavar="START:END",
-        help="steps in which each negative is active, in order: 5: or 0.2:0.8 or :10 (default all)",
+        help="steps in which each negative is active, in order: 5: or 0.2:0.8 or :10, or START:auto to stop "
+        "computing it where its effect has converged (rules sd, dual; default all)",
+    )
+    parser.add_argument(
+        "--negative-every",
+        type=negative_period,
+        default=None,
+        metavar="K",
+        help="compute each negative every K-th step of its window, reusing its difference in between "
+        "(rules sd, dual; default 1: every step)",
     )
     rules = "; ".join(f"{rule.name}: {rule.summary}" for rule in all_rules().values())
     parser.add_argument("--rule", default="sd", help=f"guidance rule (default sd) — {rules}")
@@ -227,7 +256,9 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--steps", type=step_count, default=None, help="inference steps, 1–1000; default: the model's")
     parser.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULER_NAMES)}; default: the model's")
-    parser.add_argument("--seed", type=seed_list, default=None, help="seed(s): 3, 0,1,2 or 0-7 (default 0)")
+    parser.add_argument(
+        "--seed", type=seed_list, action=GivenOnce, default=None, help="seed(s): 3, 0,1,2 or 0-7 (default 0)"
+    )
     parser.add_argument("--size", type=image_side, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--model", default=None, help=MODEL_HELP)
     add_quiet_option(parser)
@@ -309,9 +340,9 @@ def add_rule_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(
                 rule.Settings.flag(option),
                 dest=rule_option_dest(rule.name, option.name),
-                type=whole_number if kind is int else number,
+                type=whole_number if kind is int else str if kind is str else number,
                 default=None,
-                metavar="N" if kind is int else "X",
+                metavar="N" if kind is int else "TEXT" if kind is str else "X",
                 help=f"{option.metadata['help']} (default {option.default}{unit})",
             )
 
@@ -426,6 +457,7 @@ def check_prompt_args(args: argparse.Namespace) -> None:
     size_from_args(args)
     for text in [*(args.negative_window or []), *([args.interval] if args.interval else [])]:
         Window.parse(text)
+    check_economy_args(args, rule.name)
     if args.interval_sigma:
         check_sigma_interval(*sigma_range(args.interval_sigma))
     for prompt in [args.prompt or "", *(args.negative or []), args.prompt_2 or "", *(args.negative_2 or [])]:
@@ -438,6 +470,28 @@ def check_prompt_args(args: argparse.Namespace) -> None:
             )
     check_embedding_args(args)
     check_device_names(args)
+
+
+def check_economy_args(args: argparse.Namespace, rule: str) -> None:
+    """An auto end (--negative-window START:auto) or --negative-every needs negatives computed as denoiser
+    branches (rules sd, dual); the interval takes neither."""
+    from negprompt.guidance.economy import ECONOMY_RULES
+    from negprompt.guidance.windows import Window
+
+    if args.interval and Window.parse(args.interval).is_auto:
+        raise CommandError(f"--interval {args.interval}: the guidance interval cannot end at auto; give START:END")
+    asked = [f"--negative-window {t}" for t in args.negative_window or [] if Window.parse(t).is_auto]
+    if getattr(args, "negative_every", None) is not None:
+        asked.append(f"--negative-every {args.negative_every}")
+    if not asked:
+        return
+    if not args.negative:
+        raise CommandError(f"{asked[0]} needs a negative prompt (-n TEXT)")
+    if rule not in ECONOMY_RULES:
+        raise CommandError(
+            f"{asked[0]} needs a negative computed as a denoiser branch; rule {rule!r} has none that can be "
+            f"stopped or reused: use --rule {' or '.join(ECONOMY_RULES)}"
+        )
 
 
 def check_device_names(args: argparse.Namespace) -> None:
@@ -512,7 +566,7 @@ def run_settings_from_args(args: argparse.Namespace) -> RunSettings:
         args.prompt or "",
         args.negative,
         negative_scales=args.negative_scale,
-        negative_windows=args.negative_window,
+        negative_windows=negative_windows_from_args(args),
         rule=args.rule,
         scale=args.scale,
         steps=args.steps,
@@ -526,6 +580,23 @@ def run_settings_from_args(args: argparse.Namespace) -> RunSettings:
         embedded_guidance=args.embedded_guidance,
         **sdxl_from_args(args),
     )
+
+
+def negative_windows_from_args(args: argparse.Namespace) -> list | None:
+    """--negative-window as given; with --negative-every K, each negative's window (default: all steps)
+    parsed and given the period K."""
+    every = getattr(args, "negative_every", None)
+    if every is None:
+        return args.negative_window
+    from negprompt.guidance.windows import Window
+
+    texts = list(args.negative_window or [])
+    texts += [":"] * (len(args.negative or []) - len(texts))
+    windows = []
+    for text in texts:
+        window = Window.parse(text)
+        windows.append(Window(window.start, window.end, every))
+    return windows
 
 
 def unused_negative_warnings(session, spec) -> tuple[str, ...]:

@@ -6,7 +6,9 @@ model code.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -17,21 +19,80 @@ class OutputError(NegpromptError):
     """An output path that cannot or may not be written."""
 
 
+# A file is written through a temporary ``.NAME.XXXXXXXX.tmp`` beside it (negprompt.files): 14 bytes more.
+TEMPORARY_NAME_EXTRA = 14
+ROOM_INSIDE = 64  # bytes a folder output's own files add to its path (``/.results.csv.XXXXXXXX.tmp`` …)
+
+
+def shown(path: str | Path) -> str:
+    """A path for a one-line message: whole up to 80 characters, else its start and "…"."""
+    text = str(path)
+    return text if len(text) <= 80 else text[:60] + "…"
+
+
+def _status(path: Path, given: Path) -> os.stat_result | None:
+    """``os.stat`` of ``path`` (links followed); None where nothing is (or can be: a name too long). A
+    loop of symbolic links and a file in the middle of the path are the user's: :class:`OutputError`."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        raise OutputError(f"cannot write {shown(given)}: a part of the path is a file, not a folder") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OutputError(
+                f"cannot write {shown(given)}: {shown(path)} goes through a loop of symbolic links"
+            ) from None
+        if error.errno == errno.ENAMETOOLONG:
+            return None  # nothing can be there: the lengths are checked (and named) on the way up
+        raise
+
+
+def _check_lengths(path: Path, folder: bool, existing: Path) -> None:
+    """Refuses names and paths the file system cannot hold, counting what writing them adds."""
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        path_max = os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (not POSIX): the common limits
+        name_max, path_max = 255, 4096
+    parts = path.parts
+    for index, part in enumerate(parts):
+        limit = name_max - (TEMPORARY_NAME_EXTRA if index == len(parts) - 1 and not folder else 0)
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise OutputError(
+                f"cannot write {shown(path)}: the name {part[:24] + '…' if len(part) > 24 else part} is {size} bytes; give a name of at most "
+                f"{limit} bytes (the file system's limit{', less what its temporary adds' if limit < name_max else ''})"
+            )
+    size = len(os.fsencode(str(path))) + (ROOM_INSIDE if folder else TEMPORARY_NAME_EXTRA)
+    if size > path_max:
+        raise OutputError(
+            f"cannot write {shown(path)}: the path is {len(os.fsencode(str(path)))} bytes; give one of at most "
+            f"{path_max - (ROOM_INSIDE if folder else TEMPORARY_NAME_EXTRA)} bytes (the file system's limit)"
+        )
+
+
 def check_destination(path: str | Path, folder: bool = False) -> None:
     """Raises :class:`OutputError` unless ``path`` (a file, or with ``folder`` a folder) can be written.
 
     Called before any work, so that no run is lost to an output that cannot be written: the path
-    must not be a folder where a file is meant (or the reverse), and its nearest existing ancestor
-    must be a writable folder.
+    must not be a folder where a file is meant (or the reverse), must not go through a loop of
+    symbolic links, its names and length must fit the file system (with the temporary a write adds),
+    and its nearest existing ancestor must be a writable folder.
     """
     path = Path(path)
-    if path.exists() and path.is_dir() != folder:
-        kind, wanted = ("a folder", "a file name") if path.is_dir() else ("a file", "a folder")
+    status = _status(path, path)
+    if status is not None and stat.S_ISDIR(status.st_mode) != folder:
+        kind, wanted = ("a folder", "a file name") if stat.S_ISDIR(status.st_mode) else ("a file", "a folder")
         raise OutputError(f"cannot write {path}: it is {kind}; give {wanted} for the output")
-    ancestor = path if folder and path.exists() else path.parent
-    while not ancestor.exists():
+    ancestor = path if folder and status is not None else path.parent
+    found = _status(ancestor, path)
+    while found is None and ancestor != ancestor.parent:
         ancestor = ancestor.parent
-    if not ancestor.is_dir():
+        found = _status(ancestor, path)
+    _check_lengths(path, folder, ancestor if found is not None else Path("."))
+    if found is not None and not stat.S_ISDIR(found.st_mode):
         raise OutputError(f"cannot write {path}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {path}: the folder {ancestor} is not writable")

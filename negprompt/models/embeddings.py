@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from negprompt.errors import NegpromptError
+from negprompt.limits import MAX_EMBEDDING_VECTORS, MAX_EMBEDDING_WIDTH
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 SDXL_KEYS = ("clip_l", "clip_g")  # first and second text encoder
@@ -69,17 +71,59 @@ def check_embedding_source(token: str, path: str | Path) -> Path:
 
 
 def read_vectors(path: Path) -> dict[str, Any]:
-    """The tensors of a safetensors embedding file, by key, on the CPU, in float32."""
+    """The tensors of a safetensors embedding file, by key, on the CPU, in float32.
+
+    Shapes are checked from the file's header before any tensor is read: at most
+    ``MAX_EMBEDDING_VECTORS`` vectors (``negprompt.limits``: more never fit in a prompt) of at most
+    ``MAX_EMBEDDING_WIDTH`` numbers. Values must be finite: a NaN vector would make every image black."""
+    import torch
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key).float() for key in handle.keys()}
+            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+            for key, shape in shapes.items():  # raises EmbeddingError, a ValueError: not caught below
+                check_embedding_shape(path, key, shape)
+            tensors = {key: handle.get_tensor(key) for key in shapes}
+    except EmbeddingError:
+        raise
     except (SafetensorError, OSError, ValueError) as error:
         text = str(error).strip().splitlines()
         raise EmbeddingError(
             f"cannot read {path} as safetensors ({text[0] if text else type(error).__name__})"
         ) from None
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise EmbeddingError(
+                f"{path.name}: tensor {key!r} holds {tensor.dtype} values; embeddings hold real numbers"
+            )
+        tensors[key] = tensor.float()
+        if not torch.isfinite(tensors[key]).all():
+            bad = int((~torch.isfinite(tensors[key])).sum())
+            raise EmbeddingError(
+                f"{path.name}: tensor {key!r} holds {bad} non-finite value(s) (NaN or infinity) of {tensor.numel()}; "
+                "the file is damaged: an embedding holds finite numbers"
+            )
+    return tensors
+
+
+def check_embedding_shape(path: Path, key: str, shape: Sequence[int]) -> None:
+    """Refuses, from the header alone, a tensor that cannot be an embedding's vectors: not (vectors, width)
+    or (width,), more than ``MAX_EMBEDDING_VECTORS`` vectors or wider than ``MAX_EMBEDDING_WIDTH``."""
+    if len(shape) not in (1, 2):
+        raise EmbeddingError(
+            f"{path.name}: embedding tensors must be (vectors, width), got {key!r} of shape {tuple(shape)}"
+        )
+    vectors, width = (1, shape[0]) if len(shape) == 1 else (shape[0], shape[1])
+    if vectors > MAX_EMBEDDING_VECTORS:
+        raise EmbeddingError(
+            f"{path.name}: {key!r} holds {vectors} vectors; an embedding holds at most {MAX_EMBEDDING_VECTORS} "
+            "(a CLIP prompt has 77 tokens with its start and end, so more never fit)"
+        )
+    if width > MAX_EMBEDDING_WIDTH:
+        raise EmbeddingError(
+            f"{path.name}: {key!r} has vectors of width {width}; text encoders take at most {MAX_EMBEDDING_WIDTH}"
+        )
 
 
 def vectors_per_encoder(tensors: dict[str, Any], encoders: int, path: Path) -> list[Any]:
@@ -138,6 +182,12 @@ def add_embedding(components: Any, token: str, path: str | Path) -> Embedding:
     vectors = vectors_per_encoder(read_vectors(path), len(pairs), path)
     names = token_names(token, vectors[0].shape[0])
     for (tokenizer, encoder), v in zip(pairs, vectors):
+        room = tokenizer.model_max_length - 2  # the prompt's start and end tokens
+        if len(names) > room:
+            raise EmbeddingError(
+                f"{path.name} holds {len(names)} vectors, but this model's prompts hold at most {room} tokens "
+                "(besides the start and end): it could never be used"
+            )
         width = encoder.get_input_embeddings().weight.shape[-1]
         if v.shape[-1] != width:
             raise EmbeddingError(

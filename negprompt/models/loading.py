@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import diffusers
@@ -16,9 +17,10 @@ import transformers
 from safetensors import SafetensorError
 
 from negprompt.errors import NegpromptError
+from negprompt.limits import MAX_CONFIG_BYTES, MAX_TRAIN_TIMESTEPS
 from negprompt.models.components import Components
 from negprompt.models.declarations import DECLARATIONS_FILE, Declarations, DeclarationsError
-from negprompt.models.families import family_for_index
+from negprompt.models.families import FAMILIES, family_for_index
 
 BUNDLED_NAME = "shapes"
 BUNDLED_PATH = Path(__file__).resolve().parent.parent / "assets" / "shapes-model"
@@ -28,6 +30,7 @@ BUNDLED_MODELS = {
     DISTILLED_NAME: BUNDLED_PATH.parent / "shapes-distilled",
 }
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+CONFIG_FILES = ("config.json", "scheduler_config.json")  # a part's own configuration (models; schedulers)
 
 
 class ModelLoadError(NegpromptError):
@@ -93,15 +96,16 @@ def load_components(
     source: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Components:
     """Loads the parts of ``source``'s model family (UNet, text encoder, tokenizer, scheduler and, for
-    latent models, the VAE) in ``dtype`` on ``device``, without any network access."""
+    latent models, the VAE) in ``dtype`` on ``device``, without any network access.
+
+    Every part's configuration is read and checked first (:func:`read_json_object`, :func:`check_scheduler_config`),
+    and a weight file whose keys are not the part's (missing, unexpected or of another shape) is refused with
+    the counts (:func:`check_loaded_weights`) instead of leaving random or empty weights."""
     root = resolve_model_path(source)
     index_file = root / "model_index.json"
-    if not index_file.exists():
+    if not index_file.exists() and not index_file.is_symlink():
         raise ModelLoadError(f"{root} is not a diffusers model directory: model_index.json is missing")
-    try:
-        index = json.loads(index_file.read_text())
-    except json.JSONDecodeError as error:
-        raise ModelLoadError(f"{index_file} is not valid JSON ({error.msg}, line {error.lineno})") from None
+    index = read_model_index(index_file)
     family = family_for_index(index)
     required = family.required_parts
     missing = [part for part in required if not (root / part).is_dir() or index.get(part, [None])[0] is None]
@@ -115,22 +119,34 @@ def load_components(
     optional_weights = tuple(part for part in sorted(listed) if part.startswith("text_encoder"))
     for part in family.weight_parts + optional_weights + (("vae",) if has_vae else ()):
         _check_safetensors(root / part, part)
+    for part in required + tuple(sorted(listed)) + (("vae",) if has_vae else ()):
+        check_part_configs(root / part)  # before any weights are read: a bad number is found at once
 
     def load(part: str, base: type, **kwargs):
         entry = index[part]
         if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
-            raise ModelLoadError(f'{index_file}: "{part}" must be [library, class name], got {entry!r}')
+            raise ModelLoadError(f'{index_file}: "{part}" must be [library, class name], got {_short(entry)}')
         cls = _class_from(*entry, base)
+        folder = root / part
+        has_weights = issubclass(cls, (diffusers.ModelMixin, transformers.PreTrainedModel))
+        if has_weights:  # the libraries' own account of the keys (ignorable ones, e.g. CLIP's position_ids, left out)
+            kwargs = {**kwargs, "output_loading_info": True}
+            if issubclass(cls, transformers.PreTrainedModel):  # counted below rather than raised after a log report
+                kwargs["ignore_mismatched_sizes"] = True
         try:
-            return cls.from_pretrained(str(root / part), **kwargs)
-        except (OSError, ValueError, SafetensorError, KeyError, TypeError, AttributeError) as error:
+            loaded = cls.from_pretrained(str(folder), **kwargs)
+        except (OSError, ValueError, SafetensorError, KeyError, TypeError, AttributeError, RuntimeError) as error:
             # Missing, truncated or corrupted files: the libraries' loaders fail in all these ways
-            # (a tokenizer.json without its keys raises KeyError, a config of the wrong shape TypeError).
+            # (a tokenizer.json without its keys raises KeyError, a config of the wrong shape TypeError,
+            # transformers' conversion of a foreign checkpoint RuntimeError).
             text = str(error).strip()
             first_line = f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-            raise ModelLoadError(
-                f"cannot load {part} from {root / part} (damaged or foreign file?): {first_line}"
-            ) from None
+            raise ModelLoadError(f"cannot load {part} from {folder} (damaged or foreign file?): {first_line}") from None
+        if not has_weights:
+            return loaded
+        model, info = loaded
+        check_loaded_weights(part, folder, model, info)
+        return model
 
     weights = dict(use_safetensors=True, local_files_only=True, torch_dtype=dtype)
     # Without accelerate, diffusers warns on every load that it falls back to this; say it ourselves.
@@ -143,6 +159,164 @@ def load_components(
         pipeline_options={k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)},
     )
     return components.eval().to(device)
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a hostile file's value can be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object a model's configuration file holds, or a one-line :class:`ModelLoadError` saying
+    what the file is instead (a folder, too large, not UTF-8, not JSON, nested too deeply, not an object)."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path} must be a file holding a JSON object, but it is {_kind_of(path)}")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ModelLoadError(
+            f"{path} is {size / 2**20:.0f} MiB; a model's configuration files are JSON of at most "
+            f"{MAX_CONFIG_BYTES // 2**20} MiB (real ones are under 100 kB)"
+        )
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ModelLoadError(
+            f"{path} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+            "a model's configuration files are UTF-8 JSON"
+        ) from None
+
+    def finite(number: str) -> float:  # NaN, Infinity or 1e400: Python's JSON reads them, no library checks them
+        if not math.isfinite(float(number)):
+            raise ModelLoadError(
+                f"{path} holds the number {number}, which is not finite (a NaN scale blacks out every image); "
+                "a model's configuration holds finite numbers"
+            )
+        return float(number)
+
+    try:
+        value = json.loads(text, parse_float=finite, parse_constant=finite)
+    except ModelLoadError:
+        raise
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{path} is not valid JSON ({error.msg}, line {error.lineno})") from None
+    except ValueError as error:  # an integer of thousands of digits
+        raise ModelLoadError(f"{path} is not valid JSON ({str(error).splitlines()[0]})") from None
+    except RecursionError:
+        raise ModelLoadError(f"{path} nests JSON too deeply; a configuration is a flat JSON object") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object ({{...}}), not a {type(value).__name__}")
+    return value
+
+
+def _kind_of(path: Path) -> str:
+    if path.is_symlink() and not path.exists():
+        return "a broken symbolic link"
+    return "a folder" if path.is_dir() else "not a regular file"
+
+
+def part_names() -> frozenset[str]:
+    """Every part name a family reads from ``model_index.json`` (``unet``, ``text_encoder_2``, ``vae`` …)."""
+    parts = {part for family in FAMILIES.values() for part in family.required_parts + family.optional_parts}
+    return frozenset(parts | {"vae"})
+
+
+def read_model_index(index_file: Path) -> dict:
+    """``model_index.json``, checked: a JSON object whose parts are ``[library, class name]`` pairs (or
+    ``[null, null]``: no such part) and whose ``_class_name`` is a class name."""
+    index = read_json_object(index_file)
+    if not _is_name(index.get("_class_name", "NegpromptPipeline")):
+        raise ModelLoadError(
+            f'{index_file}: "_class_name" must be a pipeline class name such as "StableDiffusionPipeline", '
+            f"got {_short(index['_class_name'])}"
+        )
+    known = part_names()
+    for key, entry in index.items():
+        if key.startswith("_") or not (key in known or isinstance(entry, list)):
+            continue  # a pipeline setting, e.g. force_zeros_for_empty_prompt
+        if not (isinstance(entry, list) and len(entry) == 2 and all(x is None or _is_name(x) for x in entry)):
+            raise ModelLoadError(
+                f"{index_file}: {json.dumps(key)} must be [library, class name] such as "
+                f'["diffusers", "UNet2DConditionModel"] (or [null, null] for none), got {_short(entry)}'
+            )
+    return index
+
+
+def check_part_configs(folder: Path) -> None:
+    """A part's configuration files (``config.json``, ``scheduler_config.json``), where it has them: JSON
+    objects of finite numbers (:func:`read_json_object`), a scheduler's within bounds (:func:`check_scheduler_config`)."""
+    for name in CONFIG_FILES:
+        path = folder / name
+        if path.exists() or path.is_symlink():
+            config = read_json_object(path)
+            if name == "scheduler_config.json":
+                check_scheduler_config(config, path)
+
+
+def _is_name(value: object) -> bool:
+    """Whether ``value`` is a Python name, or dotted names (a library or class in ``model_index.json``)."""
+    return isinstance(value, str) and all(part.isidentifier() for part in value.split("."))
+
+
+def check_scheduler_config(config: dict, path: Path) -> None:
+    """Refuses a scheduler configuration whose sizes or numbers would hang or poison the schedule: at most
+    ``MAX_TRAIN_TIMESTEPS`` training timesteps (``negprompt.limits``), finite numbers, betas in [0, 1)."""
+    steps = config.get("num_train_timesteps", 1000)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_TRAIN_TIMESTEPS:
+        raise ModelLoadError(
+            f"{path}: num_train_timesteps is {_short(steps)}; it must be a whole number in 1–{MAX_TRAIN_TIMESTEPS} "
+            "(the scheduler builds arrays this long; released models use 1000)"
+        )
+    betas = config.get("trained_betas")
+    numbers = {k: v for k, v in config.items() if isinstance(v, float | int) and not isinstance(v, bool)}
+    if isinstance(betas, list):
+        if len(betas) > MAX_TRAIN_TIMESTEPS:
+            raise ModelLoadError(
+                f"{path}: trained_betas holds {len(betas)} values; at most {MAX_TRAIN_TIMESTEPS}, one per training timestep"
+            )
+        numbers.update({f"trained_betas[{i}]": v for i, v in enumerate(betas)})
+    for key, value in numbers.items():
+        if not _finite_number(value) or (key.startswith(("beta_", "trained_betas")) and not 0 <= value < 1):
+            raise ModelLoadError(
+                f"{path}: {key} is {_short(value)}; scheduler settings are finite numbers"
+                + (", betas in [0, 1)" if key.startswith(("beta_", "trained_betas")) else "")
+            )
+
+
+def _finite_number(value: object) -> bool:
+    """Whether ``value`` is a real number a float holds (not a bool, nan, ±inf, or an integer past 2⁶³)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) if isinstance(value, float) else abs(value) <= 2**63
+
+
+def check_loaded_weights(part: str, folder: Path, model: torch.nn.Module, info: dict) -> None:
+    """Refuses a part whose weight file did not fill it: ``info`` is the library's loading account
+    (``output_loading_info``: missing, unexpected and mismatched keys, after the keys the model class
+    declares ignorable are left out). Without this a foreign file loads as random (transformers) or empty
+    (diffusers, on the meta device) weights."""
+    missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
+    mismatched = list(info.get("mismatched_keys") or ())
+    if not (missing or unexpected or mismatched):
+        return
+    expected = len(model.state_dict())
+    found = max(expected - len(missing) - len(mismatched), 0)
+    counts = f"{len(missing)} missing, {len(unexpected)} unexpected"
+    if mismatched:
+        counts += f", {len(mismatched)} of another shape"
+    examples = [
+        f"first missing {min(missing)!r}" if missing else "",
+        f"first unexpected {min(unexpected)!r}" if unexpected else "",
+    ]
+    if mismatched:
+        key, in_file, in_model = sorted(mismatched)[0][:3]
+        examples.append(f"{key!r} is {tuple(in_file)} in the file, {tuple(in_model)} in the model")
+    raise ModelLoadError(
+        f"{part}: {found} of {expected} expected weights found in {folder}, {counts} "
+        f"({'; '.join(e for e in examples if e)}); the file holds another model's weights or names: "
+        f"give the part's own diffusers safetensors"
+    )
 
 
 def source_name(source: str | Path | None, root: Path) -> str:
@@ -158,14 +332,9 @@ def source_name(source: str | Path | None, root: Path) -> str:
 def read_declarations(root: Path) -> Declarations:
     """The model's ``negprompt.json`` (what it declares of itself), parsed and checked; empty when it has none."""
     path = root / DECLARATIONS_FILE
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return Declarations()
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ModelLoadError(f"{path} is not valid JSON ({error.msg}, line {error.lineno})") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f'{path} must hold a JSON object such as {{"steps": 20, "scale": 7.5}}')
+    data = read_json_object(path)
     try:
         return Declarations.from_json(data)
     except DeclarationsError as error:

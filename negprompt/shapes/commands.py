@@ -30,15 +30,26 @@ from negprompt.interfaces.options import (
 
 
 def command_train(args: argparse.Namespace) -> int:
+    """Trains (or resumes) into --out; says what the run costs before it starts, then measured after its
+    first steps; a checkpoint every 250 steps, every 5 minutes and at Ctrl-C."""
     from negprompt.interfaces.outputs import check_destination
 
     check_destination(args.out, folder=True)  # before the heavy imports: a bad path answers at once
     low, high = number_range(args.guidance_range, "--guidance-range", "1:10")
     import torch
+    from tqdm.auto import tqdm
 
     from negprompt.shapes.model import ShapesModelConfig
-    from negprompt.shapes.training import META_FILE, TrainConfig, Trainer
+    from negprompt.shapes.training import (
+        META_FILE,
+        MODEL_FOLDER,
+        TrainConfig,
+        Trainer,
+        check_training_folder,
+        duration,
+    )
 
+    check_training_folder(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     init_from, init_sha256 = None, None
@@ -76,11 +87,41 @@ def command_train(args: argparse.Namespace) -> int:
     trainer = Trainer(config, out)
     if (out / META_FILE).exists():
         trainer.load_checkpoint()
-        print(f"resuming {out} at step {trainer.step} of {config.total_steps}")
-    trainer.run(progress=not args.quiet, max_seconds=args.max_minutes * 60 if args.max_minutes else None)
-    model_dir = trainer.export(out / "model")
+    left = max(0, config.total_steps - trainer.step)
+    low_cost, high_cost = (left * seconds * config.batch_size / 32 for seconds in REFERENCE_STEP_SECONDS)
+    print(
+        f"train: {left} step{'s' if left != 1 else ''} of {config.batch_size} examples to go"
+        + (
+            f" (resuming at step {trainer.step} of {config.total_steps})"
+            if trainer.step
+            else f" ({config.samples} samples)"
+        )
+        + (
+            f"; about {duration(low_cost)}–{duration(high_cost)} on 2 CPU cores (docs/training.md)"
+            f"; a checkpoint every {config.checkpoint_every} steps, 5 min and at Ctrl-C: the same command resumes"
+            if left
+            else ""
+        ),
+        flush=True,
+    )
+    trainer.run(
+        progress=not args.quiet,
+        max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+        say=lambda text: tqdm.write(f"train: {text}"),
+    )
+    if trainer.interrupted:
+        print(
+            f"train: stopped at step {trainer.step} of {config.total_steps} with its checkpoint; the same command resumes"
+        )
+        return 130
+    model_dir = trainer.export(out / MODEL_FOLDER)
     print(f"step {trainer.step} of {config.total_steps}; wrote the EMA model to {model_dir}")
     return 0
+
+
+# The cost of one training step of 32 examples on the 2-core machine of docs/training.md: 0.82 s (the
+# world-v2 fine-tune, 2 threads) to 2.45 s (the first 160 000 samples, the cores shared at times).
+REFERENCE_STEP_SECONDS = (0.82, 2.45)
 
 
 # ---------------------------------------------------------------- edit-sweep
@@ -123,8 +164,9 @@ def command_edit_sweep(args: argparse.Namespace) -> int:
         session,
         workers,
         [len(seeds) for _, seeds in units],
-        lambda u: sweep_unit(settings, session, finder, *units[u]),
+        lambda u, report: sweep_unit(settings, session, finder, *units[u], report=report),
         finish_edit_sweep,
+        check_edit_sweep_unit,
     )
     return 0
 
@@ -137,22 +179,70 @@ def finish_edit_sweep(out_dir: Path, record: dict, payloads: list) -> list[Path]
     return write_sweep(rows, summarize_sweep(rows), out_dir)
 
 
+SWEEP_ROW = {
+    "prompt": str,
+    "negative": str,
+    "word": str,
+    "seed": int,
+    "plain_present": (bool, None),
+    "variant": str,
+    "start": int,
+    "present": (bool, None),
+    "ssim_outside": float,
+    "psnr_outside": float,
+    "changed_outside": float,
+}
+
+
+def check_edit_sweep_unit(record: dict, unit: int, payload) -> None:
+    """An edit-sweep unit as its shard holds it: one row per seed of the unit and variant (the plain
+    image, each start and early window, the automatic start), of the unit's pair."""
+    from negprompt.jobs import PayloadError, check_shape
+
+    sweep = record["settings"]["sweep"]
+    seeds, batch = sweep["seeds"], sweep["batch"]
+    chunks = [seeds[i : i + batch] for i in range(0, len(seeds), batch)]
+    pair, chunk = sweep["pairs"][unit // len(chunks)], chunks[unit % len(chunks)]
+    check_shape(payload, [SWEEP_ROW])
+    variants = 2 + len(sweep["starts"]) + len(sweep["early_ends"])
+    if len(payload) != len(chunk) * variants:
+        raise PayloadError(
+            f"{len(payload)} rows, not {len(chunk) * variants} ({len(chunk)} seeds × {variants} variants)"
+        )
+    for index, row in enumerate(payload):
+        if [row["prompt"], row["negative"]] != list(pair) or row["seed"] not in chunk:
+            raise PayloadError(f"row {index} is not of this unit's pair {pair[0]!r} → {pair[1]!r} and seeds")
+
+
 def run_as_job(
-    args: argparse.Namespace, command: str, settings: dict, session, workers, unit_sizes: list[int], compute, finish
+    args: argparse.Namespace,
+    command: str,
+    settings: dict,
+    session,
+    workers,
+    unit_sizes: list[int],
+    compute,
+    finish,
+    check=None,
 ) -> bool:
     """Runs the command's units as a job in ``--out`` (:mod:`negprompt.jobs`) on this process's share
     (``workers``); on the main process ``finish`` writes the outputs, named here. False on the others.
+    ``compute(unit, report)``: a unit's payload; ``report`` is :meth:`Job.report` (the bar moves within it).
+    ``check``: the command's :data:`negprompt.jobs.PayloadCheck`, run on every unit read from a shard.
 
     The job's settings add what the results depend on beyond the command's own: model, dtype, device kind."""
+    from negprompt.interfaces.outputs import report_written
     from negprompt.jobs import Job
 
     identity = {"model": session.model, "dtype": session.dtype, "device": session.device.split(":")[0]}
     job = Job(Path(args.out), command, {**settings, **identity}, unit_sizes, workers)
-    payloads = job.run(compute, progress=not args.quiet)
+    payloads = job.run(lambda unit: compute(unit, job.report), progress=not args.quiet, check=check)
     if payloads is None:
         return False
-    for path in finish(Path(args.out), job.to_json(), payloads):
-        print(f"wrote {path}")
+    out = Path(args.out)
+    existed = [path for path in out.iterdir() if path.is_file()]
+    for line in report_written(finish(out, job.to_json(), payloads), existed):
+        print(line)
     return True
 
 
@@ -180,8 +270,9 @@ def command_bench_methods(args: argparse.Namespace) -> int:
         session,
         workers,
         [stop - start for _, start, stop in units],
-        lambda u: bench_unit(settings, session, *units[u]),
+        lambda u, report: bench_unit(settings, session, *units[u], report=report),
         finish_bench_methods,
+        check_bench_methods_unit,
     )
     return 0
 
@@ -199,6 +290,25 @@ def finish_bench_methods(out_dir: Path, record: dict, payloads: list) -> list[Pa
         "scale": settings.scale or "default",
     }
     return write_results(summarize_bench(settings, payloads), out_dir, shown)
+
+
+def check_bench_methods_unit(record: dict, unit: int, payload) -> None:
+    """A bench-methods unit as its shard holds it: every method's measures of the unit's images and
+    the UNet rows it needed."""
+    from negprompt.jobs import PayloadError, check_shape
+    from negprompt.shapes.methods import METHODS, THINGS, BenchSettings
+
+    settings = BenchSettings.from_json(record["settings"]["bench"])
+    _, start, stop = settings.units()[unit]
+    measure = {"color_ok": (bool, None), "shape_ok": (bool, None), **dict.fromkeys(THINGS, (bool, None))}
+    measure["changed_outside"] = float
+    names = [method.name for method in METHODS]
+    check_shape(payload, {"measures": dict.fromkeys(names, [measure]), "unet_rows": dict.fromkeys(names, int)})
+    for name in names:
+        if len(payload["measures"][name]) != stop - start:
+            raise PayloadError(
+                f"{name!r} has {len(payload['measures'][name])} measures, not {stop - start} (images {start}–{stop - 1})"
+            )
 
 
 # ---------------------------------------------------------------- evaluate
@@ -231,10 +341,11 @@ def command_evaluate(args: argparse.Namespace) -> int:
         session,
         workers,
         [stop - start for _, start, stop in units],
-        lambda u: evaluation_unit(
-            session, ROWS[units[u][0]], args.images, *units[u][1:], args.steps, args.scheduler, args.scale
+        lambda u, report: evaluation_unit(
+            session, ROWS[units[u][0]], args.images, *units[u][1:], args.steps, args.scheduler, args.scale, report
         ),
         finish_evaluate,
+        check_evaluate_unit,
     )
     if finished:
         print(f"{time.monotonic() - started:.0f} s on this process")
@@ -250,6 +361,19 @@ def finish_evaluate(out_dir: Path, record: dict, payloads: list) -> list[Path]:
     table = evaluation_table(settings["model"], settings["images"], ROWS, units, payloads)
     print(to_markdown(table))
     return list(write_table(table, out_dir))
+
+
+def check_evaluate_unit(record: dict, unit: int, payload) -> None:
+    """An evaluate unit as its shard holds it: what the detectors read in each of the unit's images,
+    and the sampler settings used."""
+    from negprompt.jobs import PayloadError, check_shape
+    from negprompt.shapes.evaluation import ATTRIBUTES
+
+    _, start, stop = record["settings"]["batches"][unit]
+    used = {"steps": int, "scheduler": str, "scale": float}
+    check_shape(payload, {"reads": [dict.fromkeys(ATTRIBUTES, (bool, None))], "settings": used})
+    if len(payload["reads"]) != stop - start:
+        raise PayloadError(f"{len(payload['reads'])} reads, not {stop - start} (images {start}–{stop - 1})")
 
 
 # ---------------------------------------------------------------- registration
@@ -280,7 +404,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument("--out", default="edit-sweep", help="output folder (default edit-sweep/)")
     add_quiet_option(sweep)
     add_device_options(sweep)
-    sweep.set_defaults(handler=command_edit_sweep, finish=finish_edit_sweep)
+    sweep.set_defaults(handler=command_edit_sweep, finish=finish_edit_sweep, check_payload=check_edit_sweep_unit)
 
     bench = commands.add_parser("bench-methods", help="rank negative-prompt rules against ground truth (bundled model)")
     bench.add_argument(
@@ -294,7 +418,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--out", default="bench-methods", help="output folder (default bench-methods/)")
     add_quiet_option(bench)
     add_device_options(bench)
-    bench.set_defaults(handler=command_bench_methods, finish=finish_bench_methods)
+    bench.set_defaults(
+        handler=command_bench_methods, finish=finish_bench_methods, check_payload=check_bench_methods_unit
+    )
 
     evaluate = commands.add_parser("evaluate", help="score a shapes-world model against ground truth")
     evaluate.add_argument(
@@ -304,7 +430,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_model_options(evaluate)
     add_quiet_option(evaluate)
     add_device_options(evaluate)
-    evaluate.set_defaults(handler=command_evaluate, finish=finish_evaluate)
+    evaluate.set_defaults(handler=command_evaluate, finish=finish_evaluate, check_payload=check_evaluate_unit)
 
     train = commands.add_parser("train", help="train the shapes-world model (resumes from --out)")
     train.add_argument("--out", required=True, help="training folder (checkpoints, log, exported model)")

@@ -17,6 +17,7 @@ import numpy as np
 
 from negprompt.api import to_uint8
 from negprompt.guidance.plan import Term
+from negprompt.jobs import StepReport, UnitReport
 from negprompt.models.components import Components
 from negprompt.session import Session, as_session
 from negprompt.shapes.detectors import detect
@@ -149,8 +150,10 @@ def evaluation_unit(
     steps: int | None = None,
     scheduler: str | None = None,
     scale: float | None = None,
+    report: UnitReport | None = None,
 ) -> dict:
-    """Images [start, stop) of one row: what the detectors read in each, and the settings used."""
+    """Images [start, stop) of one row: what the detectors read in each, and the settings used.
+    ``report``: told the run's progress after each step (:meth:`negprompt.jobs.Job.report`)."""
     prompts, named = row_prompts(row, images)
     settings = session.spec(
         tuple(prompts[start:stop]),
@@ -161,7 +164,8 @@ def evaluation_unit(
         scale=scale,
         seeds=range(start, stop),
     )
-    reads = read_images(session.run(settings).pixels, named[start:stop])
+    steps = None if report is None else StepReport(report, label=f"{row.name}, images {start}–{stop - 1}: ")
+    reads = read_images(session.run(settings, callback=steps).pixels, named[start:stop])
     used = {"steps": settings.steps, "scheduler": settings.scheduler, "scale": settings.guidance.scale}
     return {"reads": reads, "settings": used}
 

@@ -30,8 +30,10 @@ import numpy as np
 from negprompt.analysis.locality import changed_pixels
 from negprompt.api import to_uint8
 from negprompt.errors import NegpromptError
+from negprompt.guidance.economy import computed_rows
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
+from negprompt.jobs import StepReport, UnitReport
 from negprompt.shapes.detectors import detect
 from negprompt.shapes.evaluation import Row, row_prompts
 from negprompt.shapes.regions import WORLD_THINGS, detector_region
@@ -49,7 +51,7 @@ class Method:
     window: Window | None = None
     rescale: float = 0.0
     interval: Window | None = None
-    settings: Mapping[str, float] | None = None  # the rule's options; None: its defaults
+    settings: Mapping[str, float | str] | None = None  # the rule's options; None: its defaults
 
 
 METHODS: tuple[Method, ...] = (
@@ -64,6 +66,18 @@ METHODS: tuple[Method, ...] = (
     Method("apg η=0", "apg"),
     Method("nag φ=5", "nag"),  # inside attention: the negative is no denoiser row
     Method("vsf λ=4", "vsf"),
+    # diffusers' guiders through rule `guider`, the negative as their pred_uncond (docs/guiders.md); FDG needs kornia
+    Method("guider TCFG", "guider", settings={"name": "TangentialClassifierFreeGuidance"}),
+    Method("guider MAMBO-G α=8", "guider", settings={"name": "MagnitudeAwareGuidance"}),
+    Method("guider APG-Mix", "guider", settings={"name": "AdaptiveProjectedMixGuidance"}),
+    # cheap negatives (docs/cheap-negatives.md): the negative's branch ended where its effect has converged,
+    # or computed every K-th step with its difference reused in between
+    Method("sd, auto end", "sd", window=Window(0, "auto")),
+    Method("sd, every 2", "sd", window=Window(0, None, 2)),
+    Method("sd, every 3", "sd", window=Window(0, None, 3)),
+    Method("dual s⁻ = s, auto end", "dual", window=Window(0, "auto")),
+    Method("dual s⁻ = s, every 2", "dual", window=Window(0, None, 2)),
+    Method("dual s⁻ = s, every 3", "dual", window=Window(0, None, 3)),
 )
 
 
@@ -73,7 +87,10 @@ def _negative_terms(method: Method, negative: str, scale: float) -> list[Term] |
     own = method.negative_scale
     if method.rule == "dual" and own is None:
         own = scale
-    return [Term(negative, own, method.window or Window())]
+    window = method.window or Window()
+    if method.rule == "sd" and scale == 1 and window.economical:
+        window = Window(window.start)  # sd at scale 1 computes no negative branch: nothing to end or reuse
+    return [Term(negative, own, window)]
 
 
 def _read(found, attribute: str, named: str | None = None) -> bool | None:
@@ -138,10 +155,17 @@ class BenchSettings:
 
 
 def bench_unit(
-    settings: BenchSettings, session, negative: int, start: int, stop: int, methods: Sequence[Method] = METHODS
+    settings: BenchSettings,
+    session,
+    negative: int,
+    start: int,
+    stop: int,
+    methods: Sequence[Method] = METHODS,
+    report: UnitReport | None = None,
 ) -> dict:
     """Every method on images [start, stop) of one negative, in one batched run: per method the
-    measures of each image and the UNet rows the method needs alone."""
+    measures of each image and the UNet rows the method needs alone. ``report``: told the run's
+    progress before each UNet call (:meth:`negprompt.jobs.Job.report`)."""
     text = settings.negatives[negative]
     word = text.split()[-1]
     scale = settings.scale if settings.scale is not None else float(session.defaults["scale"])
@@ -161,11 +185,16 @@ def bench_unit(
         )
         for method in methods
     ]
-    generations = session.run_together(specs)
+    calls = session.denoiser_calls(specs[0].scheduler, specs[0].steps)
+    label = f"{text}, images {start}–{stop - 1}, {len(methods)} methods: "
+    hooks = [StepReport(report, calls, label=label)] if report is not None else []
+    generations = session.run_together(specs, unet_hooks=hooks)
     plain = generations[0].pixels
     return {
         "measures": {m.name: _measure(g.pixels, named[start:stop], plain, word) for m, g in zip(methods, generations)},
-        "unet_rows": {m.name: _rows_alone(spec, g.num_steps) for m, spec, g in zip(methods, specs, generations)},
+        "unet_rows": {
+            m.name: _rows_alone(spec, g.num_steps, g.negative_stops) for m, spec, g in zip(methods, specs, generations)
+        },
     }
 
 
@@ -188,10 +217,10 @@ def summarize_bench(
     return records
 
 
-def _rows_alone(settings, num_steps: int) -> int:
-    """UNet rows the settings need when run alone: Σ over steps of branches × images."""
-    guidance = settings.guidance
-    return sum(len(guidance.branches_at(step, num_steps)) for step in range(num_steps)) * len(settings.seeds)
+def _rows_alone(settings, num_steps: int, negative_stops: Mapping[str, int | None] | None = None) -> int:
+    """UNet rows the settings need when run alone: Σ over steps of branches × images (negatives computed
+    every K-th step or ended at auto counted where they were computed)."""
+    return computed_rows(settings.guidance, num_steps, negative_stops) * len(settings.seeds)
 
 
 def _rate(values: Sequence[bool | None]) -> float:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -17,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from negprompt.errors import NegpromptError
-from negprompt.files import append_text, json_text, write_atomically, write_json, write_text
+from negprompt.files import append_text, json_text, write_atomically, write_folder_atomically, write_json, write_text
 from negprompt.models.components import Components
 from negprompt.models.declarations import DECLARATIONS_FILE, Declarations
 from negprompt.models.loading import ModelLoadError, load_components
@@ -62,6 +65,34 @@ DECLARATIONS = {
 STATE_FILE = "state.safetensors"
 META_FILE = "state.json"
 LOG_FILE = "train_log.jsonl"
+MODEL_FOLDER = "model"  # the exported EMA model, in the training folder
+CHECKPOINT_SECONDS = 300.0  # also checkpoint when this long has passed since the last one (and at Ctrl-C)
+ESTIMATE_AFTER_STEPS = 3  # the cost of the rest is measured over this many first steps
+
+
+def duration(seconds: float) -> str:
+    """A duration for people: "45 s", "12 min", "3 h 24 min"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+class CheckpointError(NegpromptError):
+    """A training folder whose checkpoint cannot be resumed: damaged, incomplete, or of another run."""
+
+
+def check_training_folder(out_dir: str | Path) -> None:
+    """Refuses a training folder whose files are not what training writes there (a folder where a file
+    goes, or the reverse), before any work: training would fail at its first checkpoint or its export."""
+    out_dir = Path(out_dir)
+    for name, folder in ((STATE_FILE, False), (META_FILE, False), (LOG_FILE, False), (MODEL_FOLDER, True)):
+        path = out_dir / name
+        if (path.exists() or path.is_symlink()) and path.is_dir() != folder:
+            kind = "a folder" if path.is_dir() else "not a folder"
+            raise CheckpointError(
+                f"{path} is {kind}; training writes its {name} there: move it away or use a new --out"
+            )
 
 
 @dataclass(frozen=True)
@@ -183,11 +214,22 @@ def weights_sha256(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _log_lines(path: Path) -> list[str]:
+    """The lines of a training log; a line that is not UTF-8 (damaged) is left out."""
+    lines = []
+    for raw in path.read_bytes().split(b"\n"):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            continue
+    return [line for line in lines if line]
+
+
 def _logged_step(line: str) -> float:
     """The step of a training-log line; a line torn by a crash or a full disk counts as never written."""
     try:
         return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return float("inf")
 
 
@@ -254,6 +296,7 @@ class Trainer:
         self.parameters = [p for module in self.modules.values() for p in module.parameters()]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.step = 0
+        self.interrupted = False  # set by run when a Ctrl-C or SIGTERM stopped it (after a checkpoint)
         self.history: list[dict] = []  # config changes on resume: [{"from_step", "changed"}]
         alphas_cumprod = self.scheduler.alphas_cumprod
         self.snr = alphas_cumprod / (1 - alphas_cumprod)
@@ -363,22 +406,96 @@ class Trainer:
 
         write_atomically([self.out_dir / STATE_FILE, self.out_dir / META_FILE], write_one)
 
-    def load_checkpoint(self) -> None:
-        meta = json.loads((self.out_dir / META_FILE).read_text())
-        saved = TrainConfig.from_json(meta["config"])
+    def _expected_tensors(self) -> dict[str, tuple[int, ...]]:
+        """The shape of every tensor a checkpoint of this model must hold (optimizer moments aside)."""
+        shapes = {"rng.torch": tuple(torch.get_rng_state().shape)}
+        for name, module in self.modules.items():
+            for key, value in module.state_dict().items():
+                shapes[f"model.{name}.{key}"] = shapes[f"ema.{name}.{key}"] = tuple(value.shape)
+        return shapes
+
+    def read_checkpoint(self) -> tuple[dict, TrainConfig, dict[str, torch.Tensor]]:
+        """The checkpoint in ``out_dir``, checked whole before anything changes: ``state.json`` (its step,
+        config and history), ``state.safetensors`` (every tensor of this model, its EMA, the RNG state,
+        optimizer moments of the parameters' shapes). Raises :class:`CheckpointError` in one line."""
+        meta_path, state_path = self.out_dir / META_FILE, self.out_dir / STATE_FILE
+        restart = f"delete {META_FILE} and {STATE_FILE} to train from the start, or use a new --out folder"
+        check_training_folder(self.out_dir)
+        try:
+            meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError):
+            raise CheckpointError(
+                f"{meta_path} is not the JSON training writes (a damaged checkpoint); {restart}"
+            ) from None
+        step = meta.get("step") if isinstance(meta, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise CheckpointError(f"{meta_path} holds no step number (a damaged checkpoint); {restart}")
+        if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("history", []), list):
+            raise CheckpointError(f"{meta_path} holds no training config and history (a damaged checkpoint); {restart}")
+        try:
+            saved = TrainConfig.from_json(meta["config"])
+        except (TypeError, ValueError, KeyError, AttributeError) as error:
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CheckpointError(f"{meta_path}: its config is not a training config ({first}); {restart}") from None
+        if step > saved.total_steps:
+            raise CheckpointError(f"{meta_path}: step {step} is beyond its run's {saved.total_steps} steps; {restart}")
         if saved.model != self.config.model or saved.seed != self.config.seed:
-            raise ValueError(
-                f"checkpoint in {self.out_dir} was trained with another model or seed "
-                f"({saved.model}, seed {saved.seed}); use a new --out folder"
+            raise CheckpointError(
+                f"checkpoint in {self.out_dir} was trained with another model or seed (seed {saved.seed}); "
+                "use a new --out folder"
             )
-        history = meta.get("history", [])
-        changed = {k: v for k, v in self.config.to_json().items() if saved.to_json().get(k) != v}
-        if changed:  # e.g. a longer budget or another loss weighting from here on: keep a record
-            history.append({"from_step": int(meta["step"]), "changed": changed})
-            event = {"step": int(meta["step"]), "event": "config changed", "changed": changed}
-            append_text(self.out_dir / LOG_FILE, json.dumps(event) + "\n")
-        self.history = history
-        tensors = load_file(str(self.out_dir / STATE_FILE))
+        if not state_path.exists():
+            raise CheckpointError(
+                f"{self.out_dir} holds {META_FILE} but no {STATE_FILE}: the checkpoint is incomplete; restore it, or {restart}"
+            )
+        try:
+            tensors = load_file(str(state_path))
+        except SafetensorError as error:
+            first = str(error).splitlines()[0]
+            raise CheckpointError(f"{state_path} is not a safetensors checkpoint ({first}); {restart}") from None
+        expected = self._expected_tensors()
+        integral = {  # buffers of whole numbers, if a module has any (the shapes model has none)
+            f"{kind}.{name}.{key}"
+            for name, module in self.modules.items()
+            for key, value in module.state_dict().items()
+            if not value.is_floating_point()
+            for kind in ("model", "ema")
+        }
+        optimizer = {
+            f"optim.{index}.{slot}": shape
+            for index, param in enumerate(self.parameters)
+            for slot, shape in (("exp_avg", tuple(param.shape)), ("exp_avg_sq", tuple(param.shape)), ("step", ()))
+        }
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected) - set(optimizer))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{state_path} is not a checkpoint of this model: {len(missing)} of its {len(expected)} tensors missing"
+                + (f" (first {missing[0]})" if missing else "")
+                + f", {len(unexpected)} unexpected"
+                + (f" (first {unexpected[0][:60]})" if unexpected else "")
+                + f"; {restart}"
+            )
+        for key, tensor in tensors.items():
+            shape = expected.get(key, optimizer.get(key))
+            if tuple(tensor.shape) != shape:
+                raise CheckpointError(f"{state_path}: {key} has shape {tuple(tensor.shape)}, not {shape}; {restart}")
+            if key == "rng.torch" and tensor.dtype != torch.uint8:
+                raise CheckpointError(f"{state_path}: rng.torch is {tensor.dtype}, not torch.uint8; {restart}")
+            if key != "rng.torch" and tensor.is_floating_point() != (key not in integral):
+                raise CheckpointError(f"{state_path}: {key} is {tensor.dtype}, not the model's kind; {restart}")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"{state_path}: {key} holds values that are not finite; {restart}")
+        moments = {key.rsplit(".", 1)[0] for key in tensors if key.startswith("optim.")}
+        for prefix in moments:
+            if any(f"{prefix}.{slot}" not in tensors for slot in ("exp_avg", "exp_avg_sq", "step")):
+                raise CheckpointError(f"{state_path}: {prefix} lacks one of exp_avg, exp_avg_sq, step; {restart}")
+        return meta, saved, tensors
+
+    def load_checkpoint(self) -> None:
+        """Resumes from the checkpoint in ``out_dir`` (:meth:`read_checkpoint` checks it first: nothing
+        changes, the log included, unless the whole checkpoint is good)."""
+        meta, saved, tensors = self.read_checkpoint()
         for name, module in self.modules.items():
             prefix = f"model.{name}."
             module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -393,8 +510,15 @@ class Trainer:
         self.step = int(meta["step"])
         log_path = self.out_dir / LOG_FILE
         if log_path.exists():  # drop log lines written after the checkpoint (they will be redone)
-            kept = [line for line in log_path.read_text().splitlines() if _logged_step(line) <= self.step]
+            kept = [line for line in _log_lines(log_path) if _logged_step(line) <= self.step]
             write_text(log_path, "".join(line + "\n" for line in kept))
+        history = list(meta.get("history", []))
+        changed = {k: v for k, v in self.config.to_json().items() if saved.to_json().get(k) != v}
+        if changed:  # e.g. a longer budget or another loss weighting from here on: keep a record
+            history.append({"from_step": self.step, "changed": changed})
+            event = {"step": self.step, "event": "config changed", "changed": changed}
+            append_text(log_path, json.dumps(event) + "\n")
+        self.history = history
 
     # ------------------------------------------------------------ the loop
 
@@ -403,28 +527,52 @@ class Trainer:
         progress: bool = True,
         max_seconds: float | None = None,
         on_checkpoint: Callable[["Trainer"], None] | None = None,
+        checkpoint_seconds: float | None = CHECKPOINT_SECONDS,
+        say: Callable[[str], None] | None = None,
     ) -> list[dict]:
-        """Trains from ``self.step`` to the end of the sample budget (or ``max_seconds``)."""
+        """Trains from ``self.step`` to the end of the sample budget (or ``max_seconds``).
+
+        A checkpoint every ``checkpoint_every`` steps, when ``checkpoint_seconds`` have passed since the
+        last one, at the end, and — run on the main thread — at Ctrl-C (SIGINT) or SIGTERM: the step in
+        progress ends, its checkpoint is written, and the run stops with ``self.interrupted`` set (a second
+        Ctrl-C stops at once, keeping the checkpoint before). ``say``: where the measured cost goes, once,
+        after the first steps."""
         # Tiny gradients become subnormal floats, which make CPU backward passes several times
         # slower (measured here: 6.7 s instead of 1.6 s per batch); flush them to zero while training
         # only: the setting is the processor's, global to the process, and off by default.
         torch.set_flush_denormal(True)
+        self.interrupted = False
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+
+            def stop_after_this_step(number, frame) -> None:
+                self.interrupted = True
+                for each in handled:  # a second signal acts at once
+                    signal.signal(each, previous[each])
+
+            previous = {each: signal.signal(each, stop_after_this_step) or signal.SIG_DFL for each in handled}
         try:
-            return self._train(progress, max_seconds, on_checkpoint)
+            return self._train(progress, max_seconds, on_checkpoint, checkpoint_seconds, say)
         finally:
             torch.set_flush_denormal(False)
+            for each, handler in previous.items():
+                signal.signal(each, handler)
 
     def _train(
         self,
         progress: bool,
         max_seconds: float | None,
         on_checkpoint: Callable[["Trainer"], None] | None,
+        checkpoint_seconds: float | None,
+        say: Callable[[str], None] | None,
     ) -> list[dict]:
         cfg = self.config
         log: list[dict] = []
         self.unet.train()
         self.text_encoder.train()
-        started = time.monotonic()
+        started = last_checkpoint = time.monotonic()
+        first_step = self.step
         if self.step == 0:  # a fresh start: lines of an attempt that never reached a checkpoint go
             (self.out_dir / LOG_FILE).unlink(missing_ok=True)
         bar = tqdm(total=cfg.total_steps, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True)
@@ -452,6 +600,12 @@ class Trainer:
             running.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(running[-50:]):.4f}", lr=f"{lr:.2e}")
+            if say is not None and self.step - first_step == ESTIMATE_AFTER_STEPS and self.step < cfg.total_steps:
+                per_step = (time.monotonic() - started) / ESTIMATE_AFTER_STEPS
+                left = cfg.total_steps - self.step
+                say(
+                    f"{per_step:.2f} s a step over the first {ESTIMATE_AFTER_STEPS}: about {duration(per_step * left)} for the {left} steps left"
+                )
             if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
                 entry = {
                     "step": self.step,
@@ -463,12 +617,15 @@ class Trainer:
                 running = []
                 log.append(entry)
                 append_text(self.out_dir / LOG_FILE, json.dumps(entry) + "\n")
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
+            now = time.monotonic()
+            stop = self.interrupted or (max_seconds is not None and now - started > max_seconds)
+            due = checkpoint_seconds is not None and now - last_checkpoint >= checkpoint_seconds
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps or stop or due:
                 self.save_checkpoint()
+                last_checkpoint = time.monotonic()
                 if on_checkpoint is not None:
                     on_checkpoint(self)
-            if max_seconds is not None and time.monotonic() - started > max_seconds:
-                self.save_checkpoint()  # stop resumably
+            if stop:  # resumably: the checkpoint is of this step
                 break
         bar.close()
         return log
@@ -495,9 +652,23 @@ class Trainer:
         """
         components = self.ema_components()
         components.scheduler = make_scheduler(DEFAULT_SAMPLING["scheduler"], components.scheduler)
-        folder = save_components(components, folder)
         sampling = dict(DEFAULT_SAMPLING)
         if self.config.distill_from is not None:  # one pass per step: CFG's scale 1, w given to the model
             sampling.update(scale=1.0, embedded_guidance=DEFAULT_SAMPLING["scale"])
-        write_json(folder / DECLARATIONS_FILE, Declarations.from_json({**sampling, **DECLARATIONS}).to_json(), indent=2)
-        return folder
+        declarations = Declarations.from_json({**sampling, **DECLARATIONS}).to_json()
+
+        def write_into(temporary: Path) -> None:
+            from transformers.utils import logging as transformers_logging
+
+            shown = transformers_logging.is_progress_bar_enabled()
+            transformers_logging.disable_progress_bar()  # its "Writing model shards" bar: noise for 18 MB
+            try:
+                save_components(components, temporary)
+            finally:
+                if shown:
+                    transformers_logging.enable_progress_bar()
+            write_json(temporary / DECLARATIONS_FILE, declarations, indent=2)
+
+        # Written whole beside its name, then renamed in: an interrupted export leaves the old model or
+        # none, and every file gets the umask's mode (safetensors writes its files 0600).
+        return write_folder_atomically(folder, write_into)

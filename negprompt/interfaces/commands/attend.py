@@ -11,15 +11,16 @@ from negprompt.interfaces.options import (
     add_overwrite_option,
     add_prompt_options,
     check_prompt_args,
-    finite_number,
     folder_outputs,
     non_negative_int,
     positive_int,
+    positive_number,
     run_settings_from_args,
     seed_list,
     session_from_args,
     unused_negative_warnings,
 )
+from negprompt.limits import MAX_CAPTURE_MIB
 
 ORDER = 20  # its place in negprompt --help
 
@@ -27,6 +28,14 @@ ORDER = 20  # its place in negprompt --help
 def word_list(text: str) -> list[str]:
     """Comma-separated words (empty items dropped)."""
     return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def memory_limit(text: str) -> float:
+    """MiB a capture may store: above 0 and at most ``MAX_CAPTURE_MIB`` (``negprompt.limits``)."""
+    value = positive_number(text)
+    if value > MAX_CAPTURE_MIB:
+        raise argparse.ArgumentTypeError(f"{text!r} MiB is beyond any machine's memory; give at most {MAX_CAPTURE_MIB}")
+    return value
 
 
 def step_list(text: str) -> list[int]:
@@ -128,7 +137,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--map-size", type=positive_int, default=None, help="side of stored maps (default: largest layer's)"
     )
     attend.add_argument(
-        "--memory-limit", type=finite_number, default=1024.0, help="MiB the capture may store (default 1024 MiB)"
+        "--memory-limit", type=memory_limit, default=1024.0, help="MiB the capture may store (default 1024 MiB)"
     )
     attend.add_argument(
         "--image",

@@ -14,10 +14,16 @@ def command_demo(args: argparse.Namespace) -> int:
     from negprompt.interfaces.outputs import check_destination
 
     check_destination(args.out, folder=True)  # before the heavy imports: a bad path answers at once
-    from negprompt.interfaces.demo import run_demo
+    from pathlib import Path
 
+    from negprompt.interfaces.demo import run_demo
+    from negprompt.interfaces.outputs import report_written
+
+    existed = [path for path in Path(args.out).glob("demo.*") if path.is_file()]
     png, js, record = run_demo(args.out, model=session_from_args(args), steps=args.steps, progress=not args.quiet)
-    print(f"wrote {png} (no negative / negative / delayed negative, for {len(record['pairs'])} prompts) and {js}")
+    written_png, written_js = report_written([png, js], existed)
+    print(f"{written_png} (no negative / negative / delayed negative, for {len(record['pairs'])} prompts)")
+    print(written_js)
     print(f"took {record['seconds']:.1f} s")
     return 0
 

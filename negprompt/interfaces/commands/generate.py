@@ -64,6 +64,29 @@ def check_from_png_args(args: argparse.Namespace) -> None:
         )
 
 
+# A UNet draws what it learned at its trained size (its config's sample_size × the latent factor);
+# much larger images repeat the subject (the bundled 32 px model at 64 px draws four small objects),
+# much smaller ones break up. Transformer families (SD3, FLUX …) are trained over many sizes.
+AREA_RATIOS_DRAWN_QUIETLY = (0.5, 1.5)  # image area / trained area; beyond them a warning
+
+
+def size_warnings(session, spec) -> tuple[str, ...]:
+    """A warning when a UNet model draws at an area far from its trained size's, else none."""
+    components = session.components
+    if components.unet is None:
+        return ()
+    side = components.default_size
+    ratio = spec.height * spec.width / (side * side)
+    low, high = AREA_RATIOS_DRAWN_QUIETLY
+    if low <= ratio <= high:
+        return ()
+    return (
+        f"{spec.width}×{spec.height} is {ratio:.2g}× the area of the size this model was trained at "
+        f"({side}×{side}, its UNet's sample size): its objects may repeat or break up; drawn anyway "
+        f"(--size {side} draws at the trained size)",
+    )
+
+
 def command_generate(args: argparse.Namespace) -> CommandResult:
     """Generates the images the options (or the PNG of --from-png) describe and writes them as PNGs."""
     from negprompt.interfaces.outputs import check_outputs, report_written
@@ -76,6 +99,11 @@ def command_generate(args: argparse.Namespace) -> CommandResult:
         paths = check_outputs(args.out, [settings.seeds[index]], overwrite=not args.no_overwrite)
         indices = [index]
     else:
+        if args.prompt is None:  # a bare `negprompt generate` must not quietly draw an unconditional image
+            raise CommandError(
+                "give a prompt, e.g. negprompt generate 'a red circle' --negative 'a hat' "
+                "('' draws without one; --from-png FILE draws a PNG's image again)"
+            )
         check_prompt_args(args)
         paths = check_outputs(args.out, args.seed or [0], overwrite=not args.no_overwrite)
         settings = indices = None
@@ -90,7 +118,7 @@ def command_generate(args: argparse.Namespace) -> CommandResult:
     else:
         session = session_from_args(args)
         settings = session.spec_from(run_settings_from_args(args))
-        warnings = unused_negative_warnings(session, settings)
+        warnings = unused_negative_warnings(session, settings) + size_warnings(session, settings)
     generation = session.run(settings, progress=not args.quiet)
     written = save_generation(generation, Path(args.out), indices)
     for line in report_written(written, existed):

@@ -74,7 +74,7 @@ def check_serve_address(args: argparse.Namespace) -> None:
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((args.host, args.port))
+            probe.bind((args.host.strip("[]"), args.port))  # [::1] as a URL writes it, or ::1
     except OSError as error:
         raise CommandError(
             f"cannot listen on {args.host}:{args.port} ({error.strerror}); give another --port"

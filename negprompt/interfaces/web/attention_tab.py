@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,8 +14,17 @@ from negprompt.interfaces.web.handlers import (
     PageJob,
     error_message,
 )
-from negprompt.interfaces.web.page_jobs import JobFolders, JobPanel, PageJobs, model_event
-from negprompt.interfaces.web.settings import ServerLimits
+from negprompt.interfaces.web.page_jobs import (
+    JobFolders,
+    JobPanel,
+    PageJobs,
+    caption,
+    captioned_figure,
+    model_event,
+    refused_steps,
+    steps_label,
+)
+from negprompt.interfaces.web.settings import EXAMPLE_SEED, ServerLimits
 from negprompt.sampling.schedulers import SCHEDULER_NAMES
 from negprompt.session import Session
 
@@ -23,6 +33,7 @@ def attention_tab(
     session: Session, limits: ServerLimits, folders: JobFolders, jobs: PageJobs, rules: dict
 ) -> tuple[list[Any], JobPanel]:
     defaults = session.defaults
+    refused = functools.lru_cache(maxsize=None)(lambda name: refused_steps(session, name, limits.steps))
     with gr.Row():
         with gr.Column(scale=1):
             example, example_negative = handlers.example_pair(session)
@@ -43,13 +54,18 @@ def attention_tab(
             with gr.Row():
                 scale = gr.Number(label="Scale s", value=float(defaults["scale"]), elem_id="attention-scale")
                 steps = gr.Number(
-                    label=f"Steps (1–{limits.steps})", value=defaults["steps"], precision=0, elem_id="attention-steps"
+                    label=steps_label(limits.steps, refused(defaults["scheduler"]), defaults["scheduler"]),
+                    value=defaults["steps"],
+                    precision=0,
+                    elem_id="attention-steps",
                 )
-                seed = gr.Number(label="Seed", value=0, precision=0, elem_id="attention-seed")
+                seed = gr.Textbox(label="Seed (0–2⁶⁴−1)", value=str(EXAMPLE_SEED), elem_id="attention-seed")
                 columns = gr.Slider(2, 20, value=10, step=1, label="Steps in the timeline", elem_id="attention-columns")
-            panel = JobPanel("attention", "Capture attention")
+            panel = JobPanel("attention", "Capture attention", jobs)
+            caption("Image")
             image = gr.Image(
                 label="Image",
+                show_label=False,
                 format="png",
                 interactive=False,
                 height=160,
@@ -57,26 +73,16 @@ def attention_tab(
                 elem_classes="pixelated",
             )
         with gr.Column(scale=2):
-            figure = gr.Image(
-                label="Heat-map timeline (rows: words of the positive, then the negative branch)",
-                format="png",
-                interactive=False,
-                elem_id="attention-timeline",
+            figure = captioned_figure(
+                "Heat-map timeline (rows: words of the positive, then the negative branch)", "attention-timeline"
             )
             with gr.Row():
                 with gr.Column(scale=1):
                     step = gr.Slider(0, 1, value=0, step=1, label="Step", elem_id="attention-step")
-                    step_figure = gr.Image(
-                        label="The maps at this step", format="png", interactive=False, elem_id="attention-step-view"
-                    )
+                    step_figure = captioned_figure("The maps at this step", "attention-step-view")
                 with gr.Column(scale=2):
                     word = gr.Dropdown([], label="Negative word of the r_t curve", elem_id="attention-rt-word")
-                    curve = gr.Image(
-                        label="r_t: the negative word's strength",
-                        format="png",
-                        interactive=False,
-                        elem_id="attention-rt",
-                    )
+                    curve = captioned_figure("r_t: the negative word's strength", "attention-rt")
                     related = gr.Markdown(elem_id="attention-related")
     captured = gr.State(None)
 
@@ -106,7 +112,10 @@ def attention_tab(
                 panel.status: f"captured {len(kept)} steps",
                 image: str(result.png),
                 figure: result.timeline,
-                step: gr.update(minimum=kept[0], maximum=kept[-1], value=kept[-1]),
+                # one captured step (steps = 1): Gradio's sliders need minimum < maximum, so a fixed 0–1
+                step: gr.update(
+                    minimum=kept[0], maximum=max(kept[-1], kept[0] + 1), value=kept[-1], interactive=len(kept) > 1
+                ),
                 step_figure: handlers.step_view(session, result.capture, kept[-1]),
                 word: gr.update(choices=result.negative_words, value=first),
                 curve: rt,
@@ -129,7 +138,10 @@ def attention_tab(
     def on_step(chosen: Any, result: Any) -> Any:
         if result is None:
             return None
-        return handlers.step_view(session, result, chosen)
+        try:
+            return handlers.step_view(session, result, chosen)
+        except handlers.NegpromptError:  # a step that was not captured: the view stays
+            return gr.skip()
 
     def on_word(chosen: str, result: Any) -> tuple[Any, str]:
         if result is None or not chosen:
@@ -140,5 +152,12 @@ def attention_tab(
             return None, error_message(error)
 
     step.change(on_step, [step, captured], step_figure, queue=False, api_name=False)
+    scheduler.change(
+        lambda name: gr.update(label=steps_label(limits.steps, refused(name), name)) if name else gr.skip(),
+        scheduler,
+        steps,
+        queue=False,
+        api_name=False,
+    )
     word.change(on_word, [word, captured], [curve, related], queue=False, api_name=False)
     return [event], panel

@@ -7,14 +7,26 @@ from typing import Any
 
 import gradio as gr
 
+from negprompt.errors import NegpromptError
 from negprompt.interfaces.web import handlers
 from negprompt.interfaces.web.handlers import (
     EditRequest,
     PageJob,
     SweepRequest,
 )
-from negprompt.interfaces.web.page_jobs import JobFolders, JobPanel, PageJobs, model_event, schedule_range
-from negprompt.interfaces.web.settings import ServerLimits
+from negprompt.interfaces.web.page_jobs import (
+    JobFolders,
+    JobPanel,
+    PageJobs,
+    captioned_figure,
+    model_event,
+    refused_steps,
+    schedule_range,
+    start_range,
+    start_update,
+    steps_label,
+)
+from negprompt.interfaces.web.settings import EDIT_START, EXAMPLE_SEED, ServerLimits
 from negprompt.session import Session
 
 
@@ -28,21 +40,31 @@ def edit_tab(
             prompt = gr.Textbox(label="Prompt", value=example, elem_id="edit-prompt")
             negative = gr.Textbox(label="Negative", value=example_negative, elem_id="edit-negative")
             start = gr.Slider(
-                0, calls - 1, value=calls // 4, step=1, label="The negative from step", elem_id="edit-start"
+                0,
+                start_range(calls),
+                value=min(EDIT_START, calls - 1),
+                step=1,
+                label="The negative from step",
+                interactive=calls > 1,
+                elem_id="edit-start",
             )
             with gr.Row():
                 scale = gr.Number(label="Scale s", value=float(defaults["scale"]), elem_id="edit-scale")
+                scheduler = defaults["scheduler"]
                 steps = gr.Number(
-                    label=f"Steps (1–{limits.steps})", value=defaults["steps"], precision=0, elem_id="edit-steps"
+                    label=steps_label(limits.steps, refused_steps(session, scheduler, limits.steps), scheduler),
+                    value=defaults["steps"],
+                    precision=0,
+                    elem_id="edit-steps",
                 )
-                seed = gr.Number(label="Seed (first)", value=0, precision=0, elem_id="edit-seed")
+                seed = gr.Textbox(label="Seed (first; 0–2⁶⁴−1)", value=str(EXAMPLE_SEED), elem_id="edit-seed")
                 images = gr.Number(label=f"Images (1–{limits.images})", value=2, precision=0, elem_id="edit-images")
             with gr.Row():
                 region = gr.Dropdown(
                     ["auto", "attention", "detector"], value="auto", label="Region", elem_id="edit-region"
                 )
                 threshold = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Attention-mask threshold")
-            panel = JobPanel("edit", "Edit")
+            panel = JobPanel("edit", "Edit", jobs)
             gr.Markdown(
                 "**Start sweep**: the negative switched on at every k-th step, scored by the model's region finder."
             )
@@ -53,21 +75,18 @@ def edit_tab(
                 )
             sweep_run = gr.Button("Sweep the start", elem_id="sweep-run")
         with gr.Column(scale=2):
-            figure = gr.Image(
-                label="No negative / negative at every step / delayed negative, the change maps and the region",
-                format="png",
-                interactive=False,
-                elem_id="edit-figure",
+            figure = captioned_figure(
+                "No negative / negative at every step / delayed negative, the change maps and the region", "edit-figure"
             )
             table = gr.Markdown(elem_id="edit-table")
-            sweep_figure = gr.Image(
-                label="Start sweep: removal against locality", format="png", interactive=False, elem_id="sweep-figure"
-            )
+            sweep_figure = captioned_figure("Start sweep: removal against locality", "sweep-figure")
             sweep_table = gr.Markdown(elem_id="sweep-table")
 
     def on_schedule(steps_value: Any, current: Any) -> Any:
-        new = schedule_range(session, None, steps_value)
-        return gr.update(maximum=new - 1, value=min(current, new - 1))
+        try:
+            return start_update(schedule_range(session, None, steps_value), current)
+        except NegpromptError:  # the slider sent no number: leave it as it is
+            return gr.skip()
 
     steps.change(on_schedule, [steps, start], start, queue=False, api_name=False)
 

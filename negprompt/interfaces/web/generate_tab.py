@@ -3,11 +3,13 @@ images with their settings."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
 
+from negprompt.errors import NegpromptError
 from negprompt.interfaces.web import handlers
 from negprompt.interfaces.web.handlers import (
     GenerateRequest,
@@ -19,10 +21,17 @@ from negprompt.interfaces.web.page_jobs import (
     JobFolders,
     JobPanel,
     PageJobs,
+    caption,
+    end_range,
     model_event,
+    refused_steps,
     schedule_range,
+    start_range,
+    start_update,
+    steps_label,
+    window_updates,
 )
-from negprompt.interfaces.web.settings import ServerLimits
+from negprompt.interfaces.web.settings import EXAMPLE_SEED, ServerLimits
 from negprompt.sampling.schedulers import SCHEDULER_NAMES
 from negprompt.session import Session
 
@@ -38,6 +47,7 @@ def generate_tab(
     multiple: int,
 ) -> tuple[list[Any], JobPanel]:
     defaults = session.defaults
+    refused = functools.lru_cache(maxsize=None)(lambda name: refused_steps(session, name, limits.steps))
     with gr.Row():
         with gr.Column(scale=1):
             example, example_negative = handlers.example_pair(session)
@@ -55,11 +65,14 @@ def generate_tab(
             with gr.Row():
                 scale = gr.Number(label="Scale s", value=float(defaults["scale"]), elem_id="generate-scale")
                 steps = gr.Number(
-                    label=f"Steps (1–{limits.steps})", value=defaults["steps"], precision=0, elem_id="generate-steps"
+                    label=steps_label(limits.steps, refused(defaults["scheduler"]), defaults["scheduler"]),
+                    value=defaults["steps"],
+                    precision=0,
+                    elem_id="generate-steps",
                 )
                 rescale = gr.Slider(0, 1, value=0, step=0.05, label="Guidance rescale φ", elem_id="generate-rescale")
             with gr.Row():
-                seed = gr.Number(label="Seed (first)", value=0, precision=0, elem_id="generate-seed")
+                seed = gr.Textbox(label="Seed (first; 0–2⁶⁴−1)", value=str(EXAMPLE_SEED), elem_id="generate-seed")
                 images = gr.Number(
                     label=f"Images (1–{limits.images}: seeds from the first)",
                     value=1,
@@ -75,24 +88,35 @@ def generate_tab(
             with gr.Row():
                 compare = gr.Checkbox(
                     label="Side by side: no negative / negative / delayed negative (one batched run)",
-                    value=False,
+                    value=True,
                     elem_id="generate-compare",
                 )
                 compare_start = gr.Slider(
-                    0, calls - 1, value=calls // 4, step=1, label="delayed from step", elem_id="generate-compare-start"
+                    0,
+                    start_range(calls),
+                    value=calls // 4,
+                    step=1,
+                    label="delayed from step",
+                    interactive=calls > 1,
+                    elem_id="generate-compare-start",
                 )
-            panel = JobPanel("generate", "Generate")
+            panel = JobPanel("generate", "Generate", jobs)
         with gr.Column(scale=1):
+            # Outputs carry no label badge (it would cover the image's top); a caption above names them.
+            caption("x̂₀, the predicted clean image, at the latest step")
             preview = gr.Image(
                 label="x̂₀, the predicted clean image, at the latest step",
+                show_label=False,
                 format="png",
                 interactive=False,
                 height=192,
                 elem_id="generate-preview",
                 elem_classes="pixelated",
             )
+            caption("Images")
             gallery = gr.Gallery(
                 label="Images",
+                show_label=False,
                 columns=4,
                 height="auto",
                 object_fit="contain",
@@ -109,8 +133,10 @@ def generate_tab(
                 interactive=False,
                 elem_id="generate-files",
             )
+            caption("Side by side: no negative / negative / delayed negative")
             comparison = gr.Gallery(
                 label="No negative / negative / delayed negative",
+                show_label=False,
                 columns=3,
                 height="auto",
                 object_fit="contain",
@@ -124,20 +150,31 @@ def generate_tab(
     ends = [end for _, _, _, end in negatives]
 
     def on_schedule(steps_value: Any, scheduler_value: str, old: int, *values: Any) -> list[Any]:
+        """The window sliders (and the delayed start) moved onto the new schedule's UNet calls."""
         new = schedule_range(session, scheduler_value, steps_value)
-        end_values, delayed = values[: len(ends)], values[len(ends)]
-        updates: list[Any] = [gr.update(maximum=new - 1) for _ in starts]
-        updates += [gr.update(maximum=new, value=new if v >= old else min(v, new)) for v in end_values]
-        return [*updates, gr.update(maximum=new - 1, value=min(delayed, new - 1)), new]
+        start_values, end_values, delayed = values[: len(starts)], values[len(starts) : -1], values[-1]
+        try:
+            windows = [window_updates(new, old, a, b) for a, b in zip(start_values, end_values)]
+            delayed_update = start_update(new, delayed)
+        except NegpromptError:  # a slider sent no number: leave the page as it is
+            return [gr.skip()] * (2 * len(starts) + 2)
+        return [*(a for a, _ in windows), *(b for _, b in windows), delayed_update, new]
 
     for trigger in (steps.change, scheduler.change):
         trigger(
             on_schedule,
-            [steps, scheduler, schedule, *ends, compare_start],
+            [steps, scheduler, schedule, *starts, *ends, compare_start],
             [*starts, *ends, compare_start, schedule],
             queue=False,
             api_name=False,
         )
+    scheduler.change(
+        lambda name: gr.update(label=steps_label(limits.steps, refused(name), name)) if name else gr.skip(),
+        scheduler,
+        steps,
+        queue=False,
+        api_name=False,
+    )
     rule.change(
         lambda chosen: [gr.update(visible=name == chosen) for name in option_groups],
         rule,
@@ -214,12 +251,19 @@ def negative_fields(index: int, calls: int, example: str = "") -> tuple[Any, Any
                 label="s⁻ (rules dual, weighted; empty: s − 1)", value="", elem_id=f"generate-negative-scale-{index}"
             )
             start = gr.Slider(
-                0, calls - 1, value=0, step=1, label="from step", elem_id=f"generate-window-start-{index}"
+                0,
+                start_range(calls),
+                value=0,
+                step=1,
+                label="from step",
+                interactive=calls > 1,
+                elem_id=f"generate-window-start-{index}",
             )
             end = gr.Slider(
                 1,
-                calls,
+                end_range(calls),
                 value=calls,
+                interactive=calls > 1,
                 step=1,
                 label="to step (right end: the last)",
                 elem_id=f"generate-window-end-{index}",
@@ -239,12 +283,20 @@ def rule_option_fields(rules: dict, chosen: str) -> tuple[dict[str, Any], dict[s
             gr.Markdown(f"Options of rule **{rule.name}**: {rule.summary}")
             with gr.Row():
                 fields[rule.name] = {
-                    option.name: gr.Number(
-                        label=f"{rule.Settings.flag(option)}: {option.metadata['help']}"
-                        + (f" ({option.metadata['unit']})" if option.metadata.get("unit") else ""),
-                        value=option.default,
-                        precision=0 if rule.Settings.kind(option) is int else None,
-                        elem_id=f"option-{rule.name}-{option.name}",
+                    option.name: (
+                        gr.Textbox(  # a text option (e.g. the guider rule's name and JSON config)
+                            label=f"{rule.Settings.flag(option)}: {option.metadata['help']}",
+                            value=option.default,
+                            elem_id=f"option-{rule.name}-{option.name}",
+                        )
+                        if rule.Settings.kind(option) is str
+                        else gr.Number(
+                            label=f"{rule.Settings.flag(option)}: {option.metadata['help']}"
+                            + (f" ({option.metadata['unit']})" if option.metadata.get("unit") else ""),
+                            value=option.default,
+                            precision=0 if rule.Settings.kind(option) is int else None,
+                            elem_id=f"option-{rule.name}-{option.name}",
+                        )
                     )
                     for option in options
                 }

@@ -10,6 +10,7 @@ and stops at the next UNet call once cancelled. Bad input raises a
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import threading
@@ -34,8 +35,10 @@ from negprompt.attention.tokens import tokenize_words
 from negprompt.errors import NegpromptError, one_line
 from negprompt.guidance.rules import rule_named
 from negprompt.guidance.windows import Window
+from negprompt.interfaces.options import seed_list
 from negprompt.interfaces.png import save_generation
 from negprompt.interfaces.web.settings import LimitError, ServerLimits
+from negprompt.limits import MAX_SEED
 from negprompt.runsettings import RunSettings
 from negprompt.runspec import Generation, RunSpec, SettingsError, to_uint8
 from negprompt.sampling.loop import StepInfo, decode
@@ -156,6 +159,35 @@ def whole(value: Any, label: str) -> int:
     return int(value)
 
 
+def seeds_from(value: Any, images: int, label: str = "seed") -> list[int]:
+    """``images`` seeds from the first, ``value``: the text of the page's seed field (parsed as
+    ``negprompt generate --seed`` parses one seed: whole, 0–2⁶⁴−1; a number field would round seeds
+    above 2⁵³) or an int from the API. Errors quote the value as given."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.lstrip("+-").isdigit():  # "0,1" and "0-7" too: the images field says how many
+            raise SettingsError(
+                f"{label} {text!r}: give one whole number, 0–{MAX_SEED}; the images take the seeds after it"
+            )
+        try:
+            [first] = seed_list(text)
+        except argparse.ArgumentTypeError as error:
+            raise SettingsError(str(error)) from None
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise SettingsError(f"{label} must be a whole number 0–{MAX_SEED}, got {value!r}")
+    elif not 0 <= value <= MAX_SEED:
+        raise SettingsError(f"{label} {value} is outside 0–{MAX_SEED} (a 64-bit generator seed)")
+    else:
+        first = value
+    if first > MAX_SEED - images + 1:
+        typed = text if isinstance(value, str) else value
+        raise SettingsError(
+            f"{label} {typed} leaves no room for {images} images (seeds {typed} and after; the largest seed is "
+            f"{MAX_SEED}): give a {label} up to {MAX_SEED - images + 1}, or fewer images"
+        )
+    return list(range(first, first + images))
+
+
 def count(value: Any, label: str) -> int:
     """``value`` as a whole number of 1 or more."""
     number = whole(value, label)
@@ -219,7 +251,7 @@ class GenerateRequest:
     scale: float | None = None
     steps: int | None = None
     scheduler: str | None = None
-    seed: int = 0
+    seed: int | str = 0  # the page sends the seed field's text
     images: int = 1
     width: int | None = None
     height: int | None = None
@@ -268,8 +300,11 @@ def run_settings(session: Session, request: GenerateRequest, limits: ServerLimit
         if name not in kinds:
             accepted = ", ".join(kinds) or "none"
             raise SettingsError(f"rule {request.rule!r} has no option {name!r}; its options: {accepted}")
-        options[name] = whole(value, name) if kinds[name] is int else optional_number(value, name)
-    seed = whole(request.seed, "seed")
+        if kinds[name] is str:
+            options[name] = str(value)
+        else:
+            options[name] = whole(value, name) if kinds[name] is int else optional_number(value, name)
+    seeds = seeds_from(request.seed, images)
     return RunSettings(
         request.prompt or "",
         [n.text for n in negatives] or None,
@@ -283,7 +318,7 @@ def run_settings(session: Session, request: GenerateRequest, limits: ServerLimit
         scale=optional_number(request.scale, "scale"),
         steps=steps,
         scheduler=request.scheduler or None,
-        seeds=list(range(seed, seed + images)),
+        seeds=seeds,
         height=height,
         width=width,
         rescale=optional_number(request.rescale, "rescale") or 0.0,
@@ -362,7 +397,7 @@ class AttentionRequest:
     scale: float | None = None
     steps: int | None = None
     scheduler: str | None = None
-    seed: int = 0
+    seed: int | str = 0  # the page sends the seed field's text
     columns: int = 10
 
 
@@ -449,7 +484,7 @@ class EditRequest:
     prompt: str
     negative: str
     start: int = 5
-    seed: int = 0
+    seed: int | str = 0  # the page sends the seed field's text
     images: int = 2
     steps: int | None = None
     scheduler: str | None = None
@@ -476,7 +511,7 @@ def edit(session: Session, request: EditRequest, limits: ServerLimits, job: Page
     limits.check("steps", steps)
     images = count(request.images, "images")
     limits.check("images", images)
-    seed = whole(request.seed, "seed")
+    seeds = seeds_from(request.seed, images)
     window = Window(whole(request.start, "window start"))
     session.check_schedule(request.scheduler or session.defaults["scheduler"], steps)
     calls = session.denoiser_calls(request.scheduler or None, steps)
@@ -486,7 +521,7 @@ def edit(session: Session, request: EditRequest, limits: ServerLimits, job: Page
             request.prompt or "",
             request.negative,
             window,
-            list(range(seed, seed + images)),
+            seeds,
             threshold=0.5 if request.threshold is None else optional_number(request.threshold, "threshold"),
             region=request.region,
             model=session,
@@ -534,7 +569,7 @@ class SweepRequest:
     prompt: str
     negative: str
     every: int = 4
-    seed: int = 0
+    seed: int | str = 0  # the page sends the seed field's text
     images: int = 4
     steps: int | None = None
     scheduler: str | None = None
@@ -560,13 +595,13 @@ def sweep(session: Session, request: SweepRequest, limits: ServerLimits, folder:
     images = count(request.images, "images")
     limits.check("sweep_images", images, "images")
     every = count(request.every, "start every")
-    seed = whole(request.seed, "seed")
+    seeds = seeds_from(request.seed, images)
     scheduler = request.scheduler or session.defaults["scheduler"]
     session.check_schedule(scheduler, steps)
     calls = session.denoiser_calls(scheduler, steps)
     settings = SweepSettings(
         pairs=((request.prompt or "", request.negative),),
-        seeds=tuple(range(seed, seed + images)),
+        seeds=tuple(seeds),
         starts=tuple(range(0, calls, every)),
         early_ends=tuple(k for k in (3, 5) if k <= calls),
         steps=steps,

@@ -3,6 +3,7 @@ streamed to the page from a thread of its own, a tab's run/cancel panel, and the
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import shutil
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
+from negprompt.errors import NegpromptError
 from negprompt.interfaces.web import handlers
 from negprompt.interfaces.web.handlers import (
     PageJob,
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 
 MODEL_QUEUE = "model"  # the concurrency id of every event that runs the model
 UPDATE_SECONDS = 0.2  # a job's progress and x̂₀ reach the page at most this often
+WAITING_UPDATE_SECONDS = 1.0  # a waiting job's place in line is refreshed this often
 CANCEL_WAIT_SECONDS = 10.0  # Cancel answers once the job stopped (at its next UNet call), or after this
 KEEP_JOB_FOLDERS = 64  # output folders of the latest jobs kept on disk (Gradio copies what it serves)
 
@@ -51,31 +54,68 @@ class JobFolders:
 
 
 class PageJobs:
-    """The job each page (browser session) has running or waiting, so that its Cancel button reaches it."""
+    """The job each page (browser session) has running, and its place in line while it waits, so that
+    its status line says where it stands and its Cancel button reaches it.
+
+    A click first takes a ticket (:meth:`wait`, outside the queue), then its job joins Gradio's queue;
+    the job gives the ticket back when it starts (:meth:`start`), or Cancel or leaving the page does.
+    Places count the tickets taken before and the running job (a job started through the API without
+    the page takes no ticket, so it is not counted)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._jobs: dict[str, PageJob] = {}
+        self._waiting: dict[str, tuple[int, str]] = {}  # page → (ticket, tab)
+        self._tickets = itertools.count()
+
+    def wait(self, page: str, tab: str) -> int:
+        """Puts the page's next job in line (from ``tab``); returns how many jobs are ahead of it."""
+        with self._lock:
+            self._waiting[page] = (next(self._tickets), tab)
+        return self.ahead(page) or 0
+
+    def ahead(self, page: str, tab: str | None = None) -> int | None:
+        """Jobs ahead of the page's waiting one (running and waiting); None when it waits for none (of ``tab``)."""
+        with self._lock:
+            mine = self._waiting.get(page)
+            if mine is None or (tab is not None and mine[1] != tab):
+                return None
+            before = sum(ticket < mine[0] for ticket, _ in self._waiting.values())
+            return before + len(self._jobs)
 
     def start(self, page: str, job: PageJob) -> None:
         with self._lock:
+            self._waiting.pop(page, None)
             self._jobs[page] = job
 
-    def cancel(self, page: str, wait: float = CANCEL_WAIT_SECONDS) -> bool:
-        """Cancels the page's job and waits (at most ``wait`` s) until it has stopped: its last report is
-        then on the page before the word "cancelled"."""
+    def cancel(self, page: str, wait: float = CANCEL_WAIT_SECONDS) -> str:
+        """Cancels the page's job and waits (at most ``wait`` s) until it has stopped (its last report is
+        then on the page before the word "cancelled"), or takes its waiting job out of line; what it did."""
         with self._lock:
             job = self._jobs.get(page)
+            waited = self._waiting.pop(page, None)
         if job is None:
-            return False
+            return "cancelled before it started (it was waiting in line)" if waited else "nothing to cancel"
         job.cancel()
         job.finished.wait(wait)
-        return True
+        return "cancelled"
+
+    def leave(self, page: str) -> None:
+        """The page was closed: its waiting job leaves the line (Gradio drops its queued events)."""
+        with self._lock:
+            self._waiting.pop(page, None)
 
     def finish(self, page: str, job: PageJob) -> None:
         with self._lock:
             if self._jobs.get(page) is job:
                 del self._jobs[page]
+
+
+def waiting_text(ahead: int) -> str:
+    """The status line of a job in line."""
+    if ahead == 0:
+        return "waiting: next in line"
+    return f"waiting in line: {ahead} job{'s' if ahead > 1 else ''} ahead (one runs at a time)"
 
 
 def stream(work: Callable[[PageJob], Any], job: PageJob, interval: float = UPDATE_SECONDS) -> Iterator[tuple[str, Any]]:
@@ -128,12 +168,34 @@ class JobPanel:
     """A tab's run and cancel buttons, its status line (the job's place in the queue, its step, its one
     line at the end) and its progress bar."""
 
-    def __init__(self, tab: str, label: str) -> None:
+    def __init__(self, tab: str, label: str, jobs: PageJobs) -> None:
+        self.tab, self.jobs = tab, jobs
         with gr.Row():
             self.run = gr.Button(label, variant="primary", elem_id=f"{tab}-run")
             self.cancel = gr.Button("Cancel", elem_id=f"{tab}-cancel")
         self.status = gr.Textbox(label="Status", interactive=False, lines=2, elem_id=f"{tab}-status")
         self.bar = gr.HTML(progress_bar(0, 1), elem_id=f"{tab}-progress")
+        # While the tab's job waits in line, its place is shown every second (then the timer stops itself).
+        self.timer = gr.Timer(WAITING_UPDATE_SECONDS, active=False)
+        self.timer.tick(self.on_tick, None, [self.status, self.timer], queue=False, api_name=False)
+
+    def enqueue(self, request: gr.Request) -> tuple[str, Any]:
+        """A click: the job takes its place in line (before it joins Gradio's queue) and says where it stands."""
+        return waiting_text(self.jobs.wait(request.session_hash, self.tab)), gr.Timer(active=True)
+
+    def not_started(self, request: gr.Request) -> Any:
+        """The job's event failed: if it never started (Gradio turned it away: a full queue, a field it could
+        not read), it leaves the line and the status says so; a job that ran or was cancelled keeps its line."""
+        if self.jobs.ahead(request.session_hash, self.tab) is None:
+            return gr.skip()
+        self.jobs.leave(request.session_hash)
+        return "not started: the server turned the request away (a full queue: negprompt serve --max-queue)"
+
+    def on_tick(self, request: gr.Request) -> tuple[Any, Any]:
+        ahead = self.jobs.ahead(request.session_hash, self.tab)
+        if ahead is None:  # started, cancelled or gone: the job's own reports take over
+            return gr.skip(), gr.Timer(active=False)
+        return waiting_text(ahead), gr.skip()
 
     def follow(
         self,
@@ -179,17 +241,24 @@ def progress_bar(done: int, total: int | None) -> str:
 
 
 def model_event(panel: JobPanel, fn: Callable, inputs: Any, outputs: Any, name: str, button: Any = None) -> Any:
-    """An event that runs the model: queued, one at a time per loaded model; its place in the queue shows
-    on the panel's status line (the other outputs stay visible: x̂₀ updates under no veil)."""
-    return (button or panel.run).click(
+    """An event that runs the model: the click takes a place in line (:meth:`JobPanel.enqueue`, answered
+    at once), then the job joins the queue, one at a time per loaded model. The panel's status line
+    says where it waits and how far it got; Gradio's own overlay (its estimate knows nothing of our
+    jobs) is hidden, and the other outputs stay visible: x̂₀ updates under no veil."""
+    clicked = (button or panel.run).click(
+        panel.enqueue, None, [panel.status, panel.timer], queue=False, api_name=False, show_progress="hidden"
+    )
+    event = clicked.then(
         fn,
         inputs,
         outputs,
         concurrency_limit=1,
         concurrency_id=MODEL_QUEUE,
         api_name=name,
-        show_progress_on=panel.status,
+        show_progress="hidden",
     )
+    event.failure(panel.not_started, None, panel.status, queue=False, api_name=False, show_progress="hidden")
+    return event
 
 
 def schedule_range(session: Session, scheduler: str | None, steps: Any) -> int:
@@ -198,3 +267,72 @@ def schedule_range(session: Session, scheduler: str | None, steps: Any) -> int:
         return handlers.schedule_length(session, scheduler, steps)
     except Exception:  # a bad step count is reported when the run is asked for, not while typing
         return handlers.schedule_length(session, None, None)
+
+
+def start_range(calls: int) -> int:
+    """The largest value of a "from step" slider (0 to ``calls`` − 1) on a schedule of ``calls`` UNet calls.
+
+    Gradio's sliders need minimum < maximum: on a schedule of one call the slider keeps the range
+    0–1 and is made fixed (:func:`window_updates`)."""
+    return max(calls - 1, 1)
+
+
+def end_range(calls: int) -> int:
+    """The largest value of a "to step" slider (1 to ``calls``), at least 2 (see :func:`start_range`)."""
+    return max(calls, 2)
+
+
+def window_updates(calls: int, old_calls: int, start: Any, end: Any) -> tuple[Any, Any]:
+    """The two sliders of a step window moved onto a schedule of ``calls`` UNet calls (from ``old_calls``):
+    an end at the old schedule's end stays at the end; values beyond the new range come back into it."""
+    end = handlers.whole(end, "window end")
+    new_end = calls if end >= old_calls else min(end, calls)
+    return start_update(calls, start), gr.update(maximum=end_range(calls), value=new_end, interactive=calls > 1)
+
+
+def start_update(calls: int, start: Any) -> Any:
+    """A "from step" slider moved onto a schedule of ``calls`` UNet calls (its value kept within it)."""
+    value = min(handlers.whole(start, "window start"), calls - 1)
+    return gr.update(maximum=start_range(calls), value=value, interactive=calls > 1)
+
+
+def caption(text: str) -> Any:
+    """A caption above an output shown without Gradio's label badge (which covers the output's top edge)."""
+    return gr.Markdown(f"**{text}**", elem_classes="output-caption")
+
+
+def captioned_figure(text: str, elem_id: str) -> Any:
+    """A figure (PNG, not editable) under its :func:`caption`, its download and full-screen buttons above it
+    rather than over its headings."""
+    caption(text)
+    return gr.Image(
+        label=text,
+        show_label=False,
+        format="png",
+        interactive=False,
+        elem_id=elem_id,
+        elem_classes="figure",
+        buttons=["download", "fullscreen"],
+    )
+
+
+def refused_steps(session: Session, scheduler: str, most: int) -> list[int]:
+    """The step counts 1–``most`` this model refuses with ``scheduler`` (a declared ``max_sigma``: the
+    schedule's first noise level too high, see docs/training.md); none where it declares no bound."""
+    if session.defaults.get("max_sigma") is None:
+        return []
+    refused = []
+    for steps in range(1, most + 1):
+        try:
+            session.check_schedule(scheduler, steps)
+        except NegpromptError:
+            refused.append(steps)
+    return refused
+
+
+def steps_label(most: int, refused: list[int], scheduler: str) -> str:
+    """The steps field's label: the range the server allows, and the counts in it the model refuses."""
+    if not refused:
+        return f"Steps (1–{most})"
+    shown = ", ".join(map(str, refused[:4])) + (f" … ({len(refused)} counts)" if len(refused) > 4 else "")
+    return f"Steps (1–{most}; this model refuses {shown} with {scheduler}: too noisy a start)"

@@ -13,6 +13,14 @@ from typing import Any
 from negprompt.errors import NegpromptError
 from negprompt.limits import MAX_IMAGES, MAX_SIDE, MAX_STEPS
 
+# What the page offers before a visitor types anything: the first click should show a negative acting.
+EXAMPLE_SEED = 2  # on the bundled model the example pair's plain image has the negative's hat at seed 2 (and
+# the negative removes it); at seed 0 there is no hat and nothing to see (tests/test_web.py checks this)
+EDIT_START = 1  # the Edit tab's delayed negative starts at UNet call 1: the bundled model settles a hat within
+# its first two steps, so a later start keeps it (docs/edit-sweep/sweep.md: start 4 removes 7 %)
+UPLOAD_LIMIT = "1mb"  # Gradio's max_file_size: the page takes no uploads; its upload route refuses larger files
+LOG_LINE_CHARS = 2000  # a line the server writes to its log (stderr) is cut after this many characters
+
 
 class LimitError(NegpromptError):
     """A request over one of the server's limits."""
