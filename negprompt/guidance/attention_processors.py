@@ -45,14 +45,18 @@ from negprompt.layers.processors import installed, observer_of
 
 def nag_combine(phi: float, tau: float, alpha: float) -> Combine:
     """Z⁺ over the positive's keys and Z⁻ over the negative's (each with the image keys in a joint
-    layer) in one attention call, then :func:`negprompt.guidance.formulas.nag`."""
+    layer), then :func:`negprompt.guidance.formulas.nag`: one attention call over both, or, in a joint layer
+    with more image keys than text keys, the image keys' part once and each text's part merged with it
+    (tiny FLUX at 256²: NAG / plain 1.60 → 1.14)."""
 
     def combine(query, text, negative, image=None, text_bias=None):
-        if image is not None:  # a joint layer: the image keys' part once, merged with each text's part
+        if image is not None and image[0].shape[2] > text[0].shape[2]:  # mostly image keys: attend to them once
             return formulas.nag(*_joint_attentions(query, text, negative, image, text_bias), phi, tau, alpha)
         bias = None
-        if text_bias is not None:  # (2B, 1, 1, L): the positive's rows, then the negative's
-            bias = torch.cat([b.float() for b in text_bias])[:, None, None, :]
+        if text_bias is not None:  # (2B, 1, 1, L [+ M]): the positive's rows, then the negative's
+            bias = torch.cat([_with_image_keys(b, image) for b in text_bias])[:, None, None, :]
+        if image is not None:  # few image keys (a small image): one call over [text; image] for both
+            text, negative = join_tokens(text, image), join_tokens(negative, image)
         both = F.scaled_dot_product_attention(
             torch.cat([query, query]),
             torch.cat([text[0], negative[0]]),
