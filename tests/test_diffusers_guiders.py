@@ -140,6 +140,19 @@ def test_wrapped_guider_is_diffusers_forward_on_the_negative(cls, config):
     assert (ours - formulas.sd_negative(p["negative"], p["positive"], 5.0)).abs().max() > 1e-3  # not plain CFG
 
 
+def test_wrapped_fdg_is_diffusers_forward_on_the_negative_images():
+    """FDG (Sadat et al. 2025) guides low and high frequencies of the prediction with their own scales (a Laplacian
+    pyramid through kornia): equal to diffusers' on the same 4-D predictions, and not plain CFG."""
+    from diffusers.guiders import FrequencyDecoupledGuidance
+
+    p = predictions(4)
+    config = {"guidance_scales": [7.0, 3.0]}
+    ours = guider_rule("FrequencyDecoupledGuidance", config).combine(p, 2, 10)
+    reference = run_diffusers(FrequencyDecoupledGuidance(**config), p["positive"], p["negative"], 2, 10)
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    assert (ours - formulas.sd_negative(p["negative"], p["positive"], 5.0)).abs().max() > 1e-3
+
+
 def test_wrapped_apg_carries_its_momentum_across_steps_as_diffusers_does():
     config = {"adaptive_projected_guidance_momentum": -0.5, "eta": 0.0, "adaptive_projected_guidance_rescale": 0.0}
     guidance, theirs, state = guider_rule("AdaptiveProjectedGuidance", config), None, {}
@@ -233,7 +246,7 @@ def test_bench_methods_lists_the_wrapped_guiders_with_valid_settings():
     from negprompt.shapes.methods import METHODS
 
     wrapped = {m.name: m for m in METHODS if m.rule == "guider"}
-    assert {"guider TCFG", "guider MAMBO-G α=8", "guider APG-Mix"} <= set(wrapped)
+    assert {"guider TCFG", "guider FDG 5/2.5", "guider MAMBO-G α=8", "guider APG-Mix"} <= set(wrapped)
     for method in wrapped.values():
         Guidance(rule="guider", positive=Term("a"), negatives=(Term("b"),), scale=5.0, settings=method.settings)
 

@@ -73,7 +73,13 @@ def shortened(words: list[str], tiny_sd_dir: Path, spec: Path, stand_ins: dict[s
         extra += ["--width", "32", "--height", "32"]
         if "cuda" in words and not torch.cuda.is_available():
             extra += ["--device", "cpu"]
-    return words + extra
+    words = list(words)
+    for flag, value in zip(extra[::2], extra[1::2]):  # an option the command already gives takes the short value
+        if flag in words:
+            words[words.index(flag) + 1] = value
+        else:
+            words += [flag, value]
+    return words
 
 
 def test_the_readme_has_the_commands_we_check():
@@ -105,9 +111,15 @@ def test_every_readme_command_runs(
     assert (tmp_path / "out" / "again.png").exists() and (tmp_path / "study" / "report.md").exists()
 
 
-@pytest.mark.parametrize("words", [["generate", "x", "--steps", "3"]])
-def test_shortening_only_appends(words, tiny_sd_dir, tmp_path):
-    assert shortened(words, tiny_sd_dir, tmp_path)[: len(words)] == words
+@pytest.mark.parametrize(
+    "words, expected",
+    [
+        (["generate", "x", "--steps", "30"], ["generate", "x", "--steps", "8"]),
+        (["edit", "x", "--seed", "0-7"], ["edit", "x", "--seed", "0-1", "--steps", "8"]),  # a seed given once
+    ],
+)
+def test_shortening_keeps_the_command_and_gives_its_options_their_short_values(words, expected, tiny_sd_dir, tmp_path):
+    assert shortened(words, tiny_sd_dir, tmp_path) == expected
 
 
 def test_every_readme_serve_command_starts(tiny_sd_dir, monkeypatch, capsys):

@@ -631,6 +631,9 @@ def test_serve_on_ipv6_and_bounded_requests(tmp_path):
             [sys.executable, "-m", "negprompt", "serve", "--host", "::1", "--port", str(port)],
             stdout=log,
             stderr=subprocess.STDOUT,
+            # SIGINT as a terminal gives it: a test run started in the background ignores SIGINT, and the server
+            # would inherit that and never stop (as in tests/test_web_browser.py)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     url = f"http://[::1]:{port}"
     try:

@@ -66,8 +66,14 @@ METHODS: tuple[Method, ...] = (
     Method("apg η=0", "apg"),
     Method("nag φ=5", "nag"),  # inside attention: the negative is no denoiser row
     Method("vsf λ=4", "vsf"),
-    # diffusers' guiders through rule `guider`, the negative as their pred_uncond (docs/guiders.md); FDG needs kornia
+    # diffusers' guiders through rule `guider`, the negative as their pred_uncond (docs/guiders.md); FDG: low
+    # frequencies at the bench's scale 5, high ones at half of it (diffusers' default ratio), through kornia
     Method("guider TCFG", "guider", settings={"name": "TangentialClassifierFreeGuidance"}),
+    Method(
+        "guider FDG 5/2.5",
+        "guider",
+        settings={"name": "FrequencyDecoupledGuidance", "config": '{"guidance_scales": [5.0, 2.5]}'},
+    ),
     Method("guider MAMBO-G α=8", "guider", settings={"name": "MagnitudeAwareGuidance"}),
     Method("guider APG-Mix", "guider", settings={"name": "AdaptiveProjectedMixGuidance"}),
     # cheap negatives (docs/cheap-negatives.md): the negative's branch ended where its effect has converged,
