@@ -41,7 +41,7 @@ from negprompt.models.conditioning import Conditioning, ConditioningError, Promp
 from negprompt.models.family import ModelFamily, Parts
 from negprompt.models.flux import image_ids, pack, unpack
 from negprompt.models.prompts import _apply_weights, _weighted_tokens, check_t5_prompt
-from negprompt.models.stable_diffusion_3 import decode_shifted, text_length
+from negprompt.models.stable_diffusion_3 import decode_shifted, image_size_shift, text_length
 
 TEXT_MASK = "text_mask"  # the key of a row's text mask (1, L) in ``Conditioning.extra``
 KEPT_PADDING = 1  # padding tokens left unmasked after the prompt's (the reference's and the pipeline's)
@@ -154,16 +154,7 @@ class ChromaFamily(ModelFamily):
     def timestep_settings(self, components: Parts, num_steps: int, height: int, width: int) -> dict[str, Any]:
         """σ = 1 … 1/N evenly and μ of the image-size shift (diffusers' ``calculate_shift`` on the scheduler's
         settings), as ``ChromaPipeline`` sets them."""
-        from diffusers.pipelines.chroma.pipeline_chroma import calculate_shift
-
-        config = components.scheduler.config
-        mu = calculate_shift(
-            self.image_tokens(components, height, width),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
+        mu = image_size_shift(self.image_tokens(components, height, width), components.scheduler.config, 1.15)
         return {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps), "mu": mu}
 
     def takes_embedded_guidance(self, components: Parts) -> bool:

@@ -59,6 +59,7 @@ from negprompt.models.conditioning import Conditioning, ConditioningError, Promp
 from negprompt.models.family import ModelFamily, Parts
 from negprompt.models.flux import pack, unpack
 from negprompt.models.prompts import PromptError
+from negprompt.models.stable_diffusion_3 import image_size_shift
 
 # QwenImagePipeline's prompt template and the tokens of it dropped before the prompt (``drop_idx``).
 PROMPT_TEMPLATE = (
@@ -217,16 +218,7 @@ class QwenImageFamily(ModelFamily):
 
     def timestep_settings(self, components: Parts, num_steps: int, height: int, width: int) -> dict[str, Any]:
         """σ = 1 … 1/N evenly and μ of the image-size shift, as the pipeline passes them."""
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
-
-        config = components.scheduler.config
-        mu = calculate_shift(
-            self.image_tokens(components, height, width),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
+        mu = image_size_shift(self.image_tokens(components, height, width), components.scheduler.config, 1.15)
         return {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps), "mu": mu}
 
     def takes_embedded_guidance(self, components: Parts) -> bool:
