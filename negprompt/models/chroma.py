@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from negprompt.guidance import syntax
+from negprompt.layers.chroma_attention import TEXT_MASK  # a row's text mask (1, L) in Conditioning.extra
 from negprompt.layers.layout import AttentionLayout
 from negprompt.models.conditioning import Conditioning, ConditioningError, PromptInput
 from negprompt.models.family import ModelFamily, Parts
@@ -43,7 +44,6 @@ from negprompt.models.flux import image_ids, pack, unpack
 from negprompt.models.prompts import _apply_weights, _weighted_tokens, check_t5_prompt
 from negprompt.models.stable_diffusion_3 import decode_shifted, image_size_shift, text_length
 
-TEXT_MASK = "text_mask"  # the key of a row's text mask (1, L) in ``Conditioning.extra``
 KEPT_PADDING = 1  # padding tokens left unmasked after the prompt's (the reference's and the pipeline's)
 
 
