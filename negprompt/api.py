@@ -64,6 +64,7 @@ def generate(
     progress: bool = False,
     **options: Any,
 ) -> Generation:
-    """Generates one image per seed. Options are those of :meth:`Session.spec`; ``model`` may be a Session."""
+    """Generates one image per seed. Options are those of :meth:`Session.spec`; ``model`` may be a Session.
+    On a video model (Wan) one video per seed: ``frames=`` its frame count, ``.pixels`` (B, F, H, W, 3)."""
     session = model if isinstance(model, Session) else Session(model, device=device, dtype=dtype)
     return session.generate(prompt, negative, trace=trace, callback=callback, progress=progress, **options)

@@ -5,6 +5,11 @@ MAX_STEPS = 1000  # inference steps: the schedules have 1000 training timesteps
 MAX_SIDE = 8192  # pixels: SDXL and FLUX are trained up to 2048, and an 8192² image's attention outgrows any GPU
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 MAX_IMAGES = 10_000  # images of one run: their pixels are held in memory together
+# Frames of one video (Wan: 4k + 1; trained at 81, 5 s at 16 fps): 10 001 frames are over 10 minutes at 16 fps.
+MAX_FRAMES = 10_001
+# Bytes of a run's decoded videos, float32 (B × F × H × W × 3 × 4), held in memory together: 64 GiB is more than
+# a workstation holds (Wan's 81 frames of 720 × 1280 are 0.9 GB a video); checked before anything is sampled.
+MAX_VIDEO_BYTES = 64 * 2**30
 # Guidance scales must lie in [−MAX_SCALE, MAX_SCALE]: SD is used at 1–20 and the bundled model at 14;
 # at 100 the guided prediction is saturated, so a larger scale is a typo, not a choice.
 MAX_SCALE = 100.0

@@ -42,6 +42,9 @@ class RunSettings:
     second text encoder's prompts; SD3 and FLUX take them too), the positive's micro-conditions
     ``original_size``, ``crops_coords_top_left``, ``target_size`` and the negatives' ``negative_…``
     ones. ``embedded_guidance``: the scale w a guidance-distilled model takes as an input.
+
+    Video models (Wan): ``frames``, the frame count of each video (default the model's; images are 1 frame), and
+    ``scale_2``, the guidance scale of a second expert's steps (Wan 2.2's low-noise transformer; default ``scale``).
     """
 
     prompt: str | Sequence[str] = ""
@@ -73,6 +76,8 @@ class RunSettings:
     negative_crops_coords_top_left: Pair | None = None
     negative_target_size: Pair | None = None
     embedded_guidance: float | None = None
+    frames: int | None = None
+    scale_2: float | None = None
 
 
 __all__ = ["RunSettings"]

@@ -14,7 +14,8 @@ from PIL import Image
 from negprompt.devices import DEVICE_CHOICES, DTYPES
 from negprompt.errors import NegpromptError
 from negprompt.guidance.plan import Guidance
-from negprompt.limits import MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS
+from negprompt.guidance.rules.base import GuidanceError, check_scale
+from negprompt.limits import MAX_FRAMES, MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS, MAX_VIDEO_BYTES
 from negprompt.models.loading import BUNDLED_NAME
 from negprompt.sampling.loop import StepInfo
 from negprompt.version import __version__
@@ -63,6 +64,8 @@ class RunSpec:
     rows_per_call: int | None = None  # split each UNet call in chunks of so many rows (None: whole calls)
     embeddings: tuple[tuple[str, str, str], ...] = ()  # textual inversions loaded: (token, file name, sha256[:10])
     embedded_guidance: float | None = None  # w given to a guidance-distilled model as an input (None: it takes none)
+    frames: int = 1  # frames of each video of a video model (Wan); 1: images
+    scale_2: float | None = None  # guidance scale of a second expert's steps (Wan 2.2; None: the model has one)
 
     def __post_init__(self) -> None:
         if isinstance(self.seeds, (str, bytes)) or not hasattr(self.seeds, "__iter__"):
@@ -100,6 +103,23 @@ class RunSpec:
         rows = self.rows_per_call
         if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
             raise SettingsError(f"rows per UNet call must be a positive whole number, got {rows!r}")
+        self._check_video()
+
+    def _check_video(self) -> None:
+        """Frames a whole number in 1–MAX_FRAMES whose decoded videos fit MAX_VIDEO_BYTES; a finite second scale."""
+        check_whole("frames", self.frames, 1, MAX_FRAMES)
+        size = len(self.seeds) * self.frames * self.height * self.width * 3 * 4
+        if self.frames > 1 and size > MAX_VIDEO_BYTES:
+            raise SettingsError(
+                f"{len(self.seeds)} video(s) of {self.frames} frames of {self.width}×{self.height} take "
+                f"{size / 2**30:.0f} GiB as float32 frames, over the {MAX_VIDEO_BYTES // 2**30} GiB a run may hold; "
+                "give fewer frames, a smaller size or fewer seeds"
+            )
+        if self.scale_2 is not None:
+            try:
+                check_scale(self.scale_2, "second guidance scale")
+            except GuidanceError as error:
+                raise SettingsError(str(error)) from None
 
     def to_json(self) -> dict:
         record = {
@@ -119,6 +139,10 @@ class RunSpec:
             record["rows_per_call"] = self.rows_per_call
         if self.embedded_guidance is not None:
             record["embedded_guidance"] = self.embedded_guidance
+        if self.frames != 1:
+            record["frames"] = self.frames
+        if self.scale_2 is not None:
+            record["scale_2"] = self.scale_2
         if self.embeddings:
             record["embeddings"] = [{"token": t, "file": f, "sha256": h} for t, f, h in self.embeddings]
         return record
@@ -144,6 +168,8 @@ class RunSpec:
         _expect(data, "eta", (int, float))
         _expect(data, "rows_per_call", int, optional=True)
         _expect(data, "embedded_guidance", (int, float), optional=True)
+        _expect(data, "frames", int)
+        _expect(data, "scale_2", (int, float), optional=True)
         if not isinstance(data["seeds"], list):
             raise SettingsError(f"settings field 'seeds' must be a list of whole numbers, got {data['seeds']!r}")
         embeddings = data.get("embeddings") or []
@@ -169,6 +195,8 @@ class RunSpec:
             rows_per_call=data.get("rows_per_call"),
             embeddings=tuple((e["token"], e["file"], e["sha256"]) for e in embeddings),
             embedded_guidance=data.get("embedded_guidance"),
+            frames=data.get("frames", 1),
+            scale_2=data.get("scale_2"),
         )
 
     def infotext(self, index: int) -> str:
@@ -193,6 +221,10 @@ class RunSpec:
             fields.append(f"Rows per call: {self.rows_per_call}")
         if self.embedded_guidance is not None:
             fields.append(f"Embedded guidance: {self.embedded_guidance}")
+        if self.frames != 1:
+            fields.append(f"Frames: {self.frames}")
+        if self.scale_2 is not None:
+            fields.append(f"CFG scale 2: {self.scale_2}")
         if self.embeddings:  # AUTOMATIC1111's field for textual-inversion embeddings
             fields.append(
                 'TI hashes: "' + ", ".join(f"{token}: {digest}" for token, _, digest in self.embeddings) + '"'
@@ -229,10 +261,13 @@ def _second_prompts(guidance: Guidance, index: int) -> list[str]:
 
 @dataclass
 class Generation:
-    """Images of one run with the spec that made them; ``trace`` holds each step if asked."""
+    """Images of one run with the spec that made them; ``trace`` holds each step if asked.
+
+    A video model's run (``spec.frames`` > 1, or any run of a video family) holds videos: ``pixels`` is then
+    (B, F, H, W, 3), ``images`` is empty and :attr:`frames` gives each video's frames as images."""
 
     spec: RunSpec
-    pixels: np.ndarray  # (B, H, W, 3) float32 in [0, 1]
+    pixels: np.ndarray  # (B, H, W, 3) float32 in [0, 1]; videos: (B, F, H, W, 3)
     trace: list[StepInfo] | None = None
     unet_batch_rows: int = 0
     num_steps: int = 0
@@ -240,7 +275,17 @@ class Generation:
     images: list[Image.Image] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.images = [Image.fromarray(to_uint8(p)) for p in self.pixels]
+        self.images = [] if self.is_video else [Image.fromarray(to_uint8(p)) for p in self.pixels]
+
+    @property
+    def is_video(self) -> bool:
+        """Whether the run made videos: ``pixels`` (B, F, H, W, 3)."""
+        return self.pixels.ndim == 5
+
+    @property
+    def frames(self) -> list[list[Image.Image]]:
+        """Each video's frames as images (made on each call); [] for a run of images."""
+        return [[Image.fromarray(to_uint8(f)) for f in video] for video in self.pixels] if self.is_video else []
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ def test_every_family_is_found_by_its_name_and_from_its_parts(models):
         "flux2-klein",
         "qwen-image",
         "z-image",
+        "wan",
     }
     for name, components in models.items():
         assert family_named(name) is components.family is family_for_parts(components)

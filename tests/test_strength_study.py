@@ -195,12 +195,21 @@ pairs:
         ),
         (("pairs:", "pairs: [\n"), "not valid YAML"),
         (("steps: 3", "steps: 3\nrule: cfg"), "<spec>:5: field 'rule' must be one of sd, nag, vsf"),
+        (("steps: 3", "steps: 3\nframes: 0"), "<spec>:5: field 'frames'"),
     ],
 )
 def test_spec_validation_names_the_line_and_field(edit, message):
     with pytest.raises(SpecError) as error:
         parse_spec(GOOD.replace(*edit))
     assert message in str(error.value)
+
+
+def test_a_video_spec_sets_the_frames_and_an_image_spec_keeps_its_fingerprint():
+    image = parse_spec(GOOD)
+    assert "frames" not in image.to_json() and image.run_settings(image.pairs[0]).frames is None
+    video = parse_spec(GOOD.replace("size: 32", "size: 32\nframes: 9"))
+    assert video.frames == 9 and video.run_settings(video.pairs[0]).frames == 9
+    assert video.fingerprint() != image.fingerprint()
 
 
 def test_negative_word_outside_the_vocabulary():

@@ -12,7 +12,7 @@ the reducer every capture of the toolkit uses; it computes, per branch and layer
   ``compute_activation_ratio``.
 
 :func:`summarize` turns a finished capture into rows with the maps' centroid and spread
-(:func:`centroid`, :func:`spread`).
+(:func:`centroid`, :func:`spread`); a video's, into rows per latent frame and of the whole video.
 
 The operations, their order and dtypes are those the goldens (``tests/golden``) were recorded with;
 changing them changes the recorded numbers.
@@ -162,32 +162,53 @@ def spread(attention_map: torch.Tensor, center: tuple[float, float]) -> float:
 
 def summarize(capture: AttentionCapture) -> list[dict]:
     """Per branch, word, kept step (where the branch ran) and image: mass and Σ_k‖F_k‖_F summed over
-    layers, the per-layer norms, and the centroid and spread of the stored (layer-mean) map."""
+    layers, the per-layer norms, and the centroid and spread of the stored (layer-mean) map.
+
+    A video's capture (statistics per latent frame) gives, per image, one row per latent frame (``"frame"``:
+    its index, the frame's own map and statistics) and then one row of the whole video (``"frame"``: None): mass
+    summed over frames, ‖F_k‖_F of the layer's map over all frames, √(Σ_f ‖F_k,f‖²_F) (as
+    :func:`negprompt.analysis.strength.strength_curves` takes it), centroid and spread of the frames' summed map,
+    and ``centroid_frame``, the mass-weighted mean latent frame. An image's rows have no ``"frame"``."""
     rows = []
     for branch, words in capture.index["words"].items():
         present = capture.present(branch)
         for word in words:
-            maps = capture.maps(branch, word)  # (steps, B, S, S)
-            frob = capture.frobenius(branch, word)  # (steps, layers, B)
+            maps = capture.maps(branch, word)  # (steps, B, S, S); a video's (steps, B, F′, S, S)
+            frob = capture.frobenius(branch, word)  # (steps, layers, B[, F′])
             mass = capture.mass(branch, word)
             for s, step in enumerate(capture.index["steps"]):
                 if not bool(present[s]):
                     continue
                 for b in range(maps.shape[1]):
-                    m = maps[s, b]
-                    cx, cy = centroid(m)
-                    rows.append(
-                        {
-                            "branch": branch,
-                            "word": word,
-                            "step": step,
-                            "image": b,
-                            "mass": float(mass[s, :, b].sum()),
-                            "frobenius_sum": float(frob[s, :, b].sum()),
-                            "frobenius_per_layer": [round(float(x), 6) for x in frob[s, :, b]],
-                            "centroid_x": cx,
-                            "centroid_y": cy,
-                            "spread": spread(m, (cx, cy)),
-                        }
-                    )
+                    key = {"branch": branch, "word": word, "step": step, "image": b}
+                    if capture.frames is None:
+                        rows.append(key | map_row(maps[s, b], mass[s, :, b], frob[s, :, b]))
+                    else:
+                        rows += video_rows(key, maps[s, b], mass[s, :, b], frob[s, :, b])
+    return rows
+
+
+def map_row(attention_map: torch.Tensor, mass: torch.Tensor, frobenius: torch.Tensor) -> dict:
+    """The numbers of one summary row: ``attention_map`` (S, S), ``mass`` and ``frobenius`` (layers,)."""
+    cx, cy = centroid(attention_map)
+    return {
+        "mass": float(mass.sum()),
+        "frobenius_sum": float(frobenius.sum()),
+        "frobenius_per_layer": [round(float(x), 6) for x in frobenius],
+        "centroid_x": cx,
+        "centroid_y": cy,
+        "spread": spread(attention_map, (cx, cy)),
+    }
+
+
+def video_rows(key: dict, maps: torch.Tensor, mass: torch.Tensor, frobenius: torch.Tensor) -> list[dict]:
+    """One video's rows at one step: each latent frame's, then the whole video's (``"frame"``: None).
+
+    ``maps`` (F′, S, S), ``mass`` and ``frobenius`` (layers, F′)."""
+    rows = [key | {"frame": f} | map_row(maps[f], mass[:, f], frobenius[:, f]) for f in range(maps.shape[0])]
+    per_frame_mass = mass.sum(dim=0)  # (F′,)
+    total = float(per_frame_mass.sum())
+    frame_centre = float((per_frame_mass * torch.arange(maps.shape[0])).sum() / total) if total > 0 else float("nan")
+    whole = map_row(maps.sum(dim=0), mass, frobenius.square().sum(dim=1).sqrt())
+    rows.append(key | {"frame": None} | whole | {"centroid_frame": frame_centre})
     return rows

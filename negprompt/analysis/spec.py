@@ -28,10 +28,10 @@ from typing import Any
 import yaml
 
 from negprompt.errors import NegpromptError
-from negprompt.limits import MAX_IMAGES, MAX_SCALE, MAX_SEED, MAX_SIDE, MAX_STEPS
+from negprompt.limits import MAX_FRAMES, MAX_IMAGES, MAX_SCALE, MAX_SEED, MAX_SIDE, MAX_STEPS
 from negprompt.runsettings import RunSettings
 
-TOP_KEYS = {"name", "model", "scheduler", "steps", "scale", "seeds", "size", "map_size", "pairs", "rule"}
+TOP_KEYS = {"name", "model", "scheduler", "steps", "scale", "seeds", "size", "frames", "map_size", "pairs", "rule"}
 STUDY_RULES = ("sd", "nag", "vsf")  # rules with one negative whose attention the capture records
 REQUIRED_TOP = {"name", "steps", "seeds", "pairs"}
 PAIR_KEYS = {"group", "prompt", "negative", "word", "related"}
@@ -77,6 +77,7 @@ class StudySpec:
     size: int | None = None
     map_size: int | None = None
     rule: str = "sd"  # how the negative acts: rule (9), or inside attention (nag, vsf)
+    frames: int | None = None  # a video model's frame count (None: the model's default; images: 1)
     source: str = field(default="", compare=False)
 
     def to_json(self) -> dict:
@@ -84,6 +85,8 @@ class StudySpec:
         data.pop("source")
         if self.rule == "sd":  # specs written before the field keep their fingerprint
             data.pop("rule")
+        if self.frames is None:  # specs written before the field keep their fingerprint
+            data.pop("frames")
         for pair in data["pairs"]:
             pair.pop("line")
         data["seeds"] = list(self.seeds)
@@ -103,6 +106,7 @@ class StudySpec:
             scheduler=self.scheduler,
             seeds=self.seeds,
             size=self.size,
+            frames=self.frames,
         )
 
 
@@ -223,6 +227,15 @@ def _parse_pair(item: yaml.Node, source: str) -> Pair:
 
 def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
     """Parses and validates a spec; every error names the line and field."""
+    top = _top_fields(_compose(text, source), source)
+    values = _settings(top, source)
+    seeds = _seeds(top["seeds"][1], source)
+    pairs = _pairs(top["pairs"][1], source)
+    return StudySpec(seeds=seeds, pairs=pairs, source=source, **values)
+
+
+def _compose(text: str, source: str) -> yaml.Node | None:
+    """The YAML node tree of ``text`` (None for an empty text); YAML errors name their line."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.reader.ReaderError as error:  # a character YAML does not allow (NUL, other controls)
@@ -237,6 +250,11 @@ def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
         raise SpecError(f"{source}{line}: not valid YAML ({problem})") from None
     except RecursionError:
         raise SpecError(f"{source}: lists or mappings nest too deeply; a spec nests three levels") from None
+    return root
+
+
+def _top_fields(root: yaml.Node | None, source: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    """The spec's fields (name → (key node, value node)), each known, the required ones present, the tree checked."""
     if root is None:
         raise SpecError(f"{source}: the spec is empty; required fields: {', '.join(sorted(REQUIRED_TOP))}")
     _check_tree(root, source)
@@ -249,7 +267,12 @@ def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
     missing = REQUIRED_TOP - top.keys()
     if missing:
         raise SpecError(f"{source}: missing field(s) {', '.join(sorted(missing))}")
+    return top
 
+
+def _settings(top: dict[str, tuple[yaml.Node, yaml.Node]], source: str) -> dict[str, Any]:
+    """The spec's single-valued fields (name, model, scheduler, steps, scale, size, frames, map_size, rule), typed and
+    checked in range."""
     values: dict[str, Any] = {}
     for key, kind in (
         ("name", str),
@@ -258,6 +281,7 @@ def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
         ("steps", int),
         ("scale", float),
         ("size", int),
+        ("frames", int),
         ("map_size", int),
         ("rule", str),
     ):
@@ -273,11 +297,16 @@ def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
     for key, low, high, why in (
         ("scale", -MAX_SCALE, MAX_SCALE, "a guidance scale"),
         ("size", 1, MAX_SIDE, "pixels"),
+        ("frames", 1, MAX_FRAMES, "frames of a video"),
         ("map_size", 1, MAX_SIDE, "pixels of an attention map"),
     ):
         if key in values:
             _in_range(top[key][1], source, key, values[key], low, high, why)
-    seeds_node = top["seeds"][1]
+    return values
+
+
+def _seeds(seeds_node: yaml.Node, source: str) -> tuple[int, ...]:
+    """The ``seeds`` field: a non-empty list of distinct 64-bit seeds, at most MAX_IMAGES."""
     if not isinstance(seeds_node, yaml.SequenceNode) or not seeds_node.value:
         raise SpecError(f"{_where(source, seeds_node)}: field 'seeds' must be a non-empty list of integers")
     if len(seeds_node.value) > MAX_IMAGES:
@@ -289,8 +318,11 @@ def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
         _in_range(node, source, "seeds", seed, 0, MAX_SEED, "a seed takes 64 bits")
     if len(set(seeds)) != len(seeds):
         raise SpecError(f"{_where(source, seeds_node)}: field 'seeds' repeats a seed")
+    return seeds
 
-    pairs_node = top["pairs"][1]
+
+def _pairs(pairs_node: yaml.Node, source: str) -> tuple[Pair, ...]:
+    """The ``pairs`` field: a non-empty list of prompt/negative pairs, each key once."""
     if not isinstance(pairs_node, yaml.SequenceNode) or not pairs_node.value:
         raise SpecError(f"{_where(source, pairs_node)}: field 'pairs' must be a non-empty list")
     pairs = [_parse_pair(item, source) for item in pairs_node.value]
@@ -298,7 +330,7 @@ def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
     for pair in pairs:
         if keys.count(pair.key) > 1:
             raise SpecError(f"{source}:{pair.line}: pair {pair.key!r} appears twice")
-    return StudySpec(seeds=seeds, pairs=tuple(pairs), source=source, **values)
+    return tuple(pairs)
 
 
 def load_spec(path: str | Path) -> StudySpec:

@@ -20,6 +20,10 @@ size: the latent side by default and in the built-in study specs, as in their co
 
 Both are computed from an :class:`~negprompt.attention.result.AttentionCapture`; steps where the
 negative branch was not evaluated give NaN.
+
+**Videos** (a capture with latent frames F′, statistics per frame): :func:`strength_curves` gives r_t of the
+whole video — its map over all frames, ‖F‖_F = √(Σ_f ‖F_f‖²_F), and E over all frames' pixels, the mean of the
+frames' E — and :func:`strength_over_frames` gives r_t of each latent frame apart, (steps, B, F′).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from negprompt.attention.result import AttentionCapture
 from negprompt.errors import NegpromptError
 
 # Words never chosen as r(i): they name nothing in the image.
+BRANCHES = ("negative", "positive")  # r_t's numerator and denominator
 FUNCTION_WORDS = frozenset({"a", "an", "the", "of", "in", "on", "at", "with", "and", "by", "to", "for", ",", "."})
 
 
@@ -64,29 +69,67 @@ def related_word(capture: AttentionCapture, negative_word: str, candidates: Sequ
     present = capture.present("negative")
     if not bool(present.any()):
         raise NegpromptError("the negative branch was never evaluated, so nothing relates to it")
-    negative = capture.maps("negative", negative_word)[present]  # (steps, B, S, S)
-    scores = torch.stack([map_similarity(negative, capture.maps("positive", w)[present]).mean(dim=0) for w in words])
+    negative = capture.maps("negative", negative_word)[present]  # (steps, B, S, S); a video's (steps, B, F′, S, S)
+    scores = torch.stack([_over_frames(map_similarity(negative, capture.maps("positive", w)[present])) for w in words])
     return [words[i] for i in scores.argmax(dim=0).tolist()]
+
+
+def _over_frames(similarity: torch.Tensor) -> torch.Tensor:
+    """Similarities (steps, B) → (B,), the mean over steps; a video's (steps, B, F′): over frames, then steps."""
+    if similarity.ndim == 3:
+        similarity = similarity.mean(dim=2)
+    return similarity.mean(dim=0)
+
+
+def chosen_related(capture: AttentionCapture, negative_word: str, related: str | Sequence[str] | None) -> list[str]:
+    """r(i) per image: ``related`` (one word for all, or one per image), or :func:`related_word`'s choice."""
+    batch = capture.energy("negative").shape[2]
+    if related is None:
+        return related_word(capture, negative_word)
+    if isinstance(related, str):
+        return [related] * batch
+    return list(related)
+
+
+def hooked_layers(capture: AttentionCapture) -> list[int]:
+    """The captured layers the released r_t sums: all but a UNet's mid block (their code hooks none there)."""
+    hooked = [i for i, layer in enumerate(capture.index["layers"]) if not layer["path"].startswith("mid_block.")]
+    if not hooked:
+        raise NegpromptError("the released r_t sums down- and up-block layers, and none was captured")
+    return hooked
+
+
+def strength_over_frames(
+    capture: AttentionCapture, negative_word: str, related: str | Sequence[str] | None = None
+) -> dict[str, torch.Tensor | list[str]]:
+    """A video's r_t per kept step, video and latent frame under both definitions, (steps, B, F′) each (the
+    frame's maps and E alone), and the r(i) used per video (chosen over all frames, as :func:`strength_curves`)."""
+    if capture.frames is None:
+        raise NegpromptError("r_t over frames needs a video's capture; this capture holds images")
+    chosen = chosen_related(capture, negative_word, related)
+    negative = capture.frobenius("negative", negative_word)  # (steps, layers, B, F′)
+    positive = torch.stack([capture.frobenius("positive", word)[:, :, b] for b, word in enumerate(chosen)], dim=2)
+    hooked = hooked_layers(capture)
+    return {
+        "article": article_ratio(negative, positive),
+        "released": released_ratio(capture.energy("negative")[:, hooked], capture.energy("positive")[:, hooked]),
+        "related": chosen,
+    }
 
 
 def strength_curves(
     capture: AttentionCapture, negative_word: str, related: str | Sequence[str] | None = None
 ) -> dict[str, torch.Tensor | list[str]]:
     """r_t per kept step and image under both definitions, and the r(i) used per image."""
-    batch = capture.energy("negative").shape[-1]
-    if related is None:
-        chosen = related_word(capture, negative_word)
-    elif isinstance(related, str):
-        chosen = [related] * batch
-    else:
-        chosen = list(related)
-    negative = capture.frobenius("negative", negative_word)  # (steps, layers, B)
-    positive = torch.stack([capture.frobenius("positive", word)[:, :, b] for b, word in enumerate(chosen)], dim=-1)
-    hooked = [i for i, layer in enumerate(capture.index["layers"]) if not layer["path"].startswith("mid_block.")]
-    if not hooked:
-        raise NegpromptError("the released r_t sums down- and up-block layers, and none was captured")
+    chosen = chosen_related(capture, negative_word, related)
+    negative = capture.frobenius("negative", negative_word)  # (steps, layers, B[, F′])
+    positive = torch.stack([capture.frobenius("positive", word)[:, :, b] for b, word in enumerate(chosen)], dim=2)
+    negative_energy, positive_energy = (capture.energy(branch)[:, hooked_layers(capture)] for branch in BRANCHES)
+    if capture.frames is not None:  # a video: its map over all frames, E over all frames' pixels
+        negative, positive = (x.square().sum(dim=3).sqrt() for x in (negative, positive))
+        negative_energy, positive_energy = negative_energy.mean(dim=3), positive_energy.mean(dim=3)
     return {
         "article": article_ratio(negative, positive),
-        "released": released_ratio(capture.energy("negative")[:, hooked], capture.energy("positive")[:, hooked]),
+        "released": released_ratio(negative_energy, positive_energy),
         "related": chosen,
     }

@@ -32,6 +32,11 @@ the toolkit's reducer, ``negprompt.analysis.attention_stats.reduce_layer``, fill
 
 The recorder itself keeps ``present``: (steps,) bool — whether the branch was evaluated at that step
 (a delayed negative is not). Statistics a reducer does not return stay NaN (maps stay 0).
+
+A video's layers (the layout's ``frames``: image tokens over (F′, h′, w′)) are reduced frame by frame — the reducer
+sees one latent frame's h′·w′ queries at a time — and every per-image tensor above gains a frame axis after B:
+``maps`` (steps, layers or 1, B, F′, words, S, S), ``frobenius``/``mass`` (steps, layers, B, F′, words), ``energy``
+(steps, layers, B, F′). An image's tensors are as above (``CapturePlan.frames`` None).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -159,6 +164,12 @@ class CapturePlan:
     layout: AttentionLayout  # the family's: which layers, which processors record
     selection: dict[str, torch.Tensor] = field(default_factory=dict)  # branch → (B, words, L) 0/1
     text_length: int = 77  # L: text keys per layer
+    frames: int | None = None  # a video's latent frames F′ (statistics per frame); None: an image
+
+    @property
+    def per_image(self) -> tuple[int, ...]:
+        """The axes of one row's statistics: (B,), or (B, F′) for a video."""
+        return (self.batch_size,) if self.frames is None else (self.batch_size, self.frames)
 
     @property
     def stored_layers(self) -> int:
@@ -168,11 +179,11 @@ class CapturePlan:
         shapes = {}
         for branch in self.branches:
             n_words = len(self.words[branch])
-            steps, layers, batch = len(self.steps), len(self.layers), self.batch_size
-            shapes[f"maps.{branch}"] = ((steps, self.stored_layers, batch, n_words, self.size, self.size), MAP_DTYPE)
-            shapes[f"frobenius.{branch}"] = ((steps, layers, batch, n_words), STAT_DTYPE)
-            shapes[f"mass.{branch}"] = ((steps, layers, batch, n_words), STAT_DTYPE)
-            shapes[f"energy.{branch}"] = ((steps, layers, batch), STAT_DTYPE)
+            steps, layers, rows = len(self.steps), len(self.layers), self.per_image
+            shapes[f"maps.{branch}"] = ((steps, self.stored_layers, *rows, n_words, self.size, self.size), MAP_DTYPE)
+            shapes[f"frobenius.{branch}"] = ((steps, layers, *rows, n_words), STAT_DTYPE)
+            shapes[f"mass.{branch}"] = ((steps, layers, *rows, n_words), STAT_DTYPE)
+            shapes[f"energy.{branch}"] = ((steps, layers, *rows), STAT_DTYPE)
             shapes[f"present.{branch}"] = ((steps,), torch.bool)
         return shapes
 
@@ -193,12 +204,14 @@ def plan_capture(
     latent_hw: tuple[int, int],
     layout: AttentionLayout,
     text_keys: TextKeys | None = None,
+    latent_frames: int = 1,
 ) -> CapturePlan:
     """Resolves and checks a request; raises :class:`CaptureError` before any sampling.
 
     ``branch_prompts``: per branch, each image's prompt as plain text (no prompt-editing syntax);
     ``text_keys``: how the text keys are laid out (default: ``tokenizer``'s tokens, padded to its
-    length); ``layout``: the family's attention layout (which layers; a transformer's patch)."""
+    length); ``layout``: the family's attention layout (which layers; a transformer's patch; a video's
+    frame axis, over ``latent_frames`` latent frames)."""
     if layout.kind == "unread":
         raise CaptureError(f"negprompt cannot yet capture the attention of {layout.family or 'this model'}")
     text_keys = text_keys or TextKeys.of(tokenizer)
@@ -216,6 +229,8 @@ def plan_capture(
     size = request.size or max(latent_side // layer.factor for layer in layers)
     if size < 1:
         raise CaptureError(f"map size must be a positive number of pixels, got {size}")
+    if layout.frames and latent_frames < 1:
+        raise CaptureError(f"a video of {latent_frames} latent frames has nothing to capture; give at least one frame")
     batch = len(next(iter(branch_prompts.values())))
     prompts = {b: [text_keys.tokenize(p) for p in branch_prompts[b]] for b in request.words}
     words = {b: list(request.words[b]) for b in request.words}
@@ -232,6 +247,7 @@ def plan_capture(
         average_layers=request.average_layers,
         layout=layout,
         text_length=text_keys.length,
+        frames=latent_frames if layout.frames else None,
     )
     plan.selection = {b: word_selection(prompts[b], words[b], text_keys.length) for b in plan.branches}
     needed = plan.memory_bytes()
@@ -287,7 +303,8 @@ class AttentionRecorder:
         self._layout: dict[str, int] = {}  # branch → first row in the UNet batch, for the current call
         self._in_call = False  # whether the current call evaluates the recorded group
         self._slot: int | None = None  # index into plan.steps for the current call
-        self._sums: dict[str, torch.Tensor] = {}  # averaged maps being summed over layers, float32
+        self._sums: dict[str, torch.Tensor] = {}  # averaged maps being summed over layers, float32, on the device
+        self._pending: list[tuple[torch.Tensor, tuple[int, int], torch.Tensor]] = []  # (stored tensor, index, value)
         self._layers_seen: set[str] = set()
         self.timesteps: dict[int, float] = {}
 
@@ -314,13 +331,27 @@ class AttentionRecorder:
         self._slot = None
 
     def _flush(self) -> None:
-        """Stores the layer-averaged maps of the step that just ended."""
+        """Stores the step that just ended: its layer-averaged maps and every statistic staged on the device."""
         if self._slot is not None and self.plan.average_layers and self._sums:
             count = max(1, len(self._layers_seen))
             for branch, summed in self._sums.items():
-                self.tensors[f"maps.{branch}"][self._slot, 0] = (summed / count).to(MAP_DTYPE)
+                self._pending.append((self.tensors[f"maps.{branch}"], (self._slot, 0), (summed / count).to(MAP_DTYPE)))
+        self._copy_pending()
         self._sums = {}
         self._layers_seen = set()
+
+    def _copy_pending(self) -> None:
+        """The staged values to their stored tensors on the host: one copy per dtype and step (values flattened
+        into one tensor on their device), not one per statistic, layer and branch — each copy from a GPU waits
+        for it. The values are copied exactly."""
+        by_dtype: dict[torch.dtype, list[tuple[torch.Tensor, tuple[int, int], torch.Tensor]]] = {}
+        for item in self._pending:
+            by_dtype.setdefault(item[2].dtype, []).append(item)
+        self._pending = []
+        for items in by_dtype.values():
+            host = torch.cat([value.reshape(-1) for _, _, value in items]).cpu()
+            for (target, index, value), part in zip(items, host.split([value.numel() for _, _, value in items])):
+                target[index] = part.view(value.shape)
 
     @property
     def active(self) -> bool:
@@ -339,15 +370,29 @@ class AttentionRecorder:
         factor = plan.layers[layer].factor
         h, w = plan.latent_hw[0] // factor, plan.latent_hw[1] // factor
         total, queries, length = probabilities.shape
-        if queries != h * w:
-            raise CaptureError(f"layer {path}: {queries} queries, expected {h}×{w}")
+        if queries != (plan.frames or 1) * h * w:
+            frames = "" if plan.frames is None else f"{plan.frames}×"
+            raise CaptureError(f"layer {path}: {queries} queries, expected {frames}{h}×{w}")
         probs = probabilities.detach().float().reshape(total // heads, heads, queries, length)
         batch = plan.batch_size
         self._layers_seen.add(path)
         for branch, first_row in self._layout.items():
             part = probs[first_row : first_row + batch]  # (B, heads, Q, L)
-            reduced = self.reducer(part, plan.selection[branch].to(part.device), (h, w), plan.size)
+            reduced = self._reduce(part, plan.selection[branch].to(part.device), (h, w))
             self._store(path, branch, slot, layer, reduced)
+
+    def _reduce(
+        self, probabilities: torch.Tensor, selection: torch.Tensor, hw: tuple[int, int]
+    ) -> Mapping[str, torch.Tensor]:
+        """The reducer's tensors of one branch's probabilities (B, heads, Q, L): of the image, or, for a video
+        (Q = F′·h′·w′, frame by frame), each frame's, stacked on a frame axis after B."""
+        if self.plan.frames is None:
+            return self.reducer(probabilities, selection, hw, self.plan.size)
+        per_frame = [
+            self.reducer(frame, selection, hw, self.plan.size)
+            for frame in probabilities.split(hw[0] * hw[1], dim=2)  # (B, heads, h′·w′, L) each
+        ]
+        return {name: torch.stack([reduced[name] for reduced in per_frame], dim=1) for name in per_frame[0]}
 
     def wants_context(self, branch: str) -> bool:
         """Whether a context recorded as ``branch`` (no row of the call) is wanted at the current call:
@@ -363,12 +408,13 @@ class AttentionRecorder:
         layer = self._layer_slot[path]
         factor = plan.layers[layer].factor
         h, w = plan.latent_hw[0] // factor, plan.latent_hw[1] // factor
-        probs = probabilities.detach().float().reshape(-1, heads, h * w, probabilities.shape[-1])
+        queries = (plan.frames or 1) * h * w
+        probs = probabilities.detach().float().reshape(-1, heads, queries, probabilities.shape[-1])
         if probs.shape[0] != plan.batch_size:
             raise CaptureError(f"capture planned for {plan.batch_size} images, the context has {probs.shape[0]}")
         self.tensors[f"present.{branch}"][self._slot] = True
         self._layers_seen.add(path)
-        reduced = self.reducer(probs, plan.selection[branch].to(probs.device), (h, w), plan.size)
+        reduced = self._reduce(probs, plan.selection[branch].to(probs.device), (h, w))
         self._store(path, branch, self._slot, layer, reduced)
 
     def _store(self, path: str, branch: str, slot: int, layer: int, reduced: Mapping[str, torch.Tensor]) -> None:
@@ -382,13 +428,14 @@ class AttentionRecorder:
                 raise CaptureError(
                     f"layer {path}: the reducer's {name!r} for {branch!r} is {tuple(value.shape)}, expected {expected}"
                 )
+            if value._base is not None:  # a view (e.g. of a buffer the layer reuses): kept as it is now
+                value = value.clone()
             if name != "maps":
-                target[slot, layer] = value.cpu()
-            elif self.plan.average_layers:
-                up = value.cpu()
-                self._sums[branch] = self._sums[branch] + up if branch in self._sums else up
+                self._pending.append((target, (slot, layer), value))
+            elif self.plan.average_layers:  # summed on the device, in the order the layers ran
+                self._sums[branch] = self._sums[branch] + value if branch in self._sums else value
             else:
-                target[slot, layer] = value.to(MAP_DTYPE).cpu()
+                self._pending.append((target, (slot, layer), value.to(MAP_DTYPE)))
 
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
@@ -465,9 +512,11 @@ class JointCaptureProcessor(CaptureProcessor):
 
 @contextmanager
 def capture_attention(
-    denoiser: Any, plan: CapturePlan, reducer: Reducer, group: int = 0
+    denoiser: Any, plan: CapturePlan, reducer: Reducer, group: int = 0, experts: Sequence[Any] = ()
 ) -> Iterator[AttentionRecorder]:
     """Installs capture processors on the planned layers; restores the originals on exit (also on error).
+    ``experts``: further denoisers with the same layers that predict at some steps (Wan 2.2's low-noise
+    ``transformer_2``), recorded alike.
 
     ``reducer`` computes what is stored of each layer's probabilities (the toolkit's own:
     ``negprompt.analysis.attention_stats.reduce_layer``).
@@ -489,7 +538,10 @@ def capture_attention(
 
     # A reader may need a context of its own while its processors record (Z-Image's: a hook reading each call's rows).
     capturing = getattr(plan.layout.reader, "capturing", None)
-    with installed(denoiser, make), nullcontext() if capturing is None else capturing(denoiser):
+    with ExitStack() as stack:
+        for module in (denoiser, *experts):
+            stack.enter_context(installed(module, make))
+            stack.enter_context(nullcontext() if capturing is None else capturing(module))
         try:
             yield recorder
         finally:

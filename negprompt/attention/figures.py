@@ -3,7 +3,8 @@ strength curve r_t of a negative word.
 
 Each cell overlays the word's map at that step on that step's predicted clean image x̂₀. A row is
 normalised by its largest value over the shown steps, so a map that is weak early and strong late
-(the negative prompt's, per the article) shows as dim early cells and bright late ones.
+(the negative prompt's, per the article) shows as dim early cells and bright late ones. A video's timeline
+is one latent frame's: its maps over that frame's x̂₀ frame.
 """
 
 from __future__ import annotations
@@ -40,11 +41,17 @@ def timeline(
     columns: int = 10,
     rows: Sequence[tuple[str, str]] | None = None,
     steps: Sequence[int] | None = None,
+    frame: int | None = None,
+    decoded: dict[int, np.ndarray] | None = None,
 ) -> Image.Image:
     """The timeline figure for one image of the batch; ``rows`` are (branch, word) pairs; ``steps``
-    the kept steps to show (default: ``columns`` of them, spread evenly)."""
+    the kept steps to show (default: ``columns`` of them, spread evenly); ``frame``: for a video's capture, the
+    latent frame shown (required there, refused for images). ``decoded``: step → that step's decoded x̂₀ of
+    ``image`` ((H, W, 3), a video's (F, H, W, 3)), filled on use: pass one dict to the calls that draw several
+    frames of one video, and each step is decoded once instead of once per frame."""
     if capture.generation is None or capture.generation.trace is None:
         raise ValueError("the timeline needs the capture's generation trace (capture with trace=True)")
+    check_frame(capture, frame)
     trace = {info.step: info for info in capture.generation.trace}
     kept = capture.index["steps"]
     if steps is None:
@@ -54,9 +61,14 @@ def timeline(
     rows = rows or [(b, w) for b in ("positive", "negative") for w in capture.index["words"].get(b, [])]
     rows += [(b, w) for b, ws in capture.index["words"].items() if b not in ("positive", "negative") for w in ws]
 
+    decoded = {} if decoded is None else decoded
     backgrounds = {}
     for step in steps:
-        pixels = decode(components, trace[step].denoised[image : image + 1].to(components.device))[0]
+        if step not in decoded:
+            decoded[step] = decode(components, trace[step].denoised[image : image + 1].to(components.device))[0]
+        pixels = decoded[step]
+        if frame is not None:  # a video's frames (F, H, W, 3): the one at the latent frame
+            pixels = pixels[pixel_frame(frame, capture.frames or 1, pixels.shape[0])]
         gray = pixels.mean(axis=-1, keepdims=True).repeat(3, axis=-1)
         backgrounds[step] = (
             np.asarray(Image.fromarray((gray * 255).astype(np.uint8)).resize((CELL, CELL), Image.BILINEAR)) / 255.0
@@ -70,7 +82,8 @@ def timeline(
     for c, step in enumerate(steps):
         draw.text((LABEL_WIDTH + c * CELL + 4, 5), f"step {step}", fill="black")
     for r, (branch, word) in enumerate(rows):
-        maps = capture.maps(branch, word)[:, image]  # (kept steps, S, S)
+        maps = capture.maps(branch, word)[:, image]  # (kept steps, S, S); a video's (kept steps, F′, S, S)
+        maps = maps if frame is None else maps[:, frame]
         present = capture.present(branch)
         slots = [kept.index(s) for s in steps]
         peak = max(float(maps[s].max()) for s in slots) or 1.0
@@ -89,6 +102,26 @@ def timeline(
             if not bool(present[slot]):
                 draw.text((LABEL_WIDTH + c * CELL + 4, top + 4), "off", fill="black")
     return canvas
+
+
+def check_frame(capture: AttentionCapture, frame: int | None) -> None:
+    """Raises ValueError unless ``frame`` is a latent frame of a video's capture, or None for images."""
+    if capture.frames is None:
+        if frame is not None:
+            raise ValueError(f"frame {frame} given, but the capture holds images; give no frame")
+        return
+    if frame is None or not 0 <= frame < capture.frames:
+        raise ValueError(
+            f"the capture holds a video of {capture.frames} latent frames: give a frame in 0–{capture.frames - 1}"
+        )
+
+
+def pixel_frame(frame: int, latent_frames: int, pixel_frames: int) -> int:
+    """The decoded frame shown for latent frame ``frame``: spread evenly, first to first and last to last (Wan's
+    VAE: latent frame f ≥ 1 holds frames 4f − 3 … 4f; this gives 4f)."""
+    if latent_frames <= 1:
+        return 0
+    return round(frame * (pixel_frames - 1) / (latent_frames - 1))
 
 
 def strength_figure(

@@ -54,10 +54,16 @@ class AttentionCapture:
             raise CaptureError(f"word {word!r} was not captured on branch {branch!r}; captured: {', '.join(words)}")
         return words.index(word)
 
+    @property
+    def frames(self) -> int | None:
+        """A video's latent frames F′ (its statistics have a frame axis after B); None: images."""
+        return self.index.get("frames")
+
     def maps(self, branch: str, word: str, layer: int | None = None) -> torch.Tensor:
-        """(steps, B, S, S) float32: the word's map per kept step (mean over layers unless ``layer``)."""
+        """(steps, B, S, S) float32 — a video's (steps, B, F′, S, S) —: the word's map per kept step (mean over
+        layers unless ``layer``)."""
         w = self.word_index(branch, word)
-        stored = self.tensors[f"maps.{branch}"][:, :, :, w].float()  # (steps, layers or 1, B, S, S)
+        stored = self.tensors[f"maps.{branch}"][..., w, :, :].float()  # (steps, layers or 1, B[, F′], S, S)
         if layer is None:
             return stored.mean(dim=1)
         if self.index["average_layers"]:
@@ -65,15 +71,16 @@ class AttentionCapture:
         return stored[:, layer]
 
     def frobenius(self, branch: str, word: str) -> torch.Tensor:
-        """(steps, layers, B): ‖F_k‖_F per kept step and layer k."""
+        """(steps, layers, B): ‖F_k‖_F per kept step and layer k (a video's: (steps, layers, B, F′), per frame)."""
         return self.tensors[f"frobenius.{branch}"][..., self.word_index(branch, word)]
 
     def mass(self, branch: str, word: str) -> torch.Tensor:
-        """(steps, layers, B): attention mass of the word per layer."""
+        """(steps, layers, B): attention mass of the word per layer (a video's: (steps, layers, B, F′))."""
         return self.tensors[f"mass.{branch}"][..., self.word_index(branch, word)]
 
     def energy(self, branch: str) -> torch.Tensor:
-        """(steps, layers, B): Σ_heads mean_{tokens,pixels} A² (Ban et al.'s released code)."""
+        """(steps, layers, B): Σ_heads mean_{tokens,pixels} A² (Ban et al.'s released code); a video's
+        (steps, layers, B, F′), each latent frame's pixels apart."""
         return self.tensors[f"energy.{branch}"]
 
     def present(self, branch: str) -> torch.Tensor:
@@ -143,6 +150,9 @@ def plan_for(settings: RunSpec, request: CaptureRequest, model: Session | Compon
     calls = denoiser_calls(settings.scheduler, components.scheduler, settings.steps)
     factor = components.latent_factor
     latent_hw = (settings.height // factor, settings.width // factor)
+    # a video's latents (C, F′, h, w): the family says how many latent frames its frames make
+    shape = components.family.latent_shape(components, settings.height, settings.width, settings.frames)
+    latent_frames = shape[1] if len(shape) == 4 else 1
     if components.tokenizer_2 is not None:
         check_second_prompts(settings, request, components)
     plain = {branch: [syntax.plain_text(p) for p in prompts] for branch, prompts in branch_prompts(settings).items()}
@@ -155,6 +165,7 @@ def plan_for(settings: RunSpec, request: CaptureRequest, model: Session | Compon
         latent_hw,
         components.attention_layout,
         TextKeys.from_segments(components.family.text_key_segments(components)),
+        latent_frames,
     )
 
 
@@ -179,7 +190,8 @@ def capture(
     session = as_session(settings.model if session is None else session, device=settings.device, dtype=settings.dtype)
     with session.exclusive() as components:
         plan = plan_for(settings, request, components)
-        with capture_attention(components.denoiser, plan, reducer) as recorder:
+        experts = [] if components.transformer_2 is None else [components.transformer_2]  # Wan 2.2's second expert
+        with capture_attention(components.denoiser, plan, reducer, experts=experts) as recorder:
             generation = session.run(settings, trace=trace, callback=callback, unet_hooks=[recorder], progress=progress)
     index = {
         "settings": settings.to_json(),
@@ -198,4 +210,6 @@ def capture(
         "memory_estimate_bytes": plan.memory_bytes(),
         "memory_stored_bytes": recorder.stored_bytes(),
     }
+    if plan.frames is not None:  # a video: statistics per latent frame
+        index["frames"] = plan.frames
     return AttentionCapture(tensors=recorder.tensors, index=index, generation=generation)

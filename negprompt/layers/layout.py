@@ -27,12 +27,16 @@ class AttentionLayout:
     whose layers give their own resolutions).
     ``keys_from_second_prompt``: the text keys are the tokens of the second prompt (FLUX's T5 reads
     ``prompt_2``), so a captured word must be in both prompts alike.
+    ``frames``: the image tokens are a video's, laid out (F′, h′, w′) — latent frames, then rows, then columns,
+    one token per latent frame (Wan's patch (1, 2, 2)); capture keeps maps and statistics per latent frame, F′
+    the family's latent frames of the run (``latent_shape``).
     """
 
     kind: LayoutKind
     text_start_tokens: int = 1
     patch: int = 1
     keys_from_second_prompt: bool = False
+    frames: bool = False
 
     family: str = ""  # the family's description, for refusals
     # The family's own reader of its attention (a ``negprompt.layers.readers.AttentionReader``), for layers the

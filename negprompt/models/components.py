@@ -43,6 +43,7 @@ class Components:
     transformer: Any | None = None  # diffusers.SD3Transformer2DModel or FluxTransformer2DModel (unet is None)
     text_encoder_3: Any | None = None  # transformers.T5EncoderModel (SD3)
     tokenizer_3: Any | None = None
+    transformer_2: Any | None = None  # a second expert for the low-noise steps (Wan 2.2's; see its family)
 
     def __post_init__(self) -> None:
         self.declarations = Declarations.from_json(self.declarations)
@@ -100,6 +101,7 @@ class Components:
     def modules(self) -> list[Any]:
         """The parts with weights."""
         parts = (self.unet, self.transformer, self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.vae)
+        parts += (self.transformer_2,)
         return [p for p in parts if p is not None]
 
     def eval(self) -> "Components":

@@ -15,6 +15,7 @@ from negprompt.models.qwen_image import QwenImageFamily
 from negprompt.models.stable_diffusion import StableDiffusionFamily
 from negprompt.models.stable_diffusion_3 import StableDiffusion3Family
 from negprompt.models.stable_diffusion_xl import StableDiffusionXLFamily
+from negprompt.models.wan import WanFamily
 from negprompt.models.z_image import ZImageFamily
 
 # Every family, by its name; a new family is one module and one line here.
@@ -30,6 +31,7 @@ FAMILIES: dict[str, ModelFamily] = {
         ZImageFamily(),
         ChromaFamily(),
         QwenImageFamily(),
+        WanFamily(),
     )
 }
 

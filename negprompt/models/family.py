@@ -37,11 +37,16 @@ class EmbeddedGuidanceError(NegpromptError):
     """Embedded guidance given to a model that takes none, or missing for one that needs it."""
 
 
+class VideoSettingsError(NegpromptError):
+    """A frame count the model cannot make, or a second expert's scale for a model with one denoiser."""
+
+
 class Parts(Protocol):
     """What a family reads of a loaded model (``negprompt.models.components.Components`` is one)."""
 
     unet: Any
     transformer: Any | None  # SD3, FLUX (unet is None)
+    transformer_2: Any | None  # Wan 2.2's low-noise expert
     text_encoder: Any
     tokenizer: Any
     scheduler: Any
@@ -67,6 +72,7 @@ class Parts(Protocol):
 PART_SLOTS = (
     "unet",
     "transformer",
+    "transformer_2",
     "text_encoder",
     "text_encoder_2",
     "text_encoder_3",
@@ -76,6 +82,24 @@ PART_SLOTS = (
 )
 
 PartLoader = Callable[..., Any]  # (part name, base class, **from_pretrained kwargs) → the loaded part
+
+
+def check_second_scale(components: Parts, expert_at: Callable[..., int], scale: float, scale_2: float | None) -> None:
+    """A second expert's scale only for a model whose ``expert_at`` gives the low-noise timesteps to a second expert;
+    not 1 on one expert only (scale 1 evaluates the positive alone, other scales the negative too: the branches of a
+    step must not depend on its expert)."""
+    if scale_2 is None:
+        return
+    if not expert_at(components, 0.0):
+        raise VideoSettingsError(
+            f"a second scale {scale_2:g} given, but {components.source} has one denoiser; it is the scale of a "
+            "second expert's steps (Wan 2.2's transformer_2): give --scale only"
+        )
+    if (scale == 1) != (scale_2 == 1):
+        raise VideoSettingsError(
+            f"scales {scale:g} and {scale_2:g} for the two experts: scale 1 (the positive alone, one pass) on one "
+            "expert only is not supported; give both 1 or both other than 1"
+        )
 
 
 class ModelFamily:
@@ -89,6 +113,7 @@ class ModelFamily:
     second_prompt: ClassVar[bool] = False  # a second text encoder with a prompt of its own (SDXL)
     default_sampling: ClassVar[dict[str, Any]] = {}  # the family's pipeline defaults (e.g. SDXL's scale 5)
     saved_pipeline_class: ClassVar[str | None] = None  # ``_class_name`` it is saved under (None: negprompt's)
+    makes_video: ClassVar[bool] = False  # latents with a frame axis, decoded to frames (B, F, H, W, 3) (Wan)
 
     def matches(self, index: Mapping[str, Any]) -> bool:
         """Whether a model directory with this ``model_index.json`` belongs to the family."""
@@ -127,7 +152,7 @@ class ModelFamily:
 
         parts: dict[str, Any] = {"unet": None}
         for name in self.required_parts + tuple(p for p in self.optional_parts if p in listed):
-            if name in ("unet", "transformer"):
+            if name in ("unet", "transformer", "transformer_2"):
                 parts[name] = load_part(name, diffusers.ModelMixin, **diffusers_weights)
             elif name.startswith("text_encoder"):
                 parts[name] = load_part(name, transformers.PreTrainedModel, **weights)
@@ -175,8 +200,19 @@ class ModelFamily:
         """Default image side in pixels: the UNet's sample size × the latent factor."""
         return int(components.unet.config.sample_size) * self.latent_factor(components)
 
-    def latent_shape(self, components: Parts, height: int, width: int) -> tuple[int, int, int]:
-        """(C, h, w) of one image's latents."""
+    def check_video(self, components: Parts, frames: int, scale: float, scale_2: float | None) -> None:
+        """Raises a one-line :class:`VideoSettingsError` unless the model makes ``frames`` frames and takes a second
+        expert's scale ``scale_2`` (None: none given) beside the guidance scale ``scale``: here images, one frame,
+        one denoiser (a video family says which frame counts its VAE takes; Wan 2.2 has a second expert)."""
+        if frames != 1:
+            raise VideoSettingsError(
+                f"frames {frames} given, but {components.source} is {self.description}, which makes images; "
+                "give frames (--frames) for video models only"
+            )
+        check_second_scale(components, self.expert_at, scale, scale_2)
+
+    def latent_shape(self, components: Parts, height: int, width: int, frames: int = 1) -> tuple[int, ...]:
+        """(C, h, w) of one image's latents (a video family's: (C, F', h, w) for ``frames`` frames)."""
         factor = self.latent_factor(components)
         return (self.latent_channels(components), height // factor, width // factor)
 
@@ -211,6 +247,15 @@ class ModelFamily:
         """Keywords for ``scheduler.set_timesteps(num_steps, …)`` as the family's pipeline passes them
         (none here; FLUX's σ list and image-size shift μ)."""
         return {}
+
+    def expert_at(self, components: Parts, timestep: torch.Tensor | float) -> int:
+        """Which of the model's denoisers predicts at ``timestep``: 0 (the one), or 1 for the second expert of a
+        model that has one (Wan 2.2's low-noise ``transformer_2``), whose steps run at the run's ``scale_2``."""
+        return 0
+
+    def denoiser_at(self, components: Parts, timestep: torch.Tensor | float) -> Any:
+        """The denoiser module that predicts at ``timestep`` (what a rule prepares, e.g. NAG's processors)."""
+        return components.denoiser
 
     def takes_embedded_guidance(self, components: Parts) -> bool:
         """Whether the denoiser takes the guidance scale as an input (guidance-distilled): a UNet whose
@@ -258,7 +303,8 @@ class ModelFamily:
         return latents
 
     def decode(self, components: Parts, latents: torch.Tensor) -> np.ndarray:
-        """Latents (B, C, h, w) → images (B, H, W, 3) float32 in [0, 1]."""
+        """Latents (B, C, h, w) → images (B, H, W, 3) float32 in [0, 1] (a video family's: (B, C, F', h, w) →
+        frames (B, F, H, W, 3))."""
         with torch.no_grad():
             pixels = self.to_pixels(components, latents)
         pixels = (pixels / 2 + 0.5).clamp(0, 1)

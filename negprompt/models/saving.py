@@ -30,7 +30,9 @@ def save_components(components: Components, folder: str | Path) -> Path:
     index.update(components.pipeline_options)
     denoiser = "unet" if components.unet is not None else "transformer"
     names = (denoiser, "text_encoder", "vae") + tuple(
-        name for name in ("text_encoder_2", "text_encoder_3") if getattr(components, name) is not None
+        name
+        for name in ("transformer_2", "text_encoder_2", "text_encoder_3")
+        if getattr(components, name, None) is not None
     )
     if "text_encoder_3" in components.family.optional_parts and components.text_encoder_3 is None:
         names += ("text_encoder_3",)  # listed as null: SD3 without T5

@@ -33,8 +33,12 @@ class SchedulerError(NegpromptError):
 
 
 def is_flow_matching(scheduler: Any) -> bool:
-    """Whether ``scheduler`` is a flow-matching one (diffusers' ``FlowMatch…`` classes: SD3, FLUX)."""
-    return type(scheduler).__name__.startswith("FlowMatch")
+    """Whether ``scheduler`` is a flow-matching one: diffusers' ``FlowMatch…`` classes (SD3, FLUX) or a
+    multistep solver on flow sigmas predicting velocities (Wan's ``UniPCMultistepScheduler`` with
+    ``prediction_type="flow_prediction"``, timesteps σ·1000)."""
+    if type(scheduler).__name__.startswith("FlowMatch"):
+        return True
+    return getattr(scheduler, "config", {}).get("prediction_type") == "flow_prediction"
 
 
 def make_scheduler(name: str, base: Any) -> Any:
