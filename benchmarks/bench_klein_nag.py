@@ -1,4 +1,4 @@
-"""NAG and VSF at CFG 1 on FLUX.2 [klein], as ratios against the plain run at s = 1 timed in the same run.
+"""NAG and VSF at CFG 1 on FLUX.2 [klein] (or Qwen-Image, Z-Image), as ratios against the plain run at s = 1.
 
 A step-distilled Klein runs one pass a step on the prompt alone; NAG (and VSF) at s = 1 keep that one pass and add
 the negative's text stream through the blocks (its tokens: Klein's 512 beside 4096 image tokens at 1024²; the tiny
@@ -8,6 +8,10 @@ median of per-repeat ratios. Random weights built from configs: speed does not d
 
     python benchmarks/bench_klein_nag.py            # tiny Klein, CPU
     python benchmarks/bench_klein_nag.py --quick    # fewer steps and repeats (a smoke run)
+    python benchmarks/bench_klein_nag.py --family qwen-image   # or z-image: the same runs on that tiny model
+
+On Qwen-Image and Z-Image the negative's text runs as a stream of its own through the blocks in the same way (on
+Z-Image it is first refined alone by ``context_refiner``, once a call); their plain run at s = 1 is one pass too.
 """
 
 from __future__ import annotations
@@ -19,14 +23,22 @@ from common import interleaved, median_ratio, write_result
 
 from negprompt.session import Session
 from negprompt.testing.tiny_flux2_klein import build_tiny_flux2_klein
+from negprompt.testing.tiny_qwen_image import build_tiny_qwen_image
+from negprompt.testing.tiny_z_image import build_tiny_z_image
 
 PROMPT, NEGATIVE = "a photo of a cat with glasses", "a red hat"
 TARGETS = {"nag_vs_plain": "<= 1.25", "vsf_vs_plain": "<= 1.25"}
+FAMILIES = {  # the tiny model of each family, random weights from configs
+    "flux2-klein": lambda: build_tiny_flux2_klein(seed=0, distilled=True),
+    "qwen-image": lambda: build_tiny_qwen_image(seed=0),
+    "z-image": lambda: build_tiny_z_image(seed=0),
+}
 
 
-def measure(size: int, steps: int, repeats: int) -> dict:
-    """Median seconds per run of plain, NAG and VSF at s = 1 on the tiny step-distilled Klein, and the ratios."""
-    session = Session(build_tiny_flux2_klein(seed=0, distilled=True))
+def measure(size: int, steps: int, repeats: int, family: str = "flux2-klein") -> dict:
+    """Median seconds per run of plain, NAG and VSF at s = 1 on the family's tiny model (Klein: step-distilled),
+    and the ratios."""
+    session = Session(FAMILIES[family]())
     options = dict(steps=steps, size=size, seeds=(1,), scale=1.0)
     specs = {
         "plain": session.spec(PROMPT, rule="cfg", **options),
@@ -47,12 +59,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="32 px, 2 steps, 3 repeats")
-    parser.add_argument("--out", default="benchmarks/results/klein_nag.json")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="flux2-klein")
+    parser.add_argument("--out", help="default: benchmarks/results/klein_nag.json (Klein), <family>_nag.json")
     args = parser.parse_args()
     if args.quick:
         args.size, args.steps, args.repeats = 32, 2, 3
-    result = measure(args.size, args.steps, args.repeats)
-    result.update(size=args.size, steps=args.steps, repeats=args.repeats, targets=TARGETS)
+    if args.out is None:
+        name = "klein" if args.family == "flux2-klein" else args.family.replace("-", "_")
+        args.out = f"benchmarks/results/{name}_nag.json"
+    result = measure(args.size, args.steps, args.repeats, args.family)
+    result.update(family=args.family, size=args.size, steps=args.steps, repeats=args.repeats, targets=TARGETS)
     for name in ("nag_vs_plain", "vsf_vs_plain"):
         print(f"{name}: {result[name]:.3f} (target {TARGETS[name]})")
     print("median seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in result["seconds"].items()))

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 from helpers import assert_usage_error
 from PIL import Image
 
@@ -255,9 +256,6 @@ def test_every_rule_runs_on_velocities_or_is_refused_in_one_line(qwen, rule):
     if rule in ("dng", "apg"):
         with pytest.raises(GuidanceError, match=f"rule {rule!r} is not exact on the velocity predictions") as error:
             session.spec(PROMPT, negatives, **options)
-    elif rule in ("nag", "vsf"):
-        with pytest.raises(GuidanceError, match="cannot yet change on Qwen-Image") as error:
-            session.spec(PROMPT, negatives, **options)
     else:
         spec = session.spec(PROMPT, [] if rule == "cfg" else negatives, **options)
         images = np.asarray(session.run(spec).pixels)
@@ -397,6 +395,155 @@ def test_word_positions_are_the_text_keys_of_the_embedding(qwen, prompt):
     assert len(ids) == tokenized.end + 5  # the embedding's length: the prompt's tokens and the 5 closing ones
 
 
+# ---------------------------------------------------------------- NAG and VSF
+
+
+def nag_formula(positive, negative, phi, tau, alpha):
+    """Direct: NAG (Chen et al. 2025 §3) per token, L1 ratio clipped at τ, blended with α."""
+    extrapolated = phi * positive - (phi - 1) * negative
+    ratio = extrapolated.abs().sum(-1, keepdim=True) / positive.abs().sum(-1, keepdim=True)
+    return alpha * extrapolated * ratio.clamp(max=tau) / ratio + (1 - alpha) * positive
+
+
+def direct_qkv(attn, x, added=False):
+    """q, k, v (B, S, H, d) as QwenDoubleStreamAttnProcessor2_0 computes them."""
+    head_dim = attn.inner_dim // attn.heads
+    if added:
+        projections, norms = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), (attn.norm_added_q, attn.norm_added_k)
+    else:
+        projections, norms = (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k)
+    q, k, v = (p(x).unflatten(-1, (-1, head_dim)) for p in projections)
+    return norms[0](q), norms[1](k), v
+
+
+def direct_attention(q, k, v, kept=None):
+    """softmax(q·kᵀ/√d)·v over the kept keys, float64: (B, N, H, d), (B, K, H, d) ×2 → (B, N, H·d)."""
+    scores = torch.einsum("bnhd,bkhd->bhnk", q.double(), k.double()) * q.shape[-1] ** -0.5
+    if kept is not None:
+        scores = scores.masked_fill(~kept[:, None, None, :], float("-inf"))
+    return torch.einsum("bhnk,bkhd->bnhd", scores.softmax(-1), v.double()).flatten(2)
+
+
+def call_with_nag(qwen, rows, guided, negative, combine, keep):
+    """One denoiser call under NAG on rows ``guided``: (output, inputs of block 0 and its layer, the layer's output,
+    the negative's stream as block 1 receives it)."""
+    from negprompt.layers.qwen_image_attention import negative_in_qwen_attention
+
+    transformer, seen = qwen.transformer, {}
+    latents = torch.randn(len(rows), 4, HEIGHT // 2, WIDTH // 2, generator=torch.Generator().manual_seed(0))
+    hooks = [
+        transformer.get_submodule(path).register_forward_pre_hook(
+            lambda m, a, kw, p=path: seen.setdefault(p, dict(kw)) and None, with_kwargs=True
+        )
+        for path in ("transformer_blocks.0", "transformer_blocks.0.attn")
+    ]
+    hooks.append(
+        transformer.transformer_blocks[0].attn.register_forward_hook(lambda m, a, o: seen.setdefault("out", o))
+    )
+    try:
+        with (
+            torch.no_grad(),
+            negative_in_qwen_attention(transformer, guided, {"encoder_hidden_states": negative}, combine),
+        ):
+            state = transformer.attn_processors["transformer_blocks.0.attn.processor"].state
+
+            def keep_stream(module, args):
+                seen.setdefault("stream", state.stream.clone())
+
+            hooks.append(transformer.transformer_blocks[1].register_forward_pre_hook(keep_stream))
+            output = qwen.family.denoise(qwen, latents, torch.tensor(700.0), rows, {}) if keep else None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with torch.no_grad():
+        plain = qwen.family.denoise(qwen, latents, torch.tensor(700.0), rows, {})
+    return output, plain, seen
+
+
+@pytest.mark.parametrize("beside_a_longer_row", [False, True])
+def test_nag_output_of_a_layer_equals_the_formula_and_the_negative_stream_moves_as_the_blocks_move_text(
+    qwen, beside_a_longer_row
+):
+    """Block 0's image output under NAG equals to_out(NAG(Z⁺, Z⁻)) written out from the processor's own q, k, v
+    (Z⁺ over [text; image] with the row's text mask, Z⁻ over [negative text; image], the negative's token j at text
+    position j); the negative's stream after the block is the block's own text output on it; a row beside the
+    positive's (padded text, a mask) is left as it is."""
+    from negprompt.guidance.attention_processors import nag_combine
+
+    family, transformer, (phi, tau, alpha) = qwen.family, qwen.transformer, (4.0, 2.5, 0.5)
+    positive, negative = (family.encode_one(qwen, PromptInput(text)) for text in (PROMPT, NEGATIVE))
+    longer = family.encode_one(qwen, PromptInput("a photo of a cat with glasses on a sunny street"))
+    rows, guided = ([longer, positive], slice(1, 2)) if beside_a_longer_row else ([positive, positive], slice(0, 2))
+    states = torch.cat([negative.hidden_states] * (guided.stop - guided.start))
+    output, plain, seen = call_with_nag(qwen, rows, guided, states, nag_combine(phi, tau, alpha), keep=True)
+    assert (output[guided] - plain[guided]).abs().max() > 1e-3  # NAG is not a no-op
+    assert torch.equal(output[: guided.start], plain[: guided.start])  # the other row: as without NAG
+    block, given = transformer.transformer_blocks[0], seen["transformer_blocks.0.attn"]
+    attn, mask = block.attn, given["encoder_hidden_states_mask"]
+    assert (mask is not None) == beside_a_longer_row
+    kept = None if mask is None else mask[guided].bool()
+    image_freqs, text_freqs = given["image_rotary_emb"]
+    negative_freqs = text_freqs[: states.shape[1]]  # token j of any prompt sits at text position j
+    temb = seen["transformer_blocks.0"]["temb"][guided]
+    with torch.no_grad():
+        start = transformer.txt_in(transformer.txt_norm(states))
+        shift, scale, _ = block.txt_mod(temb).chunk(2, dim=-1)[0].chunk(3, dim=-1)
+        negative_text = block.txt_norm1(start) * (1 + scale[:, None]) + shift[:, None]
+        qi, ki, vi = direct_qkv(attn, given["hidden_states"][guided])
+        _, kt, vt = direct_qkv(attn, given["encoder_hidden_states"][guided], added=True)
+        _, kn, vn = direct_qkv(attn, negative_text, added=True)
+        rotated = apply_rotary_emb_qwen
+        qi, ki = rotated(qi, image_freqs, use_real=False), rotated(ki, image_freqs, use_real=False)
+        kt, kn = rotated(kt, text_freqs, use_real=False), rotated(kn, negative_freqs, use_real=False)
+        positive_keys = None if kept is None else torch.cat([kept, torch.ones(kept.shape[0], ki.shape[1]).bool()], 1)
+        z_pos = direct_attention(qi, torch.cat([kt, ki], 1), torch.cat([vt, vi], 1), positive_keys)
+        z_neg = direct_attention(qi, torch.cat([kn, ki], 1), torch.cat([vn, vi], 1))
+        expected = attn.to_out[0](nag_formula(z_pos, z_neg, phi, tau, alpha).float())
+        assert (seen["out"][0][guided] - expected).abs().max() <= 1e-5
+        if not beside_a_longer_row:
+            kwargs = {
+                **seen["transformer_blocks.0"],
+                "encoder_hidden_states": start,
+                "encoder_hidden_states_mask": None,
+            }
+            moved, _ = block(**{**kwargs, "image_rotary_emb": (image_freqs, negative_freqs)})
+            assert (seen["stream"] - moved).abs().max() <= 1e-5
+
+
+def nag_spec(session, rule="nag", **kwargs):
+    options = dict(steps=3, size=(HEIGHT, WIDTH), seeds=(3,), scale=1.0, rule=rule)
+    return session.spec(PROMPT, NEGATIVE, **{**options, **kwargs})
+
+
+def test_nag_and_vsf_change_the_image_in_one_pass_at_scale_one_and_neutral_settings_are_plain(qwen):
+    session = Session(qwen)
+    plain = session.run(session.spec(PROMPT, steps=3, size=(HEIGHT, WIDTH), seeds=(3,), scale=1.0, rule="cfg"))
+    for rule, neutral in (("nag", {"phi": 1.0}), ("nag", {"alpha": 0.0}), ("vsf", {"scale": 0.0})):
+        assert np.array_equal(session.run(nag_spec(session, rule, rule_settings=neutral)).pixels, plain.pixels)
+    for rule in ("nag", "vsf"):
+        run = session.run(nag_spec(session, rule))
+        assert run.unet_batch_rows == 3  # one pass a step: the positive's row
+        # measured 2·10⁻³ (NAG) and 4·10⁻³ (VSF): the tiny model reads text weakly; neutral: 0
+        assert np.abs(run.pixels - plain.pixels).max() > 5e-4, rule
+    silenced = session.run(nag_spec(session, "vsf", rule_settings={"offset": -1e4}))  # the negative's keys off
+    assert np.abs(silenced.pixels - plain.pixels).max() <= 1e-5
+
+
+def test_nag_with_cfg_guides_around_the_guided_positive_and_capture_records_the_negative(qwen):
+    """At s = 4 NAG is CFG around the guided positive (two rows a step, the empty prompt's row padded beside the
+    positive's: a text mask in every layer); capture during NAG keeps the image and records the negative."""
+    session = Session(qwen)
+    cfg = session.run(session.spec(PROMPT, steps=3, size=(HEIGHT, WIDTH), seeds=(3,), scale=4.0, rule="sd"))
+    spec = nag_spec(session, scale=4.0)
+    run = session.run(spec)
+    assert run.unet_batch_rows == 6 and np.abs(run.pixels - cfg.pixels).max() > 5e-4
+    result = capture(spec, CaptureRequest({"positive": ["cat"], "negative": ["hat"]}), session, reducer=reduce_layer)
+    assert np.array_equal(result.generation.pixels, run.pixels)
+    assert result.tensors["present.negative"].all()
+    frobenius = result.tensors["frobenius.negative"]
+    assert torch.isfinite(frobenius).all() and (frobenius > 0).all()
+
+
 def test_the_strength_study_and_attend_run_on_the_family(qwen_dir, tmp_path, capsys):
     spec = tmp_path / "spec.yaml"
     spec.write_text(
@@ -468,14 +615,14 @@ def test_cli_refuses_bad_input_in_one_line(qwen_dir, tmp_path, capsys):
     assert_usage_error(main([*base, "--negative-2", "glasses"]), capsys, "negative_2: option(s) of SDXL", out)
     assert_usage_error(main([*base, "--prompt-2", "a dog"]), capsys, "is Qwen-Image", out)
     assert_usage_error(main([*base, "--embedded-guidance", "3"]), capsys, "takes no guidance scale as an input", out)
-    assert_usage_error(main([*base, "--rule", "nag"]), capsys, "cannot yet change on Qwen-Image", out)
+    assert_usage_error(main([*base, "--rule", "nag", "--nag-tau", "0.5"]), capsys, "nag_tau (τ) must be > 1", out)
     assert_usage_error(main([*base, "--rule", "dng"]), capsys, "not exact on the velocity predictions", out)
     assert_usage_error(main([*base, "--size", "30"]), capsys, "not a positive multiple of 4", out)
     attend = ["attend", PROMPT, "-n", NEGATIVE, "--model", str(qwen_dir), "--steps", "2", "--size", "32", "-q"]
     code = main([*attend, "--words", "dog", "--out", str(tmp_path / "maps")])
     assert_usage_error(code, capsys, "word 'dog' is not in the prompt", tmp_path / "maps")
-    code = main([*attend, "--rule", "vsf", "--out", str(tmp_path / "maps")])
-    assert_usage_error(code, capsys, "cannot yet change on Qwen-Image", tmp_path / "maps")
+    code = main([*attend[:2], *attend[4:], "--rule", "vsf", "--out", str(tmp_path / "maps")])
+    assert_usage_error(code, capsys, "rule 'vsf' needs a negative prompt", tmp_path / "maps")
     code = main(["generate", "a photo of a (cat:1.3)", *base[2:]])
     assert_usage_error(code, capsys, "weighs words (1.3), but Qwen-Image normalises each text token", out)
     long_prompt = " ".join(["cat"] * 510 + ["with", "red", "glasses", "in", "the", "street"])  # 516 + 5 tokens

@@ -15,20 +15,33 @@ prompt's token j), zeros past L_i. Nothing in a layer's call says where its imag
 caption is; a forward pre-hook on the transformer reads both from the call's inputs (the image list and the
 caption list, one entry per row) into a :class:`CallRows` for the processors, for the length of a capture
 (:meth:`ZImageReader.capturing`).
+
+NAG and VSF (:func:`negative_in_z_image_attention`) run the negative's caption as a stream of its own, as the
+joint-attention readers run a negative's text: embedded (``cap_embedder``, pads to a multiple of 32 as
+``cap_pad_token``), refined alone (``context_refiner``), then through every main block with the positive rows'
+modulation (``adaLN_modulation`` of the call's time embedding), its tokens attending over [image; negative
+caption]. In the positive's rows the image queries (the image's pad tokens too) get the rule's combination of
+their attention over [image; caption] and over [image; negative caption]; the caption's queries attend as the
+layer's own processor has them attend. The negative's caption takes the positions the transformer gives a
+caption (1 … L⁻ on the first axis); the image keeps the positive's (after the positive's caption), so the image
+sits from the negative's caption as from the positive's only where both pad to one length.
 """
 
 from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from negprompt.layers.attention import text_key_probabilities
+from negprompt.layers.attention import Combine, merge_heads, text_key_probabilities
+from negprompt.layers.processors import installed, observer_of
+from negprompt.layers.text_keys import combine_texts
 
 SEQUENCE_MULTIPLE = 32  # diffusers' SEQ_MULTI_OF: each row's image and caption tokens are padded to a multiple
 MAIN_LAYER = re.compile(r"layers\.\d+\.attention")  # the main blocks' attention: image queries, caption keys
@@ -45,6 +58,11 @@ class RowGeometry:
     def caption_start(self) -> int:
         """N rounded up to a multiple of 32: the image's pad tokens come first."""
         return self.image_tokens + (-self.image_tokens) % SEQUENCE_MULTIPLE
+
+    @property
+    def caption_end(self) -> int:
+        """Where the row's caption keys end: L_i rounded up to a multiple of 32 after ``caption_start``."""
+        return self.caption_start + self.caption_tokens + (-self.caption_tokens) % SEQUENCE_MULTIPLE
 
 
 def call_geometry(forward: Any, args: tuple, kwargs: dict) -> list[RowGeometry]:
@@ -137,11 +155,16 @@ class ZImageCaptureProcessor:
     def __init__(self, original: Any, recorder: Any, path: str, rows: CallRows) -> None:
         self.original, self.recorder, self.path, self.rows = original, recorder, path, rows
 
-    def wants_context(self, branch: str) -> bool:  # an AttentionObserver, for a negative reader to come
-        return False
+    def wants_context(self, branch: str) -> bool:  # an AttentionObserver: NAG's and VSF's processor hands it
+        return self.recorder.wants_context(branch)
 
     def observe_context(self, branch: str, probabilities: torch.Tensor, heads: int) -> None:
-        return None
+        """Takes the negative's (B·heads, N, L⁻), zero-padded to the capture's L caption keys."""
+        length = probabilities.shape[-1]
+        if length > self.recorder.text_length:
+            raise ValueError(f"the negative has {length} caption tokens, over the {self.recorder.text_length} keys")
+        padded = F.pad(probabilities, (0, self.recorder.text_length - length))
+        self.recorder.record_context(self.path, branch, padded, heads)
 
     def __call__(
         self,
@@ -160,18 +183,182 @@ class ZImageCaptureProcessor:
         return output
 
 
+# ---------------------------------------------------------------- NAG and VSF: the negative's own caption stream
+
+
+class ZImageNegativeStream:
+    """The negative's caption stream (B, L⁻ padded, C) through one call's main blocks, its rotary factors, the
+    call's row geometry and the current block's time embedding (the positive's rows)."""
+
+    def __init__(self, transformer: Any, negative: torch.Tensor, rows: slice) -> None:
+        self.transformer, self.negative, self.rows = transformer, negative, rows  # negative: (B, L⁻, D) states
+        self.call_rows = CallRows()  # set by the transformer's forward pre-hook
+        self.stream: torch.Tensor | None = None
+        self.freqs: torch.Tensor | None = None  # (B, L⁻ padded, d/2) complex
+        self.adaln: torch.Tensor | None = None  # set by each main block's forward pre-hook
+
+    def start(self) -> torch.Tensor:
+        """The stream as the transformer starts a caption: embedded, padded to a multiple of 32 with
+        ``cap_pad_token``, refined alone at positions 1 … L⁻ (``context_refiner``)."""
+        if self.stream is None:
+            transformer, (batch, length) = self.transformer, self.negative.shape[:2]
+            padded = length + (-length) % SEQUENCE_MULTIPLE
+            feats = transformer.cap_embedder(self.negative)
+            pads = transformer.cap_pad_token.to(feats.dtype).expand(batch, padded - length, -1)
+            feats = torch.cat([feats, pads], dim=1)
+            ids = torch.zeros(padded, 3, dtype=torch.int32, device=feats.device)
+            ids[:, 0] = torch.arange(1, padded + 1, dtype=torch.int32, device=feats.device)
+            self.freqs = transformer.rope_embedder(ids)[None].expand(batch, -1, -1)
+            for layer in transformer.context_refiner:
+                feats = layer(feats, None, self.freqs)
+            self.stream = feats
+        return self.stream
+
+
+def values_of(attn: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A single-stream layer's values (B, H, S, d) of its tokens (B, S, C)."""
+    return attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+
+def block_modulation(block: Any, adaln: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A main block's (scale_msa, gate_msa, scale_mlp, gate_mlp), each (B, 1, C), as ``ZImageTransformerBlock``
+    computes them from the time embedding (B, C')."""
+    scale_msa, gate_msa, scale_mlp, gate_mlp = block.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=2)
+    return 1.0 + scale_msa, gate_msa.tanh(), 1.0 + scale_mlp, gate_mlp.tanh()
+
+
+class ZImageNegativeProcessor:
+    """One main layer's processor for one call of NAG or VSF (see the module docstring): the positive's rows
+    recomputed, the negative's caption stream moved through the block; other rows through ``original``."""
+
+    def __init__(self, original: Any, block: Any, state: ZImageNegativeStream, combine: Combine, branch: str) -> None:
+        self.original, self.block, self.state, self.combine = original, block, state, combine
+        self.branch = branch  # the negative's branch name, for observers
+        self.observer = observer_of(original)  # capture: sees the whole batch, and the negative's maps
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        freqs_cis: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        rows = self.state.rows
+        geometry = self.state.call_rows.current()[rows]
+        if len({row.image_tokens for row in geometry}) != 1:
+            raise ValueError(f"NAG and VSF on Z-Image need one image size in the positive's rows, got {geometry}")
+        start, end = geometry[0].caption_start, max(row.caption_end for row in geometry)
+        kept = None
+        if any(row.caption_end != end for row in geometry):  # rows of other caption lengths: the batch padding
+            kept = (
+                torch.arange(end, device=hidden_states.device)[None]
+                < torch.tensor([row.caption_end for row in geometry], device=hidden_states.device)[:, None]
+            )
+        freqs = None if freqs_cis is None else freqs_cis[rows, :end]
+        guided = self._single(attn, hidden_states[rows, :end], freqs, start, geometry[0].image_tokens, kept)
+        if rows == slice(0, hidden_states.shape[0]) and self.observer is None:  # scale 1: the positive's rows only
+            return guided
+        out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis).clone()
+        out[rows, :end] = guided
+        return out
+
+    def _single(
+        self,
+        attn: Any,
+        tokens: torch.Tensor,
+        freqs: torch.Tensor | None,
+        start: int,
+        images: int,
+        kept: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The positive rows' layer output (B, S, C) of their tokens [image; caption] (B, S, C), the caption from
+        ``start`` (``kept``: (B, S) keys not batch padding, or None); moves the negative's stream on as
+        ``ZImageTransformerBlock`` moves its tokens."""
+        block, state = self.block, self.state
+        stream = state.start()
+        scale_msa, gate_msa, scale_mlp, gate_mlp = block_modulation(block, state.adaln)
+        negative_tokens = block.attention_norm1(stream) * scale_msa
+        query, key = queries_keys(attn, tokens, freqs)
+        value = values_of(attn, tokens)
+        q_neg, k_neg = queries_keys(attn, negative_tokens, state.freqs)
+        v_neg = values_of(attn, negative_tokens)
+        image = (key[:, :, :start], value[:, :, :start])
+        mask = None if kept is None else kept[:, None, None, :]
+        caption_out = F.scaled_dot_product_attention(query[:, :, start:], key, value, attn_mask=mask)
+        negative_keys, negative_values = torch.cat([image[0], k_neg], dim=2), torch.cat([image[1], v_neg], dim=2)
+        negative_out = F.scaled_dot_product_attention(q_neg, negative_keys, negative_values)
+        if self.observer is not None and self.observer.wants_context(self.branch):  # the negative's maps
+            keys = torch.cat([k_neg, image[0]], dim=2)  # [negative caption; image], its L⁻ tokens first
+            probabilities = text_key_probabilities(query[:, :, :images], keys, state.negative.shape[1])
+            self.observer.observe_context(self.branch, probabilities.flatten(0, 1), probabilities.shape[1])
+        caption_bias = None
+        if kept is not None:
+            caption_bias = torch.zeros(kept[:, start:].shape, device=kept.device).masked_fill(
+                ~kept[:, start:], float("-inf")
+            )
+        text = (key[:, :, start:], value[:, :, start:])
+        image_out = combine_texts(self.combine, query[:, :, :start], text, (k_neg, v_neg), image, (caption_bias, None))
+        negative_out = attn.to_out[0](merge_heads(negative_out).to(stream.dtype))
+        stream = stream + gate_msa * block.attention_norm2(negative_out)
+        state.stream = stream + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(stream) * scale_mlp))
+        out = torch.cat([image_out.to(tokens.dtype), merge_heads(caption_out).to(tokens.dtype)], dim=1)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out) if len(attn.to_out) > 1 else out
+
+
+def main_layer_paths(denoiser: Any) -> list[str]:
+    """``layers.N.attention``, in order: the refiners' layers read the image alone or the caption alone."""
+    return [path for path, _ in denoiser.named_modules() if MAIN_LAYER.fullmatch(path)]
+
+
+@contextmanager
+def negative_in_z_image_attention(
+    transformer: Any, rows: slice, negative_inputs: Mapping[str, Any], combine: Combine, branch: str = "negative"
+) -> Iterator[None]:
+    """For one call, the positive's rows ``rows`` read the negative (``negative_inputs["encoder_hidden_states"]``:
+    its caption states (B, L⁻, D)) inside every main layer, combined by ``combine``. Forward pre-hooks hand the
+    processors the call's row geometry and each block's time embedding; processors and hooks are restored on exit
+    (also on error)."""
+    state = ZImageNegativeStream(transformer, negative_inputs["encoder_hidden_states"], rows)
+    blocks = {
+        path: transformer.get_submodule(path.removesuffix(".attention")) for path in main_layer_paths(transformer)
+    }
+
+    def read_rows(module: Any, args: tuple, kwargs: dict) -> None:
+        state.call_rows.rows = call_geometry(module.forward, args, kwargs)
+
+    def read_adaln(module: Any, args: tuple, kwargs: dict) -> None:
+        # ZImageTransformerBlock.forward(x, attn_mask, freqs_cis, adaln_input, noise_mask, …), called positionally
+        adaln = kwargs["adaln_input"] if "adaln_input" in kwargs else args[3]
+        if adaln is None or not module.modulation:
+            raise ValueError("NAG and VSF on Z-Image read a main block's time modulation; this block has none")
+        state.adaln = adaln[rows]
+
+    def make(path: str, original: Any) -> Any:
+        return ZImageNegativeProcessor(original, blocks[path], state, combine, branch) if path in blocks else None
+
+    hooks = [transformer.register_forward_pre_hook(read_rows, with_kwargs=True)]
+    hooks += [block.register_forward_pre_hook(read_adaln, with_kwargs=True) for block in blocks.values()]
+    try:
+        with installed(transformer, make):
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 class ZImageReader:
     """The :class:`~negprompt.layers.readers.AttentionReader` of ``ZImageTransformer2DModel``: capture reads the
-    main layers' image-query × caption-key block; NAG and VSF are refused (``negative_in_attention`` None)."""
-
-    negative_in_attention = None
+    main layers' image-query × caption-key block; NAG and VSF change it (:func:`negative_in_z_image_attention`)."""
 
     def __init__(self) -> None:
         self.rows = CallRows()  # the current call's, while a capture runs (see capturing)
+        self.negative_in_attention = negative_in_z_image_attention
 
     def paths(self, denoiser: Any) -> list[str]:
         """``layers.N.attention``: the refiners' layers read the image alone or the caption alone."""
-        return [path for path, _ in denoiser.named_modules() if MAIN_LAYER.fullmatch(path)]
+        return main_layer_paths(denoiser)
 
     def capture_processor(self, path: str, original: Any, recorder: Any) -> ZImageCaptureProcessor:
         return ZImageCaptureProcessor(original, recorder, path, self.rows)

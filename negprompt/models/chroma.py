@@ -41,7 +41,7 @@ from negprompt.layers.layout import AttentionLayout
 from negprompt.models.conditioning import Conditioning, ConditioningError, PromptInput
 from negprompt.models.family import ModelFamily, Parts
 from negprompt.models.flux import image_ids, pack, unpack
-from negprompt.models.prompts import _apply_weights, _weighted_tokens, check_t5_prompt
+from negprompt.models.prompts import apply_weights, check_t5_prompt, weighted_tokens
 from negprompt.models.stable_diffusion_3 import decode_shifted, image_size_shift, text_length
 
 KEPT_PADDING = 1  # padding tokens left unmasked after the prompt's (the reference's and the pipeline's)
@@ -54,7 +54,7 @@ def encode_t5_masked(tokenizer: Any, text_encoder: Any, prompt: str, length: int
     ``length`` tokens is refused naming the words that would be cut."""
     check_t5_prompt(tokenizer, prompt, length)
     if syntax.has_syntax(prompt):
-        ids, weights = _weighted_tokens(tokenizer, prompt, length)
+        ids, weights = weighted_tokens(tokenizer, prompt, length)
     else:
         ids = tokenizer([prompt], padding="max_length", max_length=length, truncation=True).input_ids[0]
         weights = None
@@ -66,7 +66,7 @@ def encode_t5_masked(tokenizer: Any, text_encoder: Any, prompt: str, length: int
             torch.tensor([ids], device=device), attention_mask=(positions < tokens).long().to(device)
         )[0]
     if weights is not None:
-        hidden = _apply_weights(hidden, weights)
+        hidden = apply_weights(hidden, weights)
     return hidden.to(dtype=text_encoder.dtype), positions < tokens + KEPT_PADDING
 
 

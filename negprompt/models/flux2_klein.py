@@ -47,11 +47,13 @@ import torch
 from negprompt.errors import NegpromptError
 from negprompt.guidance import syntax
 from negprompt.layers.layout import AttentionLayout
+from negprompt.models import chat_prompts
 from negprompt.models.conditioning import Conditioning, ConditioningError, PromptInput
 from negprompt.models.family import ModelFamily, Parts
-from negprompt.models.prompts import PromptError, _apply_weights
+from negprompt.models.prompts import PromptError, apply_weights
 from negprompt.models.stable_diffusion_3 import text_length
 
+THINKING = False  # the pipeline's chat template: enable_thinking=False
 TEXT_LAYERS = (9, 18, 27)  # Qwen3 hidden states the pipeline stacks (``text_encoder_out_layers``)
 DEFAULT_TEXT_LENGTH = 512  # the pipeline's ``max_sequence_length``
 PATCH = 2  # VAE latent cells per side of one transformer token
@@ -66,23 +68,13 @@ class DistilledGuidanceError(NegpromptError):
 
 def chat_text(tokenizer: Any, prompt: str) -> str:
     """The prompt as the pipeline hands it to the tokenizer: a user message in the chat template, with the
-    assistant's turn opened and thinking switched off."""
-    messages = [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
-
-
-def prompt_start(tokenizer: Any, prompt: str) -> int:
-    """Where ``prompt`` starts in :func:`chat_text` (in characters); the template must hold it unchanged."""
-    start = chat_text(tokenizer, "\x00").index("\x00")
-    if chat_text(tokenizer, prompt)[start : start + len(prompt)] != prompt:
-        raise ConditioningError("the tokenizer's chat template changes the prompt text; negprompt cannot weight it")
-    return start
+    assistant's turn opened and thinking switched off (:func:`negprompt.models.chat_prompts.chat_text`)."""
+    return chat_prompts.chat_text(tokenizer, prompt, THINKING)
 
 
 def templated_tokens(tokenizer: Any, prompt: str) -> tuple[list[int], list[tuple[int, int]], int]:
     """The templated prompt's token ids, their character spans and where the prompt starts, untruncated."""
-    encoded = tokenizer(chat_text(tokenizer, prompt), return_offsets_mapping=True, verbose=False)
-    return list(encoded.input_ids), [tuple(span) for span in encoded.offset_mapping], prompt_start(tokenizer, prompt)
+    return chat_prompts.templated_tokens(tokenizer, prompt, THINKING)
 
 
 def check_klein_prompt(tokenizer: Any, prompt: str, length: int) -> None:
@@ -91,9 +83,7 @@ def check_klein_prompt(tokenizer: Any, prompt: str, length: int) -> None:
     ids, spans, start = templated_tokens(tokenizer, prompt)
     if len(ids) <= length:
         return
-    own = [
-        i for i, (first, last) in enumerate(spans) if start <= first and last <= start + len(prompt) and last > first
-    ]
+    own = chat_prompts.prompt_tokens(spans, start, prompt)
     keep = max(0, len(own) - (len(ids) - length))
     cut = tokenizer.decode([ids[i] for i in own[keep:]]).strip()
     raise PromptError(
@@ -119,17 +109,10 @@ class TemplateKeys:
         (``<|im_start|>``), ``<end>`` the ``<|im_end|>`` after the prompt."""
         length = length or self.length
         ids, spans, start = templated_tokens(self.tokenizer, prompt)
-        stop = start + len(prompt)
-        own = [i for i, (first, last) in enumerate(spans) if start <= first and last <= stop and last > first]
+        own = chat_prompts.prompt_tokens(spans, start, prompt)
         tokens = self.tokenizer.convert_ids_to_tokens(ids[:length])
         tokens += [self.tokenizer.pad_token or ""] * (length - len(tokens))
-        groups: list[list[int]] = []
-        for position in (i for i in own if i < length):
-            if tokens[position].startswith("Ġ") or not groups:
-                groups.append([])
-            groups[-1].append(position)
-        groups = [g for g in groups if self.tokenizer.decode([ids[p] for p in g]).strip()]
-        words = [self.tokenizer.decode([ids[p] for p in g]).strip().lower() for g in groups]
+        groups, words = chat_prompts.word_groups(self.tokenizer, ids, tokens, [i for i in own if i < length])
         end = min(own[-1] + 1 if own else sum(1 for first, last in spans if last <= start and last > first), length - 1)
         return tokens, words, groups, 0, end
 
@@ -139,7 +122,7 @@ def token_weights(tokenizer: Any, chunks: list[tuple[str, float]], length: int) 
     of the chunk holding its last character (byte-level BPE tokens carry the space before a word), template
     and padding tokens 1."""
     prompt = "".join(text for text, _ in chunks)
-    start = prompt_start(tokenizer, prompt)
+    start = chat_prompts.prompt_start(tokenizer, prompt, THINKING)
     encoded = tokenizer(
         chat_text(tokenizer, prompt),
         padding="max_length",
@@ -175,7 +158,7 @@ def encode_klein(
             text_encoder, tokenizer, [plain], max_sequence_length=length, hidden_states_layers=layers
         )
     if syntax.has_syntax(prompt):
-        hidden = _apply_weights(hidden, token_weights(tokenizer, chunks, length))
+        hidden = apply_weights(hidden, token_weights(tokenizer, chunks, length))
     return hidden.to(dtype=text_encoder.dtype)
 
 

@@ -51,7 +51,7 @@ def check_prompt(tokenizer: Any, prompt: str, check_length: bool = True) -> list
     return ids
 
 
-def _weighted_tokens(tokenizer: Any, prompt: str, length: int | None = None) -> tuple[list[int], list[float]]:
+def weighted_tokens(tokenizer: Any, prompt: str, length: int | None = None) -> tuple[list[int], list[float]]:
     """Token ids padded (or cut) to ``length`` (default ``model_max_length``) and a weight per token, from
     ``(text:w)`` chunks; a start token only where the tokenizer has one (CLIP, not T5)."""
     length = length or tokenizer.model_max_length
@@ -121,7 +121,7 @@ def encode_prompt(
     if not penultimate and not syntax.has_syntax(prompt):
         return encode_prompt_batch(tokenizer, text_encoder, [prompt]), None
     if syntax.has_syntax(prompt):
-        ids, weights = _weighted_tokens(tokenizer, prompt)
+        ids, weights = weighted_tokens(tokenizer, prompt)
         mask = None
     else:
         tokens = tokenizer(
@@ -143,11 +143,13 @@ def encode_prompt(
     hidden = output.hidden_states[-2] if penultimate else output[0]
     pooled = output[0] if output[0].ndim == 2 else None
     if weights is not None:
-        hidden = _apply_weights(hidden, weights)
+        hidden = apply_weights(hidden, weights)
     return hidden.to(dtype=text_encoder.dtype), None if pooled is None else pooled.to(dtype=text_encoder.dtype)
 
 
-def _apply_weights(hidden: torch.Tensor, weights: list[float]) -> torch.Tensor:
+def apply_weights(hidden: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """Token states (1, L, D) scaled by a weight per token, then rescaled to the unweighted mean (as
+    :func:`encode_prompts` says)."""
     scale = torch.tensor(weights, device=hidden.device, dtype=hidden.dtype)[None, :, None]
     original_mean = hidden.mean()
     hidden = hidden * scale
@@ -178,7 +180,7 @@ def encode_t5(tokenizer: Any, text_encoder: Any, prompt: str, length: int) -> to
     states as :func:`encode_prompts` says. Refuses a prompt over ``length`` (:func:`check_t5_prompt`)."""
     check_t5_prompt(tokenizer, prompt, length)
     if syntax.has_syntax(prompt):
-        ids, weights = _weighted_tokens(tokenizer, prompt, length)
+        ids, weights = weighted_tokens(tokenizer, prompt, length)
     else:
         ids = tokenizer(
             [prompt], padding="max_length", max_length=length, truncation=True, add_special_tokens=True
@@ -188,5 +190,5 @@ def encode_t5(tokenizer: Any, text_encoder: Any, prompt: str, length: int) -> to
     with torch.no_grad():
         hidden = text_encoder(torch.tensor([ids], device=device))[0]
     if weights is not None:
-        hidden = _apply_weights(hidden, weights)
+        hidden = apply_weights(hidden, weights)
     return hidden.to(dtype=text_encoder.dtype)

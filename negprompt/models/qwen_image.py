@@ -184,8 +184,8 @@ class QwenImageFamily(ModelFamily):
     def attention_layout(self, components: Parts) -> AttentionLayout:
         """Joint attention over [text; image] keys, read by
         :class:`~negprompt.layers.qwen_image_attention.QwenImageReader`
-        (complex rotary positions, a key mask); the template's first tokens are dropped, so no start token leads the
-        text; each image token a 2×2 patch."""
+        (complex rotary positions, a key mask; NAG and VSF with the negative's text as a stream of its own); the
+        template's first tokens are dropped, so no start token leads the text; each image token a 2×2 patch."""
         from negprompt.layers.qwen_image_attention import QwenImageReader
 
         return AttentionLayout(

@@ -53,47 +53,34 @@ import torch
 from negprompt.guidance import syntax
 from negprompt.guidance.windows import Window, WindowError
 from negprompt.layers.layout import AttentionLayout
+from negprompt.models import chat_prompts
 from negprompt.models.conditioning import Conditioning, ConditioningError, PromptInput
 from negprompt.models.family import ModelFamily, Parts
 from negprompt.models.prompts import PromptError
 from negprompt.models.stable_diffusion_3 import decode_shifted, text_length
 
 PATCH = 2  # latent cells per side of one image token: the transformer call's patch_size (its only one)
-PROMPT_MARK = "\ue000"  # a private-use character: where the prompt sits in the rendered chat template
+THINKING = True  # the pipeline's chat template: enable_thinking=True
 
 
 def chat_template_parts(tokenizer: Any) -> tuple[str, str]:
     """The text the pipeline's chat template puts before and after the prompt (one user message, the
     generation prompt, thinking enabled): for Qwen3 ``"<|im_start|>user\\n"`` and
     ``"<|im_end|>\\n<|im_start|>assistant\\n"``."""
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT_MARK}], tokenize=False, add_generation_prompt=True, enable_thinking=True
-    )
-    before, mark, after = rendered.partition(PROMPT_MARK)
-    if not mark:
-        raise ConditioningError("the tokenizer's chat template drops the user's message; it cannot wrap a prompt")
-    return before, after
-
-
-def templated(tokenizer: Any, prompt: str) -> str:
-    """``prompt`` (no syntax) in the chat template, as ``ZImagePipeline._encode_prompt`` renders it."""
-    messages = [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    return chat_prompts.template_parts(tokenizer, THINKING)
 
 
 def check_length(tokenizer: Any, prompt: str, limit: int) -> None:
     """Raises a one-line :class:`PromptError` when the templated ``prompt`` is over ``limit`` tokens, naming
     the words the pipeline would cut (it truncates at ``max_sequence_length``)."""
-    text = templated(tokenizer, prompt)
-    tokens = tokenizer(text, return_offsets_mapping=True, verbose=False)
-    if len(tokens.input_ids) <= limit:
+    ids, spans, start = chat_prompts.templated_tokens(tokenizer, prompt, THINKING)
+    if len(ids) <= limit:
         return
-    before, _ = chat_template_parts(tokenizer)
-    start = len(before) if text.startswith(before + prompt) else text.find(prompt)
-    cut = text[max(start, tokens.offset_mapping[limit][0]) : start + len(prompt)].strip()
+    text = chat_prompts.chat_text(tokenizer, prompt, THINKING)
+    cut = text[max(start, spans[limit][0]) : start + len(prompt)].strip()
     what = f"these words would be cut: {cut!r}" if cut else "the chat template's end would be cut"
     raise PromptError(
-        f"prompt is {len(tokens.input_ids)} tokens with the chat template, over the model's limit of {limit} "
+        f"prompt is {len(ids)} tokens with the chat template, over the model's limit of {limit} "
         f"(max_sequence_length): {what}; shorten the prompt"
     )
 
@@ -119,9 +106,8 @@ def encode_qwen(tokenizer: Any, text_encoder: Any, prompt: str, limit: int) -> t
     check_weights(prompt)
     plain = syntax.plain_text(prompt)
     check_length(tokenizer, plain, limit)
-    tokens = tokenizer(
-        [templated(tokenizer, plain)], padding="max_length", max_length=limit, truncation=True, return_tensors="pt"
-    )
+    text = chat_prompts.chat_text(tokenizer, plain, THINKING)
+    tokens = tokenizer([text], padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
     device = text_encoder.device
     mask = tokens.attention_mask.to(device).bool()
     with torch.no_grad():
@@ -163,21 +149,13 @@ class TemplatedKeys:
     def words_at_keys(self, prompt: str, length: int | None) -> tuple[list[str], list[str], list[list[int]], int, int]:
         """(tokens padded to ``length``, words, each word's key positions, start key, end key (``<|im_end|>``))."""
         tokenizer = self.tokenizer
-        text = templated(tokenizer, prompt)
-        encoded = tokenizer(text, return_offsets_mapping=True, verbose=False)
-        length = length or len(encoded.input_ids)
-        ids, spans = encoded.input_ids[:length], encoded.offset_mapping[:length]
-        before, _ = chat_template_parts(tokenizer)
-        first = len(before) if text.startswith(before + prompt) else text.find(prompt)
+        ids, spans, start = chat_prompts.templated_tokens(tokenizer, prompt, THINKING)
+        length = length or len(ids)
+        ids, spans = ids[:length], spans[:length]
         tokens = tokenizer.convert_ids_to_tokens(ids)
-        groups: list[list[int]] = []
-        for i, (begin, end) in enumerate(spans):
-            if begin >= first and end <= first + len(prompt) and end > begin:
-                if tokens[i].startswith("Ġ") or not groups:
-                    groups.append([])
-                groups[-1].append(i)
-        groups = [g for g in groups if tokenizer.decode([ids[i] for i in g]).strip()]
-        words = [tokenizer.decode([ids[i] for i in g]).strip().lower() for g in groups]
+        groups, words = chat_prompts.word_groups(
+            tokenizer, ids, tokens, chat_prompts.prompt_tokens(spans, start, prompt)
+        )
         end = next((i for i, token in enumerate(ids) if token == tokenizer.eos_token_id), len(ids))
         padded = tokens + [str(tokenizer.pad_token)] * (length - len(tokens))
         return padded, words, groups, 0, end
@@ -217,8 +195,8 @@ class ZImageFamily(ModelFamily):
 
     def attention_layout(self, components: Parts) -> AttentionLayout:
         """Single-stream attention over [image; caption] tokens, read by :class:`ZImageReader` (the main layers'
-        image-query × caption-key block; NAG and VSF refused); the chat template's opening tokens lead the
-        caption's keys."""
+        image-query × caption-key block; NAG and VSF with the negative's caption as a stream of its own); the chat
+        template's opening tokens lead the caption's keys (VSF leaves them out of the negative's)."""
         from negprompt.layers.z_image_attention import ZImageReader
 
         before, _ = chat_template_parts(components.tokenizer)
