@@ -6,6 +6,7 @@ scale / plain at s = 1 for comparison (two passes; one on the distilled model, w
 with the guidance scale as an input, so there rule (9) cannot use the negative). Runs are interleaved; ratios are medians of per-repeat ratios.
 
     python benchmarks/bench_attention_negatives.py
+    python benchmarks/bench_attention_negatives.py --install   # the processors' install cost per call
 """
 
 from __future__ import annotations
@@ -58,12 +59,49 @@ def measure(name: str, session: Session, steps: int | None, batch: int, repeats:
     }
 
 
+def install_cost(calls: int = 20) -> dict[str, float]:
+    """CPU milliseconds to install and restore NAG's processors once (what NAG and VSF do at every denoiser call),
+    on an SDXL-size UNet and a FLUX-dev-size transformer built on the meta device (no weights: only the module
+    tree matters). docs/gpu-cost.md."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    from negprompt.guidance.attention_processors import nag_combine, negative_in_attention
+    from negprompt.layers.layout import AttentionLayout
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10), block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )  # fmt: skip
+        flux = FluxTransformer2DModel(
+            num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+            joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+        )  # fmt: skip
+    negative, combine = {"encoder_hidden_states": torch.zeros(1, 77, 8)}, nag_combine(5.0, 2.5, 0.25)
+    result = {}
+    for name, model, kind in (("sdxl_unet", unet, "cross"), ("flux_dev_transformer", flux, "joint")):
+        start = time.process_time()
+        for _ in range(calls):
+            with negative_in_attention(model, AttentionLayout(kind=kind), slice(0, 1), negative, combine):
+                pass
+        result[name] = 1000 * (time.process_time() - start) / calls
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--install", action="store_true", help="only the processors' install cost per call")
     parser.add_argument("--out", default="benchmarks/results/attention_negatives.json")
     args = parser.parse_args()
+    if args.install:
+        for name, ms in install_cost().items():
+            print(f"{name:22s} install + restore of NAG's processors: {ms:.2f} ms a denoiser call (CPU time)")
+        return
     result = {
         "settings": vars(args),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},

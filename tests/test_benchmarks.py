@@ -28,6 +28,21 @@ def test_bench_gpu_without_cuda_exits_with_a_clear_message(benchmarks_on_path, m
     assert not (tmp_path / "gpu.json").exists()
 
 
+def test_bench_gpu_tiny_mode_runs_every_preset_at_the_real_latent_factor(benchmarks_on_path, tmp_path):
+    import bench_gpu
+
+    out = tmp_path / "gpu.json"
+    assert bench_gpu.main(["--tiny", "--device", "cpu", "--size", "32", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["models"]) == {"sd15@32", "sdxl@32", "sd3@32", "flux@32"}
+    for name, measured in result["models"].items():
+        assert measured["latent_factor"] == 8, name
+        assert set(measured["ratios"]) == set(measured["targets"]) and all(v > 0 for v in measured["ratios"].values())
+        assert set(measured["profile"]) == {"ours", "diffusers", "capture", "plain", "nag", "vsf"}
+        assert all(0 < p["inside_denoiser_share"] < 1 for p in measured["profile"].values()), name
+    assert result["models"]["sd3@32"]["image_tokens"] == result["models"]["flux@32"]["image_tokens"] == (32 // 16) ** 2
+
+
 def test_bench_sdxl_tiny_run_writes_its_ratios(benchmarks_on_path, monkeypatch, tmp_path):
     import bench_sdxl
 

@@ -9,7 +9,7 @@ depends on the family's :class:`~negprompt.layers.layout.AttentionLayout`:
 - ``"cross"`` (UNets): :class:`NegativeAttentionProcessor` — the negative is a second text context
   of each cross-attention layer;
 - ``"joint"`` (SD3, FLUX): :mod:`negprompt.guidance.joint_attention_processors` — the negative runs
-  as a text stream of its own through the blocks.
+  as a text stream of its own through the blocks (:mod:`negprompt.layers.joint_negative`).
 
 Other rows (e.g. ∅ rows of a CFG run) go through the layer's own processor unchanged. Everything
 but the combination is computed as the layers' own processors compute it
@@ -31,10 +31,10 @@ from negprompt.layers.attention import (
     Combine,
     KeysValues,
     attention_and_logsumexp,
-    attention_paths,
     cross_attention_output,
     cross_attention_probabilities,
     cross_keys_values,
+    is_cross_attention,
     join_tokens,
     merge_attention,
     merge_heads,
@@ -198,10 +198,12 @@ def negative_in_attention(
         with negative_in_joint_attention(denoiser, rows, negative, combine, branch):
             yield
         return
-    wanted = set(attention_paths(denoiser, layout.kind))
+    reads_text = {"cross": is_cross_attention}.get(layout.kind)
 
     def make(path: str, original: Any) -> Any:
-        return NegativeAttentionProcessor(original, rows, negative, combine, branch) if path in wanted else None
+        if reads_text is None or not reads_text(denoiser.get_submodule(path)):
+            return None
+        return NegativeAttentionProcessor(original, rows, negative, combine, branch)
 
     with installed(denoiser, make):
         yield

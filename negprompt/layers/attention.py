@@ -222,6 +222,10 @@ def attention_and_logsumexp(
             out, lse = kernel(query, keys, values, 0.0, False, attn_mask=mask, scale=scale)
             return out, _no_keys_left(lse.float(), bias)
         if query.device.type == "cuda":
+            if bias is None and query.dtype in (torch.float16, torch.bfloat16):
+                flash = _flash_attention_and_logsumexp(query, keys, values, scale)
+                if flash is not None:
+                    return flash
             kernel = torch.ops.aten._scaled_dot_product_efficient_attention
             mask = None if bias is None else bias.to(query.dtype).expand(*query.shape[:3], keys.shape[2])
             out, lse = kernel(query, keys, values, mask, True, scale=scale)[:2]
@@ -233,6 +237,23 @@ def attention_and_logsumexp(
         scores = scores + bias.float()
     lse = torch.logsumexp(scores, dim=-1)
     return ((scores - lse[..., None]).exp().nan_to_num(0.0) @ values.float()).to(query.dtype), lse
+
+
+def _flash_attention_and_logsumexp(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """CUDA's flash kernel (half precision, no bias): the output and its log-sum-exp (B, H, Q) float32, as the
+    fused attention of the layers' own processors computes them; None where it refuses the inputs (the
+    memory-efficient kernel, slower on H100/H200, then does it). Not measured on a GPU yet: docs/gpu-cost.md."""
+    try:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            query, keys, values, 0.0, False, False, scale=scale
+        )[:2]
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+    if out.shape != query.shape[:3] + values.shape[3:] or lse.shape != query.shape[:3]:
+        return None
+    return out, lse.float()
 
 
 def _no_keys_left(lse: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

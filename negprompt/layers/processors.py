@@ -38,31 +38,60 @@ class AttentionObserver(Protocol):
 
 
 def observer_of(processor: Any) -> AttentionObserver | None:
-    """``processor`` if it observes attention, else None."""
-    return processor if isinstance(processor, AttentionObserver) else None
+    """``processor`` if it observes attention, else None (what ``isinstance`` of the runtime-checkable protocol
+    asks, without its slow path: it is asked of every layer at every denoiser call of NAG and VSF)."""
+    observes = all(callable(getattr(processor, name, None)) for name in ("wants_context", "observe_context"))
+    return processor if observes else None
 
 
 @contextmanager
 def installed(denoiser: Any, make: MakeProcessor) -> Iterator[None]:
     """Installs ``make(path, original)`` on every attention layer of ``denoiser`` (``path``: the layer's
     module path, e.g. ``up_blocks.1.attentions.0.transformer_blocks.0.attn2``) where it returns a
-    processor; restores the processors found on exit (also on error)."""
-    originals = processors_of(denoiser)
-    replacement = {}
-    for key, original in originals.items():
-        made = make(key.removesuffix(".processor"), original)
-        replacement[key] = original if made is None else made
-    set_processors(denoiser, replacement)
+    processor; restores the processors found on exit (also on error).
+
+    One walk of the module tree, and only the layers that change are set, each on its own module: no
+    model-wide ``set_attn_processor``, which walks the tree twice per call (NAG and VSF install per denoiser
+    call: docs/gpu-cost.md)."""
+    swapped: list[tuple[Any, Any]] = []
     try:
+        for path, layer in attention_layers(denoiser):
+            original = _processor(layer)
+            made = make(path, original)
+            if made is not None:
+                layer.set_processor(made)
+                swapped.append((layer, original))
         yield
     finally:
-        set_processors(denoiser, originals)
+        for layer, original in reversed(swapped):
+            layer.set_processor(original)
+
+
+def attention_layers(denoiser: Any) -> list[tuple[str, Any]]:
+    """(module path, module) of every attention layer, in the denoiser's order: the modules diffusers' mixin
+    reports (``get_processor``), or, for a model without it (Z-Image's transformer), each with ``set_processor``."""
+    test = "get_processor" if _has_mixin(denoiser) else "set_processor"
+    return [
+        (path, module)
+        for path, module in denoiser.named_modules()
+        if path and hasattr(type(module), test) and hasattr(module, "processor")  # the class: no __getattr__ miss
+    ]
+
+
+def _has_mixin(denoiser: Any) -> bool:
+    """Whether ``denoiser`` has diffusers' attention mixin, asked by its method: ``hasattr`` of its
+    ``attn_processors``, a property, would walk every module."""
+    return hasattr(denoiser, "set_attn_processor")
+
+
+def _processor(layer: Any) -> Any:
+    return layer.get_processor() if hasattr(layer, "get_processor") else layer.processor
 
 
 def processors_of(denoiser: Any) -> dict[str, Any]:
     """Every attention layer's processor, keyed ``<module path>.processor``: diffusers' ``attn_processors``, or,
     for a model without diffusers' attention mixin (Z-Image's transformer), each module's with ``set_processor``."""
-    if hasattr(denoiser, "attn_processors"):
+    if _has_mixin(denoiser):
         return dict(denoiser.attn_processors)
     return {
         f"{path}.processor": module.processor
