@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from helpers import assert_usage_error
 
+from negprompt.guidance.economy import computed_rows
 from negprompt.interfaces.cli import main
 from negprompt.interfaces.png import read_pixels, read_png_settings
 from negprompt.interfaces.web import handlers
@@ -362,6 +363,8 @@ def test_the_page_builds_with_a_field_for_every_rule_option(session):
     wanted = {f"option-{r.name}-{o.name}" for r in all_rules().values() for o in r.Settings.options()}
     assert wanted and wanted <= ids
     assert {"generate-run", "attention-timeline", "edit-figure", "sweep-figure"} <= ids
+    assert {"generate-negative-every", "generate-economy"} | {f"generate-window-auto-{i}" for i in range(3)} <= ids
+    assert not {"generate-prompt-2", "generate-embedded-guidance"} & ids  # the bundled model reads neither
 
 
 def test_job_folders_keep_the_latest(tmp_path):
@@ -670,3 +673,92 @@ def test_an_ipv6_host_is_written_in_brackets_for_gradio_and_urls(host, written):
     from negprompt.interfaces.web.app import url_host
 
     assert url_host(host) == written
+
+
+# ---------------------------------------------------------------- cheap negatives (auto end, period K)
+
+
+def test_an_auto_end_and_a_period_equal_the_command_line_and_show_where_it_stopped(session, tmp_path):
+    """``NegativeInput(end="auto")`` and ``negative_every`` are ``--negative-window 0:auto --negative-every 2``:
+    the same pixels and settings (in the side-by-side run the page starts with), and the run's recorded stop
+    step and rows shown with the result."""
+    cli_png = tmp_path / "cli.png"
+    argv = [
+        "generate",
+        "a red circle",
+        "-n",
+        "a hat",
+        "--negative-window",
+        "0:auto",
+        "--negative-every",
+        "2",
+        "--steps",
+        "12",
+    ]
+    assert main(argv + ["--seed", "2", "-q", "--out", str(cli_png)]) == 0
+    request = GenerateRequest(
+        "a red circle", (NegativeInput("a hat", None, 0, "auto"),), negative_every=2, seed="2", steps=12, compare=True
+    )
+    result = handlers.generate(session, request, LIMITS, tmp_path / "page", PageJob())
+    assert np.array_equal(read_pixels(result.pngs[0]), read_pixels(cli_png))
+    assert read_png_settings(result.pngs[0])[0].to_json() == read_png_settings(cli_png)[0].to_json()
+    stop = result.generation.negative_stops["negative"]
+    steps = result.generation.num_steps
+    assert isinstance(stop, int) and 0 < stop < steps
+    first, rows = result.negative_stops.splitlines()
+    assert first == (
+        f"negative 1 ('a hat'): auto end at step {stop} of {steps} (computed every 2 steps in steps 0–{stop - 1}, "
+        "its last difference held after)"
+    )
+    computed = computed_rows(result.generation.spec.guidance, steps, {"negative": stop})
+    assert rows == f"denoiser rows per image: {computed} of {2 * steps} with every negative at every step"
+    assert computed < 2 * steps - (steps - stop)  # fewer than the auto end alone: every 2nd step before it
+    _, _, delayed = (read_png_settings(path)[0] for path, _ in result.comparison[:3])
+    assert delayed.guidance.negatives[0].window.to_json() == [steps // 4, "auto", 2]
+    plain = handlers.generate(
+        session, GenerateRequest("a red circle", (NegativeInput("a hat"),), steps=4), LIMITS, tmp_path, PageJob()
+    )
+    assert plain.negative_stops == "" and plain.generation.negative_stops == {}
+
+
+@pytest.mark.parametrize(
+    "request_fields, message",
+    [
+        (
+            {"rule": "nag", "scale": 1.0},
+            "rule 'nag' does not combine through ε_ỹ − ε_ref (NAG and VSF have no negative",
+        ),
+        ({"rule": "vsf", "negative_every": 2, "end": None}, "[0, end) every 2 of negative needs a negative denoiser"),
+        ({"scale": 1.0}, "needs a negative denoiser branch, which rule 'sd' does not compute at scale 1"),
+        ({"negative_every": 0}, "negative every K 0: a negative is evaluated every K steps, K ≥ 1 (1: every step)"),
+        ({"negative_every": -3}, "negative every K -3: a negative is evaluated every K steps, K ≥ 1"),
+        ({"negative_every": 2.5}, "negative every K must be a whole number, got 2.5"),
+        ({"negative_every": "two"}, "negative every K must be a number, got 'two'"),
+        ({"end": "soon"}, "window end 'soon': give a step index (a whole number 1 or more) or auto"),
+        ({"negative_every": 3, "text": ""}, "negative every K 3 needs a negative prompt: give one, or K 1"),
+    ],
+)
+def test_cheap_negative_fields_refuse_bad_input_in_one_line(session, tmp_path, request_fields, message):
+    """The command line's checks: an auto end or a period needs a negative branch (rules sd and dual above
+    scale 1), K ≥ 1, a negative prompt; nothing runs."""
+    negative = {"text": "a hat", "end": "auto"}
+    negative.update({k: request_fields.pop(k) for k in ("text", "end") if k in request_fields})
+    request = GenerateRequest(
+        "a red circle", (NegativeInput(negative["text"], None, 0, negative["end"]),), **request_fields
+    )
+    job = PageJob()
+    with pytest.raises(handlers.NegpromptError) as caught:
+        handlers.generate(session, request, LIMITS, tmp_path, job)
+    line = error_message(caught.value)
+    assert line.startswith("negprompt: error: ") and message in line and "\n" not in line, line
+    assert job.unet_calls == 0 and not list(tmp_path.iterdir())
+
+
+def test_a_period_below_one_says_what_the_command_line_says(session, capsys):
+    line = cli_error(["generate", "a red circle", "-n", "a hat", "--negative-every", "0", "-q"], capsys)
+    with pytest.raises(handlers.NegpromptError) as caught:
+        handlers.generate_specs(
+            session, GenerateRequest("a red circle", (NegativeInput("a hat"),), negative_every=0), LIMITS
+        )
+    said = "a negative is evaluated every K steps, K ≥ 1 (1: every step)"
+    assert said in line and error_message(caught.value).endswith(said)

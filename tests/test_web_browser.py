@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -92,16 +93,16 @@ def references(tmp_path_factory) -> dict[str, Path]:
     return outs
 
 
-@pytest.fixture(scope="module")
-def server(artifacts, references) -> str:
-    """``negprompt serve`` on a free port of 127.0.0.1 with the bundled model; its URL."""
+def serving(log_path: Path, *options: str) -> Iterator[str]:
+    """``negprompt serve`` with ``options`` on a free port of 127.0.0.1, its log in ``log_path``; yields its URL
+    once it answers and stops it as Ctrl+C does."""
     port = free_port()
-    log = open(artifacts / "serve.log", "w")  # noqa: SIM115 (closed at teardown)
+    log = open(log_path, "w")  # noqa: SIM115 (closed at the end)
     # The server computes with this process's thread count, as the reference images were (CPU sums
     # round differently with another).
     environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     process = subprocess.Popen(
-        [sys.executable, "-m", "negprompt", "serve", "--port", str(port)],
+        [sys.executable, "-m", "negprompt", "serve", "--port", str(port), *options],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=environment,
@@ -114,9 +115,7 @@ def server(artifacts, references) -> str:
     while True:
         if process.poll() is not None:
             log.close()
-            pytest.fail(
-                f"negprompt serve exited with {process.returncode}: {(artifacts / 'serve.log').read_text()[-2000:]}"
-            )
+            pytest.fail(f"negprompt serve exited with {process.returncode}: {log_path.read_text()[-2000:]}")
         try:
             with urllib.request.urlopen(url, timeout=2) as answer:
                 if answer.status == 200:
@@ -134,6 +133,12 @@ def server(artifacts, references) -> str:
     except subprocess.TimeoutExpired:
         process.kill()
     log.close()
+
+
+@pytest.fixture(scope="module")
+def server(artifacts, references) -> Iterator[str]:
+    """``negprompt serve`` with the bundled model; its URL."""
+    yield from serving(artifacts / "serve.log")
 
 
 @pytest.fixture(scope="module")
@@ -368,3 +373,39 @@ def test_one_step_and_the_largest_seed(server, browser, artifacts, timings):
     log = (artifacts / "serve.log").read_text()
     assert "Traceback" not in log and "Slider minimum" not in log, log[-2000:]
     page.context.close()
+
+
+def test_a_new_family_with_an_auto_end_and_a_period(browser, artifacts, timings, tmp_path_factory):
+    """The page on a tiny Qwen-Image (a family with no second prompt: no field for one) with the cheap-negative
+    fields set (auto end, every 2 steps): the image comes back, and where the auto end stopped is shown."""
+    from negprompt.models.saving import save_components
+    from negprompt.testing.tiny_qwen_image import build_tiny_qwen_image
+
+    folder = save_components(build_tiny_qwen_image(seed=0), tmp_path_factory.mktemp("tiny-qwen-image"))
+    started = time.monotonic()
+    served = serving(artifacts / "serve-qwen-image.log", "--model", str(folder))
+    url = next(served)
+    timings["tiny Qwen-Image server answering"] = round(time.monotonic() - started, 3)
+    try:
+        page = open_page(browser, url)
+        assert page.locator("#generate-prompt-2").count() == 0 and page.locator("#generate-negative-every").count()
+        fill_generate(page, {"prompt": "a photo of a cat", "negative": "a red hat", "seed": 3})
+        for elem_id, value in (("generate-steps", 6), ("generate-width", 32), ("generate-height", 32)):
+            type_number(page, elem_id, value)
+        type_number(page, "generate-negative-every", 2)
+        page.wait_for_function(  # the window sliders moved onto the 6-step schedule (the model's default is 50)
+            "() => document.querySelector('#generate-window-end-0 input[type=range]').max === '6'", timeout=WAIT_MS
+        )
+        page.locator("#generate-window-auto-0 input").check()
+        started = time.monotonic()
+        click_run(page, "generate")
+        assert wait_until_finished(page, "generate").startswith("done: 1 image(s)"), status_of(page, "generate")
+        timings["tiny Qwen-Image, auto end every 2, after the click"] = round(time.monotonic() - started, 3)
+        page.wait_for_selector("#generate-images img", timeout=WAIT_MS)
+        economy = page.locator("#generate-economy textarea").input_value()
+        assert economy.startswith("negative 1 ('a red hat'): auto end") and "denoiser rows per image: " in economy
+        assert "Steps: 6," in page.locator("#generate-info textarea").input_value()
+        page.screenshot(path=artifacts / "qwen-image-auto-end.png", full_page=True)
+        page.context.close()
+    finally:
+        next(served, None)

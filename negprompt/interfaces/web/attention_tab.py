@@ -20,6 +20,7 @@ from negprompt.interfaces.web.page_jobs import (
     PageJobs,
     caption,
     captioned_figure,
+    clip_player,
     model_event,
     refused_steps,
     steps_label,
@@ -61,7 +62,16 @@ def attention_tab(
                 )
                 seed = gr.Textbox(label="Seed (0–2⁶⁴−1)", value=str(EXAMPLE_SEED), elem_id="attention-seed")
                 columns = gr.Slider(2, 20, value=10, step=1, label="Steps in the timeline", elem_id="attention-columns")
+            makes_video = session.components.family.makes_video
+            frames = gr.Number(
+                label=f"Frames of the video (1–{limits.frames})",
+                value=min(defaults.get("frames", 1), limits.frames),
+                precision=0,
+                visible=makes_video,
+                elem_id="attention-frames",
+            )
             panel = JobPanel("attention", "Capture attention", jobs)
+            video = clip_player("Video", "attention-video") if makes_video else None
             caption("Image")
             image = gr.Image(
                 label="Image",
@@ -71,6 +81,11 @@ def attention_tab(
                 height=160,
                 elem_id="attention-image",
                 elem_classes="pixelated",
+                visible=not makes_video,
+            )
+            # A video's maps have a frame axis: the timeline and the step view show one latent frame.
+            frame = gr.Slider(
+                0, 1, value=0, step=1, label="Latent frame of the maps", visible=makes_video, elem_id="attention-frame"
             )
         with gr.Column(scale=2):
             figure = captioned_figure(
@@ -99,6 +114,7 @@ def attention_tab(
             scheduler=values[scheduler],
             seed=values[seed],
             columns=values[columns],
+            frames=values[frames] if makes_video else None,
         )
 
         def show(result: handlers.AttentionResult) -> dict:
@@ -108,9 +124,11 @@ def attention_tab(
             except Exception as error:  # e.g. no content word captured on the positive branch
                 rt, note = None, error_message(error)
             kept = result.steps
+            latent = result.latent_frames or 1
             return {
-                panel.status: f"captured {len(kept)} steps",
-                image: str(result.png),
+                panel.status: f"captured {len(kept)} steps" + (f", {latent} latent frames" if result.is_video else ""),
+                **({image: str(result.png)} if video is None else {video: str(result.png)}),
+                frame: gr.update(maximum=max(latent - 1, 1), value=0, interactive=latent > 1),
                 figure: result.timeline,
                 # one captured step (steps = 1): Gradio's sliders need minimum < maximum, so a fixed 0–1
                 step: gr.update(
@@ -131,17 +149,29 @@ def attention_tab(
             show,
         )
 
-    fields = {prompt, negative, words, negative_words, rule, scale, steps, scheduler, seed, columns}
-    outputs = panel.outputs(image, figure, step, step_figure, word, curve, related, captured)
+    fields = {prompt, negative, words, negative_words, rule, scale, steps, scheduler, seed, columns, frames}
+    outputs = panel.outputs(image, figure, step, step_figure, word, curve, related, captured, frame)
+    outputs |= {video} if video is not None else set()
     event = model_event(panel, on_capture, fields, outputs, "attention")
 
-    def on_step(chosen: Any, result: Any) -> Any:
+    def on_step(chosen: Any, result: Any, latent: Any) -> Any:
         if result is None:
             return None
         try:
-            return handlers.step_view(session, result, chosen)
+            return handlers.step_view(session, result, chosen, latent if result.frames else None)
         except handlers.NegpromptError:  # a step that was not captured: the view stays
             return gr.skip()
+
+    def on_frame(latent: Any, chosen: Any, shown: Any, result: Any) -> tuple[Any, Any]:
+        """A video's timeline and step view at another latent frame."""
+        if result is None or not result.frames:
+            return gr.skip(), gr.skip()
+        try:
+            return handlers.frame_view(session, result, latent, shown), handlers.step_view(
+                session, result, chosen, latent
+            )
+        except handlers.NegpromptError:
+            return gr.skip(), gr.skip()
 
     def on_word(chosen: str, result: Any) -> tuple[Any, str]:
         if result is None or not chosen:
@@ -151,7 +181,8 @@ def attention_tab(
         except Exception as error:
             return None, error_message(error)
 
-    step.change(on_step, [step, captured], step_figure, queue=False, api_name=False)
+    step.change(on_step, [step, captured, frame], step_figure, queue=False, api_name=False)
+    frame.change(on_frame, [frame, step, columns, captured], [figure, step_figure], queue=False, api_name=False)
     scheduler.change(
         lambda name: gr.update(label=steps_label(limits.steps, refused(name), name)) if name else gr.skip(),
         scheduler,

@@ -10,6 +10,7 @@ from typing import Any
 import gradio as gr
 
 from negprompt.errors import NegpromptError
+from negprompt.guidance.windows import AUTO
 from negprompt.interfaces.web import handlers
 from negprompt.interfaces.web.handlers import (
     GenerateRequest,
@@ -22,6 +23,7 @@ from negprompt.interfaces.web.page_jobs import (
     JobPanel,
     PageJobs,
     caption,
+    clip_player,
     end_range,
     model_event,
     refused_steps,
@@ -52,10 +54,17 @@ def generate_tab(
         with gr.Column(scale=1):
             example, example_negative = handlers.example_pair(session)
             prompt = gr.Textbox(label="Prompt", value=example, elem_id="generate-prompt")
+            family_fields = family_option_fields(session, limits)
             negatives = [negative_fields(0, calls, example_negative)]
             if limits.negatives > 1:
                 with gr.Accordion(f"Negatives 2–{limits.negatives}", open=False):
                     negatives += [negative_fields(index, calls) for index in range(1, limits.negatives)]
+            every = gr.Number(
+                label="Compute each negative every K steps, its difference reused between (rules sd, dual; 1: every step)",
+                value=1,
+                precision=0,
+                elem_id="generate-negative-every",
+            )
             with gr.Row():
                 rule = gr.Dropdown(list(rules), value="sd", label="Rule", elem_id="generate-rule")
                 scheduler = gr.Dropdown(
@@ -113,7 +122,9 @@ def generate_tab(
                 elem_id="generate-preview",
                 elem_classes="pixelated",
             )
-            caption("Images")
+            makes_video = session.components.family.makes_video
+            player = clip_player("Video (the first seed's)", "generate-video") if makes_video else None
+            caption("Videos: each seed's clip" if makes_video else "Images")
             gallery = gr.Gallery(
                 label="Images",
                 show_label=False,
@@ -126,6 +137,12 @@ def generate_tab(
             )
             infotext = gr.Textbox(
                 label="Infotext (PNG 'parameters')", lines=3, interactive=False, elem_id="generate-info"
+            )
+            economy = gr.Textbox(
+                label="Cheap negatives: where an auto end stopped, and the rows computed",
+                lines=2,
+                interactive=False,
+                elem_id="generate-economy",
             )
             files = gr.File(
                 label="The PNGs, as negprompt generate writes them (negprompt generate --from-png FILE re-runs them)",
@@ -146,8 +163,8 @@ def generate_tab(
             )
 
     schedule = gr.State(calls)
-    starts = [start for _, _, start, _ in negatives]
-    ends = [end for _, _, _, end in negatives]
+    starts = [start for _, _, start, _, _ in negatives]
+    ends = [end for _, _, _, end, _ in negatives]
 
     def on_schedule(steps_value: Any, scheduler_value: str, old: int, *values: Any) -> list[Any]:
         """The window sliders (and the delayed start) moved onto the new schedule's UNet calls."""
@@ -183,7 +200,22 @@ def generate_tab(
         api_name=False,
     )
 
-    fields = [prompt, rule, scale, steps, scheduler, seed, images, width, height, rescale, compare, compare_start]
+    fields = [
+        prompt,
+        rule,
+        scale,
+        steps,
+        scheduler,
+        seed,
+        images,
+        width,
+        height,
+        rescale,
+        compare,
+        compare_start,
+        every,
+    ]
+    fields += list(family_fields.values())
     fields += [component for row in negatives for component in row] + [schedule]
     fields += [component for group in option_fields.values() for component in group.values()]
 
@@ -197,9 +229,9 @@ def generate_tab(
                     values[text],
                     values[scale_field],
                     values[start],
-                    None if values[end] >= end_of_schedule else values[end],
+                    AUTO if values[auto] else None if values[end] >= end_of_schedule else values[end],
                 )
-                for text, scale_field, start, end in negatives
+                for text, scale_field, start, end, auto in negatives
             ),
             rule=chosen,
             rule_options={name: values[field] for name, field in option_fields.get(chosen, {}).items()},
@@ -213,32 +245,38 @@ def generate_tab(
             rescale=values[rescale],
             compare=values[compare],
             compare_start=values[compare_start],
+            negative_every=values[every],
+            **{name: values[field] for name, field in family_fields.items()},
         )
 
     def on_generate(values: dict, request: gr.Request) -> Iterator[dict]:
         folder = folders.new()
-        yield {gallery: None, files: None, infotext: "", comparison: None, preview: None}
+        yield {gallery: None, files: None, infotext: "", economy: "", comparison: None, preview: None}
         yield from panel.follow(
             jobs,
             request.session_hash,
             PageJob(preview_seconds=UPDATE_SECONDS),
             lambda job: handlers.generate(session, request_of(values), limits, folder, job),
             lambda result: {
-                panel.status: f"done: {len(result.pngs)} image(s) in {result.seconds:.2f} s",
-                gallery: [(str(path), path.name) for path in result.pngs],
-                files: [str(path) for path in result.pngs],
+                panel.status: f"done: {len(result.pngs + result.videos)} {'video' if result.videos else 'image'}(s) "
+                f"in {result.seconds:.2f} s",
+                gallery: [(str(path), path.name) for path in result.pngs + result.videos],
+                files: [str(path) for path in result.pngs + result.videos],
+                **({player: str(result.videos[0]) if result.videos else None} if player is not None else {}),
                 infotext: result.infotext,
+                economy: result.negative_stops,
                 comparison: [(str(path), caption) for path, caption in result.comparison] or None,
             },
             preview=preview,
         )
 
-    outputs = panel.outputs(preview, gallery, infotext, files, comparison)
+    outputs = panel.outputs(preview, gallery, infotext, economy, files, comparison, *([player] if player else []))
     return [model_event(panel, on_generate, set(fields), outputs, "generate")], panel
 
 
-def negative_fields(index: int, calls: int, example: str = "") -> tuple[Any, Any, Any, Any]:
-    """A negative prompt's text, its scale s⁻ and its step window [from, to) as two sliders on the schedule."""
+def negative_fields(index: int, calls: int, example: str = "") -> tuple[Any, Any, Any, Any, Any]:
+    """A negative prompt's text, its scale s⁻, its step window [from, to) as two sliders on the schedule, and
+    whether its end is auto instead (``--negative-window START:auto``)."""
     with gr.Group():
         text = gr.Textbox(
             label=f"Negative {index + 1}",
@@ -268,7 +306,39 @@ def negative_fields(index: int, calls: int, example: str = "") -> tuple[Any, Any
                 label="to step (right end: the last)",
                 elem_id=f"generate-window-end-{index}",
             )
-    return text, scale, start, end
+        auto = gr.Checkbox(
+            label="to: auto, where its effect has converged (rules sd, dual; the slider's end is then not used)",
+            value=False,
+            elem_id=f"generate-window-auto-{index}",
+        )
+    return text, scale, start, end, auto
+
+
+def family_option_fields(session: Session, limits: ServerLimits) -> dict[str, Any]:
+    """The fields of the options only some families read, shown where the model's family reads them: a
+    second text encoder's prompt (SDXL, SD3, FLUX) and the embedded guidance scale w (guidance-distilled
+    FLUX), and a video model's frame count. Keyed by their :class:`GenerateRequest` field; elsewhere the
+    handlers refuse them in one line."""
+    family, components = session.components.family, session.components
+    fields: dict[str, Any] = {}
+    if family.makes_video:
+        fields["frames"] = gr.Number(
+            label=f"Frames of each video (1–{limits.frames}; a count the model does not take is named with the nearest)",
+            value=min(session.defaults.get("frames", 1), limits.frames),
+            precision=0,
+            elem_id="generate-frames",
+        )
+    if family.second_prompt:
+        fields["prompt_2"] = gr.Textbox(
+            label="Second prompt (the second text encoder's; empty: the prompt)", elem_id="generate-prompt-2"
+        )
+    if family.takes_embedded_guidance(components):
+        fields["embedded_guidance"] = gr.Number(
+            label="Embedded guidance w (a guidance-distilled model's input)",
+            value=session.defaults.get("embedded_guidance"),
+            elem_id="generate-embedded-guidance",
+        )
+    return fields
 
 
 def rule_option_fields(rules: dict, chosen: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

@@ -189,7 +189,10 @@ class JobPanel:
         if self.jobs.ahead(request.session_hash, self.tab) is None:
             return gr.skip()
         self.jobs.leave(request.session_hash)
-        return "not started: the server turned the request away (a full queue: negprompt serve --max-queue)"
+        return (
+            "not started: the server turned the request away (a full queue: negprompt serve --max-queue; or a field "
+            "out of its range, e.g. a window slider past a new step count: move it and click again)"
+        )
 
     def on_tick(self, request: gr.Request) -> tuple[Any, Any]:
         ahead = self.jobs.ahead(request.session_hash, self.tab)
@@ -314,6 +317,17 @@ def captioned_figure(text: str, elem_id: str) -> Any:
         elem_classes="figure",
         buttons=["download", "fullscreen"],
     )
+
+
+def clip_player(text: str, elem_id: str) -> Any:
+    """Where a video model's clip plays, under its :func:`caption`: an HTML ``<video>`` for MP4, an ``<img>`` for
+    the animated WebP written where no MP4 encoder is installed (:mod:`negprompt.interfaces.video`)."""
+    from negprompt.interfaces.video import container_for
+
+    caption(text)
+    if container_for("clip.png") == "mp4":
+        return gr.Video(label=text, show_label=False, interactive=False, autoplay=True, loop=True, elem_id=elem_id)
+    return gr.Image(label=text, show_label=False, type="filepath", interactive=False, elem_id=elem_id)
 
 
 def refused_steps(session: Session, scheduler: str, most: int) -> list[int]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from negprompt.errors import NegpromptError
-from negprompt.limits import MAX_IMAGES, MAX_SIDE, MAX_STEPS
+from negprompt.limits import MAX_FRAMES, MAX_IMAGES, MAX_SIDE, MAX_STEPS
 
 # What the page offers before a visitor types anything: the first click should show a negative acting.
 EXAMPLE_SEED = 2  # on the bundled model the example pair's plain image has the negative's hat at seed 2 (and
@@ -48,6 +48,7 @@ class ServerLimits:
     prompt_chars: int = limit(500, "characters of one prompt", 100_000)
     sweep_images: int = limit(8, "images of a start sweep on the Edit tab", MAX_IMAGES)
     queue: int = limit(16, "requests waiting in the queue (more are turned away)", 10_000)
+    frames: int = limit(81, "frames of a video (video models)", MAX_FRAMES)
 
     def __post_init__(self) -> None:
         for item in fields(self):
