@@ -13,7 +13,8 @@ import json
 import numpy as np
 import pytest
 
-from negprompt.shapes.detectors import Detection, _shape_templates, detect, detect_batch
+from negprompt.shapes.detector_measures import _shape_templates
+from negprompt.shapes.detectors import Detection, detect, detect_batch
 from negprompt.shapes.scene import COLORS, IMAGE_SIZE, SHAPES, render, sample_scene
 
 ATTRIBUTES = ("shape", "color", "hat", "sun", "striped", "blurry")

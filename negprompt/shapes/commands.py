@@ -81,6 +81,7 @@ def command_train(args: argparse.Namespace) -> int:
         distill_sha256=distill_sha256,
         guidance_min=low,
         guidance_max=high,
+        frames=args.frames,
         model=model,
     )
     out = Path(args.out)
@@ -88,9 +89,10 @@ def command_train(args: argparse.Namespace) -> int:
     if (out / META_FILE).exists():
         trainer.load_checkpoint()
     left = max(0, config.total_steps - trainer.step)
-    low_cost, high_cost = (left * seconds * config.batch_size / 32 for seconds in REFERENCE_STEP_SECONDS)
+    per_example = VIDEO_FRAME_COST * config.frames if config.frames else 1.0  # in images' cost
+    low_cost, high_cost = (left * seconds * config.batch_size * per_example / 32 for seconds in REFERENCE_STEP_SECONDS)
     print(
-        f"train: {left} step{'s' if left != 1 else ''} of {config.batch_size} examples to go"
+        f"train: {left} step{'s' if left != 1 else ''} of {config.batch_size} {'clips' if config.frames else 'examples'} to go"
         + (
             f" (resuming at step {trainer.step} of {config.total_steps})"
             if trainer.step
@@ -122,6 +124,10 @@ def command_train(args: argparse.Namespace) -> int:
 # The cost of one training step of 32 examples on the 2-core machine of docs/training.md: 0.82 s (the
 # world-v2 fine-tune, 2 threads) to 2.45 s (the first 160 000 samples, the cores shared at times).
 REFERENCE_STEP_SECONDS = (0.82, 2.45)
+# A clip's frame costs the video model this many images' worth of the image model's step (its temporal
+# layers): 3.1 s of CPU a step of 2 clips × 9 frames against 1.94 s a step of 32 images, one core each
+# (docs/video-ground-truth.md).
+VIDEO_FRAME_COST = 2.9
 
 
 # ---------------------------------------------------------------- edit-sweep
@@ -482,6 +488,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=64,
         help="with --distill-from: width of the student's guidance embedding (default 64)",
+    )
+    train.add_argument(
+        "--frames",
+        type=non_negative_int,
+        default=0,
+        help="train the tiny video model on clips of this many frames, 4k + 1 (5, 9, 17, …); with --init-from, "
+        "from an image model's weights (docs/video-ground-truth.md) (default 0: the image model)",
     )
     train.add_argument(
         "--max-minutes",
