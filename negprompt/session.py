@@ -140,7 +140,7 @@ class Session:
 
     def check(self, spec: RunSpec) -> None:
         """Raises a one-line :class:`~negprompt.errors.NegpromptError` unless ``spec`` can run on this
-        model: its schedule (:meth:`check_schedule`), its size, its rule on this denoiser and its
+        model: its schedule (:meth:`check_schedule`), its size and frames, its rule on this denoiser and its
         windows and prompt edits on the schedule. :meth:`spec_from` makes only specs that pass;
         :meth:`run_together` checks every spec it is given (they also come from a PNG's JSON or
         ``dataclasses.replace``). The sampling loop below relies on these checks."""
@@ -148,6 +148,7 @@ class Session:
         self._check_size(spec.height, spec.width)
         self._check_rule(spec.guidance)
         self._check_windows(spec.guidance, spec.scheduler, spec.steps)
+        self.components.family.check_video(self.components, spec.frames, spec.guidance.scale, spec.scale_2)
 
     def check_schedule(self, scheduler: str, steps: int) -> None:
         """Raises :class:`SettingsError` unless ``steps`` is a whole number in 1–1000 and, where the model
@@ -214,25 +215,10 @@ class Session:
         error for models that take none; ``scale`` stays the CFG scale s around it (such models
         declare s = 1: one pass per step).
         """
-        micro = _micro(settings.original_size, settings.crops_coords_top_left, settings.target_size)
-        negative_micro = _micro(
-            settings.negative_original_size, settings.negative_crops_coords_top_left, settings.negative_target_size
-        )
-        prompt_2 = settings.prompt_2
-        self._check_family_options(
-            {
-                "prompt_2": prompt_2,
-                "negative_2": settings.negative_2,
-                "micro-conditions": micro,
-                "negative micro-conditions": negative_micro,
-            }
-        )
+        micro, negative_micro = self._sdxl_options(settings)
         defaults = self.defaults
-        positive_window, interval = settings.positive_window, settings.interval
-        if isinstance(positive_window, str):
-            positive_window = Window.parse(positive_window)
-        if isinstance(interval, str):
-            interval = Window.parse(interval)
+        windows = (settings.positive_window, settings.interval)  # a Window, None, or its text
+        positive_window, interval = (Window.parse(w) if isinstance(w, str) else w for w in windows)
         scheduler = settings.scheduler or defaults["scheduler"]
         steps = defaults["steps"] if settings.steps is None else settings.steps
         self.check_schedule(scheduler, steps)
@@ -257,9 +243,23 @@ class Session:
             dtype=self.dtype,
             embeddings=tuple((e.token, e.file, e.sha256) for e in self.components.embeddings.values()),
             embedded_guidance=self._embedded_guidance(settings.embedded_guidance),
+            frames=defaults.get("frames", 1) if settings.frames is None else settings.frames,
+            scale_2=settings.scale_2,
         )
         self._check_windows(guidance, scheduler, steps)
+        self.components.family.check_video(self.components, spec.frames, guidance.scale, spec.scale_2)
         return spec
+
+    def _sdxl_options(self, settings: RunSettings) -> tuple[MicroConditions | None, MicroConditions | None]:
+        """The positive's and the negatives' micro-conditions ``settings`` give, once this model is known to read
+        every SDXL option they set (see :meth:`_check_family_options`)."""
+        micro = _micro(settings.original_size, settings.crops_coords_top_left, settings.target_size)
+        negative_micro = _micro(
+            settings.negative_original_size, settings.negative_crops_coords_top_left, settings.negative_target_size
+        )
+        options = {"prompt_2": settings.prompt_2, "negative_2": settings.negative_2, "micro-conditions": micro}
+        self._check_family_options({**options, "negative micro-conditions": negative_micro})
+        return micro, negative_micro
 
     def _guidance(
         self,
@@ -391,6 +391,8 @@ class Session:
                 max_rows_per_call=first.rows_per_call,
                 embedded_guidance=first.embedded_guidance,
                 conditioning=conditioning,
+                frames=first.frames,
+                scales_2=[spec.scale_2 for spec in specs],
             )
         generations, start = [], 0
         for g, spec in enumerate(specs):
@@ -425,6 +427,7 @@ class Session:
             "dtype",
             "rows_per_call",
             "embedded_guidance",
+            "frames",
         )
         for other in specs[1:]:
             differing = [name for name in shared if getattr(other, name) != getattr(first, name)]

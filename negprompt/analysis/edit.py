@@ -213,28 +213,57 @@ def run_edit(
     if source == "detector":  # the detectors give region and removal: no attention maps needed
         specs = [replace(spec, rows_per_call=max_rows_per_call) for spec in (plain, full, windowed)]
         generations = session.run_together(specs, progress=progress)
+        images = _detector_images(plain.seeds, generations, finder, word)
     else:
         generations, regions, removal_full, removal_windowed = _run_with_attention(
             session, (plain, full, windowed), (plan_full, plan_windowed), bounds, threshold, progress
         )
-    images = []
-    for i, seed in enumerate(plain.seeds):
-        original, with_full, edited = (g.pixels[i] for g in generations)
-        measures: dict = {}
-        if source == "detector":
-            mask, in_original = finder.find(original, word)
-            _, in_full = finder.find(with_full, word)
-            _, in_edited = finder.find(edited, word)
-            measures.update(present_original=in_original, present_full=in_full, present_edited=in_edited)
-        else:
-            mask = regions[i]
-            measures.update(removal_score_full=float(removal_full[i]), removal_score_edited=float(removal_windowed[i]))
-        measures["edited"] = locality(original, edited, mask)
-        measures["full"] = locality(original, with_full, mask)
-        images.append(EditImage(seed, original, with_full, edited, mask, measures))
+        images = _attention_images(plain.seeds, generations, regions, removal_full, removal_windowed)
     return EditOutcome(
         images, generations, source, word, bounds, generations[0].unet_batch_rows, generations[0].num_steps
     )
+
+
+def _detector_images(
+    seeds: Sequence[int], generations: Sequence[Generation], finder: RegionFinder, word: str
+) -> list[EditImage]:
+    """Each seed's plain, full and windowed images measured by the model's region finder: ``word``'s region in the
+    plain image, whether the finder finds the thing in each image, and the locality (see :func:`_edit_image`)."""
+    images = []
+    for i, seed in enumerate(seeds):
+        original, with_full, edited = (g.pixels[i] for g in generations)
+        mask, in_original = finder.find(original, word)
+        _, in_full = finder.find(with_full, word)
+        _, in_edited = finder.find(edited, word)
+        measures = dict(present_original=in_original, present_full=in_full, present_edited=in_edited)
+        images.append(_edit_image(seed, original, with_full, edited, mask, measures))
+    return images
+
+
+def _attention_images(
+    seeds: Sequence[int],
+    generations: Sequence[Generation],
+    regions: np.ndarray | torch.Tensor,
+    removal_full: np.ndarray | torch.Tensor,
+    removal_windowed: np.ndarray | torch.Tensor,
+) -> list[EditImage]:
+    """Each seed's plain, full and windowed images measured by attention: its region from the full run's maps
+    (B, H, W), the removal scores (B,) of the full and the windowed negative, and the locality."""
+    images = []
+    for i, seed in enumerate(seeds):
+        original, with_full, edited = (g.pixels[i] for g in generations)
+        measures = dict(removal_score_full=float(removal_full[i]), removal_score_edited=float(removal_windowed[i]))
+        images.append(_edit_image(seed, original, with_full, edited, regions[i], measures))
+    return images
+
+
+def _edit_image(
+    seed: int, original: np.ndarray, with_full: np.ndarray, edited: np.ndarray, region: np.ndarray, measures: dict
+) -> EditImage:
+    """One seed's images with ``measures`` and then the locality, outside ``region``, of the edited (windowed) image
+    and of the full-negative one against the plain image (:func:`~negprompt.analysis.locality.locality`)."""
+    measures = {**measures, "edited": locality(original, edited, region), "full": locality(original, with_full, region)}
+    return EditImage(seed, original, with_full, edited, region, measures)
 
 
 def comparison_figure(outcome: EditOutcome, zoom: int | None = None):

@@ -224,47 +224,14 @@ def make_report(folder: str | Path) -> tuple[Path, list[Path]]:
         raise SpecError(f"{folder / RESULTS_FILE} has no finished pair yet")
     steps_total = max(int(r["step"]) for r in rows) + 1
     window = (round(5 / 30 * steps_total), round(10 / 30 * steps_total))
-    lines = [
-        f"# Negative strength r_t — study `{spec['name']}`",
-        "",
-        f"Model `{spec['model']}`, scheduler `{spec['scheduler']}`, {spec['steps']} steps ({steps_total} UNet calls), "
-        f"scale {spec['scale']}, rule {spec.get('rule', 'sd')}, {len(spec['seeds'])} seeds, {len({r['pair'] for r in rows})} of {len(spec['pairs'])} pairs done.",
-        "",
-        "Definitions (see `negprompt/analysis/strength.py`): *article* = Σ_k‖F_neg(i)‖_F / Σ_k‖F_pos(r(i))‖_F "
-        "over cross-attention layers k (maps upsampled to a common size); *released* = Σ_layers Σ_heads mean(A²) "
-        "over all token maps of the negative branch divided by the same for the positive branch, each head's map "
-        "upsampled bicubically to the map size and clamped ≥ 0 before squaring, mid block left out "
-        "(Ban et al.'s `compute_activation_ratio`).",
-        "",
-    ]
+    lines = _report_header(spec, rows, steps_total)
     figures: dict[str, bytes] = {}
     summary = {}
     for definition in ("article", "released"):
         pair_curves = curves(rows, definition)
         stats = group_statistics(pair_curves)
         figures.update(_plot(stats, pair_curves, definition))
-        lines += [
-            f"## {definition} definition",
-            "",
-            f"![curves](curves_{definition}.png)",
-            "",
-            "| group | n (pairs×seeds) | r_t at step 0 | peak | peak step | first step ≥ half of peak | last | shape |",
-            "|---|---:|---:|---:|---:|---:|---:|---|",
-        ]
-        for group, stat in sorted(stats.items()):
-            lines.append(
-                f"| {group} | {stat['n']} | {stat['first']:.4f} | {stat['peak']:.4f} | {stat['peak_step']} | "
-                f"{stat['half_peak_step']} | {stat['last']:.4f} | {shape_of(stat)} |"
-            )
-        lines += ["", "Against the article's claims:", ""]
-        for group, stat in sorted(stats.items()):
-            in_window = window[0] <= stat["peak_step"] <= window[1]
-            expected = {"noun": "rises, then falls", "adjective": "rises, then levels off"}.get(group)
-            claim = f"- **{group}**: peak at step {stat['peak_step']} — {'inside' if in_window else 'outside'} the article's steps 5–10 of 30 (here {window[0]}–{window[1]}); the curve {shape_of(stat)}"
-            if expected:
-                claim += f" (article: {expected}: {'agrees' if shape_of(stat) == expected else 'differs'})"
-            lines.append(claim + ".")
-        lines += ["", f"![per pair](pairs_{definition}.png)", ""]
+        lines += _definition_section(definition, stats, window)
         summary[definition] = {
             g: {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in s.items()} for g, s in stats.items()
         }
@@ -276,9 +243,64 @@ def make_report(folder: str | Path) -> tuple[Path, list[Path]]:
         "report.json": (json.dumps(summary, indent=1) + "\n").encode(),
         **figures,
     }
+    _write_all(folder, contents)
+    return folder / "report.md", [folder / name for name in figures]
+
+
+def _report_header(spec: dict, rows: list[dict], steps_total: int) -> list[str]:
+    """The report's title, the study's settings and progress, and the two definitions of r_t."""
+    return [
+        f"# Negative strength r_t — study `{spec['name']}`",
+        "",
+        f"Model `{spec['model']}`, scheduler `{spec['scheduler']}`, {spec['steps']} steps ({steps_total} UNet calls), "
+        f"scale {spec['scale']}, rule {spec.get('rule', 'sd')}, {len(spec['seeds'])} seeds, "
+        f"{len({r['pair'] for r in rows})} of {len(spec['pairs'])} pairs done.",
+        "",
+        "Definitions (see `negprompt/analysis/strength.py`): *article* = Σ_k‖F_neg(i)‖_F / Σ_k‖F_pos(r(i))‖_F "
+        "over cross-attention layers k (maps upsampled to a common size); *released* = Σ_layers Σ_heads mean(A²) "
+        "over all token maps of the negative branch divided by the same for the positive branch, each head's map "
+        "upsampled bicubically to the map size and clamped ≥ 0 before squaring, mid block left out "
+        "(Ban et al.'s `compute_activation_ratio`).",
+        "",
+    ]
+
+
+def _definition_section(definition: str, stats: dict[str, dict], window: tuple[int, int]) -> list[str]:
+    """One definition's section: its figures, each group's statistics and how each group's curve compares with
+    the article's claims (its peak inside ``window``, the article's steps 5–10 of 30 scaled to the study)."""
+    lines = [
+        f"## {definition} definition",
+        "",
+        f"![curves](curves_{definition}.png)",
+        "",
+        "| group | n (pairs×seeds) | r_t at step 0 | peak | peak step | first step ≥ half of peak | last | shape |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for group, stat in sorted(stats.items()):
+        lines.append(
+            f"| {group} | {stat['n']} | {stat['first']:.4f} | {stat['peak']:.4f} | {stat['peak_step']} | "
+            f"{stat['half_peak_step']} | {stat['last']:.4f} | {shape_of(stat)} |"
+        )
+    lines += ["", "Against the article's claims:", ""]
+    for group, stat in sorted(stats.items()):
+        in_window = window[0] <= stat["peak_step"] <= window[1]
+        expected = {"noun": "rises, then falls", "adjective": "rises, then levels off"}.get(group)
+        claim = (
+            f"- **{group}**: peak at step {stat['peak_step']} — {'inside' if in_window else 'outside'} the article's "
+            f"steps 5–10 of 30 (here {window[0]}–{window[1]}); the curve {shape_of(stat)}"
+        )
+        if expected:
+            claim += f" (article: {expected}: {'agrees' if shape_of(stat) == expected else 'differs'})"
+        lines.append(claim + ".")
+    lines += ["", f"![per pair](pairs_{definition}.png)", ""]
+    return lines
+
+
+def _write_all(folder: Path, contents: dict[str, bytes]) -> None:
+    """Writes each of ``contents`` (file name → bytes) into ``folder``, all or none; a folder in a file's place is
+    refused before anything is written."""
     paths = [folder / name for name in contents]
     for path in paths:
         if path.is_dir():
             raise ReportError(f"cannot write {path}: it is a folder; move it away to write the report")
     write_atomically(paths, lambda final, temporary: temporary.write_bytes(contents[final.name]))
-    return folder / "report.md", [folder / name for name in figures]

@@ -23,7 +23,7 @@ compared with no negative at all (Ban et al.'s "reverse activation").
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from negprompt.analysis.edit import negative_word
 from negprompt.analysis.locality import changed_pixels, psnr, ssim
 from negprompt.analysis.regions import RegionFinder, RegionFinderError, declared_finder
 from negprompt.analysis.strength import FUNCTION_WORDS, map_similarity
+from negprompt.api import Generation
 from negprompt.attention.capture import CaptureRequest, capture_attention
 from negprompt.attention.result import plan_for
 from negprompt.attention.tokens import tokenize_words
@@ -136,52 +137,64 @@ def sweep_unit(
     def progress(first: float, share: float, what: str) -> list:
         return [] if report is None else [StepReport(report, calls, first, share, label + what)]
 
+    variant_hooks = progress(0.0, first_share, "variants, ")
+    generations, maps = _run_variants(session, plain, [v[2] for v in variants], request, len(content), variant_hooks)
+    auto = automatic_start(maps, settings.tau)
+    auto_hooks = progress(first_share, 1 - first_share, "automatic starts, ")
+    auto_runs = _run_automatic_starts(session, auto, seeds, negative_in, auto_hooks)
+    for i, seed in enumerate(seeds):
+        members, automatic = auto_runs[auto[i]]
+        variant_images = [
+            (kind, value, generation.pixels[i]) for (kind, value, _), generation in zip(variants, generations[1:])
+        ]
+        variant_images.append(("auto", auto[i], automatic.pixels[members.index(i)]))
+        head = {"prompt": prompt, "negative": negative, "word": word, "seed": seed}
+        rows += _image_rows(finder, head, generations[0].pixels[i], variant_images)
+    return rows
+
+
+def _run_variants(
+    session: Session, plain: RunSpec, variants: list[RunSpec], request: CaptureRequest, words: int, hooks: list
+) -> tuple[list[Generation], list[torch.Tensor]]:
+    """The first pass: the plain run and every variant in one batched run, with the plain run's attention maps of
+    the ``words`` content words ``request`` asks for, each (steps, B, S, S)."""
+    components = session.components
     with session.exclusive():
         with capture_attention(
             components.denoiser, plan_for(plain, request, components), reduce_layer, group=0
         ) as recorder:
-            generations = session.run_together(
-                [plain] + [v[2] for v in variants], unet_hooks=[recorder, *progress(0.0, first_share, "variants, ")]
-            )
-    maps = [recorder.tensors["maps.positive"][:, 0, :, w].float() for w in range(len(content))]
-    auto = automatic_start(maps, settings.tau)
-    # Second pass: one group per distinct automatic start, all in one batched run.
+            generations = session.run_together([plain] + variants, unet_hooks=[recorder, *hooks])
+    return generations, [recorder.tensors["maps.positive"][:, 0, :, w].float() for w in range(words)]
+
+
+def _run_automatic_starts(
+    session: Session,
+    auto: list[int],
+    seeds: list[int],
+    negative_in: Callable[[Window, Sequence[int]], RunSpec],
+    hooks: list,
+) -> dict[int, tuple[list[int], Generation]]:
+    """The second pass: one group per distinct automatic start, all in one batched run. Returns, by start, the
+    indices (in ``seeds``) of the images it holds and its generation."""
     distinct = sorted(set(auto))
     members = {start: [i for i, s in enumerate(auto) if s == start] for start in distinct}
     auto_settings = [negative_in(Window(start), [seeds[i] for i in members[start]]) for start in distinct]
-    automatic = session.run_together(
-        auto_settings, unet_hooks=progress(first_share, 1 - first_share, "automatic starts, ")
-    )
-    auto_runs = {start: (members[start], g) for start, g in zip(distinct, automatic)}
-    for i, seed in enumerate(seeds):
-        base = generations[0].pixels[i]
-        _, plain_present = finder.find(base, word)
-        row_common = {
-            "prompt": prompt,
-            "negative": negative,
-            "word": word,
-            "seed": seed,
-            "plain_present": plain_present,
-        }
-        rows.append({**row_common, "variant": "none", "start": -1, **_score(finder, base, base, word)})
-        for (kind, value, _), generation in zip(variants, generations[1:]):
-            rows.append(
-                {
-                    **row_common,
-                    "variant": kind,
-                    "start": value,
-                    **_score(finder, base, generation.pixels[i], word),
-                }
-            )
-        members, generation = auto_runs[auto[i]]
-        rows.append(
-            {
-                **row_common,
-                "variant": "auto",
-                "start": auto[i],
-                **_score(finder, base, generation.pixels[members.index(i)], word),
-            }
-        )
+    automatic = session.run_together(auto_settings, unet_hooks=hooks)
+    return {start: (members[start], g) for start, g in zip(distinct, automatic)}
+
+
+def _image_rows(
+    finder: RegionFinder, head: dict, plain: np.ndarray, variants: list[tuple[str, int, np.ndarray]]
+) -> list[dict]:
+    """One image's rows: the plain image's own (variant "none"), then one per (variant, start, image), each scored
+    against the plain image; every row starts with ``head`` (prompt, negative, word, seed) and whether the plain
+    image holds the thing."""
+    word = head["word"]
+    _, plain_present = finder.find(plain, word)
+    row_common = {**head, "plain_present": plain_present}
+    rows = [{**row_common, "variant": "none", "start": -1, **_score(finder, plain, plain, word)}]
+    for kind, value, image in variants:
+        rows.append({**row_common, "variant": kind, "start": value, **_score(finder, plain, image, word)})
     return rows
 
 

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import torch
@@ -21,6 +22,7 @@ from negprompt.limits import MAX_CONFIG_BYTES, MAX_TRAIN_TIMESTEPS
 from negprompt.models.components import Components
 from negprompt.models.declarations import DECLARATIONS_FILE, Declarations, DeclarationsError
 from negprompt.models.families import FAMILIES, family_for_index
+from negprompt.models.family import ModelFamily
 
 BUNDLED_NAME = "shapes"
 BUNDLED_PATH = Path(__file__).resolve().parent.parent / "assets" / "shapes-model"
@@ -107,46 +109,11 @@ def load_components(
         raise ModelLoadError(f"{root} is not a diffusers model directory: model_index.json is missing")
     index = read_model_index(index_file)
     family = family_for_index(index)
-    required = family.required_parts
-    missing = [part for part in required if not (root / part).is_dir() or index.get(part, [None])[0] is None]
-    if missing:
-        raise ModelLoadError(f"{root} lacks the part(s) {', '.join(missing)}; expected folders {', '.join(required)}")
-    has_vae = index.get("vae", [None])[0] is not None
-    listed = frozenset(part for part in family.optional_parts if (index.get(part) or [None])[0] is not None)
-    for part in sorted(listed) + (["vae"] if has_vae else []):
-        if not (root / part).is_dir():
-            raise ModelLoadError(f"{root}: model_index.json lists a {part} but the {part}/ folder is missing")
-    optional_weights = tuple(part for part in sorted(listed) if part.startswith("text_encoder"))
-    for part in family.weight_parts + optional_weights + (("vae",) if has_vae else ()):
-        _check_safetensors(root / part, part)
-    for part in required + tuple(sorted(listed)) + (("vae",) if has_vae else ()):
-        check_part_configs(root / part)  # before any weights are read: a bad number is found at once
+    listed = _check_part_folders(root, index, family)
 
     def load(part: str, base: type, **kwargs):
-        entry = index[part]
-        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
-            raise ModelLoadError(f'{index_file}: "{part}" must be [library, class name], got {_short(entry)}')
-        cls = _class_from(*entry, base)
-        folder = root / part
-        has_weights = issubclass(cls, (diffusers.ModelMixin, transformers.PreTrainedModel))
-        if has_weights:  # the libraries' own account of the keys (ignorable ones, e.g. CLIP's position_ids, left out)
-            kwargs = {**kwargs, "output_loading_info": True}
-            if issubclass(cls, transformers.PreTrainedModel):  # counted below rather than raised after a log report
-                kwargs["ignore_mismatched_sizes"] = True
-        try:
-            loaded = cls.from_pretrained(str(folder), **kwargs)
-        except (OSError, ValueError, SafetensorError, KeyError, TypeError, AttributeError, RuntimeError) as error:
-            # Missing, truncated or corrupted files: the libraries' loaders fail in all these ways
-            # (a tokenizer.json without its keys raises KeyError, a config of the wrong shape TypeError,
-            # transformers' conversion of a foreign checkpoint RuntimeError).
-            text = str(error).strip()
-            first_line = f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-            raise ModelLoadError(f"cannot load {part} from {folder} (damaged or foreign file?): {first_line}") from None
-        if not has_weights:
-            return loaded
-        model, info = loaded
-        check_loaded_weights(part, folder, model, info)
-        return model
+        """The model's ``part``, of the class ``model_index.json`` names for it (see :func:`_load_part`)."""
+        return _load_part(part, root / part, index[part], index_file, base, kwargs)
 
     weights = dict(use_safetensors=True, local_files_only=True, torch_dtype=dtype)
     # Without accelerate, diffusers warns on every load that it falls back to this; say it ourselves.
@@ -159,6 +126,58 @@ def load_components(
         pipeline_options={k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)},
     )
     return components.eval().to(device)
+
+
+def _check_part_folders(root: Path, index: dict, family: ModelFamily) -> frozenset[str]:
+    """The optional parts ``index`` lists, once every part the family requires and every listed one (the VAE too)
+    has its folder, the weights are safetensors and every part's configs read well, before any weights are read."""
+    required = family.required_parts
+    missing = [part for part in required if not (root / part).is_dir() or index.get(part, [None])[0] is None]
+    if missing:
+        raise ModelLoadError(f"{root} lacks the part(s) {', '.join(missing)}; expected folders {', '.join(required)}")
+    has_vae = index.get("vae", [None])[0] is not None
+    listed = frozenset(part for part in family.optional_parts if (index.get(part) or [None])[0] is not None)
+    for part in sorted(listed) + (["vae"] if has_vae else []):
+        if not (root / part).is_dir():
+            raise ModelLoadError(f"{root}: model_index.json lists a {part} but the {part}/ folder is missing")
+    optional_weights = tuple(part for part in sorted(listed) if part.startswith(("text_encoder", "transformer")))
+    for part in family.weight_parts + optional_weights + (("vae",) if has_vae else ()):
+        _check_safetensors(root / part, part)
+    for part in required + tuple(sorted(listed)) + (("vae",) if has_vae else ()):
+        check_part_configs(root / part)  # before any weights are read: a bad number is found at once
+    return listed
+
+
+def _load_part(part: str, folder: Path, entry: object, index_file: Path, base: type, kwargs: dict[str, Any]) -> Any:
+    """One part from ``folder``, of the class its index ``entry`` ([library, class name]) names, a subclass of
+    ``base``; a model's weights checked against its keys (:func:`check_loaded_weights`)."""
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
+        raise ModelLoadError(f'{index_file}: "{part}" must be [library, class name], got {_short(entry)}')
+    cls = _class_from(*entry, base)
+    has_weights = issubclass(cls, (diffusers.ModelMixin, transformers.PreTrainedModel))
+    if has_weights:  # the libraries' own account of the keys (ignorable ones, e.g. CLIP's position_ids, left out)
+        kwargs = {**kwargs, "output_loading_info": True}
+        if issubclass(cls, transformers.PreTrainedModel):  # counted below rather than raised after a log report
+            kwargs["ignore_mismatched_sizes"] = True
+    loaded = _from_pretrained(cls, part, folder, kwargs)
+    if not has_weights:
+        return loaded
+    model, info = loaded
+    check_loaded_weights(part, folder, model, info)
+    return model
+
+
+def _from_pretrained(cls: type, part: str, folder: Path, kwargs: dict[str, Any]) -> Any:
+    """``cls.from_pretrained(folder, **kwargs)``, a missing, truncated or corrupted file refused in one line."""
+    try:
+        return cls.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError, SafetensorError, KeyError, TypeError, AttributeError, RuntimeError) as error:
+        # Missing, truncated or corrupted files: the libraries' loaders fail in all these ways
+        # (a tokenizer.json without its keys raises KeyError, a config of the wrong shape TypeError,
+        # transformers' conversion of a foreign checkpoint RuntimeError).
+        text = str(error).strip()
+        first_line = f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+        raise ModelLoadError(f"cannot load {part} from {folder} (damaged or foreign file?): {first_line}") from None
 
 
 def _short(value: object, limit: int = 60) -> str:

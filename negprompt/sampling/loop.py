@@ -28,7 +28,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from negprompt.errors import NegpromptError
 from negprompt.guidance.economy import NegativeEconomy
 from negprompt.guidance.plan import Guidance, StepContext
+from negprompt.layers.layout import AttentionLayout
 from negprompt.models.components import Components
 from negprompt.models.conditioning import Conditioning, PromptInput, denoiser_inputs
 from negprompt.models.family import EmbeddedGuidanceError
@@ -97,7 +98,8 @@ class UNetCallHook(Protocol):
 
 @dataclass
 class SampleOutput:
-    """Decoded images (B, H, W, 3) float32 in [0, 1], the final latents and, on request, the trace."""
+    """Decoded images (B, H, W, 3) float32 in [0, 1] — a video family's frames (B, F, H, W, 3), in ``images``
+    too — the final latents and, on request, the trace."""
 
     images: np.ndarray
     latents: torch.Tensor
@@ -156,7 +158,8 @@ def clean_factor(scheduler: Any, model_input: torch.Tensor, timestep: torch.Tens
 
 
 def decode(components: Components, latents: torch.Tensor) -> np.ndarray:
-    """Latents (B, C, h, w) → images (B, H, W, 3) float32 in [0, 1], by the model family's adapter."""
+    """Latents (B, C, h, w) → images (B, H, W, 3) float32 in [0, 1], by the model family's adapter (a video
+    family's (B, C, F', h, w) → frames (B, F, H, W, 3))."""
     return components.family.decode(components, latents)
 
 
@@ -190,6 +193,45 @@ class CallSetup:
     max_rows_per_call: int | None = None
 
 
+@dataclass
+class LoopSetup:
+    """What the loop fixes before its first step, and the per-group state it carries from step to step.
+
+    ``groups`` hold each group's guidance (its first expert's, for a family with two), ``second_groups`` the same
+    groups with their second expert's scales ([]: no group has one). ``plans``: each group's branches per step;
+    ``economies``: each group's skipped negatives (None: every planned row computed); ``states``: each group's rule
+    state (e.g. DNG's log-odds), updated in place. ``alpha_bars``: ᾱ at every denoiser call, then 1.0 (the clean
+    end). ``slices``: each group's images in the run's batch."""
+
+    setup: CallSetup
+    scheduler: Any
+    timesteps: torch.Tensor
+    groups: Sequence[Group]
+    second_groups: list[Group]
+    plans: list[GroupPlan]
+    economies: list[NegativeEconomy | None]
+    states: list[dict[str, torch.Tensor]]
+    alpha_bars: list[float]
+    rows_inputs: RowInputs
+    slices: list[slice]
+    attention_layout: AttentionLayout  # the family's, for rules that act in attention
+
+    @property
+    def calls(self) -> int:
+        """Denoiser calls of the run: one per entry of the scheduler's timesteps."""
+        return len(self.timesteps)
+
+    def groups_at(self, t: torch.Tensor) -> Sequence[Group]:
+        """The groups with the guidance of the expert that denoises at ``t`` (the second's where the family says)."""
+        components = self.setup.components
+        return self.second_groups if self.second_groups and components.family.expert_at(components, t) else self.groups
+
+    def context(self, step: int) -> StepContext:
+        """Where ``step`` is in the schedule, for the rules."""
+        alpha_bars = self.alpha_bars
+        return StepContext(step, self.calls, alpha_bars[step], alpha_bars[step + 1], self.attention_layout)
+
+
 @torch.inference_mode()
 def sample_groups(
     components: Components,
@@ -207,44 +249,79 @@ def sample_groups(
     *,
     conditioning: Mapping[PromptInput, Conditioning],
     embedded_guidance: float | None = None,
+    frames: int = 1,
+    scales_2: Sequence[float | None] = (),
 ) -> SampleOutput:
     """The denoising loop for several groups of images at once, one batched UNet call per group and step.
 
-    ``conditioning`` maps every prompt text the plans evaluate to its encoded conditioning (see
-    :func:`encode_groups`); the UNet gets them batched as ``encoder_hidden_states`` and, when the
-    family provides them, ``added_cond_kwargs``.
+    ``conditioning`` maps every prompt text the plans evaluate to its encoded conditioning (see :func:`encode_groups`);
+    the UNet gets them batched as ``encoder_hidden_states`` and, when the family provides them, ``added_cond_kwargs``.
+    Each group's call holds only its own rows, in the order it has when run alone; groups in the same state at a step
+    (e.g. a delayed negative before its window opens and the plain run) share one call (:mod:`negprompt.sampling.rows`).
 
-    Each group's call holds only its own rows, in the order it has when run alone; groups in the same
-    state at a step (e.g. a delayed negative before its window opens and the plain run) share one call
-    (see :mod:`negprompt.sampling.rows`).
+    ``max_rows_per_call`` splits each call into chunks of at most so many rows: the images agree up to float rounding
+    (measured ≤ 2e-5), and on a CPU very large batches cost more per row. It is a setting to record with the output
+    (``RunSpec.rows_per_call``), and cannot be combined with ``unet_hooks``, which see whole calls.
+    ``embedded_guidance``: the guidance scale w given to a guidance-distilled UNet (one whose config has
+    ``time_cond_proj_dim``) with every row, as ``timestep_cond``; such a UNet needs it, others refuse it.
+    ``frames``: the frame count of a video family's videos (latents (B, C, F', h, w)); 1 for images.
+    ``scales_2``: per group, the guidance scale of the steps the family gives its second expert (``family.expert_at``:
+    Wan 2.2's low-noise transformer); None or none given: the group's scale at every step.
 
-    ``max_rows_per_call`` splits each call into chunks of at most so many rows: the images agree up
-    to float rounding (measured ≤ 2e-5), and on a CPU very large batches cost more per row. It is
-    a setting to record with the output (``RunSpec.rows_per_call``), and cannot be combined with
-    ``unet_hooks``, which see whole calls.
-
-    ``embedded_guidance``: the guidance scale w given to a guidance-distilled UNet (one whose config
-    has ``time_cond_proj_dim``) with every row, as ``timestep_cond``; such a UNet needs it, others
-    refuse it.
-
-    All groups share the schedule. Images come out in group order. ``scheduler`` is consumed (its
-    state advances); pass a fresh one per call. ``num_steps`` is given to ``scheduler.set_timesteps``;
-    the loop runs one UNet call per entry of ``scheduler.timesteps`` and windows count those calls.
-
-    The settings are checked before (:class:`~negprompt.runspec.RunSpec` and
-    :meth:`negprompt.session.Session.check`: steps, seeds, size, windows, the rule on this model);
-    the loop asserts what it relies on.
+    All groups share the schedule. Images come out in group order. ``scheduler`` is consumed (its state advances);
+    pass a fresh one per call. ``num_steps`` is given to ``scheduler.set_timesteps``; the loop runs one UNet call per
+    entry of ``scheduler.timesteps`` and windows count those calls. The settings are checked before
+    (:class:`~negprompt.runspec.RunSpec` and :meth:`negprompt.session.Session.check`: steps, seeds, size, windows, the
+    rule on this model); the loop asserts what it relies on.
     """
     assert num_steps >= 1 and groups and all(group.seeds for group in groups), "checked by RunSpec"
     assert height % components.size_multiple == 0 and width % components.size_multiple == 0, "checked by Session"
+    setup = _call_setup(components, groups, conditioning, embedded_guidance, unet_hooks, max_rows_per_call)
+    run = _set_up_loop(setup, groups, scales_2, scheduler, num_steps, height, width)
+    latents, step_keywords = _starting_latents(run, height, width, frames, eta)
+    trace: list[StepInfo] | None = [] if keep_trace else None
+    rows = 0
+    for step, t in enumerate(tqdm(run.timesteps, disable=not progress, unit="step", leave=False)):
+        groups_now, context = run.groups_at(t), run.context(step)
+        model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+        predictions_of, step_rows = _evaluate_branches(run, groups_now, latents, model_input, t, context)
+        rows += step_rows
+        guided = _guide_groups(run, groups_now, predictions_of, latents, model_input, t, context, callback, trace)
+        latents = scheduler.step(guided, t, latents, **step_keywords, return_dict=False)[0]
+    return _sample_output(run, latents, trace, rows)
+
+
+def _call_setup(
+    components: Components,
+    groups: Sequence[Group],
+    conditioning: Mapping[PromptInput, Conditioning],
+    embedded_guidance: float | None,
+    unet_hooks: Sequence[UNetCallHook],
+    max_rows_per_call: int | None,
+) -> CallSetup:
+    """What every denoiser call shares, after checking the split in chunks and the embedded guidance scale."""
     _check_rows_per_call(groups, max_rows_per_call, unet_hooks)
-    device, dtype = components.device, components.dtype
-    family = components.family
     try:
-        guidance_input = family.guidance_inputs(components, embedded_guidance)
+        guidance_input = components.family.guidance_inputs(components, embedded_guidance)
     except EmbeddedGuidanceError as error:
         raise SamplingError(str(error)) from None
-    scheduler.set_timesteps(num_steps, device=device, **family.timestep_settings(components, num_steps, height, width))
+    return CallSetup(components, conditioning, guidance_input, unet_hooks, max_rows_per_call)
+
+
+def _set_up_loop(
+    setup: CallSetup,
+    groups: Sequence[Group],
+    scales_2: Sequence[float | None],
+    scheduler: Any,
+    num_steps: int,
+    height: int,
+    width: int,
+) -> LoopSetup:
+    """Sets the scheduler's timesteps (as the family's pipeline does) and plans every group's branches on them;
+    checks that every input the plans use has its conditioning."""
+    components = setup.components
+    settings = components.family.timestep_settings(components, num_steps, height, width)
+    scheduler.set_timesteps(num_steps, device=components.device, **settings)
     timesteps = scheduler.timesteps
     calls = len(timesteps)
     plans = [GroupPlan.of(group, calls) for group in groups]
@@ -252,77 +329,138 @@ def sample_groups(
     states = [group.guidance.new_state(len(group.seeds)) for group in groups]
     alpha_bars = [float(_alpha_bar(scheduler, t)) for t in timesteps] + [1.0]
     rows_inputs = RowInputs.of(components, height, width)
-    _check_conditioning(planned_inputs(groups, plans, calls, rows_inputs), conditioning)
-    setup = CallSetup(components, conditioning, guidance_input, unet_hooks, max_rows_per_call)
-
+    _check_conditioning(planned_inputs(groups, plans, calls, rows_inputs), setup.conditioning)
+    second_groups = _second_expert_groups(groups, scales_2)
     slices = group_slices(groups)
-    generators = make_generators([seed for group in groups for seed in group.seeds])
-    shape = components.family.latent_shape(components, height, width)
-    latents = initial_noise(generators, shape, dtype).to(device)  # drawn on the CPU: equal on every device
+    return LoopSetup(
+        setup,
+        scheduler,
+        timesteps,
+        groups,
+        second_groups,
+        plans,
+        economies,
+        states,
+        alpha_bars,
+        rows_inputs,
+        slices,
+        components.attention_layout,
+    )
+
+
+def _starting_latents(
+    run: LoopSetup, height: int, width: int, frames: int, eta: float
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """x_T for every image of the run, (B, C, h, w) (a video's (B, C, F', h, w)), drawn from each image's seeded
+    generator, and the keywords ``scheduler.step`` takes (η, those generators for ancestral samplers)."""
+    components, scheduler = run.setup.components, run.scheduler
+    generators = make_generators([seed for group in run.groups for seed in group.seeds])
+    shape = components.family.latent_shape(components, height, width, frames)
+    latents = initial_noise(generators, shape, components.dtype).to(components.device)  # equal on every device
     latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts at σ = 1: no scaling
-    step_kwargs = _step_keywords(scheduler, eta, generators)
+    return latents, _step_keywords(scheduler, eta, generators)
 
-    trace: list[StepInfo] | None = [] if keep_trace else None
-    attention_layout = components.attention_layout  # the family's, for rules that act in attention
+
+def _evaluate_branches(
+    run: LoopSetup,
+    groups: Sequence[Group],
+    latents: torch.Tensor,
+    model_input: torch.Tensor,
+    t: torch.Tensor,
+    context: StepContext,
+) -> tuple[dict[int, dict[str, torch.Tensor]], int]:
+    """One step's denoiser calls: each group's planned branches (those its economy computes at this step), groups in
+    the same state sharing one call. Returns each group's branch predictions, (B, C, h, w) by branch name, and the
+    rows fed to the denoiser (branches × images)."""
+    step, calls, rows_inputs, slices = context.step, run.calls, run.rows_inputs, run.slices
+    planned = [  # each group's branches (in plan order) with every image's input at this step
+        plan.rows[step] if economy is None else economy.rows_at(step, plan.rows[step])
+        for plan, economy in zip(run.plans, run.economies)
+    ]
+    layouts = [layout_at(group, branches, step, calls, rows_inputs) for group, branches in zip(groups, planned)]
+    predictions_of: dict[int, dict[str, torch.Tensor]] = {}
     rows = 0
-    for step, t in enumerate(tqdm(timesteps, disable=not progress, unit="step", leave=False)):
-        model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
-        context = StepContext(step, calls, alpha_bars[step], alpha_bars[step + 1], attention_layout)
-        # Each group's branches (in plan order) with every image's input at this step.
-        planned = [
-            plan.rows[step] if economy is None else economy.rows_at(step, plan.rows[step])
-            for plan, economy in zip(plans, economies)
-        ]
-        layouts = [layout_at(group, branches, step, calls, rows_inputs) for group, branches in zip(groups, planned)]
-        predictions_of: dict[int, dict[str, torch.Tensor]] = {}
-        for sharing in shared_calls(groups, plans, layouts, latents, slices):
-            g = sharing[0]  # the call holds this group's rows; the others are in the same state
-            group = groups[g]
-            contexts = layout_at(group, plans[g].contexts[step], step, calls, rows_inputs)
-            predicted = _call_denoiser(
-                setup, group, layouts[g], contexts, model_input[slices[g]], t, context, sharing, plans[g].alone
+    for sharing in shared_calls(groups, run.plans, layouts, latents, slices):
+        g = sharing[0]  # the call holds this group's rows; the others are in the same state
+        group, plan = groups[g], run.plans[g]
+        contexts = layout_at(group, plan.contexts[step], step, calls, rows_inputs)
+        predicted = _call_denoiser(
+            run.setup, group, layouts[g], contexts, model_input[slices[g]], t, context, sharing, plan.alone
+        )
+        rows += len(group.seeds) * len(layouts[g])
+        for member in sharing:
+            predictions_of[member] = predicted
+    return predictions_of, rows
+
+
+def _guide_groups(
+    run: LoopSetup,
+    groups: Sequence[Group],
+    predictions_of: Mapping[int, dict[str, torch.Tensor]],
+    latents: torch.Tensor,
+    model_input: torch.Tensor,
+    t: torch.Tensor,
+    context: StepContext,
+    callback: StepCallback | None,
+    trace: list[StepInfo] | None,
+) -> torch.Tensor:
+    """One step's guidance: each group's predictions (the skipped negatives' stand-ins added) combined by its rule,
+    its state updated, and the step shown to ``callback`` and kept in ``trace`` (None: not kept). Returns the guided
+    predictions of every image, in group order, (B, C, h, w)."""
+    step, scheduler = context.step, run.scheduler
+    guided_parts = []
+    for g, group in enumerate(groups):
+        predictions, state, economy = predictions_of[g], run.states[g], run.economies[g]
+        if economy is not None:  # stand-ins for the negatives not computed at this step
+            factor = clean_factor(scheduler, model_input[run.slices[g]][:1], t)
+            predictions = economy.complete(step, run.plans[g].rows[step], predictions, factor)
+        state_before = {k: v.clone() for k, v in state.items()}
+        guided = group.guidance.combine(predictions, step, run.calls, state, run.attention_layout)
+        group.guidance.update_state(state, predictions, guided, context)
+        guided_parts.append(guided)
+        if callback is not None or trace is not None:
+            part = run.slices[g]
+            info = StepInfo(
+                step=step,
+                num_steps=run.calls,
+                timestep=float(t),
+                latents=latents[part].detach().clone(),
+                predictions={k: v.detach().clone() for k, v in predictions.items()},
+                guided=guided.detach().clone(),
+                denoised=predicted_clean(scheduler, model_input[part], guided, t).detach(),
+                group=g,
+                guidance_state=state_before,
             )
-            rows += len(group.seeds) * len(layouts[g])
-            for member in sharing:
-                predictions_of[member] = predicted
+            if callback is not None:
+                callback(info)
+            if trace is not None:
+                trace.append(_to_cpu(info))
+    return guided_parts[0] if len(guided_parts) == 1 else torch.cat(guided_parts)
 
-        guided_parts = []
-        for g, group in enumerate(groups):
-            predictions = predictions_of[g]
-            if economies[g] is not None:  # stand-ins for the negatives not computed at this step
-                factor = clean_factor(scheduler, model_input[slices[g]][:1], t)
-                predictions = economies[g].complete(step, plans[g].rows[step], predictions, factor)
-            state_before = {k: v.clone() for k, v in states[g].items()}
-            guided = group.guidance.combine(predictions, step, calls, states[g], attention_layout)
-            group.guidance.update_state(states[g], predictions, guided, context)
-            guided_parts.append(guided)
-            if callback is not None or trace is not None:
-                info = StepInfo(
-                    step=step,
-                    num_steps=calls,
-                    timestep=float(t),
-                    latents=latents[slices[g]].detach().clone(),
-                    predictions={k: v.detach().clone() for k, v in predictions.items()},
-                    guided=guided.detach().clone(),
-                    denoised=predicted_clean(scheduler, model_input[slices[g]], guided, t).detach(),
-                    group=g,
-                    guidance_state=state_before,
-                )
-                if callback is not None:
-                    callback(info)
-                if trace is not None:
-                    trace.append(_to_cpu(info))
-        guided_all = guided_parts[0] if len(guided_parts) == 1 else torch.cat(guided_parts)
-        latents = scheduler.step(guided_all, t, latents, **step_kwargs, return_dict=False)[0]
 
+def _sample_output(run: LoopSetup, latents: torch.Tensor, trace: list[StepInfo] | None, rows: int) -> SampleOutput:
+    """The run's result: each group's images decoded apart, as when it runs alone."""
+    components = run.setup.components
     return SampleOutput(
-        images=np.concatenate([decode(components, latents[part]) for part in slices]),  # per group, as alone
+        images=np.concatenate([decode(components, latents[part]) for part in run.slices]),
         latents=latents,
         trace=trace,
         unet_batch_rows=rows,
-        num_steps=calls,
-        negative_stops=tuple({} if economy is None else economy.stops() for economy in economies),
+        num_steps=run.calls,
+        negative_stops=tuple({} if economy is None else economy.stops() for economy in run.economies),
     )
+
+
+def _second_expert_groups(groups: Sequence[Group], scales_2: Sequence[float | None]) -> list[Group]:
+    """The groups with their second experts' scales (their branches unchanged: a scale of 1 on one expert only is
+    refused where the run is specified; None keeps a group's scale), or none without any second scale."""
+    if all(scale is None for scale in scales_2):
+        return []
+    assert len(scales_2) == len(groups), "one second scale (or None) per group"
+    return [
+        group if scale is None else Group(replace(group.guidance, scale=scale), group.seeds)
+        for group, scale in zip(groups, scales_2)
+    ]
 
 
 def _check_rows_per_call(
@@ -390,8 +528,8 @@ def _call_denoiser(
                 branch: denoiser_inputs([conditioning[item] for item in items])
                 for branch, items in {**layout, **contexts}.items()
             }
-            rule = group.guidance.rule_object
-            prepared.enter_context(rule.prepare(group.guidance, components.denoiser, context, inputs_by_branch))
+            rule, denoiser = group.guidance.rule_object, components.family.denoiser_at(components, t)
+            prepared.enter_context(rule.prepare(group.guidance, denoiser, context, inputs_by_branch))
         outputs = [
             components.family.denoise(
                 components, batch[i : i + chunk], t, row_conditioning[i : i + chunk], setup.guidance_input
@@ -439,14 +577,12 @@ def sample(
 
 
 def _to_cpu(info: StepInfo) -> StepInfo:
-    return StepInfo(
-        step=info.step,
-        num_steps=info.num_steps,
-        timestep=info.timestep,
+    """The same step with its tensors on the CPU (for the kept trace)."""
+    predictions = {k: v.cpu() for k, v in info.predictions.items()}
+    return replace(
+        info,
         latents=info.latents.cpu(),
-        predictions={k: v.cpu() for k, v in info.predictions.items()},
+        predictions=predictions,
         guided=info.guided.cpu(),
         denoised=info.denoised.cpu(),
-        group=info.group,
-        guidance_state=info.guidance_state,
     )
