@@ -8,6 +8,23 @@ that lose it. Times are the median of interleaved repeats (`common.interleaved`)
 
     OMP_NUM_THREADS=1 python benchmarks/bench_cheap_negatives.py            # 200 prompts, 3 repeats
     OMP_NUM_THREADS=1 python benchmarks/bench_cheap_negatives.py --quick    # smoke: tiny FLUX + 4 images
+    OMP_NUM_THREADS=1 python benchmarks/bench_cheap_negatives.py --faster-cache --holding-from scripts/negative_reuse.json
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_cheap_negatives.py --methods-table docs/methods/new-rows
+
+``--methods-table OUT``: bench-methods' table (``negprompt.shapes.methods``, same prompts, seeds and measures)
+for the rows added since the committed table (the guiders and the cheap negatives) beside their anchors (no
+negative, ``sd``, ``dual s⁻ = s``), when the whole table is too long to rerun; units are kept in
+runs/bench-methods-units/ (git-ignored) so that an interrupted run resumes. ``--model``, ``--scale``: as bench-methods'.
+
+``--faster-cache``: rule (9) with the negative every K-th step (Δ held) against diffusers' FasterCache
+(``diffusers.hooks.apply_faster_cache``, CFG-Cache: the first half of the batch, here the negative's rows,
+approximated from the second by the last computed difference split into low and high frequencies) on the
+bundled UNet, on the images of bench-methods' prompts and seeds holding the thing. FasterCache's hook splits
+every positional tensor in halves, so a forward pre-hook hands it the timestep as one value per row (our
+loop, like diffusers' pipelines, passes a 0-d tensor, on which it fails); its attention caches match no
+UNet layer (their patterns start at ``transformer_blocks``), so only CFG-Cache acts. Removal, unreadable
+images, colour and shape kept, pixels changed against the full negative, UNet rows per image.
 """
 
 from __future__ import annotations
@@ -20,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import interleaved, write_result  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 FLUX_K = 4  # K = 3 gives (1 + 1/3)/2 ≈ 0.67 of the rows over a long schedule; K = 4 ≈ 0.62
 
 
@@ -91,6 +109,170 @@ def flux(steps: int) -> dict:
     return {"steps": steps, "rows": rows, "rows_ratio": rows[f"every {FLUX_K}"] / rows["full"]}
 
 
+def read_holders(session, prompts: list[str], images: int, word: str, holding_from: str | None) -> list[int]:
+    """bench-methods' images (seed = index) whose plain version holds ``word``: from a JSON of
+    ``scripts/negative_convergence.py`` (key ``holding``) when given, else from the plain images."""
+    import json
+
+    from negprompt.api import to_uint8
+    from negprompt.shapes.detectors import detect
+
+    if holding_from:
+        data = json.loads(Path(holding_from).read_text())
+        if data["images"] != images or data["negative"].split()[-1] != word:
+            raise SystemExit(f"{holding_from}: made for {data['images']} images of {data['negative']!r}")
+        return list(data["holding"])
+    holding = []
+    for first in range(0, images, 50):
+        seeds = range(first, min(images, first + 50))
+        plain = session.run(session.spec(tuple(prompts[i] for i in seeds), None, rule="cfg", seeds=seeds))
+        holding += [i for i, image in zip(seeds, plain.pixels) if getattr(detect(to_uint8(image)), word) is True]
+    return holding
+
+
+def faster_cache_run(session, spec, every: int, timesteps: tuple[int, int]) -> tuple:
+    """``spec`` (rule sd, rows [negative, positive]) with diffusers' FasterCache on the UNet: the negative's
+    rows computed every ``every``-th call inside ``timesteps`` (exclusive bounds), approximated between.
+    Returns the generation and the UNet rows computed (counted at the UNet's first layer)."""
+    import torch
+    from diffusers.hooks import FasterCacheConfig, HookRegistry, apply_faster_cache
+
+    unet = session.components.unet
+    now = {"t": 1000.0}
+    rows = [0]
+
+    def per_row_timestep(module, args, kwargs):  # FasterCache halves every positional tensor: t as (B,)
+        latents, t = args[0], args[1]
+        now["t"] = float(t)
+        return (latents, t.reshape(1).expand(latents.shape[0]), *args[2:]), kwargs
+
+    def count(module, args):
+        rows[0] += args[0].shape[0]
+
+    config = FasterCacheConfig(
+        spatial_attention_block_skip_range=2,  # matches no UNet layer: only CFG-Cache acts
+        unconditional_batch_skip_range=every,
+        unconditional_batch_timestep_skip_range=timesteps,
+        current_timestep_callback=lambda: now["t"],
+        tensor_format="BCHW",
+    )
+    handles = [
+        unet.register_forward_pre_hook(per_row_timestep, with_kwargs=True),
+        unet.conv_in.register_forward_pre_hook(count),
+    ]
+    apply_faster_cache(unet, config)
+    try:
+        with torch.no_grad():
+            generation = session.run(spec)
+    finally:
+        registry = HookRegistry.check_if_exists_or_initialize(unet)
+        for name in list(registry.hooks):
+            registry.remove_hook(name, recurse=True)
+        for handle in handles:
+            handle.remove()
+    return generation, rows[0]
+
+
+def faster_cache(images: int, negative: str, holding_from: str | None) -> dict:
+    """Rule (9): full negative, every K-th step (ours, Δ held) and FasterCache's CFG-Cache, on the images
+    holding ``negative``'s thing."""
+    import numpy as np
+
+    from negprompt.analysis.locality import changed_pixels
+    from negprompt.api import to_uint8
+    from negprompt.guidance.economy import computed_rows
+    from negprompt.guidance.plan import Term
+    from negprompt.guidance.windows import Window
+    from negprompt.session import Session
+    from negprompt.shapes.detectors import detect
+    from negprompt.shapes.evaluation import Row, row_prompts
+
+    word = negative.split()[-1]
+    session = Session("shapes")
+    prompts, named = row_prompts(Row("bench", "a {color} {shape}"), images)
+    holding = read_holders(session, prompts, images, word, holding_from)
+    texts = tuple(prompts[i] for i in holding)
+
+    def spec(window: Window):
+        return session.spec(texts, [Term(negative, None, window)], rule="sd", seeds=holding)
+
+    runs = {}
+    for name, window in (
+        ("full", Window()),
+        ("ours auto end", Window(0, "auto")),
+        ("ours every 2", Window(0, None, 2)),
+        ("ours every 3", Window(0, None, 3)),
+    ):
+        generation = session.run(spec(window))
+        rows = computed_rows(generation.spec.guidance, generation.num_steps, generation.negative_stops)
+        runs[name] = (generation, rows * len(holding))
+    for every, timesteps, label in (
+        (2, (-1, 1001), "all steps"),
+        (3, (-1, 1001), "all steps"),
+        (5, (-1, 641), "defaults"),
+    ):
+        runs[f"FasterCache every {every}, {label}"] = faster_cache_run(session, spec(Window()), every, timesteps)
+    reference = runs["full"][0].pixels
+    table = {}
+    for name, (generation, rows) in runs.items():
+        reads = [detect(to_uint8(image)) for image in generation.pixels]
+        readable = [f for f in reads if not f.unreadable(word)]
+        table[name] = {
+            "images": len(reads),
+            "unreadable": sum(any(f.unreadable(a) for a in (word, "color", "shape")) for f in reads),
+            "removed": sum(not getattr(f, word) for f in readable),
+            "kept": sum(f.color == c and f.shape == s for f, (c, s) in zip(reads, [named[i] for i in holding])),
+            "changed_vs_full": float(
+                np.mean([changed_pixels(a, b).mean() for a, b in zip(reference, generation.pixels)])
+            ),
+            "rows_per_image": rows / len(holding),
+        }
+        print(name, table[name], flush=True)
+    return {"images": images, "negative": negative, "holding": holding, "table": table}
+
+
+ANCHORS = ("none (cfg)", "sd", "dual s⁻ = s")
+
+
+def new_methods() -> list:
+    """bench-methods' anchors and the rows added since its committed table: the guiders and the cheap
+    negatives (a window ending at auto or with a period)."""
+    from negprompt.shapes.methods import METHODS
+
+    return [
+        m for m in METHODS if m.name in ANCHORS or m.rule == "guider" or (m.window is not None and m.window.economical)
+    ]
+
+
+def methods_table(out: str, images: int, negative: str, model: str, scale: float | None) -> list[Path]:
+    """bench-methods' measures and table of :func:`new_methods` into ``out`` (units cached in runs/, resumable)."""
+    import json
+    import time
+
+    from negprompt.session import Session
+    from negprompt.shapes.methods import BenchSettings, bench_unit, summarize_bench, write_results
+
+    settings = BenchSettings((negative,), images, scale=scale)
+    settings.check()
+    methods = new_methods()
+    session = Session(model)
+    cache = ROOT / "runs" / "bench-methods-units" / f"{model}-scale-{scale or 'default'}-{images}"  # git-ignored
+    cache.mkdir(parents=True, exist_ok=True)
+    payloads = []
+    for u, (n, start, stop) in enumerate(settings.units()):
+        path = cache / f"unit-{u:03d}.json"
+        if not path.exists():
+            began = time.perf_counter()
+            payload = bench_unit(settings, session, n, start, stop, methods)
+            path.write_text(json.dumps(payload))
+            print(f"unit {u}: images {start}–{stop - 1}, {time.perf_counter() - began:.0f} s", flush=True)
+        payloads.append(json.loads(path.read_text()))
+    shown = {"model": model, "images per cell": images, "steps": "default", "scheduler": "default"}
+    shown["scale"] = scale or "default"
+    shown["rows"] = "added since the committed table, with anchors (benchmarks/bench_cheap_negatives.py)"
+    return write_results(summarize_bench(settings, payloads, methods), out, shown)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 images, 1 repeat, 8 FLUX steps")
@@ -98,7 +280,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--negative", default="a hat")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cheap_negatives.json"))
+    parser.add_argument("--faster-cache", action="store_true", help="ours every K against diffusers' FasterCache")
+    parser.add_argument("--holding-from", default=None, help="--faster-cache: the holders from this JSON")
+    parser.add_argument("--methods-table", metavar="OUT", default=None, help="bench-methods' new rows into OUT")
+    parser.add_argument("--model", default="shapes", help="--methods-table: shapes or shapes-distilled")
+    parser.add_argument("--scale", type=float, default=None, help="--methods-table: CFG scale (default: model's)")
     args = parser.parse_args()
+    if args.methods_table:
+        for path in methods_table(args.methods_table, args.images, args.negative, args.model, args.scale):
+            print(f"wrote {path}")
+        return
+    if args.faster_cache:
+        out = args.out.replace("cheap_negatives.json", "cheap_negatives_faster_cache.json")
+        write_result(faster_cache(args.images, args.negative, args.holding_from), out)
+        return
     images, repeats, steps = (4, 1, 8) if args.quick else (args.images, args.repeats, 20)
     result = {"quick": args.quick, "flux": flux(steps)}
     print(f"flux true CFG rows ratio (every {FLUX_K} / full): {result['flux']['rows_ratio']:.3f} (target ≤ 0.65)")

@@ -13,8 +13,14 @@
    and the pixels changed against the full negative's image.
 4. Offline, where the criterion c_t < τ for m computed steps in a row would stop, for a grid of (τ, m).
 
+5. ``--reuse``: instead of 1–4, hold against extrapolate (``economy.REUSE``) for the negative computed
+   every K-th step under rules ``sd`` and ``dual`` (s⁻ = s, as bench-methods' rows), on bench-methods' prompts
+   and seeds: removal on the images whose plain version holds the thing, the images the detectors could not
+   read, colour and shape kept, pixels changed against the same rule's full negative, rows per image.
+
 Usage: OMP_NUM_THREADS=1 python scripts/negative_convergence.py [--images 200] [--negative "a hat"]
-Writes scripts/negative_convergence.json (or --out).
+       OMP_NUM_THREADS=1 python scripts/negative_convergence.py --reuse [--images 200] [--every 2 3 4]
+Writes scripts/negative_convergence.json (--reuse: scripts/negative_reuse.json; or --out).
 """
 
 from __future__ import annotations
@@ -65,13 +71,107 @@ def stop_at(k: int):
     return lambda effects, *args, **kwargs: len(effects) >= k
 
 
+def plain_holders(session: Session, prompts: list[str], images: int, word: str) -> tuple[list[int], int]:
+    """The images (seed = index) whose plain version the detectors read as holding ``word``, and how many
+    plain images they could not read for it."""
+    holding, unreadable = [], 0
+    for first in range(0, images, 50):
+        seeds = range(first, min(images, first + 50))
+        plain = session.run(session.spec(tuple(prompts[i] for i in seeds), None, rule="cfg", seeds=seeds))
+        for i, image in zip(seeds, plain.pixels):
+            f = detect(to_uint8(image))
+            if f.unreadable(word):
+                unreadable += 1
+            elif getattr(f, word):
+                holding.append(i)
+    return holding, unreadable
+
+
+def judge_read(pixels: np.ndarray, word: str, named: list, reference: np.ndarray) -> dict:
+    """Removal counted on the readable images (the thing gone), the images unreadable for the thing,
+    colour or shape, colour and shape kept, and the share of pixels changed against ``reference``."""
+    reads = [detect(to_uint8(image)) for image in pixels]
+    bad = [any(f.unreadable(a) for a in (word, "color", "shape")) for f in reads]
+    readable = [f for f in reads if not f.unreadable(word)]
+    return {
+        "images": len(reads),
+        "unreadable": int(sum(bad)),
+        "removed": int(sum(not getattr(f, word) for f in readable)),
+        "removal": float(np.mean([not getattr(f, word) for f in readable])) if readable else float("nan"),
+        "kept": int(sum(f.color == c and f.shape == s for f, (c, s) in zip(reads, named))),
+        "changed_vs_full": float(np.mean([changed_pixels(a, b).mean() for a, b in zip(reference, pixels)])),
+    }
+
+
+def compare_reuse(args: argparse.Namespace) -> dict:
+    """Hold against extrapolate for the negative every K-th step (rules sd and dual s⁻ = s) on the images
+    of bench-methods' prompts and seeds that hold the negative's thing without it."""
+    word = args.negative.split()[-1]
+    session = Session(args.model)
+    scale = float(session.defaults["scale"])
+    prompts, named = row_prompts(Row("bench", "a {color} {shape}"), args.images)
+    start = time.perf_counter()
+    holding, plain_unreadable = plain_holders(session, prompts, args.images, word)
+    print(f"{len(holding)} of {args.images} plain images hold {word} ({plain_unreadable} unreadable)", flush=True)
+    texts, kept_named = tuple(prompts[i] for i in holding), [named[i] for i in holding]
+    rules = {"sd": None, "dual": scale}  # s⁻: sd takes the scale; dual's s⁻ = s as in bench-methods
+    windows = {"full": FULL, **{f"every {k}": Window(0, None, k) for k in args.every}}
+    results: dict = {}
+    for reuse in ("hold", "extrapolate"):
+        economy.REUSE = reuse
+        try:
+            names = [(rule, w) for rule in rules for w in windows if reuse == "hold" or w != "full"]
+            specs = [
+                session.spec(texts, [Term(args.negative, rules[r], windows[w])], rule=r, seeds=holding, scale=scale)
+                for r, w in names
+            ]
+            for (rule, w), spec, generation in zip(names, specs, session.run_together(specs)):
+                rows = economy.computed_rows(spec.guidance, generation.num_steps, generation.negative_stops)
+                results.setdefault(rule, {})[f"{w}, {reuse}" if w != "full" else "full"] = (generation, rows)
+        finally:
+            economy.REUSE = "hold"
+    table = {
+        rule: {
+            name: {**judge_read(g.pixels, word, kept_named, runs["full"][0].pixels), "rows_per_image": rows}
+            for name, (g, rows) in runs.items()
+        }
+        for rule, runs in results.items()
+    }
+    return {
+        "model": args.model,
+        "negative": args.negative,
+        "images": args.images,
+        "plain_unreadable": plain_unreadable,
+        "holding": holding,
+        "scale": scale,
+        "every": list(args.every),
+        "table": table,
+        "seconds": time.perf_counter() - start,
+        "command": f"OMP_NUM_THREADS=1 python scripts/negative_convergence.py --reuse --images {args.images} "
+        f'--negative "{args.negative}" --model {args.model} --every {" ".join(map(str, args.every))}',
+    }
+
+
+def write_reuse(args: argparse.Namespace) -> None:
+    """``--reuse``: :func:`compare_reuse` written to --out (default scripts/negative_reuse.json) and printed."""
+    result = compare_reuse(args)
+    out = Path(args.out or Path(__file__).with_name("negative_reuse.json"))
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["table"], indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--negative", default="a hat")
     parser.add_argument("--model", default="shapes")
-    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    parser.add_argument("--out", default=None, help="output JSON (default scripts/negative_convergence.json)")
+    parser.add_argument("--reuse", action="store_true", help="hold against extrapolate (scripts/negative_reuse.json)")
+    parser.add_argument("--every", type=int, nargs="+", default=[2, 3, 4], help="--reuse: the periods K")
     args = parser.parse_args()
+    if args.reuse:
+        return write_reuse(args)
+    args.out = args.out or str(Path(__file__).with_suffix(".json"))
     word = args.negative.split()[-1]
     session = Session(args.model)
     scale = float(session.defaults["scale"])

@@ -88,6 +88,21 @@ def test_mp4_round_trip_frames_pngs_json_and_metadata(tmp_path):
     assert read_run_json(paths.settings) == type(read_run_json(paths.settings))(SPEC, "video", 5, 12.0)
 
 
+def test_an_encoder_that_fails_leaves_no_file_of_the_run(tmp_path, monkeypatch):
+    import negprompt.interfaces.video as video
+
+    def failing_job(*args):
+        def write(to):
+            raise RuntimeError("the encoder broke")
+
+        return write
+
+    monkeypatch.setattr(video, "_video_job", failing_job)
+    with pytest.raises(RuntimeError, match="the encoder broke"):
+        save_video_generation(SimpleNamespace(spec=SPEC, pixels=smooth_clips()), tmp_path / "clip.webp")
+    assert list(tmp_path.iterdir()) == []  # no frames folder, no JSON, no temporaries
+
+
 def test_a_shorter_run_at_the_same_out_replaces_the_frames_folder_whole(tmp_path):
     save_video_generation(SimpleNamespace(spec=SPEC, pixels=smooth_clips(2, 5)), tmp_path / "c.webp")
     spec = replace(SPEC, seeds=(3,), frames=3)

@@ -254,9 +254,9 @@ def write_run_json(path: str | Path, record: dict) -> Path:
 
 def save_video_generation(generation: Generation, out: str | Path, fps: float = DEFAULT_FPS) -> tuple[list[str], str]:
     """Writes every clip of ``generation`` (pixels (B, F, H, W, 3) in [0, 1]) as a video, its frames as PNGs
-    and the run's JSON. The frames folder is written whole beside its name, then renamed in place of an earlier
-    one (``negprompt.files.write_folder_atomically``); then the videos and the JSON, all or none
-    (``write_atomically``). Returns one line per written file or folder (for the terminal) and a note ("" or
+    and the run's JSON. The frames folder is written whole beside its name; then the videos and the JSON, all or
+    none (``write_atomically``); then the folder is renamed in place of an earlier one
+    (``negprompt.files.write_folder_atomically``): an encoder that fails leaves no file of the run. Returns one line per written file or folder (for the terminal) and a note ("" or
     what replaced the MP4)."""
     from negprompt.files import json_text, write_atomically, write_folder_atomically
     from negprompt.runspec import to_uint8
@@ -278,8 +278,12 @@ def save_video_generation(generation: Generation, out: str | Path, fps: float = 
     jobs: dict[Path, Any] = {clip: _video_job(frames[i], container, fps, comment) for i, clip in enumerate(paths.clips)}
     jobs[paths.settings] = lambda to: Path(to).write_text(json_text(record))
     existed = {path for path in [*jobs, paths.frames] if path.exists()}
-    write_folder_atomically(paths.frames, lambda folder: write_frames(folder, frames, paths))
-    write_atomically(list(jobs), lambda final, temporary: jobs[final](temporary))
+
+    def write_all(folder: Path) -> None:  # the videos and JSON written (and renamed) before the frames folder is
+        write_frames(folder, frames, paths)  # renamed in place: a failing encoder leaves neither
+        write_atomically(list(jobs), lambda final, temporary: jobs[final](temporary))
+
+    write_folder_atomically(paths.frames, write_all)
     lines = [f"{'replaced' if p in existed else 'wrote'} {p}" for p in paths.clips]
     lines.append(
         f"{'replaced' if paths.frames in existed else 'wrote'} {paths.frames}/ "
