@@ -15,7 +15,9 @@ that lose it. Times are the median of interleaved repeats (`common.interleaved`)
 ``--methods-table OUT``: bench-methods' table (``negprompt.shapes.methods``, same prompts, seeds and measures)
 for the rows added since the committed table (the guiders and the cheap negatives) beside their anchors (no
 negative, ``sd``, ``dual s⁻ = s``), when the whole table is too long to rerun; units are kept in
-runs/bench-methods-units/ (git-ignored) so that an interrupted run resumes. ``--model``, ``--scale``: as bench-methods'.
+runs/bench-methods-units/ (git-ignored; ``--units DIR`` elsewhere) so that an interrupted run resumes. ``--model``,
+``--scale``: as bench-methods'. ``--steps N`` (``--methods-table`` and ``--faster-cache``; default the model's): a
+shorter schedule, for a quick check of the modes (``--images 3 --steps 4``), not for the tables.
 
 ``--faster-cache``: rule (9) with the negative every K-th step (Δ held) against diffusers' FasterCache
 (``diffusers.hooks.apply_faster_cache``, CFG-Cache: the first half of the batch, here the negative's rows,
@@ -109,9 +111,12 @@ def flux(steps: int) -> dict:
     return {"steps": steps, "rows": rows, "rows_ratio": rows[f"every {FLUX_K}"] / rows["full"]}
 
 
-def read_holders(session, prompts: list[str], images: int, word: str, holding_from: str | None) -> list[int]:
-    """bench-methods' images (seed = index) whose plain version holds ``word``: from a JSON of
-    ``scripts/negative_convergence.py`` (key ``holding``) when given, else from the plain images."""
+def read_holders(
+    session, prompts: list[str], images: int, word: str, holding_from: str | None, steps: int | None = None
+) -> list[int]:
+    """bench-methods' images (seed = index) whose plain version (``steps`` steps; None: the model's) holds
+    ``word``: from a JSON of ``scripts/negative_convergence.py`` (key ``holding``) when given, else from the
+    plain images."""
     import json
 
     from negprompt.api import to_uint8
@@ -125,7 +130,8 @@ def read_holders(session, prompts: list[str], images: int, word: str, holding_fr
     holding = []
     for first in range(0, images, 50):
         seeds = range(first, min(images, first + 50))
-        plain = session.run(session.spec(tuple(prompts[i] for i in seeds), None, rule="cfg", seeds=seeds))
+        spec = session.spec(tuple(prompts[i] for i in seeds), None, rule="cfg", seeds=seeds, steps=steps)
+        plain = session.run(spec)
         holding += [i for i, image in zip(seeds, plain.pixels) if getattr(detect(to_uint8(image)), word) is True]
     return holding
 
@@ -173,9 +179,9 @@ def faster_cache_run(session, spec, every: int, timesteps: tuple[int, int]) -> t
     return generation, rows[0]
 
 
-def faster_cache(images: int, negative: str, holding_from: str | None) -> dict:
+def faster_cache(images: int, negative: str, holding_from: str | None, steps: int | None = None) -> dict:
     """Rule (9): full negative, every K-th step (ours, Δ held) and FasterCache's CFG-Cache, on the images
-    holding ``negative``'s thing."""
+    holding ``negative``'s thing (``steps``: None for the model's schedule)."""
     import numpy as np
 
     from negprompt.analysis.locality import changed_pixels
@@ -190,11 +196,14 @@ def faster_cache(images: int, negative: str, holding_from: str | None) -> dict:
     word = negative.split()[-1]
     session = Session("shapes")
     prompts, named = row_prompts(Row("bench", "a {color} {shape}"), images)
-    holding = read_holders(session, prompts, images, word, holding_from)
+    holding = read_holders(session, prompts, images, word, holding_from, steps)
+    if not holding:
+        print(f"none of {images} plain images holds {word}: nothing to compare", flush=True)
+        return {"images": images, "negative": negative, "holding": [], "table": {}}
     texts = tuple(prompts[i] for i in holding)
 
     def spec(window: Window):
-        return session.spec(texts, [Term(negative, None, window)], rule="sd", seeds=holding)
+        return session.spec(texts, [Term(negative, None, window)], rule="sd", seeds=holding, steps=steps)
 
     runs = {}
     for name, window in (
@@ -228,7 +237,8 @@ def faster_cache(images: int, negative: str, holding_from: str | None) -> dict:
             "rows_per_image": rows / len(holding),
         }
         print(name, table[name], flush=True)
-    return {"images": images, "negative": negative, "holding": holding, "table": table}
+    result = {"images": images, "negative": negative, "holding": holding, "table": table}
+    return result if steps is None else {**result, "steps": steps}
 
 
 ANCHORS = ("none (cfg)", "sd", "dual s⁻ = s")
@@ -244,19 +254,29 @@ def new_methods() -> list:
     ]
 
 
-def methods_table(out: str, images: int, negative: str, model: str, scale: float | None) -> list[Path]:
-    """bench-methods' measures and table of :func:`new_methods` into ``out`` (units cached in runs/, resumable)."""
+def methods_table(
+    out: str,
+    images: int,
+    negative: str,
+    model: str,
+    scale: float | None,
+    steps: int | None = None,
+    units: str | None = None,
+) -> list[Path]:
+    """bench-methods' measures and table of :func:`new_methods` into ``out``; units cached under ``units``
+    (default runs/bench-methods-units/, git-ignored), so that a run resumes. ``steps``: None for the model's."""
     import json
     import time
 
     from negprompt.session import Session
     from negprompt.shapes.methods import BenchSettings, bench_unit, summarize_bench, write_results
 
-    settings = BenchSettings((negative,), images, scale=scale)
+    settings = BenchSettings((negative,), images, steps=steps, scale=scale)
     settings.check()
     methods = new_methods()
     session = Session(model)
-    cache = ROOT / "runs" / "bench-methods-units" / f"{model}-scale-{scale or 'default'}-{images}"  # git-ignored
+    name = f"{model}-scale-{scale or 'default'}-{images}" + ("" if steps is None else f"-steps-{steps}")
+    cache = (Path(units) if units else ROOT / "runs" / "bench-methods-units") / name  # the default is git-ignored
     cache.mkdir(parents=True, exist_ok=True)
     payloads = []
     for u, (n, start, stop) in enumerate(settings.units()):
@@ -267,13 +287,33 @@ def methods_table(out: str, images: int, negative: str, model: str, scale: float
             path.write_text(json.dumps(payload))
             print(f"unit {u}: images {start}–{stop - 1}, {time.perf_counter() - began:.0f} s", flush=True)
         payloads.append(json.loads(path.read_text()))
-    shown = {"model": model, "images per cell": images, "steps": "default", "scheduler": "default"}
+    shown = {"model": model, "images per cell": images, "steps": steps or "default", "scheduler": "default"}
     shown["scale"] = scale or "default"
     shown["rows"] = "added since the committed table, with anchors (benchmarks/bench_cheap_negatives.py)"
     return write_results(summarize_bench(settings, payloads, methods), out, shown)
 
 
-def main() -> None:
+def check(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options, before any model loads (None: nothing)."""
+    from negprompt.shapes.regions import WORLD_THINGS
+
+    if args.images < 1:
+        return f"--images {args.images}: give a whole number of images, 1 or more"
+    words = args.negative.split()
+    if not words or words[-1] not in WORLD_THINGS:
+        return f"--negative {args.negative!r}: the detectors read the world's things: {', '.join(WORLD_THINGS)}"
+    if args.steps is not None and not (args.methods_table or args.faster_cache):
+        return "--steps applies to --methods-table and --faster-cache only (the cost benchmark has --quick)"
+    if args.steps is not None and not 1 <= args.steps <= 1000:
+        return f"--steps {args.steps}: give a whole number of steps in 1–1000"
+    if args.steps is not None and args.holding_from:
+        return "--holding-from reads holders found at the model's steps: leave out --steps, or --holding-from"
+    if args.units and not args.methods_table:
+        return "--units applies to --methods-table only"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 images, 1 repeat, 8 FLUX steps")
     parser.add_argument("--images", type=int, default=200)
@@ -285,15 +325,24 @@ def main() -> None:
     parser.add_argument("--methods-table", metavar="OUT", default=None, help="bench-methods' new rows into OUT")
     parser.add_argument("--model", default="shapes", help="--methods-table: shapes or shapes-distilled")
     parser.add_argument("--scale", type=float, default=None, help="--methods-table: CFG scale (default: model's)")
-    args = parser.parse_args()
+    parser.add_argument("--steps", type=int, default=None, help="--methods-table, --faster-cache: (default: model's)")
+    parser.add_argument("--units", default=None, help="--methods-table: unit cache (default runs/bench-methods-units)")
+    args = parser.parse_args(argv)
+    problem = check(args)
+    if problem is not None:
+        print(f"negprompt: error: {problem}", file=sys.stderr)
+        return 2
     if args.methods_table:
-        for path in methods_table(args.methods_table, args.images, args.negative, args.model, args.scale):
+        paths = methods_table(
+            args.methods_table, args.images, args.negative, args.model, args.scale, args.steps, args.units
+        )
+        for path in paths:
             print(f"wrote {path}")
-        return
+        return 0
     if args.faster_cache:
         out = args.out.replace("cheap_negatives.json", "cheap_negatives_faster_cache.json")
-        write_result(faster_cache(args.images, args.negative, args.holding_from), out)
-        return
+        write_result(faster_cache(args.images, args.negative, args.holding_from, args.steps), out)
+        return 0
     images, repeats, steps = (4, 1, 8) if args.quick else (args.images, args.repeats, 20)
     result = {"quick": args.quick, "flux": flux(steps)}
     print(f"flux true CFG rows ratio (every {FLUX_K} / full): {result['flux']['rows_ratio']:.3f} (target ≤ 0.65)")
@@ -308,7 +357,8 @@ def main() -> None:
     else:
         print(f"bundled: none of {images} plain images holds {args.negative!r}; no ratio")
     write_result(result, args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,7 +19,7 @@
    read, colour and shape kept, pixels changed against the same rule's full negative, rows per image.
 
 Usage: OMP_NUM_THREADS=1 python scripts/negative_convergence.py [--images 200] [--negative "a hat"]
-       OMP_NUM_THREADS=1 python scripts/negative_convergence.py --reuse [--images 200] [--every 2 3 4]
+       OMP_NUM_THREADS=1 python scripts/negative_convergence.py --reuse [--images 200] [--every 2 3 4] [--steps N]
 Writes scripts/negative_convergence.json (--reuse: scripts/negative_reuse.json; or --out).
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from negprompt.sampling.schedulers import make_scheduler
 from negprompt.session import Session
 from negprompt.shapes.detectors import detect
 from negprompt.shapes.evaluation import Row, row_prompts
+from negprompt.shapes.regions import WORLD_THINGS
 
 FULL = Window()
 STOPS = (1, 2, 3, 4, 5, 6, 8, 10, 14)
@@ -71,13 +73,16 @@ def stop_at(k: int):
     return lambda effects, *args, **kwargs: len(effects) >= k
 
 
-def plain_holders(session: Session, prompts: list[str], images: int, word: str) -> tuple[list[int], int]:
-    """The images (seed = index) whose plain version the detectors read as holding ``word``, and how many
-    plain images they could not read for it."""
+def plain_holders(
+    session: Session, prompts: list[str], images: int, word: str, steps: int | None = None
+) -> tuple[list[int], int]:
+    """The images (seed = index) whose plain version (``steps`` steps; None: the model's) the detectors read
+    as holding ``word``, and how many plain images they could not read for it."""
     holding, unreadable = [], 0
     for first in range(0, images, 50):
         seeds = range(first, min(images, first + 50))
-        plain = session.run(session.spec(tuple(prompts[i] for i in seeds), None, rule="cfg", seeds=seeds))
+        spec = session.spec(tuple(prompts[i] for i in seeds), None, rule="cfg", seeds=seeds, steps=steps)
+        plain = session.run(spec)
         for i, image in zip(seeds, plain.pixels):
             f = detect(to_uint8(image))
             if f.unreadable(word):
@@ -111,7 +116,7 @@ def compare_reuse(args: argparse.Namespace) -> dict:
     scale = float(session.defaults["scale"])
     prompts, named = row_prompts(Row("bench", "a {color} {shape}"), args.images)
     start = time.perf_counter()
-    holding, plain_unreadable = plain_holders(session, prompts, args.images, word)
+    holding, plain_unreadable = plain_holders(session, prompts, args.images, word, args.steps)
     print(f"{len(holding)} of {args.images} plain images hold {word} ({plain_unreadable} unreadable)", flush=True)
     texts, kept_named = tuple(prompts[i] for i in holding), [named[i] for i in holding]
     rules = {"sd": None, "dual": scale}  # s⁻: sd takes the scale; dual's s⁻ = s as in bench-methods
@@ -122,7 +127,14 @@ def compare_reuse(args: argparse.Namespace) -> dict:
         try:
             names = [(rule, w) for rule in rules for w in windows if reuse == "hold" or w != "full"]
             specs = [
-                session.spec(texts, [Term(args.negative, rules[r], windows[w])], rule=r, seeds=holding, scale=scale)
+                session.spec(
+                    texts,
+                    [Term(args.negative, rules[r], windows[w])],
+                    rule=r,
+                    seeds=holding,
+                    scale=scale,
+                    steps=args.steps,
+                )
                 for r, w in names
             ]
             for (rule, w), spec, generation in zip(names, specs, session.run_together(specs)):
@@ -137,10 +149,12 @@ def compare_reuse(args: argparse.Namespace) -> dict:
         }
         for rule, runs in results.items()
     }
+    steps = {} if args.steps is None else {"steps": args.steps}  # a shorter schedule: only where asked
     return {
         "model": args.model,
         "negative": args.negative,
         "images": args.images,
+        **steps,
         "plain_unreadable": plain_unreadable,
         "holding": holding,
         "scale": scale,
@@ -148,7 +162,8 @@ def compare_reuse(args: argparse.Namespace) -> dict:
         "table": table,
         "seconds": time.perf_counter() - start,
         "command": f"OMP_NUM_THREADS=1 python scripts/negative_convergence.py --reuse --images {args.images} "
-        f'--negative "{args.negative}" --model {args.model} --every {" ".join(map(str, args.every))}',
+        f'--negative "{args.negative}" --model {args.model} --every {" ".join(map(str, args.every))}'
+        + ("" if args.steps is None else f" --steps {args.steps}"),
     }
 
 
@@ -160,30 +175,103 @@ def write_reuse(args: argparse.Namespace) -> None:
     print(json.dumps(result["table"], indent=1))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--negative", default="a hat")
-    parser.add_argument("--model", default="shapes")
-    parser.add_argument("--out", default=None, help="output JSON (default scripts/negative_convergence.json)")
-    parser.add_argument("--reuse", action="store_true", help="hold against extrapolate (scripts/negative_reuse.json)")
-    parser.add_argument("--every", type=int, nargs="+", default=[2, 3, 4], help="--reuse: the periods K")
-    args = parser.parse_args()
-    if args.reuse:
-        return write_reuse(args)
-    args.out = args.out or str(Path(__file__).with_suffix(".json"))
+def plain_holding(session: Session, prompts: list[str], images: int, word: str) -> list[int]:
+    """Step 1: the images (seed = index) whose plain version the detectors read as holding ``word``."""
+    holding = []
+    for first in range(0, images, 50):
+        seeds = range(first, min(images, first + 50))
+        plain = session.run(session.spec(tuple(prompts[i] for i in seeds), None, rule="cfg", seeds=seeds))
+        holding += [i for i, r in zip(seeds, found(plain.pixels, word)) if r["thing"]]
+    return holding
+
+
+def signal_row(info, scheduler, scale: float, previous: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    """Step 2 for one traced step (predictions (B, C, h, w) per branch): its signals, and Δ_t for the next."""
+    p = info.predictions
+    d = p["positive"] - p["negative"]
+    delta = -d
+    alpha_bar = alpha_bar_of(scheduler, info.timestep)
+    sigma = ((1 - alpha_bar) / alpha_bar) ** 0.5
+    row = {
+        "step": info.step,
+        "sigma": sigma,
+        "relative_norm": float((delta.flatten(1).norm(dim=1) / p["positive"].flatten(1).norm(dim=1)).mean()),
+        "r_t": float(
+            (
+                (p["negative"] - p["unconditional"]).flatten(1).norm(dim=1)
+                / (p["positive"] - p["unconditional"]).flatten(1).norm(dim=1)
+            ).mean()
+        ),
+        "x0_difference": float(sigma * (scale - 1) * (p["negative"] - p["unconditional"]).pow(2).mean().sqrt()),
+        "effect_max": float(economy.clean_effect(delta, sigma).max()),
+        "effect_mean": float(economy.clean_effect(delta, sigma).mean()),
+    }
+    if previous is not None:
+        change = economy.relative_change(delta, previous, 1)
+        row["change_max"] = float(change.max())
+        row["change_mean"] = float(change.mean())
+        row["cosine"] = float(torch.nn.functional.cosine_similarity(d.flatten(1), -previous.flatten(1)).mean())
+    return row, delta
+
+
+def step_signals(session: Session, traced, scale: float) -> list[dict]:
+    """Step 2: the signals of every step of a traced ``dual`` run (one row per step)."""
+    scheduler = make_scheduler(traced.spec.scheduler, session.components.scheduler)
+    scheduler.set_timesteps(traced.spec.steps)
+    signals, previous = [], None
+    for info in traced.trace:
+        row, previous = signal_row(info, scheduler, scale, previous)
+        signals.append(row)
+    return signals
+
+
+def stop_sweep(session: Session, spec, word: str, named: list, full: np.ndarray, timing: dict) -> dict:
+    """Step 3: removal with the negative's branch stopped at each of :data:`STOPS`, dropped (guidance
+    interval 0:k) and held (the auto end's stand-in forced to stop at k); ``spec(rule, window, interval)``
+    makes a run's spec, ``full`` is the full negative's images, ``timing`` gets the drop sweep's seconds."""
+    sweep = {"hold": {}, "drop": {}}
+    start = time.perf_counter()
+    drops = session.run_together([spec("sd", interval=Window(0, k)) for k in STOPS])
+    timing["drop_sweep"] = time.perf_counter() - start
+    for k, generation in zip(STOPS, drops):
+        sweep["drop"][k] = judge(generation.pixels, word, named, full)
+    original = economy.has_converged
+    try:
+        for k in STOPS:
+            economy.has_converged = stop_at(k)
+            start = time.perf_counter()
+            generation = session.run(spec("sd", Window(0, "auto")))
+            sweep["hold"][k] = {
+                **judge(generation.pixels, word, named, full),
+                "rows": generation.unet_batch_rows,
+                "seconds": time.perf_counter() - start,
+            }
+            print("hold", k, sweep["hold"][k], flush=True)
+    finally:
+        economy.has_converged = original
+    sweep["full"] = judge(full, word, named, full)
+    return sweep
+
+
+def criterion_stops(signals: list[dict]) -> dict:
+    """Step 4: where the criterion would stop (steps seen; None: never) for each (τ, m) of :data:`GRID`."""
+    effects = [s["effect_max"] for s in signals]
+    criterion = {}
+    for tau, m in GRID:
+        stop = next((i + 1 for i in range(len(effects)) if economy.has_converged(effects[: i + 1], tau, m)), None)
+        criterion[f"tau={tau},m={m}"] = stop
+    return criterion
+
+
+def convergence(args: argparse.Namespace) -> dict:
+    """Steps 1–4 (the module's docstring) on ``args.images`` of bench-methods' prompts and seeds."""
     word = args.negative.split()[-1]
     session = Session(args.model)
     scale = float(session.defaults["scale"])
     prompts, named = row_prompts(Row("bench", "a {color} {shape}"), args.images)
     timing = {}
-
     start = time.perf_counter()
-    holding = []
-    for first in range(0, args.images, 50):
-        seeds = range(first, min(args.images, first + 50))
-        plain = session.run(session.spec(tuple(prompts[i] for i in seeds), None, rule="cfg", seeds=seeds))
-        holding += [i for i, r in zip(seeds, found(plain.pixels, word)) if r["thing"]]
+    holding = plain_holding(session, prompts, args.images, word)
     timing["plain"] = time.perf_counter() - start
     print(f"{len(holding)} of {args.images} plain images hold {word}", flush=True)
     texts, kept_named = tuple(prompts[i] for i in holding), [named[i] for i in holding]
@@ -196,67 +284,10 @@ def main() -> None:
     start = time.perf_counter()
     traced = session.run(spec("dual"), trace=True)
     timing["traced"] = time.perf_counter() - start
-    full = traced.pixels
-    scheduler = make_scheduler(traced.spec.scheduler, session.components.scheduler)
-    scheduler.set_timesteps(traced.spec.steps)
-    signals, previous = [], None
-    for info in traced.trace:
-        p = info.predictions
-        d = p["positive"] - p["negative"]
-        delta = -d
-        alpha_bar = alpha_bar_of(scheduler, info.timestep)
-        sigma = ((1 - alpha_bar) / alpha_bar) ** 0.5
-        row = {
-            "step": info.step,
-            "sigma": sigma,
-            "relative_norm": float((delta.flatten(1).norm(dim=1) / p["positive"].flatten(1).norm(dim=1)).mean()),
-            "r_t": float(
-                (
-                    (p["negative"] - p["unconditional"]).flatten(1).norm(dim=1)
-                    / (p["positive"] - p["unconditional"]).flatten(1).norm(dim=1)
-                ).mean()
-            ),
-            "x0_difference": float(sigma * (scale - 1) * (p["negative"] - p["unconditional"]).pow(2).mean().sqrt()),
-            "effect_max": float(economy.clean_effect(delta, sigma).max()),
-            "effect_mean": float(economy.clean_effect(delta, sigma).mean()),
-        }
-        if previous is not None:
-            change = economy.relative_change(delta, previous, 1)
-            row["change_max"] = float(change.max())
-            row["change_mean"] = float(change.mean())
-            row["cosine"] = float(torch.nn.functional.cosine_similarity(d.flatten(1), -previous.flatten(1)).mean())
-        previous = delta
-        signals.append(row)
+    signals = step_signals(session, traced, scale)
     print(json.dumps(signals, indent=0), flush=True)
-
-    sweep = {"hold": {}, "drop": {}}
-    start = time.perf_counter()
-    drops = session.run_together([spec("sd", interval=Window(0, k)) for k in STOPS])
-    timing["drop_sweep"] = time.perf_counter() - start
-    for k, generation in zip(STOPS, drops):
-        sweep["drop"][k] = judge(generation.pixels, word, kept_named, full)
-    original = economy.has_converged
-    try:
-        for k in STOPS:
-            economy.has_converged = stop_at(k)
-            start = time.perf_counter()
-            generation = session.run(spec("sd", Window(0, "auto")))
-            sweep["hold"][k] = {
-                **judge(generation.pixels, word, kept_named, full),
-                "rows": generation.unet_batch_rows,
-                "seconds": time.perf_counter() - start,
-            }
-            print("hold", k, sweep["hold"][k], flush=True)
-    finally:
-        economy.has_converged = original
-    sweep["full"] = judge(full, word, kept_named, full)
-
-    effects = [s["effect_max"] for s in signals]
-    criterion = {}
-    for tau, m in GRID:
-        stop = next((i + 1 for i in range(len(effects)) if economy.has_converged(effects[: i + 1], tau, m)), None)
-        criterion[f"tau={tau},m={m}"] = stop
-    result = {
+    sweep = stop_sweep(session, spec, word, kept_named, traced.pixels, timing)
+    return {
         "model": args.model,
         "negative": args.negative,
         "images": args.images,
@@ -265,14 +296,61 @@ def main() -> None:
         "steps": traced.num_steps,
         "signals": signals,
         "sweep": sweep,
-        "criterion_stops": criterion,
+        "criterion_stops": criterion_stops(signals),
         "timing_s": timing,
         "command": f"OMP_NUM_THREADS=1 python scripts/negative_convergence.py --images {args.images} "
         f'--negative "{args.negative}" --model {args.model}',
     }
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({"sweep": sweep, "criterion_stops": criterion}, indent=1))
+
+
+def write_convergence(args: argparse.Namespace) -> None:
+    """Steps 1–4: :func:`convergence` written to --out (default scripts/negative_convergence.json), its
+    sweep and criterion stops printed."""
+    result = convergence(args)
+    Path(args.out or Path(__file__).with_suffix(".json")).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({"sweep": result["sweep"], "criterion_stops": result["criterion_stops"]}, indent=1))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--negative", default="a hat")
+    parser.add_argument("--model", default="shapes")
+    parser.add_argument("--out", default=None, help="output JSON (default scripts/negative_convergence.json)")
+    parser.add_argument("--reuse", action="store_true", help="hold against extrapolate (scripts/negative_reuse.json)")
+    parser.add_argument("--every", type=int, nargs="+", default=[2, 3, 4], help="--reuse: the periods K")
+    parser.add_argument("--steps", type=int, default=None, help="--reuse: sampling steps (default: the model's)")
+    return parser.parse_args(argv)
+
+
+def check(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options, before any model loads (None: nothing)."""
+    if args.images < 1:
+        return f"--images {args.images}: give a whole number of images, 1 or more"
+    words = args.negative.split()
+    if not words or words[-1] not in WORLD_THINGS:
+        return f"--negative {args.negative!r}: the detectors read the world's things: {', '.join(WORLD_THINGS)}"
+    if args.steps is not None and not args.reuse:
+        return "--steps applies to --reuse only (the convergence sweep stops at steps up to 14 of the model's)"
+    if args.steps is not None and not 1 <= args.steps <= 1000:
+        return f"--steps {args.steps}: give a whole number of steps in 1–1000"
+    if any(k < 1 for k in args.every):
+        return f"--every {' '.join(map(str, args.every))}: give periods K of 1 or more"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    problem = check(args)
+    if problem is not None:
+        print(f"negprompt: error: {problem}", file=sys.stderr)
+        return 2
+    if args.reuse:
+        write_reuse(args)
+    else:
+        write_convergence(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
