@@ -80,3 +80,30 @@ def test_bench_families_tiny_run_writes_a_ratio_per_family(benchmarks_on_path, m
     assert set(result["families"]) == {"chroma", "flux2-klein", "qwen-image", "z-image"}
     for measured in result["families"].values():
         assert measured["ratios"]["ours_vs_diffusers"] > 0 and measured["median_seconds"]["diffusers"] > 0
+
+
+def test_bench_bundled_device_without_cuda_exits_with_one_line(benchmarks_on_path, monkeypatch, capsys, tmp_path):
+    import bench_bundled_device
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench_bundled_device.main(["--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA GPU here" in err and "--device cpu" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_bench_bundled_device_runs_its_phases_and_the_command_on_the_cpu(benchmarks_on_path, tmp_path):
+    import bench_bundled_device
+
+    out = tmp_path / "bundled.json"
+    argv = ["--device", "cpu", "--steps", "1", "--repeats", "1", "--commands", "generate", "--out", str(out)]
+    assert bench_bundled_device.main(argv) == 0
+    result = json.loads(out.read_text())
+    seconds = result["phases"]["seconds"]
+    assert {"load the bundled model", "the demo's runs, warm"} <= set(seconds) and all(s >= 0 for s in seconds.values())
+    warm = result["phases"]["warm_run"]
+    assert warm["unet_calls"] > 0 and 0 < warm["inside_unet_share"] <= 1
+    generate = result["commands"]["generate"]
+    assert generate["seconds"]["cpu"][0] > 0 and generate["speed_up"] == 1.0  # cpu against itself
+    assert generate["argv"][:2] == ["-m", "negprompt"] and "--device" in generate["argv"]

@@ -18,6 +18,7 @@ from negprompt.api import Generation, to_uint8
 from negprompt.files import write_atomically, write_json
 from negprompt.guidance.plan import Term
 from negprompt.guidance.windows import Window
+from negprompt.runspec import RunSpec
 from negprompt.session import Session, as_session
 
 # The bundled model's pairs (its negprompt.json declares the same): most rows remove a hat, the thing
@@ -56,16 +57,8 @@ def run_demo(out_dir: str | Path, model=None, seeds=(0, 1, 2), steps: int | None
     started = time.monotonic()
     session = as_session(model)
     pairs = demo_pairs(session)
-    prompts = tuple(p for p, _ in pairs for _ in seeds)
-    negatives = tuple(n for _, n in pairs for _ in seeds)
-    all_seeds = [s for _ in pairs for s in seeds]
-    settings_list = []
-    for variant in VARIANTS:
-        negative = None if variant.window is None else [Term(negatives, None, variant.window)]
-        settings = session.spec(prompts, negative, rule=variant.rule, seeds=all_seeds, steps=steps)
-        settings_list.append(settings)
     # One batched loop; the delayed variant shares the no-negative variant's first steps.
-    generations = session.run_together(settings_list, progress=progress)
+    generations = session.run_together(demo_specs(session, seeds, steps), progress=progress)
     figure = _figure(generations, pairs, len(seeds))
     out_dir = Path(out_dir)
     record = {
@@ -77,6 +70,24 @@ def run_demo(out_dir: str | Path, model=None, seeds=(0, 1, 2), steps: int | None
     write_atomically([png], lambda final, tmp: figure.save(tmp, format="PNG"))
     write_json(js, record, indent=2)
     return png, js, record
+
+
+def demo_specs(session: Session, seeds=(0, 1, 2), steps: int | None = None) -> list[RunSpec]:
+    """The runs of the demo, one per variant, each over every (prompt, negative) pair × ``seeds``."""
+    pairs = demo_pairs(session)
+    prompts = tuple(p for p, _ in pairs for _ in seeds)
+    negatives = tuple(n for _, n in pairs for _ in seeds)
+    all_seeds = [s for _ in pairs for s in seeds]
+    return [
+        session.spec(
+            prompts,
+            None if v.window is None else [Term(negatives, None, v.window)],
+            rule=v.rule,
+            seeds=all_seeds,
+            steps=steps,
+        )
+        for v in VARIANTS
+    ]
 
 
 def _figure(
