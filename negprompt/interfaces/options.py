@@ -345,19 +345,29 @@ def check_prompt_args(args: argparse.Namespace) -> None:
 
 
 def check_economy_args(args: argparse.Namespace, rule: str) -> None:
-    """An auto end (--negative-window START:auto) or --negative-every needs negatives computed as denoiser
-    branches (rules sd, dual); the interval takes neither."""
-    from negprompt.guidance.economy import ECONOMY_RULES
+    """An auto end (--negative-window START:auto) or --negative-every K > 1 needs negatives computed as
+    denoiser branches (rules sd, dual); the interval takes neither."""
     from negprompt.guidance.windows import Window
 
     if args.interval and Window.parse(args.interval).is_auto:
         raise CommandError(f"--interval {args.interval}: the guidance interval cannot end at auto; give START:END")
-    asked = [f"--negative-window {t}" for t in args.negative_window or [] if Window.parse(t).is_auto]
-    if getattr(args, "negative_every", None) is not None:
-        asked.append(f"--negative-every {args.negative_every}")
+    autos = [text for text in args.negative_window or [] if Window.parse(text).is_auto]
+    check_negative_economy(rule, len(args.negative or []), getattr(args, "negative_every", None), autos)
+
+
+def check_negative_economy(rule: str, negatives: int, every: int | None, auto_windows: list[str]) -> None:
+    """The one check of cheap negatives, for the command line and the page alike (the same line for the same
+    settings): an auto end (``auto_windows``: the START:auto texts of --negative-window) or a period K > 1
+    (--negative-every K) needs a negative prompt and a rule whose negatives are denoiser branches (sd, dual).
+    K = 1 (or None) is every step, the default: it asks for nothing, under any rule."""
+    from negprompt.guidance.economy import ECONOMY_RULES
+
+    asked = [f"--negative-window {text}" for text in auto_windows]
+    if every is not None and every > 1:
+        asked.append(f"--negative-every {every}")
     if not asked:
         return
-    if not args.negative:
+    if not negatives:
         raise CommandError(f"{asked[0]} needs a negative prompt (-n TEXT)")
     if rule not in ECONOMY_RULES:
         raise CommandError(
@@ -457,10 +467,10 @@ def run_settings_from_args(args: argparse.Namespace) -> RunSettings:
 
 
 def negative_windows_from_args(args: argparse.Namespace) -> list | None:
-    """--negative-window as given; with --negative-every K, each negative's window (default: all steps)
-    parsed and given the period K."""
+    """--negative-window as given; with --negative-every K > 1, each negative's window (default: all steps)
+    parsed and given the period K (K = 1, every step, is the default: the windows as given)."""
     every = getattr(args, "negative_every", None)
-    if every is None:
+    if every is None or every == 1:
         return args.negative_window
     from negprompt.guidance.windows import Window
 

@@ -12,6 +12,7 @@ from typing import Any
 from negprompt.guidance.economy import computed_rows
 from negprompt.guidance.rules import rule_named
 from negprompt.guidance.windows import AUTO, Window
+from negprompt.interfaces.options import check_negative_economy
 from negprompt.interfaces.png import save_generation
 from negprompt.interfaces.video import container_for, save_video_generation, video_paths
 from negprompt.interfaces.web.handlers.jobs import PageJob
@@ -108,15 +109,16 @@ def window_end(value: Any) -> int | str | None:
     return whole(value, "window end")
 
 
-def negative_windows(negatives: Sequence[NegativeInput], every: int) -> list[Window] | None:
-    """Each negative's window [start, end) with the period ``every`` (None without negatives). A period above 1
-    needs a negative prompt; an auto end or a period on a rule without a negative branch (NAG, VSF, sd at
-    scale 1) is refused in one line when the session checks the run's guidance."""
-    if not negatives:
-        if every > 1:
-            raise SettingsError(f"negative every K {every} needs a negative prompt: give one, or K 1")
-        return None
-    return [Window(whole(n.start, "window start"), window_end(n.end), every) for n in negatives]
+def negative_windows(request: GenerateRequest, negatives: Sequence[NegativeInput]) -> list[Window] | None:
+    """Each negative's window [start, end) with the request's period K (None without negatives), checked as
+    the command line checks ``--negative-window START:auto`` and ``--negative-every K`` (the same line for the
+    same settings): an auto end or K > 1 needs a negative prompt and rule sd or dual; K = 1 is every step.
+    Under sd at scale 1 (no negative branch) the session refuses them when it checks the run's guidance."""
+    every = negative_period(request.negative_every)
+    windows = [Window(whole(n.start, "window start"), window_end(n.end), every) for n in negatives]
+    autos = [f"{window.start}:{AUTO}" for window in windows if window.is_auto]
+    check_negative_economy(request.rule, len(negatives), every, autos)
+    return windows or None
 
 
 def rule_options(request: GenerateRequest) -> dict[str, Any]:
@@ -155,7 +157,7 @@ def run_settings(session: Session, request: GenerateRequest, limits: ServerLimit
     limits.check("side", height, "height")
     limits.check("side", width, "width")
     options = rule_options(request)
-    windows = negative_windows(negatives, negative_period(request.negative_every))
+    windows = negative_windows(request, negatives)
     if request.prompt_2:
         limits.check_text("the second prompt", request.prompt_2)
     frames = None if request.frames is None else count(request.frames, "frames")
