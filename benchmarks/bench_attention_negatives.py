@@ -6,7 +6,7 @@ scale / plain at s = 1 for comparison (two passes; one on the distilled model, w
 with the guidance scale as an input, so there rule (9) cannot use the negative). Runs are interleaved; ratios are medians of per-repeat ratios.
 
     python benchmarks/bench_attention_negatives.py
-    python benchmarks/bench_attention_negatives.py --install   # the processors' install cost per call
+    python benchmarks/bench_attention_negatives.py --install   # NAG's host work: install per run, hand-off per call
 """
 
 from __future__ import annotations
@@ -59,13 +59,18 @@ def measure(name: str, session: Session, steps: int | None, batch: int, repeats:
     }
 
 
-def install_cost(calls: int = 20) -> dict[str, float]:
-    """CPU milliseconds to install and restore NAG's processors once (what NAG and VSF do at every denoiser call),
-    on an SDXL-size UNet and a FLUX-dev-size transformer built on the meta device (no weights: only the module
-    tree matters). docs/gpu-cost.md."""
+def install_cost(calls: int = 20) -> dict[str, dict[str, float]]:
+    """CPU milliseconds of NAG's host work around the denoiser calls, on an SDXL-size UNet and a FLUX-dev-size
+    transformer built on the meta device (no weights: only the module tree matters). docs/gpu-cost.md.
+
+    ``per_call_install``: install and restore of the processors at one call (what every denoiser call did before
+    they were installed once per run; :func:`negative_in_attention` still does it for a single call);
+    ``per_run_install``: install and restore once for a run (:func:`negative_attention_run`); ``per_call_handoff``:
+    what each call of a run now does (:meth:`NegativeAttentionRun.call`: hand the installed processors the call's
+    parameters, clear them on exit)."""
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
-    from negprompt.guidance.attention_processors import nag_combine, negative_in_attention
+    from negprompt.guidance.attention_processors import nag_combine
     from negprompt.layers.layout import AttentionLayout
 
     with torch.device("meta"):
@@ -80,15 +85,47 @@ def install_cost(calls: int = 20) -> dict[str, float]:
             num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
             joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
         )  # fmt: skip
-    negative, combine = {"encoder_hidden_states": torch.zeros(1, 77, 8)}, nag_combine(5.0, 2.5, 0.25)
+    combine = nag_combine(5.0, 2.5, 0.25)
     result = {}
-    for name, model, kind in (("sdxl_unet", unet, "cross"), ("flux_dev_transformer", flux, "joint")):
+    for name, model, kind, width in (("sdxl_unet", unet, "cross", 2048), ("flux_dev_transformer", flux, "joint", 4096)):
+        negative = {"encoder_hidden_states": torch.zeros(1, 77, width, device="meta")}  # FLUX embeds it once a run
+        result[name] = _host_work(model, AttentionLayout(kind=kind), negative, combine, calls)
+    return result
+
+
+def _host_work(model: torch.nn.Module, layout, negative: dict, combine, calls: int) -> dict[str, float]:
+    """The three costs of :func:`install_cost` on one model, each a mean of ``calls`` repeats."""
+    from negprompt.guidance.attention_processors import negative_attention_run, negative_in_attention
+
+    rows = slice(0, 1)
+
+    def timed(work) -> float:
         start = time.process_time()
         for _ in range(calls):
-            with negative_in_attention(model, AttentionLayout(kind=kind), slice(0, 1), negative, combine):
+            work()
+        return 1000 * (time.process_time() - start) / calls
+
+    def per_call_install() -> None:
+        with negative_in_attention(model, layout, rows, negative, combine):
+            pass
+
+    def per_run_install() -> None:
+        with negative_attention_run([model], layout):
+            pass
+
+    with negative_attention_run([model], layout) as run:
+
+        def handoff() -> None:
+            with run.call(model, rows, negative, combine, "negative"):
                 pass
-        result[name] = 1000 * (time.process_time() - start) / calls
-    return result
+
+        handoff()  # a run's first call embeds the negative (FLUX: context_embedder, once per run)
+        handed = timed(handoff)
+    return {
+        "per_call_install": timed(per_call_install),
+        "per_run_install": timed(per_run_install),
+        "per_call_handoff": handed,
+    }
 
 
 def main() -> None:
@@ -99,8 +136,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/attention_negatives.json")
     args = parser.parse_args()
     if args.install:
-        for name, ms in install_cost().items():
-            print(f"{name:22s} install + restore of NAG's processors: {ms:.2f} ms a denoiser call (CPU time)")
+        for name, costs in install_cost().items():
+            print(
+                f"{name:22s} NAG's processors (CPU time): install + restore {costs['per_call_install']:.2f} ms "
+                f"(per call before, once per run now: {costs['per_run_install']:.2f} ms); "
+                f"per call of a run now {1000 * costs['per_call_handoff']:.1f} µs"
+            )
         return
     result = {
         "settings": vars(args),

@@ -1,4 +1,5 @@
-"""NAG and VSF: negatives inside cross-attention, as rules (processors installed per call and restored)."""
+"""NAG and VSF: negatives inside cross-attention, as rules (processors installed for the run, handed each call's
+negative, and restored)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,13 @@ def processor_kinds(unet) -> set[str]:
     return {type(p).__name__ for p in unet.attn_processors.values()}
 
 
-def test_processors_are_installed_per_call_and_restored_also_after_an_error(tiny_sd):
+def nag_acting(unet) -> bool:
+    """Whether a NAG processor holds a call's negative (installed for the run, it passes through otherwise)."""
+    processors = unet.attn_processors.values()
+    return any(getattr(getattr(p, "slot", None), "current", None) is not None for p in processors)
+
+
+def test_processors_are_installed_for_the_run_and_restored_also_after_an_error(tiny_sd):
     session = Session(tiny_sd)
     before = dict(tiny_sd.unet.attn_processors)
     seen = []
@@ -134,15 +141,14 @@ def test_nag_formula_is_the_identity_at_phi_one():
 def test_the_window_switches_nag_on_at_its_step(tiny_sd):
     session = Session(tiny_sd)
     seen = []
-    handle = tiny_sd.unet.register_forward_pre_hook(lambda module, args: seen.append(processor_kinds(module)))
+    handle = tiny_sd.unet.register_forward_pre_hook(lambda module, args: seen.append(nag_acting(module)))
     try:
         delayed = session.run(
             session.spec(PROMPT, NEGATIVE, rule="nag", scale=1, negative_windows=["2:"], **OPTIONS), trace=True
         )
     finally:
         handle.remove()
-    on = ["NegativeAttentionProcessor" in kinds for kinds in seen]
-    assert on == [False, False, True, True]
+    assert seen == [False, False, True, True]
     plain = session.run(session.spec(PROMPT, rule="cfg", scale=1, **OPTIONS), trace=True)
     for step in (0, 1):  # before the window: the plain run's predictions exactly
         assert torch.equal(delayed.trace[step].guided, plain.trace[step].guided)

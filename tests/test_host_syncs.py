@@ -27,6 +27,9 @@ from negprompt.testing.tiny_chroma import build_tiny_chroma
 
 PROMPT, NEGATIVE = "a photo of a cat", "red glasses"
 HOST_METHODS = {"item", "tolist", "cpu", "numpy", "__bool__"}  # a copy to the host, or a sync, on a device
+# ``float``/``int`` of a tensor too: under inference mode they reach no dispatch mode, only their ``__float__``
+# and ``__int__`` show (the loop's schedule conversions before the first step count per timestep with them)
+SCALAR_METHODS = HOST_METHODS | {"__float__", "__int__"}
 HOST_OPS = {"_local_scalar_dense", "nonzero"}  # what .item()/bool()/int() and data-dependent shapes dispatch to
 LOOP_SYNCS_PER_STEP = 2  # the loop's and the schedulers' own (a σ lookup, a timestep test), not the layers'
 # Capture's copies to the host per step: one per dtype of the stored statistics (float32 statistics, float16 maps).
@@ -37,8 +40,9 @@ class HostSyncCounter(TorchFunctionMode):
     """Counts the calls that would stop the host on a device: Tensor methods copying to the host or reading a
     value (:data:`HOST_METHODS`, ``.to("cpu")``), and, through a dispatch mode, :data:`HOST_OPS`."""
 
-    def __init__(self) -> None:
+    def __init__(self, methods: set[str] = HOST_METHODS) -> None:
         super().__init__()
+        self.methods = methods
         self.counts: Counter[str] = Counter()
         counts = self.counts
 
@@ -54,7 +58,7 @@ class HostSyncCounter(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         to_host = name == "to" and "cpu" in [a for a in (*args[1:], kwargs.get("device")) if isinstance(a, str)]
-        if name in HOST_METHODS or to_host:
+        if name in self.methods or to_host:
             self.counts[f"Tensor.{name}"] += 1
         return func(*args, **kwargs)
 
@@ -67,12 +71,12 @@ class HostSyncCounter(TorchFunctionMode):
         return self.dispatch.__exit__(*exc)
 
 
-def per_step(run: Callable[[int], object]) -> Counter[str]:
+def per_step(run: Callable[[int], object], methods: set[str] = HOST_METHODS) -> Counter[str]:
     """The counts one more denoising step adds: (counts of a 4-step run − of a 2-step run) / 2 (encoding,
     scheduler set-up and decoding cancel)."""
     counted = {}
     for steps in (2, 4):
-        with torch.no_grad(), HostSyncCounter() as counter:
+        with torch.no_grad(), HostSyncCounter(methods) as counter:
             run(steps)
         counted[steps] = counter.counts
     keys = set(counted[2]) | set(counted[4])
@@ -137,3 +141,26 @@ def test_the_counter_sees_each_kind_of_host_sync():
     seen = set(counter.counts)
     assert {"Tensor.item", "Tensor.__bool__", "Tensor.tolist", "Tensor.cpu", "Tensor.numpy", "Tensor.to"} <= seen
     assert {"aten._local_scalar_dense", "aten.nonzero"} <= seen
+
+
+def test_wan_two_experts_pick_their_expert_without_a_host_sync_per_step():
+    """Wan 2.2's expert of each step is picked before the loop from one host copy of the timesteps: a run on two
+    experts, plain or with NAG, syncs per step as a run on one (before: one ``float(t)`` per step in the family's
+    ``denoise``, one more per call of a rule that prepares the denoiser)."""
+    from negprompt.testing.tiny_wan import build_tiny_wan
+
+    def wan_runs(session: Session) -> dict[str, Callable[[int], object]]:
+        def spec(steps: int, negative: str | None = None, **options):
+            return session.spec(PROMPT, negative, steps=steps, seeds=[0], size=32, frames=5, **options)
+
+        return {
+            "plain": lambda steps: session.run(spec(steps, rule="cfg", scale=1.0)),
+            "nag": lambda steps: session.run(spec(steps, NEGATIVE, rule="nag", scale=1.0)),
+        }
+
+    one = wan_runs(Session(build_tiny_wan(seed=0)))
+    two = wan_runs(Session(build_tiny_wan(seed=0, two_experts=True, boundary_ratio=0.7)))
+    plain = per_step(one["plain"], SCALAR_METHODS)
+    assert sum(plain.values()) <= LOOP_SYNCS_PER_STEP, plain  # σ and ᾱ of each timestep, before the loop
+    counted = {rule: per_step(run, SCALAR_METHODS) for rule, run in two.items()}
+    assert counted["plain"] == plain and counted["nag"] == plain, (counted, plain)

@@ -212,26 +212,16 @@ def plan_capture(
     ``text_keys``: how the text keys are laid out (default: ``tokenizer``'s tokens, padded to its
     length); ``layout``: the family's attention layout (which layers; a transformer's patch; a video's
     frame axis, over ``latent_frames`` latent frames)."""
-    if layout.kind == "unread":
-        raise CaptureError(f"negprompt cannot yet capture the attention of {layout.family or 'this model'}")
+    check_request(request, branch_prompts, layout)
     text_keys = text_keys or TextKeys.of(tokenizer)
-    unknown = [b for b in request.words if b not in branch_prompts]
-    if unknown:
-        raise CaptureError(f"branch(es) {', '.join(unknown)} not in this run; branches: {', '.join(branch_prompts)}")
     latent_side = min(latent_hw)
     layers = select_layers(attention_layers(denoiser, layout), request.layers, latent_side)
-    steps = list(range(num_steps)) if request.steps is None else sorted(set(int(s) for s in request.steps))
-    bad_steps = [s for s in steps if not 0 <= s < num_steps]
-    if bad_steps:
-        raise CaptureError(f"step(s) {bad_steps} outside the schedule; steps are 0–{num_steps - 1}")
-    if not steps:
-        raise CaptureError(f"no steps chosen; give step indices in 0–{num_steps - 1}")
+    steps = planned_steps(request.steps, num_steps)
     size = request.size or max(latent_side // layer.factor for layer in layers)
     if size < 1:
         raise CaptureError(f"map size must be a positive number of pixels, got {size}")
     if layout.frames and latent_frames < 1:
         raise CaptureError(f"a video of {latent_frames} latent frames has nothing to capture; give at least one frame")
-    batch = len(next(iter(branch_prompts.values())))
     prompts = {b: [text_keys.tokenize(p) for p in branch_prompts[b]] for b in request.words}
     words = {b: list(request.words[b]) for b in request.words}
     plan = CapturePlan(
@@ -241,7 +231,7 @@ def plan_capture(
         layers=layers,
         steps=steps,
         num_steps=num_steps,
-        batch_size=batch,
+        batch_size=len(next(iter(branch_prompts.values()))),
         size=size,
         latent_hw=latent_hw,
         average_layers=request.average_layers,
@@ -250,14 +240,41 @@ def plan_capture(
         frames=latent_frames if layout.frames else None,
     )
     plan.selection = {b: word_selection(prompts[b], words[b], text_keys.length) for b in plan.branches}
+    check_memory(plan, request.memory_limit_mb)
+    return plan
+
+
+def check_request(
+    request: CaptureRequest, branch_prompts: Mapping[str, Sequence[str]], layout: AttentionLayout
+) -> None:
+    """Raises :class:`CaptureError` for a model whose attention is not read, or a branch the run lacks."""
+    if layout.kind == "unread":
+        raise CaptureError(f"negprompt cannot yet capture the attention of {layout.family or 'this model'}")
+    unknown = [b for b in request.words if b not in branch_prompts]
+    if unknown:
+        raise CaptureError(f"branch(es) {', '.join(unknown)} not in this run; branches: {', '.join(branch_prompts)}")
+
+
+def planned_steps(wanted: Sequence[int] | None, num_steps: int) -> list[int]:
+    """The steps to record, sorted, each once (None: every step); :class:`CaptureError` for none or one outside
+    0…``num_steps`` − 1."""
+    steps = list(range(num_steps)) if wanted is None else sorted(set(int(s) for s in wanted))
+    bad_steps = [s for s in steps if not 0 <= s < num_steps]
+    if bad_steps:
+        raise CaptureError(f"step(s) {bad_steps} outside the schedule; steps are 0–{num_steps - 1}")
+    if not steps:
+        raise CaptureError(f"no steps chosen; give step indices in 0–{num_steps - 1}")
+    return steps
+
+
+def check_memory(plan: CapturePlan, limit_mb: float) -> None:
+    """Raises :class:`CaptureError` when the plan's stored tensors would take more than ``limit_mb`` MiB."""
     needed = plan.memory_bytes()
-    limit = int(request.memory_limit_mb * 2**20)
-    if needed > limit:
+    if needed > int(limit_mb * 2**20):
         raise CaptureError(
-            f"the capture needs {needed / 2**20:.1f} MiB, over the limit of {request.memory_limit_mb:g} MiB; "
+            f"the capture needs {needed / 2**20:.1f} MiB, over the limit of {limit_mb:g} MiB; "
             "raise the limit or keep fewer steps, layers, words or a smaller map size"
         )
-    return plan
 
 
 def word_selection(prompts: Sequence[TokenizedPrompt], words: Sequence[str], length: int) -> torch.Tensor:

@@ -190,8 +190,8 @@ def capture(
     session = as_session(settings.model if session is None else session, device=settings.device, dtype=settings.dtype)
     with session.exclusive() as components:
         plan = plan_for(settings, request, components)
-        experts = [] if components.transformer_2 is None else [components.transformer_2]  # Wan 2.2's second expert
-        with capture_attention(components.denoiser, plan, reducer, experts=experts) as recorder:
+        first, *experts = components.family.denoisers(components)  # Wan 2.2: its low-noise expert too
+        with capture_attention(first, plan, reducer, experts=experts) as recorder:
             generation = session.run(settings, trace=trace, callback=callback, unet_hooks=[recorder], progress=progress)
     index = {
         "settings": settings.to_json(),

@@ -1,26 +1,31 @@
-"""Attention processors for rules whose negative acts inside attention (NAG, VSF), installed per call.
+"""Attention processors for rules whose negative acts inside attention (NAG, VSF), installed once per run.
 
-For one denoiser call, :func:`negative_in_attention` installs on every layer with text keys (keyed
-by module path, through :func:`negprompt.layers.processors.installed`) a processor that recomputes
-the positive branch's rows with the rule's combination of the positive's and the negative's
-attention, and restores the layers' processors on exit, also after an error. Which processor
-depends on the family's :class:`~negprompt.layers.layout.AttentionLayout`:
+:func:`negative_attention_run` installs on every layer with text keys of each denoiser of a run (keyed by module
+path, through :func:`negprompt.layers.processors.installed`) a processor that, at the calls the rule hands it
+parameters (:meth:`NegativeAttentionRun.call`: the positive's rows, the negative, the rule's combination),
+recomputes the positive branch's rows with the rule's combination of the positive's and the negative's attention,
+and passes every other call through; the layers' processors are restored when the run ends, also after an error.
+:func:`negative_in_attention` does the same for one call. Which processor depends on the family's
+:class:`~negprompt.layers.layout.AttentionLayout`:
 
 - ``"cross"`` (UNets): :class:`NegativeAttentionProcessor` — the negative is a second text context
   of each cross-attention layer;
-- ``"joint"`` (SD3, FLUX): :mod:`negprompt.guidance.joint_attention_processors` — the negative runs
-  as a text stream of its own through the blocks (:mod:`negprompt.layers.joint_negative`).
+- ``"joint"`` (SD3, FLUX): :mod:`negprompt.layers.joint_negative` — the negative runs as a text stream of its own
+  through the blocks;
+- a family's own reader (``layout.reader``): once per run where it has ``negative_in_attention_run`` (Chroma,
+  Wan), else per call (FLUX.2 klein, Qwen-Image, Z-Image), through the same :meth:`NegativeAttentionRun.call`.
 
 Other rows (e.g. ∅ rows of a CFG run) go through the layer's own processor unchanged. Everything
 but the combination is computed as the layers' own processors compute it
 (:mod:`negprompt.layers.attention`), so only the rule's formula differs. Imports torch: rules
-import this module in ``prepare`` only.
+import this module in ``run_scope`` and ``prepare`` only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,7 +45,10 @@ from negprompt.layers.attention import (
     merge_heads,
 )
 from negprompt.layers.layout import AttentionLayout
-from negprompt.layers.processors import installed, observer_of
+from negprompt.layers.processors import CallSlot, installed, observer_of
+from negprompt.layers.readers import NegativeCaller
+
+CACHED_NEGATIVES = 4  # distinct negative tensors of a run whose keys and values are kept (prompt edits add some)
 
 
 def nag_combine(phi: float, tau: float, alpha: float) -> Combine:
@@ -128,20 +136,42 @@ def _with_image_keys(text_bias: torch.Tensor, image: Any) -> torch.Tensor:
     return torch.cat([text_bias.float(), text_bias.new_zeros(text_bias.shape[0], image[0].shape[2]).float()], dim=1)
 
 
-class NegativeAttentionProcessor:
-    """A cross-attention layer's processor for one call: rows ``rows`` (the positive branch's) are
-    recomputed with ``combine`` and the negative context (B, L⁻, D); others go through ``original``.
+@dataclass(frozen=True)
+class NegativeCall:
+    """One denoiser call's negative inside a cross-attention layer: the positive's rows ``rows`` of the call,
+    the negative's text states (B, L⁻, D), the rule's combination, the negative's branch name (for observers);
+    ``keys_values``: the run's cache of the negative's keys and values by layer (None: computed at each call)."""
 
-    An ``original`` that observes attention (:class:`~negprompt.layers.processors.AttentionObserver`,
-    e.g. attention capture) still sees the whole batch, and is given the positive rows' attention on
-    the negative as the branch ``branch``.
+    rows: slice
+    negative: torch.Tensor
+    combine: Combine
+    branch: str = "negative"
+    keys_values: dict[int, KeysValues] | None = None
+
+
+class NegativeAttentionProcessor:
+    """A cross-attention layer's processor: the rows of the current call's :class:`NegativeCall` (the positive
+    branch's) are recomputed with its ``combine`` and negative context; others go through ``original``, and so do
+    all rows while ``slot`` holds no call (a run's other groups, steps outside the negative's window).
+
+    Installed once per run with the run's ``slot``, or, given ``rows``, ``negative`` and ``combine``, for those
+    fixed parameters. An ``original`` that observes attention (:class:`~negprompt.layers.processors.AttentionObserver`,
+    e.g. attention capture) still sees the whole batch, and is given the positive rows' attention on the negative
+    as the call's branch.
     """
 
     def __init__(
-        self, original: Any, rows: slice, negative: torch.Tensor, combine: Combine, branch: str = "negative"
+        self,
+        original: Any,
+        rows: slice | None = None,
+        negative: torch.Tensor | None = None,
+        combine: Combine | None = None,
+        branch: str = "negative",
+        *,
+        slot: CallSlot | None = None,
     ) -> None:
-        self.original, self.rows, self.negative, self.combine = original, rows, negative, combine
-        self.branch = branch  # the negative's branch name, for observers
+        self.original = original
+        self.slot = slot if slot is not None else CallSlot(NegativeCall(rows, negative, combine, branch))
         self.observer = observer_of(original)
 
     def __call__(
@@ -153,24 +183,119 @@ class NegativeAttentionProcessor:
         temb: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        if encoder_hidden_states is None or attention_mask is not None:  # self-attention, or a masked layer
+        call: NegativeCall | None = self.slot.current
+        if call is None or encoder_hidden_states is None or attention_mask is not None:  # nothing to do here
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        rows, whole = self.rows, self.rows == slice(0, hidden_states.shape[0])
+        rows, whole = call.rows, call.rows == slice(0, hidden_states.shape[0])
         image, text = hidden_states[rows], encoder_hidden_states[rows]
+        negative_keys_values = _negative_keys_values(attn, call)
 
         def attend(query: torch.Tensor) -> torch.Tensor:
-            return self.combine(query, cross_keys_values(attn, text), cross_keys_values(attn, self.negative), None)
+            return call.combine(query, cross_keys_values(attn, text), negative_keys_values, None)
 
         guided = cross_attention_output(attn, image, attend, None if temb is None else temb[rows])
-        if self.observer is not None and self.observer.wants_context(self.branch):
-            probabilities = cross_attention_probabilities(attn, image, self.negative)
-            self.observer.observe_context(self.branch, probabilities, attn.heads)
+        if self.observer is not None and self.observer.wants_context(call.branch):
+            probabilities = cross_attention_probabilities(attn, image, call.negative)
+            self.observer.observe_context(call.branch, probabilities, attn.heads)
         if whole and self.observer is None:  # one pass per step (scale 1): only the positive's rows
             return guided
         out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         out = out.clone()
         out[rows] = guided
         return out
+
+
+def _negative_keys_values(attn: Any, call: NegativeCall) -> KeysValues:
+    """The negative's keys and values in layer ``attn`` (each (B, H, L⁻, d)): from the run's cache when the call
+    has one (the same negative tensor at every call of its inputs: computed once per run), else computed."""
+    if call.keys_values is None:
+        return cross_keys_values(attn, call.negative)
+    cached = call.keys_values.get(id(attn))
+    if cached is None:
+        cached = call.keys_values[id(attn)] = cross_keys_values(attn, call.negative)
+    return cached
+
+
+class NegativeAttentionRun:
+    """NAG's or VSF's processors installed once for a run on each denoiser (:func:`negative_attention_run`); each
+    denoiser call hands them its parameters through :meth:`call`. A family's own reader (``layout.reader``) installs
+    for the run where it has ``negative_in_attention_run`` (Chroma), else per call, through the same :meth:`call`.
+
+    The negative's keys and values (UNets) and its text stream's start (MMDiTs: ``context_embedder`` of its
+    states) are computed once per run for each negative tensor: the loop hands the same tensor for the same
+    inputs at every call (:class:`negprompt.sampling.loop.LoopSetup`), so the cache holds one entry per
+    distinct negative (a prompt edited at a step gives a second)."""
+
+    def __init__(self, layout: AttentionLayout) -> None:
+        self.layout = layout
+        self.callers: dict[int, NegativeCaller] = {}  # id(denoiser) → what hands its installed processors a call
+        self._keys_values: dict[int, tuple[torch.Tensor, dict[int, KeysValues]]] = {}  # id(negative) → cache
+
+    def install(self, stack: ExitStack, denoiser: Any) -> None:
+        """Installs the processors on ``denoiser`` for as long as ``stack`` holds (a reader without
+        ``negative_in_attention_run``: nothing, it installs per call)."""
+        reader = self.layout.reader
+        if reader is not None:
+            run_of = getattr(reader, "negative_in_attention_run", None)
+            if run_of is not None:
+                self.callers[id(denoiser)] = stack.enter_context(run_of(denoiser))
+            return
+        if self.layout.kind == "joint":
+            from negprompt.guidance.joint_attention_processors import joint_attention_run
+
+            self.callers[id(denoiser)] = stack.enter_context(joint_attention_run(denoiser))
+            return
+        slot = CallSlot()
+        reads_text = {"cross": is_cross_attention}.get(self.layout.kind)
+
+        def make(path: str, original: Any) -> Any:
+            if reads_text is None or not reads_text(denoiser.get_submodule(path)):
+                return None
+            return NegativeAttentionProcessor(original, slot=slot)
+
+        stack.enter_context(installed(denoiser, make))
+
+        def call(rows: slice, negative_inputs: Mapping[str, Any], combine: Combine, branch: str) -> Any:
+            negative = negative_inputs["encoder_hidden_states"]
+            return slot.holding(NegativeCall(rows, negative, combine, branch, self._cache_of(negative)))
+
+        self.callers[id(denoiser)] = call
+
+    @contextmanager
+    def call(
+        self, denoiser: Any, rows: slice, negative_inputs: Mapping[str, Any], combine: Combine, branch: str
+    ) -> Iterator[None]:
+        """For one call of ``denoiser``, the positive's rows ``rows`` read the negative (its denoiser inputs,
+        ``encoder_hidden_states`` (B, L⁻, D)) combined by ``combine``; the processors pass through again on exit."""
+        caller = self.callers.get(id(denoiser))
+        if caller is None:  # a family's reader that installs per call, or a denoiser not installed for the run
+            with negative_in_attention(denoiser, self.layout, rows, negative_inputs, combine, branch):
+                yield
+            return
+        with caller(rows, negative_inputs, combine, branch):
+            yield
+
+    def _cache_of(self, negative: torch.Tensor) -> dict[int, KeysValues]:
+        """The keys-and-values cache of ``negative`` (held with the tensor, so its id stays its own); the
+        :data:`CACHED_NEGATIVES` latest negatives are kept."""
+        entry = self._keys_values.get(id(negative))
+        if entry is None or entry[0] is not negative:
+            if len(self._keys_values) >= CACHED_NEGATIVES:
+                del self._keys_values[next(iter(self._keys_values))]
+            entry = self._keys_values[id(negative)] = (negative, {})
+        return entry[1]
+
+
+@contextmanager
+def negative_attention_run(denoisers: Sequence[Any], layout: AttentionLayout) -> Iterator[NegativeAttentionRun]:
+    """Installs NAG's or VSF's processors once on every denoiser of a run (Wan 2.2 has two), passing through until
+    a call hands them its parameters (:meth:`NegativeAttentionRun.call`); restores the processors found on exit
+    (also on error). Processors installed before (attention capture's observers) are wrapped."""
+    run = NegativeAttentionRun(layout)
+    with ExitStack() as stack:
+        for denoiser in denoisers:
+            run.install(stack, denoiser)
+        yield run
 
 
 @contextmanager
@@ -186,24 +311,10 @@ def negative_in_attention(
     negative's denoiser inputs, :func:`negprompt.models.conditioning.denoiser_inputs`; its
     ``encoder_hidden_states`` (B, L⁻, D)) inside every layer with text keys, combined by ``combine``; the
     processors found are restored on exit (also on error). A family's own reader (``layout.reader``) does it
-    on layers the built-in readers do not cover."""
+    on layers the built-in readers do not cover. (A run installs once: :func:`negative_attention_run`.)"""
     if layout.reader is not None:
         with layout.reader.negative_in_attention(denoiser, rows, dict(negative_inputs), combine, branch):
             yield
         return
-    negative = negative_inputs["encoder_hidden_states"]
-    if layout.kind == "joint":
-        from negprompt.guidance.joint_attention_processors import negative_in_joint_attention
-
-        with negative_in_joint_attention(denoiser, rows, negative, combine, branch):
-            yield
-        return
-    reads_text = {"cross": is_cross_attention}.get(layout.kind)
-
-    def make(path: str, original: Any) -> Any:
-        if reads_text is None or not reads_text(denoiser.get_submodule(path)):
-            return None
-        return NegativeAttentionProcessor(original, rows, negative, combine, branch)
-
-    with installed(denoiser, make):
+    with negative_attention_run([denoiser], layout) as run, run.call(denoiser, rows, negative_inputs, combine, branch):
         yield

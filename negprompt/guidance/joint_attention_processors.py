@@ -14,14 +14,28 @@ the second attention of the image queries.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from negprompt.layers.attention import Combine
-from negprompt.layers.joint_negative import negative_in_joint_layers
+from negprompt.layers.joint_negative import joint_negative_run, negative_in_joint_layers
+from negprompt.layers.readers import NegativeCaller
+
+
+@contextmanager
+def joint_attention_run(transformer: Any) -> Iterator[NegativeCaller]:
+    """Installs the negative's processors on every joint attention layer of an SD3 or FLUX transformer for a run
+    (SD3.5's image-only ``attn2`` layers keep their processors); yields what hands them one call's negative (its
+    denoiser inputs: T5 states (B, L⁻, D)). Restores the processors and removes the hooks on exit (also on error)."""
+    with joint_negative_run(transformer) as run:
+
+        def call(rows: slice, negative_inputs: Mapping[str, Any], combine: Combine, branch: str) -> Any:
+            return run.call(rows, negative_inputs["encoder_hidden_states"], combine, branch)
+
+        yield call
 
 
 @contextmanager

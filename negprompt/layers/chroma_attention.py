@@ -30,10 +30,11 @@ import torch
 from negprompt.layers.attention import Combine, attention_paths, project, rotate
 from negprompt.layers.joint_negative import (  # noqa: F401 (logit_bias, QUERY_CHUNK: read here by name before)
     QUERY_CHUNK,
+    joint_negative_run,
     logit_bias,
     masked_text_key_probabilities,
-    negative_in_joint_layers,
 )
+from negprompt.layers.readers import NegativeCaller
 
 TEXT_MASK = "text_mask"  # the name of a row's text mask (B, L) in the denoiser inputs' ``added_cond_kwargs``
 TEXT_MODULATION = slice(6, None)  # the text half of a joint block's modulation (``ChromaTransformerBlock``)
@@ -110,6 +111,15 @@ class ChromaCaptureProcessor:
 # ---------------------------------------------------------------- NAG and VSF: the negative's own text stream
 
 
+def _negative_and_mask(negative_inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The negative's T5 states (B, L⁻, D) and its kept tokens (B, L⁻) bool (all, where its inputs carry no mask)."""
+    negative = negative_inputs["encoder_hidden_states"]
+    negative_mask = negative_inputs.get("added_cond_kwargs", {}).get(TEXT_MASK)
+    if negative_mask is None:
+        negative_mask = torch.ones(negative.shape[:2], dtype=torch.bool, device=negative.device)
+    return negative, negative_mask.bool()
+
+
 @contextmanager
 def negative_in_chroma_attention(
     transformer: Any, rows: slice, negative_inputs: Mapping[str, Any], combine: Combine, branch: str = "negative"
@@ -118,14 +128,21 @@ def negative_in_chroma_attention(
     states (B, L⁻, D) and ``added_cond_kwargs["text_mask"]`` (B, L⁻)) inside every attention layer, combined by
     ``combine``; forward pre-hooks hand each block's modulation to the negative's stream. Restores the processors
     and removes the hooks on exit (also on error)."""
-    negative = negative_inputs["encoder_hidden_states"]
-    negative_mask = negative_inputs.get("added_cond_kwargs", {}).get(TEXT_MASK)
-    if negative_mask is None:
-        negative_mask = torch.ones(negative.shape[:2], dtype=torch.bool, device=negative.device)
-    with negative_in_joint_layers(
-        transformer, rows, negative, combine, branch, negative_mask.bool(), text_modulation=TEXT_MODULATION
-    ):
+    with chroma_negative_run(transformer) as call, call(rows, negative_inputs, combine, branch):
         yield
+
+
+@contextmanager
+def chroma_negative_run(transformer: Any) -> Iterator[NegativeCaller]:
+    """Installs the negative's processors on every attention layer for a run (they pass through at calls given no
+    negative); yields what hands them one call's negative (as :func:`negative_in_chroma_attention` takes it)."""
+    with joint_negative_run(transformer, TEXT_MODULATION) as run:
+
+        def call(rows: slice, negative_inputs: Mapping[str, Any], combine: Combine, branch: str) -> Any:
+            negative, negative_mask = _negative_and_mask(negative_inputs)
+            return run.call(rows, negative, combine, branch, negative_mask)
+
+        yield call
 
 
 # ---------------------------------------------------------------- the reader
@@ -141,6 +158,7 @@ class ChromaAttentionReader:
     def __init__(self, text_length: int) -> None:
         self.text_length = text_length
         self.negative_in_attention = negative_in_chroma_attention
+        self.negative_in_attention_run = chroma_negative_run
 
     def paths(self, denoiser: Any) -> list[str]:
         return attention_paths(denoiser, "joint")

@@ -1,10 +1,10 @@
 """The negative's own text stream through an MMDiT's joint and single-stream blocks (SD3, FLUX, Chroma), for NAG and VSF.
 
 In an MMDiT the text tokens are a stream that every block updates (Esser et al. 2024, Fig. 2); a negative read
-inside attention therefore needs its own text stream through the blocks, not a fixed context. For one denoiser
-call, :func:`negative_in_joint_layers` installs on every joint attention layer (keyed by module path; SD3.5's
-image-only ``attn2`` layers keep their processors) a :class:`JointNegativeProcessor` that, for the positive
-branch's rows:
+inside attention therefore needs its own text stream through the blocks, not a fixed context. For a run,
+:func:`joint_negative_run` installs on every joint attention layer (keyed by module path; SD3.5's image-only
+``attn2`` layers keep their processors) a :class:`JointNegativeProcessor` that, at the calls given a negative
+(:meth:`JointNegativeRun.call`; :func:`negative_in_joint_layers` for one call), for the positive branch's rows:
 
 - gives the image queries the rule's combination (a :data:`~negprompt.layers.attention.Combine`) in place of
   their attention over [positive text; image] keys, before the output projection: e.g. NAG's of Z⁺ and Z⁻, the
@@ -42,9 +42,10 @@ from negprompt.layers.attention import (
     rotate,
     text_key_probabilities,
 )
-from negprompt.layers.processors import installed, observer_of
+from negprompt.layers.processors import CallSlot, installed, observer_of
 
 QUERY_CHUNK = 256  # image queries whose scores (B, H, chunk, L + N) are held at once
+CACHED_NEGATIVES = 4  # distinct negative tensors of a run whose stream start is kept (prompt edits add some)
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # queries, keys, values, each (B, H, N, d)
 
 
@@ -87,14 +88,25 @@ def _text_bias(key_mask: torch.Tensor, text_length: int) -> torch.Tensor:
 
 
 class NegativeStream:
-    """The negative's text stream (B, L⁻, C) through one call's blocks, its text mask, each block's time embedding."""
+    """One call's negative: its text stream (B, L⁻, C) through the call's blocks, its text mask, each block's time
+    embedding, the positive's rows, the rule's combination and the negative's branch name (for observers)."""
 
-    def __init__(self, transformer: Any, negative: torch.Tensor, rows: slice, mask: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        transformer: Any,
+        negative: torch.Tensor,
+        rows: slice,
+        mask: torch.Tensor | None = None,
+        combine: Combine | None = None,
+        branch: str = "negative",
+        start: torch.Tensor | None = None,
+    ) -> None:
         self.transformer = transformer
         self.negative = negative  # (B, L⁻, D) T5 states
         self.rows = rows
         self.mask = mask  # (B, L⁻) bool: the negative's kept text tokens; None: the layers get no mask
-        self.stream: torch.Tensor | None = None
+        self.combine, self.branch = combine, branch
+        self.stream: torch.Tensor | None = start  # context_embedder(negative) where the run computed it
         self.temb: torch.Tensor | None = None  # the current block's, for the positive's rows
 
     def start(self) -> torch.Tensor:
@@ -108,24 +120,21 @@ class NegativeStream:
 
 
 class JointNegativeProcessor:
-    """One joint or single-stream attention layer's processor for one call (see the module docstring).
+    """One joint or single-stream attention layer's processor (see the module docstring), installed for a run: the
+    current call's :class:`NegativeStream` is in ``slot`` (None: the call passes through to ``original``).
 
     An ``original`` that observes attention (capture) still sees the whole batch, and the negative's maps."""
 
     def __init__(
-        self,
-        original: Any,
-        block: Any,
-        state: NegativeStream,
-        combine: Combine,
-        single: bool,
-        branch: str,
-        text_modulation: slice | None = None,
+        self, original: Any, block: Any, slot: CallSlot, single: bool, text_modulation: slice | None = None
     ) -> None:
-        self.original, self.block, self.state, self.combine, self.single = original, block, state, combine, single
-        self.branch = branch  # the negative's branch name, for observers
+        self.original, self.block, self.slot, self.single = original, block, slot, single
         self.text_modulation = text_modulation  # the part of a joint block's temb for its text; None: all
         self.observer = observer_of(original)
+
+    @property
+    def state(self) -> NegativeStream:
+        return self.slot.current
 
     def __call__(
         self,
@@ -136,6 +145,8 @@ class JointNegativeProcessor:
         image_rotary_emb: Any = None,
         **kwargs: Any,
     ) -> Any:
+        if self.slot.current is None:  # a call without the negative (another group, outside its window)
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
         rows = self.state.rows
         whole = rows == slice(0, hidden_states.shape[0])
         mask = None if attention_mask is None else attention_mask[rows]
@@ -186,13 +197,13 @@ class JointNegativeProcessor:
             text_mask, negative_mask, negative_keys, text_bias = self._masks(
                 mask, length, length, q_pos.shape[2] - length
             )
-        if self.observer is not None and self.observer.wants_context(self.branch):  # the negative's maps
+        if self.observer is not None and self.observer.wants_context(self.state.branch):  # the negative's maps
             if self.state.mask is None:
                 probabilities = text_key_probabilities(q_pos[:, :, length:], k_neg, length)
             else:
                 key_mask = None if negative_keys is None else negative_keys[:, None, None, :]
                 probabilities = masked_text_key_probabilities(q_pos[:, :, length:], k_neg, length, key_mask)
-            self.observer.observe_context(self.branch, probabilities.flatten(0, 1), probabilities.shape[1])
+            self.observer.observe_context(self.state.branch, probabilities.flatten(0, 1), probabilities.shape[1])
         text_out = merge_heads(F.scaled_dot_product_attention(q_pos[:, :, :length], k_pos, v_pos, attn_mask=text_mask))
         negative_out = merge_heads(F.scaled_dot_product_attention(q_neg, k_neg, v_neg, attn_mask=negative_mask))
         keys_values = (
@@ -201,7 +212,8 @@ class JointNegativeProcessor:
             (k_neg[:, :, :length], v_neg[:, :, :length]),
             (k_pos[:, :, length:], v_pos[:, :, length:]),
         )
-        image_out = self.combine(*keys_values) if text_bias is None else self.combine(*keys_values, text_bias=text_bias)
+        combine = self.state.combine
+        image_out = combine(*keys_values) if text_bias is None else combine(*keys_values, text_bias=text_bias)
         return text_out.to(q_pos.dtype), image_out.to(q_pos.dtype), negative_out.to(q_pos.dtype)
 
     def _joint(
@@ -242,6 +254,70 @@ class JointNegativeProcessor:
         return torch.cat([text_out, image_out], dim=1)
 
 
+class JointNegativeRun:
+    """The processors of one transformer installed for a run (:func:`joint_negative_run`); :meth:`call` hands them
+    one call's negative. ``context_embedder`` of a negative is computed once per run for each negative tensor (the
+    loop hands the same tensor for the same inputs at every call)."""
+
+    def __init__(self, transformer: Any) -> None:
+        self.transformer = transformer
+        self.slot = CallSlot()
+        self._starts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(negative) → (negative, its start)
+
+    @contextmanager
+    def call(
+        self,
+        rows: slice,
+        negative: torch.Tensor,
+        combine: Combine,
+        branch: str = "negative",
+        negative_mask: torch.Tensor | None = None,
+    ) -> Iterator[None]:
+        """For one call, the rows ``rows`` read ``negative`` (T5 states (B, L⁻, D); ``negative_mask`` (B, L⁻) bool,
+        its kept tokens, where the layers are given a mask) combined by ``combine``."""
+        entry = self._starts.get(id(negative))
+        if entry is None or entry[0] is not negative:
+            if len(self._starts) >= CACHED_NEGATIVES:
+                del self._starts[next(iter(self._starts))]
+            entry = self._starts[id(negative)] = (negative, self.transformer.context_embedder(negative))
+        state = NegativeStream(self.transformer, negative, rows, negative_mask, combine, branch, entry[1])
+        with self.slot.holding(state):
+            yield
+
+
+@contextmanager
+def joint_negative_run(transformer: Any, text_modulation: slice | None = None) -> Iterator[JointNegativeRun]:
+    """Installs a :class:`JointNegativeProcessor` on every joint attention layer of ``transformer`` (SD3.5's
+    image-only ``attn2`` layers keep their processors) and forward pre-hooks that hand each block's time embedding
+    to the current call's negative stream, for a run; the processors pass through at calls given no negative.
+    Restores the processors and removes the hooks on exit (also on error)."""
+    run = JointNegativeRun(transformer)
+    slot = run.slot
+    blocks: list[Any] = []
+
+    def read_temb(module: Any, args: tuple, kwargs: dict) -> None:
+        state = slot.current
+        if state is not None:
+            temb = kwargs["temb"] if "temb" in kwargs else args[2]
+            state.temb = temb[state.rows]
+
+    def make(path: str, original: Any) -> Any:
+        if not is_joint_attention(transformer.get_submodule(path)):  # SD3.5's attn2: image self-attention
+            return None
+        block = transformer.get_submodule(path.removesuffix(".attn"))
+        blocks.append(block)
+        single = path.startswith("single_transformer_blocks.")
+        return JointNegativeProcessor(original, block, slot, single, text_modulation)
+
+    with installed(transformer, make):
+        hooks = [block.register_forward_pre_hook(read_temb, with_kwargs=True) for block in blocks]
+        try:
+            yield run
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+
 @contextmanager
 def negative_in_joint_layers(
     transformer: Any,
@@ -254,27 +330,10 @@ def negative_in_joint_layers(
 ) -> Iterator[None]:
     """For one call, the positive's rows ``rows`` read the negative (T5 states (B, L⁻, D); ``negative_mask``
     (B, L⁻) bool, its kept tokens, where the layers are given a mask) inside every joint attention layer,
-    combined by ``combine``; forward pre-hooks hand each block's time embedding to the negative's stream.
-    Restores the processors and removes the hooks on exit (also on error)."""
-    state = NegativeStream(transformer, negative, rows, negative_mask)
-    blocks: list[Any] = []
-
-    def read_temb(module: Any, args: tuple, kwargs: dict) -> None:
-        temb = kwargs["temb"] if "temb" in kwargs else args[2]
-        state.temb = temb[rows]
-
-    def make(path: str, original: Any) -> Any:
-        if not is_joint_attention(transformer.get_submodule(path)):  # SD3.5's attn2: image self-attention
-            return None
-        block = transformer.get_submodule(path.removesuffix(".attn"))
-        blocks.append(block)
-        single = path.startswith("single_transformer_blocks.")
-        return JointNegativeProcessor(original, block, state, combine, single, branch, text_modulation)
-
-    with installed(transformer, make):
-        hooks = [block.register_forward_pre_hook(read_temb, with_kwargs=True) for block in blocks]
-        try:
-            yield
-        finally:
-            for hook in hooks:
-                hook.remove()
+    combined by ``combine`` (:func:`joint_negative_run` for one call). Restores the processors and removes the
+    hooks on exit (also on error)."""
+    with (
+        joint_negative_run(transformer, text_modulation) as run,
+        run.call(rows, negative, combine, branch, negative_mask),
+    ):
+        yield

@@ -1,7 +1,8 @@
 """Installing attention processors on a denoiser, keyed by module path, and restoring them.
 
-:func:`installed` is the one way negprompt swaps processors: for a run (attention capture) or for
-one denoiser call (NAG, VSF), always restoring the processors it found on exit, also after an error.
+:func:`installed` is the one way negprompt swaps processors: for a run (attention capture; NAG and VSF, whose
+processors each call hands its parameters through a :class:`CallSlot`), always restoring the processors it found
+on exit, also after an error.
 Swaps nest: a processor installed later wraps the one it found (its ``original``).
 
 Two kinds of processor meet when a capture runs a rule that acts inside attention: the rule's
@@ -38,8 +39,11 @@ class AttentionObserver(Protocol):
 
 
 def observer_of(processor: Any) -> AttentionObserver | None:
-    """``processor`` if it observes attention, else None (what ``isinstance`` of the runtime-checkable protocol
-    asks, without its slow path: it is asked of every layer at every denoiser call of NAG and VSF)."""
+    """``processor`` if it observes attention; for a processor installed for a run (one holding a :class:`CallSlot`:
+    it passes the calls of other groups through to the processor it wraps), the observer it found below itself;
+    else None. (What ``isinstance`` of the runtime-checkable protocol asks, without its slow path.)"""
+    if isinstance(getattr(processor, "slot", None), CallSlot):  # e.g. another group's NAG processor over capture's
+        return processor.observer
     observes = all(callable(getattr(processor, name, None)) for name in ("wants_context", "observe_context"))
     return processor if observes else None
 
@@ -51,8 +55,7 @@ def installed(denoiser: Any, make: MakeProcessor) -> Iterator[None]:
     processor; restores the processors found on exit (also on error).
 
     One walk of the module tree, and only the layers that change are set, each on its own module: no
-    model-wide ``set_attn_processor``, which walks the tree twice per call (NAG and VSF install per denoiser
-    call: docs/gpu-cost.md)."""
+    model-wide ``set_attn_processor``, which walks the tree twice (docs/gpu-cost.md)."""
     swapped: list[tuple[Any, Any]] = []
     try:
         for path, layer in attention_layers(denoiser):
@@ -65,6 +68,26 @@ def installed(denoiser: Any, make: MakeProcessor) -> Iterator[None]:
     finally:
         for layer, original in reversed(swapped):
             layer.set_processor(original)
+
+
+class CallSlot:
+    """What the current denoiser call hands processors installed once for a whole run (NAG's, VSF's): the call's
+    parameters, or None between calls and on calls that do not use them (the processors then pass through to the
+    one they wrap). Owned by the run's scope, shared by its processors: no state outside the run."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, current: Any = None) -> None:
+        self.current = current
+
+    @contextmanager
+    def holding(self, parameters: Any) -> Iterator[None]:
+        """``parameters`` for one call; cleared on exit (also on error)."""
+        self.current = parameters
+        try:
+            yield
+        finally:
+            self.current = None
 
 
 def attention_layers(denoiser: Any) -> list[tuple[str, Any]]:

@@ -10,13 +10,17 @@ then ask the reader, never a class name. Readers live in the family's module (or
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from negprompt.layers.attention import Combine
+
+# (rows of the positive in the call, the negative's denoiser inputs, combine, branch name) → a context manager that
+# hands processors installed for a run one call's negative, and clears it on exit
+NegativeCaller = Callable[[slice, Mapping[str, Any], Combine, str], AbstractContextManager[None]]
 
 
 @runtime_checkable
@@ -53,7 +57,9 @@ class Recorder(Protocol):
 class AttentionReader(Protocol):
     """Reads (and for NAG/VSF, changes) a family's text attention. Optional: ``capturing(denoiser)``, a context
     manager that capture enters while the reader's processors are installed (e.g. hooks that read each call's
-    row lengths, which a layer's own inputs do not give)."""
+    row lengths, which a layer's own inputs do not give); ``negative_in_attention_run(denoiser)``, a context manager
+    that installs NAG's/VSF's processors once for a run and yields a :data:`NegativeCaller` (without it,
+    :attr:`negative_in_attention` installs them at each call)."""
 
     def paths(self, denoiser: Any) -> list[str]:
         """Module paths, in the denoiser's order, of the attention layers whose image queries read text keys."""

@@ -17,24 +17,27 @@ k = RMSNorm(to_k(text)) with the norms across all heads (before the heads are sp
 
 - capture: :class:`WanCaptureProcessor` lets the layer's own processor compute its output and, beside it,
   softmax(q·kᵀ/√d) of the video queries over the text keys (B·heads, N, L);
-- NAG and VSF (at CFG 1, where a step-distilled Wan drops a plain negative): :func:`negative_in_wan_attention`
-  gives the positive's rows ``combine`` of their attention over the positive's text and over the negative's
+- NAG and VSF (at CFG 1, where a step-distilled Wan drops a plain negative): :func:`wan_negative_run` (installed
+  once per run; :func:`negative_in_wan_attention` for one call) gives the positive's rows ``combine`` of their attention over the positive's text and over the negative's
   (the negative's UMT5 states through the same ``text_embedder``), as
   :class:`negprompt.guidance.attention_processors.NegativeAttentionProcessor` does for a UNet.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from negprompt.layers.attention import Combine, KeysValues, output_projection, split_heads
-from negprompt.layers.processors import installed, observer_of
+from negprompt.layers.processors import CallSlot, installed, observer_of
+from negprompt.layers.readers import NegativeCaller
 
 TEXT_CONTEXT = 512  # diffusers' WanAttnProcessor: the text context's length, after the image context (I2V)
+CACHED_NEGATIVES = 4  # distinct negative tensors of a run whose projection, keys and values are kept
 
 
 # ---------------------------------------------------------------- projections
@@ -118,15 +121,27 @@ class WanCaptureProcessor:
 # ---------------------------------------------------------------- NAG and VSF
 
 
-class WanNegativeProcessor:
-    """One ``attn2`` layer's processor for one call of NAG or VSF: rows ``rows`` (the positive's) get
-    ``combine`` of their attention over their text and over the negative's projected text ``negative``
-    (B, L⁻, D); other rows go through ``original``. An observing ``original`` (capture) still sees the whole
-    batch and is given the positive rows' attention on the negative as the branch ``branch``."""
+@dataclass(frozen=True)
+class WanNegativeCall:
+    """One call's negative: the positive's rows, the negative's projected text (B, L⁻, D), the rule's combination,
+    the negative's branch name (for observers), and the run's cache of its keys and values by layer."""
 
-    def __init__(self, original: Any, rows: slice, negative: torch.Tensor, combine: Combine, branch: str) -> None:
-        self.original, self.rows, self.negative, self.combine = original, rows, negative, combine
-        self.branch = branch
+    rows: slice
+    negative: torch.Tensor
+    combine: Combine
+    branch: str
+    keys_values: dict[int, KeysValues]
+
+
+class WanNegativeProcessor:
+    """One ``attn2`` layer's processor of NAG or VSF, installed for a run: at a call ``slot`` holds a
+    :class:`WanNegativeCall`, its rows (the positive's) get ``combine`` of their attention over their text and over
+    the negative's projected text; other rows, and every call while ``slot`` holds none, go through ``original``.
+    An observing ``original`` (capture) still sees the whole batch and is given the positive rows' attention on the
+    negative as the call's branch."""
+
+    def __init__(self, original: Any, slot: CallSlot) -> None:
+        self.original, self.slot = original, slot
         self.observer = observer_of(original)
 
     def __call__(
@@ -138,18 +153,22 @@ class WanNegativeProcessor:
         rotary_emb: Any = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        if encoder_hidden_states is None:  # not a cross-attention call
+        call: WanNegativeCall | None = self.slot.current
+        if call is None or encoder_hidden_states is None:  # no negative at this call, or not a cross-attention call
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
         if has_image_context(attn) or attention_mask is not None:
             raise ValueError("NAG and VSF on Wan read text-to-video layers without a mask (no image context)")
-        rows, whole = self.rows, self.rows == slice(0, hidden_states.shape[0])
+        rows, whole = call.rows, call.rows == slice(0, hidden_states.shape[0])
         video, text = hidden_states[rows], encoder_hidden_states[rows]
         query = queries(attn, video)
-        z = self.combine(query, keys_values(attn, text), keys_values(attn, self.negative), None)
+        negative_keys_values = call.keys_values.get(id(attn))
+        if negative_keys_values is None:  # once per run and negative
+            negative_keys_values = call.keys_values[id(attn)] = keys_values(attn, call.negative)
+        z = call.combine(query, keys_values(attn, text), negative_keys_values, None)
         guided = output_projection(attn, z.to(query.dtype))
-        if self.observer is not None and self.observer.wants_context(self.branch):
-            probabilities = text_probabilities(attn, video, self.negative)
-            self.observer.observe_context(self.branch, probabilities, attn.heads)
+        if self.observer is not None and self.observer.wants_context(call.branch):
+            probabilities = text_probabilities(attn, video, call.negative)
+            self.observer.observe_context(call.branch, probabilities, attn.heads)
         if whole and self.observer is None:  # one pass a step (scale 1): only the positive's rows
             return guided
         out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs).clone()
@@ -179,14 +198,33 @@ def negative_in_wan_attention(
     """For one call, installs :class:`WanNegativeProcessor` on every ``attn2`` of a Wan transformer, the negative
     being ``negative_inputs["encoder_hidden_states"]`` (B, L⁻, D_text), UMT5's states, projected once; restores
     the processors on exit (also on error)."""
-    negative = projected_text(transformer, negative_inputs["encoder_hidden_states"])
-    wanted = set(wan_text_attention_paths(transformer))
-
-    def make(path: str, original: Any) -> Any:
-        return WanNegativeProcessor(original, rows, negative, combine, branch) if path in wanted else None
-
-    with installed(transformer, make):
+    with wan_negative_run(transformer) as call, call(rows, negative_inputs, combine, branch):
         yield
+
+
+@contextmanager
+def wan_negative_run(transformer: Any) -> Iterator[NegativeCaller]:
+    """Installs :class:`WanNegativeProcessor` on every ``attn2`` of a Wan transformer for a run (passing through at
+    calls given no negative); yields what hands them one call's negative (as :func:`negative_in_wan_attention`
+    takes it). The negative's projection, keys and values are computed once per run for each negative tensor (the
+    loop hands the same tensor for the same inputs). Restores the processors on exit (also on error)."""
+    slot = CallSlot()
+    wanted = set(wan_text_attention_paths(transformer))
+    made: dict[int, tuple[torch.Tensor, torch.Tensor, dict[int, KeysValues]]] = {}  # id(states) → projected, K/V
+
+    def call(rows: slice, negative_inputs: Mapping[str, Any], combine: Combine, branch: str) -> Any:
+        states = negative_inputs["encoder_hidden_states"]
+        entry = made.get(id(states))
+        if entry is None or entry[0] is not states:
+            if len(made) >= CACHED_NEGATIVES:
+                del made[next(iter(made))]
+            entry = made[id(states)] = (states, projected_text(transformer, states), {})
+        return slot.holding(WanNegativeCall(rows, entry[1], combine, branch, entry[2]))
+
+    with installed(
+        transformer, lambda path, original: WanNegativeProcessor(original, slot) if path in wanted else None
+    ):
+        yield call
 
 
 class WanAttentionReader:
@@ -202,3 +240,6 @@ class WanAttentionReader:
         self, denoiser: Any, rows: slice, negative_inputs: dict[str, Any], combine: Combine, branch: str
     ) -> Any:
         return negative_in_wan_attention(denoiser, rows, negative_inputs, combine, branch)
+
+    def negative_in_attention_run(self, denoiser: Any) -> Any:
+        return wan_negative_run(denoiser)

@@ -168,6 +168,7 @@ class ChromaFamily(ModelFamily):
         timestep: torch.Tensor,
         rows: list[Conditioning],
         guidance_inputs: Mapping[str, torch.Tensor],
+        expert: int | None = None,
     ) -> torch.Tensor:
         """The velocity (B, C, h, w) for latents (B, C, h, w): packed, with position ids, t/1000 and each row's
         text mask over [text; image] tokens."""

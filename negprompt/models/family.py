@@ -114,6 +114,9 @@ class ModelFamily:
     default_sampling: ClassVar[dict[str, Any]] = {}  # the family's pipeline defaults (e.g. SDXL's scale 5)
     saved_pipeline_class: ClassVar[str | None] = None  # ``_class_name`` it is saved under (None: negprompt's)
     makes_video: ClassVar[bool] = False  # latents with a frame axis, decoded to frames (B, F, H, W, 3) (Wan)
+    # A video VAE whose frame f sees only frames ≤ f: decoding latent frames 0…f gives the whole video's first frames
+    # bit for bit (Wan's causal 3-D VAE), so a figure of one frame decodes that prefix only.
+    decodes_causally: ClassVar[bool] = False
 
     def matches(self, index: Mapping[str, Any]) -> bool:
         """Whether a model directory with this ``model_index.json`` belongs to the family."""
@@ -257,6 +260,11 @@ class ModelFamily:
         """The denoiser module that predicts at ``timestep`` (what a rule prepares, e.g. NAG's processors)."""
         return components.denoiser
 
+    def denoisers(self, components: Parts) -> list[Any]:
+        """Every denoiser module of the model, indexed as :meth:`expert_at` numbers them (one here; Wan 2.2's
+        ``transformer`` and low-noise ``transformer_2``): what attention capture installs its processors on."""
+        return [components.denoiser]
+
     def takes_embedded_guidance(self, components: Parts) -> bool:
         """Whether the denoiser takes the guidance scale as an input (guidance-distilled): a UNet whose
         config has ``time_cond_proj_dim``."""
@@ -285,9 +293,12 @@ class ModelFamily:
         timestep: torch.Tensor,
         rows: list[Conditioning],
         guidance_inputs: Mapping[str, torch.Tensor],
+        expert: int | None = None,
     ) -> torch.Tensor:
         """One denoiser call: ``latents`` (B, C, h, w) (the scheduler's model input), row i conditioned on
-        ``rows[i]``; returns the prediction (B, C, h, w): ε, v or x₀ as the scheduler's prediction type says."""
+        ``rows[i]``; returns the prediction (B, C, h, w): ε, v or x₀ as the scheduler's prediction type says.
+        ``expert``: which of :meth:`denoisers` predicts (the loop picks it per step before the run, without a host
+        sync); None: :meth:`expert_at` the timestep. Only a family with two experts (Wan 2.2) reads it."""
         return components.unet(
             latents,
             timestep,

@@ -144,6 +144,7 @@ class FluxFamily(ModelFamily):
         timestep: torch.Tensor,
         rows: list[Conditioning],
         guidance_inputs: Mapping[str, torch.Tensor],
+        expert: int | None = None,
     ) -> torch.Tensor:
         """The velocity (B, C, h, w) for latents (B, C, h, w): packed, with position ids, t/1000 and w."""
         batch, _, height, width = latents.shape

@@ -298,6 +298,7 @@ class Flux2KleinFamily(ModelFamily):
         timestep: torch.Tensor,
         rows: list[Conditioning],
         guidance_inputs: Mapping[str, torch.Tensor],
+        expert: int | None = None,
     ) -> torch.Tensor:
         """The velocity (B, C, h, w) for latents (B, C, h, w): packed, with position ids and t/1000."""
         from diffusers import Flux2KleinPipeline

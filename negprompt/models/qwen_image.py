@@ -232,6 +232,7 @@ class QwenImageFamily(ModelFamily):
         timestep: torch.Tensor,
         rows: list[Conditioning],
         guidance_inputs: Mapping[str, torch.Tensor],
+        expert: int | None = None,
     ) -> torch.Tensor:
         """The velocity (B, C, h, w) for latents (B, C, h, w): packed, with the image's token grid, t/1000 and
         the rows' prompts padded and masked (:func:`batch_prompts`)."""

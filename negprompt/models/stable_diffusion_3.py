@@ -156,6 +156,7 @@ class StableDiffusion3Family(ModelFamily):
         timestep: torch.Tensor,
         rows: list[Conditioning],
         guidance_inputs: Mapping[str, torch.Tensor],
+        expert: int | None = None,
     ) -> torch.Tensor:
         """The transformer's velocity (B, C, h, w) for latents (B, C, h, w), as the pipeline calls it."""
         return components.transformer(

@@ -92,6 +92,7 @@ class WanFamily(ModelFamily):
     saved_pipeline_class = "WanPipeline"
     has_vae = True
     makes_video: ClassVar[bool] = True
+    decodes_causally: ClassVar[bool] = True  # its causal 3-D VAE (tests/test_timeline_frames.py checks it)
     denoiser_classes = ("WanTransformer3DModel",)
     default_sampling = {"scale": 5.0, "steps": 50, "frames": 81}  # WanPipeline's defaults
     required_parts = ("transformer", "text_encoder", "tokenizer", "scheduler")
@@ -181,6 +182,10 @@ class WanFamily(ModelFamily):
     def denoiser_at(self, components: Parts, timestep: torch.Tensor | float) -> Any:
         return components.transformer_2 if self.expert_at(components, timestep) else components.transformer
 
+    def denoisers(self, components: Parts) -> list[Any]:
+        """``transformer``, then Wan 2.2's ``transformer_2`` where the model has one."""
+        return [components.transformer] + ([] if components.transformer_2 is None else [components.transformer_2])
+
     def timestep_settings(self, components: Parts, num_steps: int, height: int, width: int) -> dict[str, Any]:
         """None: ``WanPipeline`` sets the step count alone, the scheduler's configured shift does the rest."""
         return {}
@@ -195,10 +200,12 @@ class WanFamily(ModelFamily):
         timestep: torch.Tensor,
         rows: list[Conditioning],
         guidance_inputs: Mapping[str, torch.Tensor],
+        expert: int | None = None,
     ) -> torch.Tensor:
         """The velocity (B, C, F', h, w) for latents (B, C, F', h, w), from the expert of this timestep, each row
-        conditioned on its UMT5 states (B, L, D)."""
-        transformer = self.denoiser_at(components, timestep)
+        conditioned on its UMT5 states (B, L, D). ``expert``: 0 or 1 as the loop picked it before the run (None:
+        picked here from ``timestep``, a host sync on a device)."""
+        transformer = self.denoiser_at(components, timestep) if expert is None else self.denoisers(components)[expert]
         hidden = torch.cat([row.hidden_states for row in rows]).to(transformer.dtype)
         return transformer(
             hidden_states=latents.to(transformer.dtype),

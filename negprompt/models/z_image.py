@@ -242,6 +242,7 @@ class ZImageFamily(ModelFamily):
         timestep: torch.Tensor,
         rows: list[Conditioning],
         guidance_inputs: Mapping[str, torch.Tensor],
+        expert: int | None = None,
     ) -> torch.Tensor:
         """The velocity (B, C, h, w) for latents (B, C, h, w): lists of (C, 1, h, w) latents and (L_i, D)
         caption states, time 1 − σ; the model's x₀ − ε negated."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -40,7 +40,7 @@ from negprompt.guidance.economy import NegativeEconomy
 from negprompt.guidance.plan import Guidance, StepContext
 from negprompt.layers.layout import AttentionLayout
 from negprompt.models.components import Components
-from negprompt.models.conditioning import Conditioning, PromptInput, denoiser_inputs
+from negprompt.models.conditioning import Conditioning, PromptInput
 from negprompt.models.family import EmbeddedGuidanceError
 from negprompt.sampling.rows import (
     Group,
@@ -48,6 +48,7 @@ from negprompt.sampling.rows import (
     Layout,
     RowBlock,
     RowInputs,
+    batched_inputs,
     call_rows,
     group_slices,
     input_order,
@@ -56,6 +57,8 @@ from negprompt.sampling.rows import (
     planned_inputs,
     prepares_denoiser,
     row_blocks,
+    rule_scopes,
+    second_expert_groups,
     shared_calls,
     split_rows,
 )
@@ -191,6 +194,9 @@ class CallSetup:
     guidance_input: Mapping[str, torch.Tensor]
     unet_hooks: Sequence[UNetCallHook] = ()
     max_rows_per_call: int | None = None
+    # each branch's batched inputs (denoiser_inputs) by its rows' inputs, made once per run for the rules that
+    # prepare the denoiser: the same tensors at every call (NAG's run caches the negative's keys by them)
+    batched_inputs: dict[tuple[PromptInput, ...], dict[str, Any]] = field(default_factory=dict, compare=False)
 
 
 @dataclass
@@ -201,7 +207,9 @@ class LoopSetup:
     groups with their second expert's scales ([]: no group has one). ``plans``: each group's branches per step;
     ``economies``: each group's skipped negatives (None: every planned row computed); ``states``: each group's rule
     state (e.g. DNG's log-odds), updated in place. ``alpha_bars``: ᾱ at every denoiser call, then 1.0 (the clean
-    end). ``slices``: each group's images in the run's batch."""
+    end). ``slices``: each group's images in the run's batch. ``experts``: which denoiser predicts at each call
+    (``family.expert_at``), from one host copy of the timesteps: no host sync per step. ``run_states``: what each
+    group's rule yielded when its run scope was entered (``Rule.run_scope``; None: nothing)."""
 
     setup: CallSetup
     scheduler: Any
@@ -215,21 +223,24 @@ class LoopSetup:
     rows_inputs: RowInputs
     slices: list[slice]
     attention_layout: AttentionLayout  # the family's, for rules that act in attention
+    experts: list[int]
+    run_states: list[Any] = field(default_factory=list)
 
     @property
     def calls(self) -> int:
         """Denoiser calls of the run: one per entry of the scheduler's timesteps."""
         return len(self.timesteps)
 
-    def groups_at(self, t: torch.Tensor) -> Sequence[Group]:
-        """The groups with the guidance of the expert that denoises at ``t`` (the second's where the family says)."""
-        components = self.setup.components
-        return self.second_groups if self.second_groups and components.family.expert_at(components, t) else self.groups
+    def groups_at(self, step: int) -> Sequence[Group]:
+        """The groups with the guidance of the expert that denoises at ``step`` (the second's where the family says)."""
+        return self.second_groups if self.second_groups and self.experts[step] else self.groups
 
     def context(self, step: int) -> StepContext:
         """Where ``step`` is in the schedule, for the rules."""
         alpha_bars = self.alpha_bars
-        return StepContext(step, self.calls, alpha_bars[step], alpha_bars[step + 1], self.attention_layout)
+        return StepContext(
+            step, self.calls, alpha_bars[step], alpha_bars[step + 1], self.attention_layout, self.experts[step]
+        )
 
 
 @torch.inference_mode()
@@ -281,13 +292,17 @@ def sample_groups(
     latents, step_keywords = _starting_latents(run, height, width, frames, eta)
     trace: list[StepInfo] | None = [] if keep_trace else None
     rows = 0
-    for step, t in enumerate(tqdm(run.timesteps, disable=not progress, unit="step", leave=False)):
-        groups_now, context = run.groups_at(t), run.context(step)
-        model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
-        predictions_of, step_rows = _evaluate_branches(run, groups_now, latents, model_input, t, context)
-        rows += step_rows
-        guided = _guide_groups(run, groups_now, predictions_of, latents, model_input, t, context, callback, trace)
-        latents = scheduler.step(guided, t, latents, **step_keywords, return_dict=False)[0]
+    denoisers = components.family.denoisers(components)
+    with rule_scopes(groups, denoisers, run.attention_layout) as run.run_states:  # e.g. NAG's processors, once
+        for step, t in enumerate(tqdm(run.timesteps, disable=not progress, unit="step", leave=False)):
+            groups_now, context = run.groups_at(step), run.context(step)
+            model_input = (
+                scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+            )
+            predictions_of, step_rows = _evaluate_branches(run, groups_now, latents, model_input, t, context)
+            rows += step_rows
+            guided = _guide_groups(run, groups_now, predictions_of, latents, model_input, t, context, callback, trace)
+            latents = scheduler.step(guided, t, latents, **step_keywords, return_dict=False)[0]
     return _sample_output(run, latents, trace, rows)
 
 
@@ -330,8 +345,9 @@ def _set_up_loop(
     alpha_bars = [float(_alpha_bar(scheduler, t)) for t in timesteps] + [1.0]
     rows_inputs = RowInputs.of(components, height, width)
     _check_conditioning(planned_inputs(groups, plans, calls, rows_inputs), setup.conditioning)
-    second_groups = _second_expert_groups(groups, scales_2)
+    second_groups = second_expert_groups(groups, scales_2)
     slices = group_slices(groups)
+    experts = [components.family.expert_at(components, t) for t in timesteps.tolist()]  # one copy to the host
     return LoopSetup(
         setup,
         scheduler,
@@ -345,6 +361,7 @@ def _set_up_loop(
         rows_inputs,
         slices,
         components.attention_layout,
+        experts,
     )
 
 
@@ -384,8 +401,9 @@ def _evaluate_branches(
         g = sharing[0]  # the call holds this group's rows; the others are in the same state
         group, plan = groups[g], run.plans[g]
         contexts = layout_at(group, plan.contexts[step], step, calls, rows_inputs)
+        call_context = replace(context, run_state=run.run_states[g]) if plan.alone and run.run_states else context
         predicted = _call_denoiser(
-            run.setup, group, layouts[g], contexts, model_input[slices[g]], t, context, sharing, plan.alone
+            run.setup, group, layouts[g], contexts, model_input[slices[g]], t, call_context, sharing, plan.alone
         )
         rows += len(group.seeds) * len(layouts[g])
         for member in sharing:
@@ -451,18 +469,6 @@ def _sample_output(run: LoopSetup, latents: torch.Tensor, trace: list[StepInfo] 
     )
 
 
-def _second_expert_groups(groups: Sequence[Group], scales_2: Sequence[float | None]) -> list[Group]:
-    """The groups with their second experts' scales (their branches unchanged: a scale of 1 on one expert only is
-    refused where the run is specified; None keeps a group's scale), or none without any second scale."""
-    if all(scale is None for scale in scales_2):
-        return []
-    assert len(scales_2) == len(groups), "one second scale (or None) per group"
-    return [
-        group if scale is None else Group(replace(group.guidance, scale=scale), group.seeds)
-        for group, scale in zip(groups, scales_2)
-    ]
-
-
 def _check_rows_per_call(
     groups: Sequence[Group], max_rows_per_call: int | None, unet_hooks: Sequence[UNetCallHook]
 ) -> None:
@@ -510,12 +516,12 @@ def _call_denoiser(
     sharing: Sequence[int],
     prepares: bool,
 ) -> dict[str, torch.Tensor]:
-    """One group's UNet call on its images' inputs ``model_input`` (B, C, h, w): rows branch-major
-    (:func:`~negprompt.sampling.rows.call_rows`), split in chunks of ``setup.max_rows_per_call``; with
-    ``prepares``, the rule's ``prepare`` hook is entered around it with each branch's inputs and the
-    attention ``contexts``' (NAG, VSF). Hooks are told the layout, with one block per group in
-    ``sharing`` (the groups that use this call's result). Returns each branch's prediction, (B, C, h, w)."""
-    components, conditioning = setup.components, setup.conditioning
+    """One group's UNet call on its images' inputs ``model_input`` (B, C, h, w) by the step's expert
+    (``context.expert``): rows branch-major (:func:`~negprompt.sampling.rows.call_rows`), split in chunks of
+    ``setup.max_rows_per_call``; with ``prepares``, the rule's ``prepare`` hook is entered around it with each
+    branch's inputs and the attention ``contexts``' (NAG, VSF). Hooks are told the layout, with one block per group
+    in ``sharing`` (the groups that use this call's result). Returns each branch's prediction, (B, C, h, w)."""
+    components, conditioning, expert = setup.components, setup.conditioning, context.expert
     count = len(group.seeds)
     blocks = row_blocks(sharing, layout, count)
     for hook in setup.unet_hooks:
@@ -525,15 +531,14 @@ def _call_denoiser(
     with ExitStack() as prepared:
         if prepares:  # a rule may prepare the denoiser (e.g. attention processors) with each branch's inputs
             inputs_by_branch = {  # the rows' branches in row order, then the attention contexts
-                branch: denoiser_inputs([conditioning[item] for item in items])
+                branch: batched_inputs(setup.batched_inputs, conditioning, items)
                 for branch, items in {**layout, **contexts}.items()
             }
-            rule, denoiser = group.guidance.rule_object, components.family.denoiser_at(components, t)
+            rule, denoiser = group.guidance.rule_object, components.family.denoisers(components)[expert]
             prepared.enter_context(rule.prepare(group.guidance, denoiser, context, inputs_by_branch))
+        rows, extra = row_conditioning, setup.guidance_input
         outputs = [
-            components.family.denoise(
-                components, batch[i : i + chunk], t, row_conditioning[i : i + chunk], setup.guidance_input
-            )
+            components.family.denoise(components, batch[i : i + chunk], t, rows[i : i + chunk], extra, expert=expert)
             for i in range(0, batch.shape[0], chunk)
         ]
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)

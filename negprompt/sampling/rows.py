@@ -12,15 +12,18 @@ share one call instead (:func:`shared_calls`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from negprompt.guidance.plan import UNCONDITIONAL, Guidance, MicroConditions
 from negprompt.guidance.rules.base import Rule
+from negprompt.layers.layout import AttentionLayout
 from negprompt.models.components import Components
-from negprompt.models.conditioning import Conditioning, PromptInput
+from negprompt.models.conditioning import Conditioning, PromptInput, denoiser_inputs
 
 Layout = dict[str, tuple[PromptInput, ...]]  # branch → each image's conditioning input, in the call's order
 
@@ -96,6 +99,29 @@ class GroupPlan:
 def prepares_denoiser(guidance: Guidance) -> bool:
     """Whether the rule prepares the denoiser around each call (its own ``prepare``, e.g. NAG, VSF)."""
     return type(guidance.rule_object).prepare is not Rule.prepare
+
+
+def second_expert_groups(groups: Sequence[Group], scales_2: Sequence[float | None]) -> list[Group]:
+    """The groups with their second experts' scales (their branches unchanged: a scale of 1 on one expert only is
+    refused where the run is specified; None keeps a group's scale), or none without any second scale."""
+    if all(scale is None for scale in scales_2):
+        return []
+    assert len(scales_2) == len(groups), "one second scale (or None) per group"
+    return [
+        group if scale is None else Group(replace(group.guidance, scale=scale), group.seeds)
+        for group, scale in zip(groups, scales_2)
+    ]
+
+
+@contextmanager
+def rule_scopes(groups: Sequence[Group], denoisers: Sequence[Any], layout: AttentionLayout) -> Iterator[list[Any]]:
+    """Each group's rule's run scope (``Rule.run_scope``: e.g. NAG's processors installed once on every denoiser),
+    entered in group order for a whole run and left after it (also after an error); yields what each yielded."""
+    with ExitStack() as stack:
+        yield [
+            stack.enter_context(group.guidance.rule_object.run_scope(group.guidance, denoisers, layout))
+            for group in groups
+        ]
 
 
 # ---------------------------------------------------------------- conditioning inputs
@@ -211,6 +237,20 @@ def call_rows(
     return batch, [conditioning[item] for items in layout.values() for item in items]
 
 
+def batched_inputs(
+    made: dict[tuple[PromptInput, ...], dict[str, Any]],
+    conditioning: Mapping[PromptInput, Conditioning],
+    items: tuple[PromptInput, ...],
+) -> dict[str, Any]:
+    """``denoiser_inputs`` of rows conditioned on ``items``, made once per run and kept in ``made``: the same
+    tensors at every call (a rule's run state may key what it computes of them by the tensor, e.g. the keys and
+    values of NAG's negative)."""
+    inputs = made.get(items)
+    if inputs is None:
+        inputs = made[items] = denoiser_inputs([conditioning[item] for item in items])
+    return inputs
+
+
 def split_rows(output: torch.Tensor, layout: Layout, count: int) -> dict[str, torch.Tensor]:
     """A call's output (branches·B, C, h, w) → each branch's prediction (B, C, h, w)."""
     return {branch: output[b * count : (b + 1) * count] for b, branch in enumerate(layout)}
@@ -222,6 +262,7 @@ __all__ = [
     "Layout",
     "RowBlock",
     "RowInputs",
+    "batched_inputs",
     "branch_inputs",
     "call_rows",
     "group_slices",
@@ -231,6 +272,8 @@ __all__ = [
     "planned_inputs",
     "prepares_denoiser",
     "row_blocks",
+    "rule_scopes",
+    "second_expert_groups",
     "shared_calls",
     "split_rows",
 ]

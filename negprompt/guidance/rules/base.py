@@ -3,8 +3,8 @@
 A rule is one module under :mod:`negprompt.guidance.rules` holding one :class:`Rule` object. The rule
 says which branches it needs at a step, how it combines their predictions (by calling the pure
 formulas of :mod:`negprompt.guidance.formulas` or its own), what state it carries across steps, and
-may prepare the denoiser for a step (install attention processors and give them the negative's
-conditioning: the seam for rules that act inside attention layers). Its options are a frozen
+may prepare the denoiser for a run and a step (install attention processors once per run, give them
+the negative's conditioning at each call: the seam for rules that act inside attention layers). Its options are a frozen
 dataclass of :class:`RuleSettings` whose fields carry their help text; the command line, the PNG
 infotext and the JSON are generated from them.
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping
-from dataclasses import MISSING, Field, asdict, dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from negprompt.errors import NegpromptError
@@ -139,13 +139,17 @@ class NoSettings(RuleSettings):
 @dataclass(frozen=True)
 class StepContext:
     """Where a step is in the schedule: its index, the number of steps, ᾱ now and at the next step;
-    and the attention layout of the model it runs on (its family's, for rules that act in attention)."""
+    the attention layout of the model it runs on (its family's, for rules that act in attention); which of the
+    model's denoisers predicts at the step (``expert``: 0, or 1 for Wan 2.2's low-noise expert); and, at a denoiser
+    call, what the group's :meth:`Rule.run_scope` yielded (``run_state``; None without one)."""
 
     step: int
     num_steps: int
     alpha_bar: float = 1.0
     alpha_bar_next: float = 1.0
     attention: AttentionLayout | None = None
+    expert: int = 0
+    run_state: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -262,10 +266,24 @@ class Rule:
     ) -> None:
         """Moves the state on after a step's combination."""
 
+    def run_scope(
+        self, guidance: Guidance, denoisers: Sequence[Any], layout: AttentionLayout
+    ) -> contextlib.AbstractContextManager[Any]:
+        """Entered once around a whole run for each group that uses the rule (after attention capture installed its
+        observers), on every denoiser of the model (``denoisers``: one, or Wan 2.2's two experts) laid out as
+        ``layout``: e.g. install attention processors that pass through until a call hands them its parameters, and
+        restore them on exit (also after an error). What it yields is given to each of the group's calls of
+        :meth:`prepare` as ``context.run_state``. Default: nothing (None).
+
+        Several groups of one run (``Session.run_together``) each enter their rule's scope, so processors installed
+        here must pass every call through that their own group's :meth:`prepare` has not handed parameters."""
+        return contextlib.nullcontext()
+
     def prepare(
         self, guidance: Guidance, denoiser: Any, context: StepContext, conditioning: Mapping[str, Any]
     ) -> contextlib.AbstractContextManager[None]:
-        """Entered around the step's denoiser call: install processors, restore them on exit.
+        """Entered around the step's denoiser call: hand the run's processors this call's parameters (or install
+        processors, and restore them on exit).
 
         ``conditioning``: each branch evaluated at this step, by name → its denoiser inputs for the
         group's images (``encoder_hidden_states`` (B, L, D) and, if the family has them, ``added_cond_kwargs``).
@@ -310,7 +328,8 @@ def single_negative(guidance: Guidance, rule: str, own_scale: bool) -> None:
 class NegativeInAttention(Rule):
     """Rules whose one negative acts inside the cross-attention layers of the positive branch (NAG, VSF).
 
-    The negative is no denoiser row: :meth:`prepare` installs processors that read its context. At
+    The negative is no denoiser row: :meth:`run_scope` installs processors once per run, and :meth:`prepare`
+    hands them its context at each call. At
     scale s = 1 a step is one pass (the positive's rows only); at s ≠ 1 it is CFG around the guided
     positive, ε̂ = ε_∅ + s(ε_y′ − ε_∅), eq. (1), ε_∅ unchanged. Outside the negative's window the
     positive runs plain. Subclasses give :meth:`neutral` and :meth:`combine_in_attention`.
@@ -360,9 +379,22 @@ class NegativeInAttention(Rule):
         ``text_start_tokens`` lead the negative's keys)."""
         raise NotImplementedError
 
+    def run_scope(
+        self, guidance: Guidance, denoisers: Sequence[Any], layout: AttentionLayout
+    ) -> contextlib.AbstractContextManager[Any]:
+        """The processors installed once for the run on every denoiser
+        (:func:`negprompt.guidance.attention_processors.negative_attention_run`); nothing for neutral settings."""
+        if self.neutral(guidance.settings) or not guidance.negatives:
+            return contextlib.nullcontext()
+        from negprompt.guidance.attention_processors import negative_attention_run
+
+        return negative_attention_run(denoisers, layout)
+
     def prepare(
         self, guidance: Guidance, denoiser: Any, context: StepContext, conditioning: Mapping[str, Any]
     ) -> contextlib.AbstractContextManager[None]:
+        """Hands the run's processors (``context.run_state``; installed for this call where there is none) the
+        positive's rows, the negative's inputs and the rule's combination; nothing on calls without both."""
         negative = next((name for name in conditioning if name.startswith("negative")), None)
         if negative is None or "positive" not in conditioning or self.neutral(guidance.settings):
             return contextlib.nullcontext()
@@ -372,11 +404,11 @@ class NegativeInAttention(Rule):
         rows = [name for name in conditioning if not name.startswith("negative")]  # contexts come last
         count = conditioning["positive"]["encoder_hidden_states"].shape[0]
         first = rows.index("positive") * count
+        combine = self.combine_in_attention(guidance.settings, context.attention)
+        if context.run_state is not None:
+            return context.run_state.call(
+                denoiser, slice(first, first + count), conditioning[negative], combine, negative
+            )
         return negative_in_attention(
-            denoiser,
-            context.attention,
-            slice(first, first + count),
-            conditioning[negative],
-            self.combine_in_attention(guidance.settings, context.attention),
-            negative,
+            denoiser, context.attention, slice(first, first + count), conditioning[negative], combine, negative
         )
