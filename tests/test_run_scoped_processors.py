@@ -1,7 +1,8 @@
 """NAG's and VSF's processors installed once per run (issue 32, docs/gpu-cost.md), and Wan 2.2's expert picked before
 the loop: installs not proportional to the steps, processors restored after the run and after an error, calls
 outside the negative's window passed through, groups of one run (``run_together``) each given their own rule's
-combination and bit-identical to running alone, the negative's keys and stream start computed once per run."""
+combination and bit-identical to running alone, the negative's keys and stream start computed once per run; the
+same for the readers of FLUX.2 [klein], Qwen-Image and Z-Image (their forward pre-hooks too)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ from negprompt.session import Session
 PROMPT, NEGATIVE = "a photo of a cat", "glasses"
 OPTIONS = dict(seeds=[1, 2], size=32)
 SD_OPTIONS = dict(scheduler="ddim", **OPTIONS)  # one denoiser call per step
+READER_FAMILIES = {  # family: (builder module, builder, its NAG processor, the stream start run once per negative)
+    "flux2_klein": ("tiny_flux2_klein", "build_tiny_flux2_klein", "Flux2NegativeProcessor", "context_embedder"),
+    "qwen_image": ("tiny_qwen_image", "build_tiny_qwen_image", "QwenNegativeProcessor", "txt_in"),
+    "z_image": ("tiny_z_image", "build_tiny_z_image", "ZImageNegativeProcessor", "context_refiner.0"),
+}
 
 
 @pytest.fixture()
@@ -179,7 +185,7 @@ def test_wan_two_experts_pick_the_expert_before_the_loop_and_nag_runs_on_both(mo
     assert torch.isfinite(torch.from_numpy(pixels)).all()
 
 
-@pytest.mark.parametrize("model", ["tiny_sd", "tiny_flux"])
+@pytest.mark.parametrize("model", ["tiny_sd", "tiny_flux", *READER_FAMILIES])
 def test_a_capture_of_the_second_nag_group_sees_through_the_first_groups_processors(model, request):
     """Two NAG groups in one run: the second's processors wrap the first's (installed for the run, passing its calls
     through), which wrap capture's observers; the capture of the second group still gets its negative's maps."""
@@ -187,7 +193,7 @@ def test_a_capture_of_the_second_nag_group_sees_through_the_first_groups_process
     from negprompt.attention.capture import CaptureRequest, capture_attention
     from negprompt.attention.result import capture, plan_for
 
-    session = Session(request.getfixturevalue(model))
+    session = Session(_reader_family(model)[0] if model in READER_FAMILIES else request.getfixturevalue(model))
     first = session.spec(PROMPT, "red glasses", rule="nag", steps=3, **OPTIONS)
     second = session.spec("a dog on a beach", "blue glasses", rule="nag", steps=3, **OPTIONS)
     request = CaptureRequest(words={"negative": ["glasses"]})
@@ -197,3 +203,92 @@ def test_a_capture_of_the_second_nag_group_sees_through_the_first_groups_process
         with capture_attention(components.denoiser, plan_for(second, request, session), reduce_layer, 1) as recorder:
             session.run_together([first, second], unet_hooks=[recorder])
     assert torch.equal(recorder.tensors["maps.negative"], alone)
+
+
+# ---------------------------------------------------------------- the readers of FLUX.2 [klein], Qwen-Image, Z-Image
+
+
+def _reader_family(name: str) -> tuple:
+    """(components, the family's NAG processor class name, the module its negative's stream start runs through)."""
+    import importlib
+
+    module, builder, processor, start = READER_FAMILIES[name]
+    components = getattr(importlib.import_module(f"negprompt.testing.{module}"), builder)(seed=0)
+    return components, processor, components.transformer.get_submodule(start)
+
+
+@pytest.fixture()
+def set_processor_calls_any_layer(monkeypatch) -> Counter:
+    """Counts ``set_processor`` calls by the processor's class name, on diffusers' ``Attention`` (Qwen-Image,
+    Z-Image) and its ``AttentionModuleMixin`` layers (FLUX.2's)."""
+    from diffusers.models.attention import AttentionModuleMixin
+
+    calls: Counter = Counter()
+    for cls in (Attention, AttentionModuleMixin):
+        original = cls.set_processor
+
+        def counting(self, processor, original=original):
+            calls[type(processor).__name__] += 1
+            return original(self, processor)
+
+        monkeypatch.setattr(cls, "set_processor", counting)
+    return calls
+
+
+def _pre_hooks(transformer: torch.nn.Module) -> int:
+    """Forward pre-hooks on the transformer and every module under it (its blocks)."""
+    return sum(len(module._forward_pre_hooks) for module in transformer.modules())
+
+
+@pytest.mark.parametrize("family", list(READER_FAMILIES))
+def test_reader_families_install_nag_once_per_run_and_restore_processors_and_hooks(
+    family, set_processor_calls_any_layer
+):
+    from negprompt.layers.processors import processors_of
+
+    components, processor_name, _ = _reader_family(family)
+    transformer = components.transformer
+    session = Session(components)
+    layers = len(components.family.attention_layout(components).reader.paths(transformer))
+    before, hooks_before = processors_of(transformer), _pre_hooks(transformer)
+    hooks_during = []
+    counts = {}
+    for steps in (2, 4):
+        set_processor_calls_any_layer.clear()
+        spec = session.spec(PROMPT, NEGATIVE, rule="nag", scale=1, steps=steps, seeds=[1], size=32)
+        session.run(spec, callback=lambda info: hooks_during.append(_pre_hooks(transformer)))
+        counts[steps] = dict(set_processor_calls_any_layer)
+        assert all(processor is before[key] for key, processor in processors_of(transformer).items())
+        assert _pre_hooks(transformer) == hooks_before == 0  # no hook left on the transformer or its blocks
+    assert counts[2] == counts[4]  # not proportional to the steps
+    assert counts[4][processor_name] == layers  # one install per layer with text keys
+    assert sum(counts[4].values()) == 2 * layers  # and one restore
+    assert min(hooks_during) > hooks_before  # the run's hooks were there during its steps
+
+    def fail(info):
+        if info.step == 1:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        session.run(session.spec(PROMPT, NEGATIVE, rule="vsf", scale=1, steps=3, seeds=[1], size=32), callback=fail)
+    assert all(processor is before[key] for key, processor in processors_of(transformer).items())
+    assert _pre_hooks(transformer) == hooks_before
+
+
+@pytest.mark.parametrize("family", list(READER_FAMILIES))
+def test_reader_families_start_the_negative_stream_once_per_run(family):
+    """The module that starts a text stream runs on the positive at every call, on the negative once per run."""
+    components, _, start = _reader_family(family)
+    session = Session(components)
+    calls = []
+    handle = start.register_forward_hook(lambda module, args, out: calls.append(1))
+    try:
+        counted = {}
+        for steps in (2, 4):
+            calls.clear()
+            session.run(session.spec(PROMPT, NEGATIVE, rule="nag", scale=1, steps=steps, seeds=[1], size=32))
+            counted[steps] = len(calls)
+    finally:
+        handle.remove()
+    per_step = (counted[4] - counted[2]) / 2
+    assert per_step >= 1 and counted[2] == 2 * per_step + 1

@@ -12,8 +12,9 @@ and passes every other call through; the layers' processors are restored when th
   of each cross-attention layer;
 - ``"joint"`` (SD3, FLUX): :mod:`negprompt.layers.joint_negative` — the negative runs as a text stream of its own
   through the blocks;
-- a family's own reader (``layout.reader``): once per run where it has ``negative_in_attention_run`` (Chroma,
-  Wan), else per call (FLUX.2 klein, Qwen-Image, Z-Image), through the same :meth:`NegativeAttentionRun.call`.
+- a family's own reader (``layout.reader``): once per run through its ``negative_in_attention_run`` (Chroma,
+  FLUX.2 klein, Qwen-Image, Z-Image, Wan; a reader without one installs per call), through the same
+  :meth:`NegativeAttentionRun.call`.
 
 Other rows (e.g. ∅ rows of a CFG run) go through the layer's own processor unchanged. Everything
 but the combination is computed as the layers' own processors compute it
@@ -45,10 +46,8 @@ from negprompt.layers.attention import (
     merge_heads,
 )
 from negprompt.layers.layout import AttentionLayout
-from negprompt.layers.processors import CallSlot, installed, observer_of
+from negprompt.layers.processors import CallSlot, PerNegative, installed, observer_of
 from negprompt.layers.readers import NegativeCaller
-
-CACHED_NEGATIVES = 4  # distinct negative tensors of a run whose keys and values are kept (prompt edits add some)
 
 
 def nag_combine(phi: float, tau: float, alpha: float) -> Combine:
@@ -219,7 +218,8 @@ def _negative_keys_values(attn: Any, call: NegativeCall) -> KeysValues:
 class NegativeAttentionRun:
     """NAG's or VSF's processors installed once for a run on each denoiser (:func:`negative_attention_run`); each
     denoiser call hands them its parameters through :meth:`call`. A family's own reader (``layout.reader``) installs
-    for the run where it has ``negative_in_attention_run`` (Chroma), else per call, through the same :meth:`call`.
+    for the run through its ``negative_in_attention_run`` (every built-in family's; a reader without one installs per
+    call), through the same :meth:`call`.
 
     The negative's keys and values (UNets) and its text stream's start (MMDiTs: ``context_embedder`` of its
     states) are computed once per run for each negative tensor: the loop hands the same tensor for the same
@@ -229,7 +229,7 @@ class NegativeAttentionRun:
     def __init__(self, layout: AttentionLayout) -> None:
         self.layout = layout
         self.callers: dict[int, NegativeCaller] = {}  # id(denoiser) → what hands its installed processors a call
-        self._keys_values: dict[int, tuple[torch.Tensor, dict[int, KeysValues]]] = {}  # id(negative) → cache
+        self._cache_of = PerNegative(lambda negative: {})  # each negative's keys and values, by layer
 
     def install(self, stack: ExitStack, denoiser: Any) -> None:
         """Installs the processors on ``denoiser`` for as long as ``stack`` holds (a reader without
@@ -274,16 +274,6 @@ class NegativeAttentionRun:
             return
         with caller(rows, negative_inputs, combine, branch):
             yield
-
-    def _cache_of(self, negative: torch.Tensor) -> dict[int, KeysValues]:
-        """The keys-and-values cache of ``negative`` (held with the tensor, so its id stays its own); the
-        :data:`CACHED_NEGATIVES` latest negatives are kept."""
-        entry = self._keys_values.get(id(negative))
-        if entry is None or entry[0] is not negative:
-            if len(self._keys_values) >= CACHED_NEGATIVES:
-                del self._keys_values[next(iter(self._keys_values))]
-            entry = self._keys_values[id(negative)] = (negative, {})
-        return entry[1]
 
 
 @contextmanager

@@ -20,18 +20,19 @@ here on (B, H, N, d) (diffusers keeps (B, N, H, d); the norms act on d, the rota
 
 - capture: :class:`Flux2CaptureProcessor` lets the layer's own processor compute its output and, beside it,
   the image-query × text-key block of softmax(q·kᵀ/√d) over ALL keys (masked keys, if a mask is given, left out);
-- NAG and VSF: :func:`negative_in_flux2_attention` runs the negative's text as a stream of its own through the
-  blocks (as :mod:`negprompt.guidance.joint_attention_processors` does for FLUX.1): in the positive's rows the
-  image queries get the rule's combination of their attention over [text; image] and over [negative text; image]
-  (one set of image keys and values); the negative's text tokens attend over [negative text; image] and move
-  through each block as the positive's text does (double blocks: ``norm1_context``, ``to_add_out``, gated
-  ``ff_context``; single blocks: the fused projections, its attention output joined to its own MLP BEFORE the
-  shared ``to_out``), with the positive rows' modulation (one image, one timestep).
+- NAG and VSF: :func:`flux2_negative_run` (installed once per run; :func:`negative_in_flux2_attention` for one
+  call) runs the negative's text as a stream of its own through the blocks (as
+  :mod:`negprompt.guidance.joint_attention_processors` does for FLUX.1): in the positive's rows the image queries
+  get the rule's combination of their attention over [text; image] and over [negative text; image] (one set of
+  image keys and values); the negative's text tokens attend over [negative text; image] and move through each
+  block as the positive's text does (double blocks: ``norm1_context``, ``to_add_out``, gated ``ff_context``;
+  single blocks: the fused projections, its attention output joined to its own MLP BEFORE the shared
+  ``to_out``), with the positive rows' modulation (one image, one timestep).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from negprompt.layers.attention import Combine, merge_heads, rotate, text_key_probabilities
-from negprompt.layers.processors import installed, observer_of
+from negprompt.layers.processors import CallSlot, PerNegative, installed, observer_of
+from negprompt.layers.readers import NegativeCaller
 
 DOUBLE_LAYER, SINGLE_LAYER = "Flux2Attention", "Flux2ParallelSelfAttention"
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # queries, keys, values, each (B, H, N, d)
@@ -186,11 +188,21 @@ def _arguments(args: tuple, kwargs: dict, names: tuple[str, ...]) -> list[Any]:
 
 
 class NegativeStream:
-    """The negative's text stream (B, L, C) through one call's blocks, and the current block's modulation."""
+    """One call's negative: its text stream (B, L, C) through the call's blocks, the current block's modulation,
+    the positive's rows, the rule's combination and the negative's branch name (for observers)."""
 
-    def __init__(self, transformer: Any, negative: torch.Tensor, rows: slice) -> None:
+    def __init__(
+        self,
+        transformer: Any,
+        negative: torch.Tensor,
+        rows: slice,
+        combine: Combine | None = None,
+        branch: str = "negative",
+        start: torch.Tensor | None = None,
+    ) -> None:
         self.transformer, self.negative, self.rows = transformer, negative, rows
-        self.stream: torch.Tensor | None = None
+        self.combine, self.branch = combine, branch
+        self.stream: torch.Tensor | None = start  # context_embedder(negative), where the run computed it
         self.modulation: torch.Tensor | None = None  # the current block's text (or single-stream) modulation
 
     def start(self) -> torch.Tensor:
@@ -213,16 +225,20 @@ class NegativeStream:
 
 
 class Flux2NegativeProcessor:
-    """One FLUX.2 layer's processor for one call of NAG or VSF (see the module docstring)."""
+    """One FLUX.2 layer's processor of NAG or VSF (see the module docstring), installed for a run: the current
+    call's :class:`NegativeStream` is in ``slot`` (None: the call passes through to ``original``)."""
 
-    def __init__(
-        self, original: Any, block: Any, state: NegativeStream, combine: Combine, single: bool, branch: str
-    ) -> None:
-        self.original, self.block, self.state, self.combine, self.single = original, block, state, combine, single
-        self.branch = branch  # the negative's branch name, for observers
+    def __init__(self, original: Any, block: Any, slot: CallSlot, single: bool) -> None:
+        self.original, self.block, self.slot, self.single = original, block, slot, single
         self.observer = observer_of(original)  # capture: sees the whole batch, and the negative's maps
 
+    @property
+    def state(self) -> NegativeStream:
+        return self.slot.current
+
     def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.slot.current is None:  # a call without the negative (another group, outside its window)
+            return self.original(attn, hidden_states, *args, **kwargs)
         if self.single:
             mask, rotary = _arguments(args, kwargs, ("attention_mask", "image_rotary_emb"))
         else:
@@ -257,11 +273,12 @@ class Flux2NegativeProcessor:
         q_pos, k_pos, v_pos = (torch.cat([t, i], dim=2) for t, i in zip(text, image))
         q_neg, k_neg, v_neg = (torch.cat([t, i], dim=2) for t, i in zip(negative, image))
         q_pos, k_pos, q_neg, k_neg = (rotate(x, rotary) for x in (q_pos, k_pos, q_neg, k_neg))  # not the values
-        if self.observer is not None and self.observer.wants_context(self.branch):  # the negative's maps
+        branch = self.state.branch
+        if self.observer is not None and self.observer.wants_context(branch):  # the negative's maps
             probabilities = text_key_probabilities(q_pos[:, :, length:], k_neg, length)
-            self.observer.observe_context(self.branch, probabilities.flatten(0, 1), probabilities.shape[1])
+            self.observer.observe_context(branch, probabilities.flatten(0, 1), probabilities.shape[1])
         text_out = merge_heads(F.scaled_dot_product_attention(q_pos[:, :, :length], k_pos, v_pos))
-        image_out = self.combine(
+        image_out = self.state.combine(
             q_pos[:, :, length:],
             (k_pos[:, :, :length], v_pos[:, :, :length]),
             (k_neg[:, :, :length], v_neg[:, :, :length]),
@@ -318,33 +335,50 @@ def flux2_attention_paths(transformer: Any) -> list[str]:
 def negative_in_flux2_attention(
     transformer: Any, rows: slice, negative_inputs: dict[str, Any], combine: Combine, branch: str = "negative"
 ) -> Iterator[None]:
-    """For one call, installs :class:`Flux2NegativeProcessor` on every attention layer of a FLUX.2 transformer,
-    with forward pre-hooks that hand each block's modulation to the negative's stream (the negative's text
-    states (B, L, D): ``negative_inputs["encoder_hidden_states"]``); restores the processors and removes the
-    hooks on exit (also on error)."""
-    state = NegativeStream(transformer, negative_inputs["encoder_hidden_states"], rows)
+    """For one call, the positive's rows ``rows`` read the negative (its text states (B, L, D):
+    ``negative_inputs["encoder_hidden_states"]``) inside every attention layer, combined by ``combine``
+    (:func:`flux2_negative_run` for one call); restores the processors and removes the hooks on exit (also on
+    error)."""
+    with flux2_negative_run(transformer) as call, call(rows, negative_inputs, combine, branch):
+        yield
+
+
+@contextmanager
+def flux2_negative_run(transformer: Any) -> Iterator[NegativeCaller]:
+    """Installs :class:`Flux2NegativeProcessor` on every attention layer of a FLUX.2 transformer for a run, with
+    forward pre-hooks that hand each block's modulation to the current call's negative stream (both pass through
+    at calls given no negative); yields what hands them one call's negative (as
+    :func:`negative_in_flux2_attention` takes it). ``context_embedder`` of the negative is computed once per run
+    for each negative tensor (the loop hands the same tensor for the same inputs). Restores the processors and
+    removes the hooks on exit (also on error)."""
+    slot = CallSlot()
+    starts = PerNegative(transformer.context_embedder)  # each negative's stream start, once per run
     layers = {
         path: type(transformer.get_submodule(path)).__name__ == SINGLE_LAYER
         for path in flux2_attention_paths(transformer)
     }
     blocks = {path: transformer.get_submodule(path.removesuffix(".attn")) for path in layers}
-
     single_block = {block: layers[path] for path, block in blocks.items()}
 
     def read_modulation(module: Any, args: tuple, kwargs: dict) -> None:
+        state: NegativeStream | None = slot.current
+        if state is None:
+            return
         name = "temb_mod" if single_block[module] else "temb_mod_txt"
         # positional: (hidden_states, encoder_hidden_states, temb_mod) or (…, temb_mod_img, temb_mod_txt)
         state.modulation = kwargs[name] if name in kwargs else args[2 if single_block[module] else 3]
 
     def make(path: str, original: Any) -> Any:
-        if path not in layers:
-            return None
-        return Flux2NegativeProcessor(original, blocks[path], state, combine, layers[path], branch)
+        return Flux2NegativeProcessor(original, blocks[path], slot, layers[path]) if path in layers else None
+
+    def call(rows: slice, negative_inputs: Mapping[str, Any], combine: Combine, branch: str) -> Any:
+        states = negative_inputs["encoder_hidden_states"]
+        return slot.holding(NegativeStream(transformer, states, rows, combine, branch, starts(states)))
 
     hooks = [block.register_forward_pre_hook(read_modulation, with_kwargs=True) for block in blocks.values()]
     try:
         with installed(transformer, make):
-            yield
+            yield call
     finally:
         for hook in hooks:
             hook.remove()
@@ -363,3 +397,6 @@ class Flux2KleinReader:
         self, denoiser: Any, rows: slice, negative_inputs: dict[str, Any], combine: Combine, branch: str
     ) -> Any:
         return negative_in_flux2_attention(denoiser, rows, negative_inputs, combine, branch)
+
+    def negative_in_attention_run(self, denoiser: Any) -> Any:
+        return flux2_negative_run(denoiser)

@@ -42,10 +42,9 @@ from negprompt.layers.attention import (
     rotate,
     text_key_probabilities,
 )
-from negprompt.layers.processors import CallSlot, installed, observer_of
+from negprompt.layers.processors import CallSlot, PerNegative, installed, observer_of
 
 QUERY_CHUNK = 256  # image queries whose scores (B, H, chunk, L + N) are held at once
-CACHED_NEGATIVES = 4  # distinct negative tensors of a run whose stream start is kept (prompt edits add some)
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # queries, keys, values, each (B, H, N, d)
 
 
@@ -262,7 +261,7 @@ class JointNegativeRun:
     def __init__(self, transformer: Any) -> None:
         self.transformer = transformer
         self.slot = CallSlot()
-        self._starts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(negative) → (negative, its start)
+        self._starts = PerNegative(transformer.context_embedder)  # each negative's stream start
 
     @contextmanager
     def call(
@@ -275,12 +274,7 @@ class JointNegativeRun:
     ) -> Iterator[None]:
         """For one call, the rows ``rows`` read ``negative`` (T5 states (B, L⁻, D); ``negative_mask`` (B, L⁻) bool,
         its kept tokens, where the layers are given a mask) combined by ``combine``."""
-        entry = self._starts.get(id(negative))
-        if entry is None or entry[0] is not negative:
-            if len(self._starts) >= CACHED_NEGATIVES:
-                del self._starts[next(iter(self._starts))]
-            entry = self._starts[id(negative)] = (negative, self.transformer.context_embedder(negative))
-        state = NegativeStream(self.transformer, negative, rows, negative_mask, combine, branch, entry[1])
+        state = NegativeStream(self.transformer, negative, rows, negative_mask, combine, branch, self._starts(negative))
         with self.slot.holding(state):
             yield
 

@@ -90,6 +90,25 @@ class CallSlot:
             self.current = None
 
 
+class PerNegative:
+    """What a run computes once per negative tensor (its keys and values, its text stream's start): the loop hands
+    the same tensor for the same inputs at every call, so ``make(negative)`` runs once per distinct negative, keyed
+    by identity (the tensor is held with its value, so its id stays its own). The ``kept`` latest are kept (a
+    prompt edited at a step adds one)."""
+
+    def __init__(self, make: Callable[[torch.Tensor], Any], kept: int = 4) -> None:
+        self.make, self.kept = make, kept
+        self._made: dict[int, tuple[torch.Tensor, Any]] = {}  # id(negative) → (negative, what was made of it)
+
+    def __call__(self, negative: torch.Tensor) -> Any:
+        entry = self._made.get(id(negative))
+        if entry is None or entry[0] is not negative:
+            if len(self._made) >= self.kept:
+                del self._made[next(iter(self._made))]
+            entry = self._made[id(negative)] = (negative, self.make(negative))
+        return entry[1]
+
+
 def attention_layers(denoiser: Any) -> list[tuple[str, Any]]:
     """(module path, module) of every attention layer, in the denoiser's order: the modules diffusers' mixin
     reports (``get_processor``), or, for a model without it (Z-Image's transformer), each with ``set_processor``."""

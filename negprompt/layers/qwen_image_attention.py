@@ -16,14 +16,14 @@ keys: its own text tokens and every image token), in the text's token order, zer
 call's text length up to the capture's L. It changes nothing: capture lets the layer's own processor compute
 its output.
 
-NAG and VSF (:func:`negative_in_qwen_attention`) run the negative's text as a stream of its own through the
-blocks, as FLUX's and FLUX.2's readers do: the negative's states through ``txt_norm`` and ``txt_in``, then in every
-block the text half of the block (``txt_norm1``/``txt_mod``, the added projections, ``to_add_out``, gated
-``txt_mlp``) with the positive rows' time embedding; its tokens attend over [negative text; image]. In the
-positive's rows the image queries get the rule's combination of their attention over [text; image] (the row's
-text mask kept) and over [negative text; image]. The negative's text takes the text positions of MSRoPE as the
-transformer gives a prompt of its length (``pos_embed`` with its own L⁻: token j on the diagonal after the image,
-as the positive's token j); the image keeps the call's.
+NAG and VSF (:func:`qwen_negative_run`, installed once per run; :func:`negative_in_qwen_attention` for one call)
+run the negative's text as a stream of its own through the blocks, as FLUX's and FLUX.2's readers do: the negative's
+states through ``txt_norm`` and ``txt_in`` (once per run), then in every block the text half of the block
+(``txt_norm1``/``txt_mod``, the added projections, ``to_add_out``, gated ``txt_mlp``) with the positive rows' time
+embedding; its tokens attend over [negative text; image]. In the positive's rows the image queries get the rule's
+combination of their attention over [text; image] (the row's text mask kept) and over [negative text; image]. The
+negative's text takes the text positions of MSRoPE as the transformer gives a prompt of its length (``pos_embed``
+with its own L⁻: token j on the diagonal after the image, as the positive's token j); the image keeps the call's.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from negprompt.layers.attention import (
     project,
     text_key_probabilities,
 )
-from negprompt.layers.processors import installed, observer_of
+from negprompt.layers.processors import CallSlot, PerNegative, installed, observer_of
+from negprompt.layers.readers import NegativeCaller
 from negprompt.layers.text_keys import combine_texts
 
 # Qwen-Image's rotary factors: (image (N, d/2), text (L, d/2)) complex, as the transformer's ``pos_embed`` returns.
@@ -161,12 +162,22 @@ def padded_keys(probabilities: torch.Tensor, text_length: int) -> torch.Tensor:
 
 
 class QwenNegativeStream:
-    """The negative's text stream (B, L⁻, C) through one call's blocks, its MSRoPE text factors (L⁻, d/2), and the
-    current block's time embedding (the positive's rows)."""
+    """One call's negative: its text stream (B, L⁻, C) through the call's blocks, its MSRoPE text factors
+    (L⁻, d/2), the current block's time embedding (the positive's rows), the positive's rows, the rule's
+    combination and the negative's branch name (for observers)."""
 
-    def __init__(self, transformer: Any, negative: torch.Tensor, rows: slice) -> None:
+    def __init__(
+        self,
+        transformer: Any,
+        negative: torch.Tensor,
+        rows: slice,
+        combine: Combine | None = None,
+        branch: str = "negative",
+        start: torch.Tensor | None = None,
+    ) -> None:
         self.transformer, self.negative, self.rows = transformer, negative, rows  # negative: (B, L⁻, D) states
-        self.stream: torch.Tensor | None = None
+        self.combine, self.branch = combine, branch
+        self.stream: torch.Tensor | None = start  # txt_in(txt_norm(negative)), where the run computed it
         self.rotary: torch.Tensor | None = None  # set by the transformer's forward pre-hook
         self.temb: torch.Tensor | None = None  # set by each block's forward pre-hook
 
@@ -188,13 +199,18 @@ def modulated(x: torch.Tensor, parameters: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 class QwenNegativeProcessor:
-    """One Qwen-Image attention layer's processor for one call of NAG or VSF (see the module docstring): the
-    positive's rows recomputed, the negative's stream moved through the block; other rows through ``original``."""
+    """One Qwen-Image attention layer's processor of NAG or VSF (see the module docstring), installed for a run: at
+    a call ``slot`` holds a :class:`QwenNegativeStream`, the positive's rows are recomputed and the negative's
+    stream moved through the block; other rows, and every call while ``slot`` holds none, go through
+    ``original``."""
 
-    def __init__(self, original: Any, block: Any, state: QwenNegativeStream, combine: Combine, branch: str) -> None:
-        self.original, self.block, self.state, self.combine = original, block, state, combine
-        self.branch = branch  # the negative's branch name, for observers
+    def __init__(self, original: Any, block: Any, slot: CallSlot) -> None:
+        self.original, self.block, self.slot = original, block, slot
         self.observer = observer_of(original)  # capture: sees the whole batch, and the negative's maps
+
+    @property
+    def state(self) -> QwenNegativeStream:
+        return self.slot.current
 
     def __call__(
         self,
@@ -205,6 +221,15 @@ class QwenNegativeProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: QwenRotary | None = None,
     ) -> Any:
+        if self.slot.current is None:  # a call without the negative (another group, outside its window)
+            return self.original(
+                attn,
+                hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_hidden_states_mask=encoder_hidden_states_mask,
+                attention_mask=attention_mask,
+                image_rotary_emb=image_rotary_emb,
+            )
         if attention_mask is not None or encoder_hidden_states is None:
             raise ValueError("NAG and VSF on Qwen-Image read the text stream and its key mask, no attention_mask")
         rows = self.state.rows
@@ -247,14 +272,14 @@ class QwenNegativeProcessor:
         )
         negative_keys, negative_values = torch.cat([k_neg, k_img], dim=2), torch.cat([v_neg, v_img], dim=2)
         negative_out = F.scaled_dot_product_attention(q_neg, negative_keys, negative_values)
-        if self.observer is not None and self.observer.wants_context(self.branch):  # the negative's maps
+        if self.observer is not None and self.observer.wants_context(state.branch):  # the negative's maps
             probabilities = text_key_probabilities(q_img, negative_keys, k_neg.shape[2])
-            self.observer.observe_context(self.branch, probabilities.flatten(0, 1), probabilities.shape[1])
+            self.observer.observe_context(state.branch, probabilities.flatten(0, 1), probabilities.shape[1])
         positive_bias = (
             None if mask is None else torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
         )
         image_out = combine_texts(
-            self.combine, q_img, (k_txt, v_txt), (k_neg, v_neg), (k_img, v_img), (positive_bias, None)
+            state.combine, q_img, (k_txt, v_txt), (k_neg, v_neg), (k_img, v_img), (positive_bias, None)
         )
         stream = stream + gate * attn.to_add_out(merge_heads(negative_out).to(stream.dtype))
         normed, gate = modulated(block.txt_norm2(stream), second)
@@ -268,32 +293,52 @@ def negative_in_qwen_attention(
     transformer: Any, rows: slice, negative_inputs: Mapping[str, Any], combine: Combine, branch: str = "negative"
 ) -> Iterator[None]:
     """For one call, the positive's rows ``rows`` read the negative (``negative_inputs["encoder_hidden_states"]``:
-    its prompt states (B, L⁻, D)) inside every joint attention layer, combined by ``combine``. Forward pre-hooks hand
-    the negative's stream its text positions (from the call's ``img_shapes``) and each block's time embedding;
-    processors and hooks are restored on exit (also on error)."""
-    state = QwenNegativeStream(transformer, negative_inputs["encoder_hidden_states"], rows)
+    its prompt states (B, L⁻, D)) inside every joint attention layer, combined by ``combine``
+    (:func:`qwen_negative_run` for one call); processors and hooks are restored on exit (also on error)."""
+    with qwen_negative_run(transformer) as call, call(rows, negative_inputs, combine, branch):
+        yield
+
+
+@contextmanager
+def qwen_negative_run(transformer: Any) -> Iterator[NegativeCaller]:
+    """Installs :class:`QwenNegativeProcessor` on every joint attention layer for a run, with forward pre-hooks that
+    hand the current call's negative stream its text positions (from the call's ``img_shapes``) and each block's
+    time embedding (all pass through at calls given no negative); yields what hands them one call's negative (as
+    :func:`negative_in_qwen_attention` takes it). The stream's start ``txt_in(txt_norm(states))`` is computed once
+    per run for each negative tensor (the loop hands the same tensor for the same inputs). Processors and hooks are
+    restored on exit (also on error)."""
+    slot = CallSlot()
+    starts = PerNegative(lambda states: transformer.txt_in(transformer.txt_norm(states)))  # once per run
     blocks = {
         path: transformer.get_submodule(path.removesuffix(".attn")) for path in attention_paths(transformer, "joint")
     }
     signature = inspect.signature(transformer.forward)
 
     def read_positions(module: Any, args: tuple, kwargs: dict) -> None:
-        shapes = signature.bind(*args, **kwargs).arguments["img_shapes"]
-        device = state.negative.device
-        state.rotary = module.pos_embed(shapes, max_txt_seq_len=state.negative.shape[1], device=device)[1]
+        state: QwenNegativeStream | None = slot.current
+        if state is not None:
+            shapes = signature.bind(*args, **kwargs).arguments["img_shapes"]
+            device = state.negative.device
+            state.rotary = module.pos_embed(shapes, max_txt_seq_len=state.negative.shape[1], device=device)[1]
 
     def read_temb(module: Any, args: tuple, kwargs: dict) -> None:
-        temb = kwargs["temb"]  # the transformer calls its blocks with keywords
-        state.temb = (temb.chunk(2, dim=0)[0] if module.zero_cond_t else temb)[rows]
+        state: QwenNegativeStream | None = slot.current
+        if state is not None:
+            temb = kwargs["temb"]  # the transformer calls its blocks with keywords
+            state.temb = (temb.chunk(2, dim=0)[0] if module.zero_cond_t else temb)[state.rows]
 
     def make(path: str, original: Any) -> Any:
-        return QwenNegativeProcessor(original, blocks[path], state, combine, branch) if path in blocks else None
+        return QwenNegativeProcessor(original, blocks[path], slot) if path in blocks else None
+
+    def call(rows: slice, negative_inputs: Mapping[str, Any], combine: Combine, branch: str) -> Any:
+        states = negative_inputs["encoder_hidden_states"]
+        return slot.holding(QwenNegativeStream(transformer, states, rows, combine, branch, starts(states)))
 
     hooks = [transformer.register_forward_pre_hook(read_positions, with_kwargs=True)]
     hooks += [block.register_forward_pre_hook(read_temb, with_kwargs=True) for block in blocks.values()]
     try:
         with installed(transformer, make):
-            yield
+            yield call
     finally:
         for hook in hooks:
             hook.remove()
@@ -302,10 +347,11 @@ def negative_in_qwen_attention(
 class QwenImageReader:
     """The :class:`~negprompt.layers.readers.AttentionReader` of Qwen-Image: every block's joint attention layer
     (``transformer_blocks.N.attn``), read by :class:`QwenCaptureProcessor`, changed for NAG and VSF by
-    :func:`negative_in_qwen_attention`."""
+    :func:`qwen_negative_run` (once per run; :func:`negative_in_qwen_attention` for one call)."""
 
     def __init__(self) -> None:
         self.negative_in_attention = negative_in_qwen_attention
+        self.negative_in_attention_run = qwen_negative_run
 
     def paths(self, denoiser: Any) -> list[str]:
         """``transformer_blocks.N.attn`` for every block, in order: each one's image queries read the text keys."""

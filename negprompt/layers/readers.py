@@ -58,8 +58,9 @@ class AttentionReader(Protocol):
     """Reads (and for NAG/VSF, changes) a family's text attention. Optional: ``capturing(denoiser)``, a context
     manager that capture enters while the reader's processors are installed (e.g. hooks that read each call's
     row lengths, which a layer's own inputs do not give); ``negative_in_attention_run(denoiser)``, a context manager
-    that installs NAG's/VSF's processors once for a run and yields a :data:`NegativeCaller` (without it,
-    :attr:`negative_in_attention` installs them at each call)."""
+    that installs NAG's/VSF's processors (and any forward pre-hooks they read) once for a run and yields a
+    :data:`NegativeCaller` (every family's reader has one: Chroma, Wan, FLUX.2 [klein], Qwen-Image, Z-Image; without
+    it, :attr:`negative_in_attention` installs them at each call)."""
 
     def paths(self, denoiser: Any) -> list[str]:
         """Module paths, in the denoiser's order, of the attention layers whose image queries read text keys."""

@@ -33,11 +33,10 @@ from typing import Any
 import torch
 
 from negprompt.layers.attention import Combine, KeysValues, output_projection, split_heads
-from negprompt.layers.processors import CallSlot, installed, observer_of
+from negprompt.layers.processors import CallSlot, PerNegative, installed, observer_of
 from negprompt.layers.readers import NegativeCaller
 
 TEXT_CONTEXT = 512  # diffusers' WanAttnProcessor: the text context's length, after the image context (I2V)
-CACHED_NEGATIVES = 4  # distinct negative tensors of a run whose projection, keys and values are kept
 
 
 # ---------------------------------------------------------------- projections
@@ -210,16 +209,12 @@ def wan_negative_run(transformer: Any) -> Iterator[NegativeCaller]:
     loop hands the same tensor for the same inputs). Restores the processors on exit (also on error)."""
     slot = CallSlot()
     wanted = set(wan_text_attention_paths(transformer))
-    made: dict[int, tuple[torch.Tensor, torch.Tensor, dict[int, KeysValues]]] = {}  # id(states) → projected, K/V
+    made = PerNegative(lambda states: (projected_text(transformer, states), {}))  # projection, K/V cache by layer
 
     def call(rows: slice, negative_inputs: Mapping[str, Any], combine: Combine, branch: str) -> Any:
         states = negative_inputs["encoder_hidden_states"]
-        entry = made.get(id(states))
-        if entry is None or entry[0] is not states:
-            if len(made) >= CACHED_NEGATIVES:
-                del made[next(iter(made))]
-            entry = made[id(states)] = (states, projected_text(transformer, states), {})
-        return slot.holding(WanNegativeCall(rows, entry[1], combine, branch, entry[2]))
+        projected, keys_values = made(states)
+        return slot.holding(WanNegativeCall(rows, projected, combine, branch, keys_values))
 
     with installed(
         transformer, lambda path, original: WanNegativeProcessor(original, slot) if path in wanted else None

@@ -16,15 +16,16 @@ caption is; a forward pre-hook on the transformer reads both from the call's inp
 caption list, one entry per row) into a :class:`CallRows` for the processors, for the length of a capture
 (:meth:`ZImageReader.capturing`).
 
-NAG and VSF (:func:`negative_in_z_image_attention`) run the negative's caption as a stream of its own, as the
-joint-attention readers run a negative's text: embedded (``cap_embedder``, pads to a multiple of 32 as
-``cap_pad_token``), refined alone (``context_refiner``), then through every main block with the positive rows'
-modulation (``adaLN_modulation`` of the call's time embedding), its tokens attending over [image; negative
-caption]. In the positive's rows the image queries (the image's pad tokens too) get the rule's combination of
-their attention over [image; caption] and over [image; negative caption]; the caption's queries attend as the
-layer's own processor has them attend. The negative's caption takes the positions the transformer gives a
-caption (1 … L⁻ on the first axis); the image keeps the positive's (after the positive's caption), so the image
-sits from the negative's caption as from the positive's only where both pad to one length.
+NAG and VSF (:func:`z_image_negative_run`, installed once per run; :func:`negative_in_z_image_attention` for one
+call) run the negative's caption as a stream of its own, as the joint-attention readers run a negative's text:
+embedded (``cap_embedder``, pads to a multiple of 32 as ``cap_pad_token``), refined alone (``context_refiner``; once
+per run), then through every main block with the positive rows' modulation (``adaLN_modulation`` of the call's
+time embedding), its tokens attending over [image; negative caption]. In the positive's rows the image queries (the
+image's pad tokens too) get the rule's combination of their attention over [image; caption] and over [image;
+negative caption]; the caption's queries attend as the layer's own processor has them attend. The negative's
+caption takes the positions the transformer gives a caption (1 … L⁻ on the first axis); the image keeps the
+positive's (after the positive's caption), so the image sits from the negative's caption as from the positive's
+only where both pad to one length.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from negprompt.layers.attention import Combine, merge_heads, text_key_probabilities
-from negprompt.layers.processors import installed, observer_of
+from negprompt.layers.processors import CallSlot, PerNegative, installed, observer_of
+from negprompt.layers.readers import NegativeCaller
 from negprompt.layers.text_keys import combine_texts
 
 SEQUENCE_MULTIPLE = 32  # diffusers' SEQ_MULTI_OF: each row's image and caption tokens are padded to a multiple
@@ -186,32 +188,48 @@ class ZImageCaptureProcessor:
 # ---------------------------------------------------------------- NAG and VSF: the negative's own caption stream
 
 
-class ZImageNegativeStream:
-    """The negative's caption stream (B, L⁻ padded, C) through one call's main blocks, its rotary factors, the
-    call's row geometry and the current block's time embedding (the positive's rows)."""
+def refined_caption(transformer: Any, negative: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A caption's states (B, L⁻, D) as the transformer starts a caption: embedded, padded to a multiple of 32 with
+    ``cap_pad_token``, refined alone at positions 1 … L⁻ (``context_refiner``); with their rotary factors
+    (B, L⁻ padded, d/2) complex. Returns (stream (B, L⁻ padded, C), factors)."""
+    batch, length = negative.shape[:2]
+    padded = length + (-length) % SEQUENCE_MULTIPLE
+    feats = transformer.cap_embedder(negative)
+    pads = transformer.cap_pad_token.to(feats.dtype).expand(batch, padded - length, -1)
+    feats = torch.cat([feats, pads], dim=1)
+    ids = torch.zeros(padded, 3, dtype=torch.int32, device=feats.device)
+    ids[:, 0] = torch.arange(1, padded + 1, dtype=torch.int32, device=feats.device)
+    freqs = transformer.rope_embedder(ids)[None].expand(batch, -1, -1)
+    for layer in transformer.context_refiner:
+        feats = layer(feats, None, freqs)
+    return feats, freqs
 
-    def __init__(self, transformer: Any, negative: torch.Tensor, rows: slice) -> None:
+
+class ZImageNegativeStream:
+    """One call's negative: its caption stream (B, L⁻ padded, C) through the call's main blocks, its rotary factors,
+    the call's row geometry, the current block's time embedding (the positive's rows), the positive's rows, the
+    rule's combination and the negative's branch name (for observers)."""
+
+    def __init__(
+        self,
+        transformer: Any,
+        negative: torch.Tensor,
+        rows: slice,
+        combine: Combine | None = None,
+        branch: str = "negative",
+        start: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         self.transformer, self.negative, self.rows = transformer, negative, rows  # negative: (B, L⁻, D) states
+        self.combine, self.branch = combine, branch
         self.call_rows = CallRows()  # set by the transformer's forward pre-hook
-        self.stream: torch.Tensor | None = None
-        self.freqs: torch.Tensor | None = None  # (B, L⁻ padded, d/2) complex
+        # (B, L⁻ padded, C) and (B, L⁻ padded, d/2) complex: refined_caption(negative), where the run computed it
+        self.stream, self.freqs = (None, None) if start is None else start
         self.adaln: torch.Tensor | None = None  # set by each main block's forward pre-hook
 
     def start(self) -> torch.Tensor:
-        """The stream as the transformer starts a caption: embedded, padded to a multiple of 32 with
-        ``cap_pad_token``, refined alone at positions 1 … L⁻ (``context_refiner``)."""
+        """The stream as the transformer starts a caption (:func:`refined_caption`)."""
         if self.stream is None:
-            transformer, (batch, length) = self.transformer, self.negative.shape[:2]
-            padded = length + (-length) % SEQUENCE_MULTIPLE
-            feats = transformer.cap_embedder(self.negative)
-            pads = transformer.cap_pad_token.to(feats.dtype).expand(batch, padded - length, -1)
-            feats = torch.cat([feats, pads], dim=1)
-            ids = torch.zeros(padded, 3, dtype=torch.int32, device=feats.device)
-            ids[:, 0] = torch.arange(1, padded + 1, dtype=torch.int32, device=feats.device)
-            self.freqs = transformer.rope_embedder(ids)[None].expand(batch, -1, -1)
-            for layer in transformer.context_refiner:
-                feats = layer(feats, None, self.freqs)
-            self.stream = feats
+            self.stream, self.freqs = refined_caption(self.transformer, self.negative)
         return self.stream
 
 
@@ -228,13 +246,17 @@ def block_modulation(block: Any, adaln: torch.Tensor) -> tuple[torch.Tensor, ...
 
 
 class ZImageNegativeProcessor:
-    """One main layer's processor for one call of NAG or VSF (see the module docstring): the positive's rows
-    recomputed, the negative's caption stream moved through the block; other rows through ``original``."""
+    """One main layer's processor of NAG or VSF (see the module docstring), installed for a run: at a call ``slot``
+    holds a :class:`ZImageNegativeStream`, the positive's rows are recomputed and the negative's caption stream
+    moved through the block; other rows, and every call while ``slot`` holds none, go through ``original``."""
 
-    def __init__(self, original: Any, block: Any, state: ZImageNegativeStream, combine: Combine, branch: str) -> None:
-        self.original, self.block, self.state, self.combine = original, block, state, combine
-        self.branch = branch  # the negative's branch name, for observers
+    def __init__(self, original: Any, block: Any, slot: CallSlot) -> None:
+        self.original, self.block, self.slot = original, block, slot
         self.observer = observer_of(original)  # capture: sees the whole batch, and the negative's maps
+
+    @property
+    def state(self) -> ZImageNegativeStream:
+        return self.slot.current
 
     def __call__(
         self,
@@ -244,6 +266,8 @@ class ZImageNegativeProcessor:
         attention_mask: torch.Tensor | None = None,
         freqs_cis: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.slot.current is None:  # a call without the negative (another group, outside its window)
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
         rows = self.state.rows
         geometry = self.state.call_rows.current()[rows]
         if len({row.image_tokens for row in geometry}) != 1:
@@ -288,17 +312,17 @@ class ZImageNegativeProcessor:
         caption_out = F.scaled_dot_product_attention(query[:, :, start:], key, value, attn_mask=mask)
         negative_keys, negative_values = torch.cat([image[0], k_neg], dim=2), torch.cat([image[1], v_neg], dim=2)
         negative_out = F.scaled_dot_product_attention(q_neg, negative_keys, negative_values)
-        if self.observer is not None and self.observer.wants_context(self.branch):  # the negative's maps
+        if self.observer is not None and self.observer.wants_context(state.branch):  # the negative's maps
             keys = torch.cat([k_neg, image[0]], dim=2)  # [negative caption; image], its L⁻ tokens first
             probabilities = text_key_probabilities(query[:, :, :images], keys, state.negative.shape[1])
-            self.observer.observe_context(self.branch, probabilities.flatten(0, 1), probabilities.shape[1])
+            self.observer.observe_context(state.branch, probabilities.flatten(0, 1), probabilities.shape[1])
         caption_bias = None
         if kept is not None:
             caption_bias = torch.zeros(kept[:, start:].shape, device=kept.device).masked_fill(
                 ~kept[:, start:], float("-inf")
             )
         text = (key[:, :, start:], value[:, :, start:])
-        image_out = combine_texts(self.combine, query[:, :, :start], text, (k_neg, v_neg), image, (caption_bias, None))
+        image_out = combine_texts(state.combine, query[:, :, :start], text, (k_neg, v_neg), image, (caption_bias, None))
         negative_out = attn.to_out[0](merge_heads(negative_out).to(stream.dtype))
         stream = stream + gate_msa * block.attention_norm2(negative_out)
         state.stream = stream + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(stream) * scale_mlp))
@@ -317,32 +341,53 @@ def negative_in_z_image_attention(
     transformer: Any, rows: slice, negative_inputs: Mapping[str, Any], combine: Combine, branch: str = "negative"
 ) -> Iterator[None]:
     """For one call, the positive's rows ``rows`` read the negative (``negative_inputs["encoder_hidden_states"]``:
-    its caption states (B, L⁻, D)) inside every main layer, combined by ``combine``. Forward pre-hooks hand the
-    processors the call's row geometry and each block's time embedding; processors and hooks are restored on exit
-    (also on error)."""
-    state = ZImageNegativeStream(transformer, negative_inputs["encoder_hidden_states"], rows)
+    its caption states (B, L⁻, D)) inside every main layer, combined by ``combine`` (:func:`z_image_negative_run`
+    for one call); processors and hooks are restored on exit (also on error)."""
+    with z_image_negative_run(transformer) as call, call(rows, negative_inputs, combine, branch):
+        yield
+
+
+@contextmanager
+def z_image_negative_run(transformer: Any) -> Iterator[NegativeCaller]:
+    """Installs :class:`ZImageNegativeProcessor` on every main layer for a run, with forward pre-hooks that hand the
+    current call's negative stream the call's row geometry and each block's time embedding (all pass through at
+    calls given no negative); yields what hands them one call's negative (as :func:`negative_in_z_image_attention`
+    takes it). The negative's refined caption (:func:`refined_caption`) is computed once per run for each negative
+    tensor (the loop hands the same tensor for the same inputs). Processors and hooks are restored on exit (also on
+    error)."""
+    slot = CallSlot()
+    starts = PerNegative(lambda states: refined_caption(transformer, states))  # once per run
     blocks = {
         path: transformer.get_submodule(path.removesuffix(".attention")) for path in main_layer_paths(transformer)
     }
 
     def read_rows(module: Any, args: tuple, kwargs: dict) -> None:
-        state.call_rows.rows = call_geometry(module.forward, args, kwargs)
+        state: ZImageNegativeStream | None = slot.current
+        if state is not None:
+            state.call_rows.rows = call_geometry(module.forward, args, kwargs)
 
     def read_adaln(module: Any, args: tuple, kwargs: dict) -> None:
+        state: ZImageNegativeStream | None = slot.current
+        if state is None:
+            return
         # ZImageTransformerBlock.forward(x, attn_mask, freqs_cis, adaln_input, noise_mask, …), called positionally
         adaln = kwargs["adaln_input"] if "adaln_input" in kwargs else args[3]
         if adaln is None or not module.modulation:
             raise ValueError("NAG and VSF on Z-Image read a main block's time modulation; this block has none")
-        state.adaln = adaln[rows]
+        state.adaln = adaln[state.rows]
 
     def make(path: str, original: Any) -> Any:
-        return ZImageNegativeProcessor(original, blocks[path], state, combine, branch) if path in blocks else None
+        return ZImageNegativeProcessor(original, blocks[path], slot) if path in blocks else None
+
+    def call(rows: slice, negative_inputs: Mapping[str, Any], combine: Combine, branch: str) -> Any:
+        states = negative_inputs["encoder_hidden_states"]
+        return slot.holding(ZImageNegativeStream(transformer, states, rows, combine, branch, starts(states)))
 
     hooks = [transformer.register_forward_pre_hook(read_rows, with_kwargs=True)]
     hooks += [block.register_forward_pre_hook(read_adaln, with_kwargs=True) for block in blocks.values()]
     try:
         with installed(transformer, make):
-            yield
+            yield call
     finally:
         for hook in hooks:
             hook.remove()
@@ -350,11 +395,13 @@ def negative_in_z_image_attention(
 
 class ZImageReader:
     """The :class:`~negprompt.layers.readers.AttentionReader` of ``ZImageTransformer2DModel``: capture reads the
-    main layers' image-query × caption-key block; NAG and VSF change it (:func:`negative_in_z_image_attention`)."""
+    main layers' image-query × caption-key block; NAG and VSF change it (:func:`z_image_negative_run`, once per
+    run; :func:`negative_in_z_image_attention` for one call)."""
 
     def __init__(self) -> None:
         self.rows = CallRows()  # the current call's, while a capture runs (see capturing)
         self.negative_in_attention = negative_in_z_image_attention
+        self.negative_in_attention_run = z_image_negative_run
 
     def paths(self, denoiser: Any) -> list[str]:
         """``layers.N.attention``: the refiners' layers read the image alone or the caption alone."""
