@@ -117,11 +117,7 @@ def phases(device: str, steps: int | None) -> dict[str, Any]:
     from negprompt.interfaces.demo import demo_specs
     from negprompt.session import Session
 
-    mark("import negprompt")
-    import diffusers  # noqa: F401  (negprompt imports them when it loads a model)
-    import transformers  # noqa: F401
-
-    mark("import diffusers and transformers")
+    mark("import negprompt (diffusers, transformers with it)")
     torch.zeros(1, device=device).add_(1)
     mark("start the device (context, first kernel)")
     session = Session(None, device=device)
@@ -212,12 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"bench_bundled_device.py: {problem}", file=sys.stderr)
         return 2
+    result: dict[str, Any] = {"settings": vars(args), "targets": TARGETS}
+    result["phases"] = phases(args.device, args.steps)  # first: importing is one of its phases
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_sdxl import machine
     from common import write_result
 
-    result: dict[str, Any] = {"settings": vars(args), "targets": TARGETS}
-    result["phases"] = phases(args.device, args.steps)
     result["machine"] = machine()
     for name, seconds in result["phases"]["seconds"].items():
         print(f"{seconds:7.2f} s  {name}")

@@ -30,7 +30,8 @@ HOST_METHODS = {"item", "tolist", "cpu", "numpy", "__bool__"}  # a copy to the h
 # ``float``/``int`` of a tensor too: under inference mode they reach no dispatch mode, only their ``__float__``
 # and ``__int__`` show (the loop's schedule conversions before the first step count per timestep with them)
 SCALAR_METHODS = HOST_METHODS | {"__float__", "__int__"}
-HOST_OPS = {"_local_scalar_dense", "nonzero"}  # what .item()/bool()/int() and data-dependent shapes dispatch to
+# what .item()/bool()/int() and data-dependent shapes dispatch to; ``torch.equal`` (a bool read off the device)
+HOST_OPS = {"_local_scalar_dense", "nonzero", "equal"}
 LOOP_SYNCS_PER_STEP = 2  # the loop's and the schedulers' own (a σ lookup, a timestep test), not the layers'
 # Capture's copies to the host per step: one per dtype of the stored statistics (float32 statistics, float16 maps).
 CAPTURE_COPIES_PER_STEP = 2
@@ -138,9 +139,25 @@ def test_the_counter_sees_each_kind_of_host_sync():
     x = torch.arange(4.0)
     with HostSyncCounter() as counter:
         x.sum().item(), bool(x.max() > 0), x.tolist(), x.cpu(), x.numpy(), x.to("cpu"), x.nonzero()
+        torch.equal(x, x + 0)
     seen = set(counter.counts)
     assert {"Tensor.item", "Tensor.__bool__", "Tensor.tolist", "Tensor.cpu", "Tensor.numpy", "Tensor.to"} <= seen
-    assert {"aten._local_scalar_dense", "aten.nonzero"} <= seen
+    assert {"aten._local_scalar_dense", "aten.nonzero", "aten.equal"} <= seen
+
+
+def test_the_bundled_demo_syncs_per_step_whatever_its_images():
+    """The bundled model on a GPU (docs/gpu-cost.md): the demo's three runs together (no negative, negative, delayed
+    negative; Euler ancestral, a noise draw per step from each image's CPU generator) read the device per step as a
+    run alone does, plus at most one ``torch.equal`` while the delayed run may share the plain run's call — the same
+    with 4 images as with 12, so nothing per image or per layer waits for the device."""
+    from negprompt.interfaces.demo import demo_specs
+
+    session = Session(None)
+    counted = {}
+    for seeds in ((0,), (0, 1, 2)):
+        counted[len(seeds)] = per_step(lambda steps: session.run_together(demo_specs(session, seeds, steps)))
+    assert counted[1] == counted[3], counted
+    assert sum(counted[3].values()) <= LOOP_SYNCS_PER_STEP + 1, counted
 
 
 def test_wan_two_experts_pick_their_expert_without_a_host_sync_per_step():
