@@ -155,7 +155,9 @@ def test_the_bundled_demo_syncs_per_step_whatever_its_images():
     session = Session(None)
     counted = {}
     for seeds in ((0,), (0, 1, 2)):
-        counted[len(seeds)] = per_step(lambda steps: session.run_together(demo_specs(session, seeds, steps)))
+        counted[len(seeds)] = per_step(
+            lambda steps, seeds=seeds: session.run_together(demo_specs(session, seeds, steps))
+        )
     assert counted[1] == counted[3], counted
     assert sum(counted[3].values()) <= LOOP_SYNCS_PER_STEP + 1, counted
 
