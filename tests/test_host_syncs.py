@@ -127,6 +127,18 @@ def test_capture_copies_to_the_host_once_per_dtype_and_step(model):
         assert set(counted) <= {"Tensor.cpu", "Tensor.__bool__", "Tensor.numpy", "Tensor.item", "aten.nonzero"}
 
 
+def test_capture_reads_no_timestep_off_the_device(model):
+    """Counting ``float``/``int`` of tensors too, capture adds only its copies per step: the hooks are told each
+    step's timestep from one host copy of the schedule (before: ``float(t)`` of the device timestep per call)."""
+    name, session = model
+    all_runs = runs(session)
+    plain = per_step(all_runs["plain"], SCALAR_METHODS)
+    counted = per_step(all_runs["capture"], SCALAR_METHODS)
+    assert 0 < sum(counted.values()) - sum(plain.values()) <= CAPTURE_COPIES_PER_STEP, (name, counted, plain)
+    for scalar in ("Tensor.__float__", "Tensor.__int__"):  # the plain run's: σ and ᾱ of each timestep, up front
+        assert counted[scalar] == plain[scalar], (name, counted, plain)
+
+
 def test_chroma_nag_under_its_text_mask_adds_no_host_sync_per_step():
     session = Session(build_tiny_chroma(seed=0))
     all_runs = runs(session)

@@ -224,6 +224,7 @@ class LoopSetup:
     slices: list[slice]
     attention_layout: AttentionLayout  # the family's, for rules that act in attention
     experts: list[int]
+    timestep_values: list[float]  # the timesteps as numbers, from one host copy
     run_states: list[Any] = field(default_factory=list)
 
     @property
@@ -237,10 +238,8 @@ class LoopSetup:
 
     def context(self, step: int) -> StepContext:
         """Where ``step`` is in the schedule, for the rules."""
-        alpha_bars = self.alpha_bars
-        return StepContext(
-            step, self.calls, alpha_bars[step], alpha_bars[step + 1], self.attention_layout, self.experts[step]
-        )
+        where = (step, self.calls, self.alpha_bars[step], self.alpha_bars[step + 1], self.attention_layout)
+        return StepContext(*where, self.experts[step], timestep=float(self.timestep_values[step]))
 
 
 @torch.inference_mode()
@@ -347,7 +346,8 @@ def _set_up_loop(
     _check_conditioning(planned_inputs(groups, plans, calls, rows_inputs), setup.conditioning)
     second_groups = second_expert_groups(groups, scales_2)
     slices = group_slices(groups)
-    experts = [components.family.expert_at(components, t) for t in timesteps.tolist()]  # one copy to the host
+    timestep_values = timesteps.tolist()  # one copy to the host: the hooks, traces and experts read these
+    experts = [components.family.expert_at(components, t) for t in timestep_values]
     return LoopSetup(
         setup,
         scheduler,
@@ -362,6 +362,7 @@ def _set_up_loop(
         slices,
         components.attention_layout,
         experts,
+        timestep_values,
     )
 
 
@@ -441,7 +442,7 @@ def _guide_groups(
             info = StepInfo(
                 step=step,
                 num_steps=run.calls,
-                timestep=float(t),
+                timestep=context.timestep,
                 latents=latents[part].detach().clone(),
                 predictions={k: v.detach().clone() for k, v in predictions.items()},
                 guided=guided.detach().clone(),
@@ -525,7 +526,7 @@ def _call_denoiser(
     count = len(group.seeds)
     blocks = row_blocks(sharing, layout, count)
     for hook in setup.unet_hooks:
-        hook.before_unet_call(context.step, float(t), blocks)
+        hook.before_unet_call(context.step, context.timestep, blocks)
     batch, row_conditioning = call_rows(model_input, layout, conditioning)
     chunk = setup.max_rows_per_call or batch.shape[0]
     with ExitStack() as prepared:

@@ -140,7 +140,8 @@ class NoSettings(RuleSettings):
 class StepContext:
     """Where a step is in the schedule: its index, the number of steps, ᾱ now and at the next step;
     the attention layout of the model it runs on (its family's, for rules that act in attention); which of the
-    model's denoisers predicts at the step (``expert``: 0, or 1 for Wan 2.2's low-noise expert); and, at a denoiser
+    model's denoisers predicts at the step (``expert``: 0, or 1 for Wan 2.2's low-noise expert); the step's timestep
+    as a number (``timestep``, from one host copy of the schedule: reading it waits for no device); and, at a denoiser
     call, what the group's :meth:`Rule.run_scope` yielded (``run_state``; None without one)."""
 
     step: int
@@ -150,6 +151,7 @@ class StepContext:
     attention: AttentionLayout | None = None
     expert: int = 0
     run_state: Any = field(default=None, compare=False)
+    timestep: float = 0.0
 
 
 @dataclass(frozen=True)
